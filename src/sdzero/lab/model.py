@@ -1,0 +1,165 @@
+"""The lab base model: a tiny Qwen2 causal LM and a BPE tokenizer with a chat template, trained here.
+
+`pretrain` writes a corpus of worked lab solutions that is imperfect on purpose, as real
+pretraining corpora are: carry steps slip at `slip_rate`, a share of wrong attempts is followed by
+"start over" and a fresh attempt, and a few right ones by "rephrase" and a copy. The model it
+trains therefore makes mistakes (sampled accuracy well below 100%) and has a weak, untrained
+ability to revise: the raw material SD-Zero works on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from sdzero.lab.task import Problem, sample_problems, write_solution
+from sdzero.prompts import SEPARATOR, ControlPhrases
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+@dataclass
+class PretrainConfig:
+    """Recipe of the lab base model (defaults give 20-60% sampled accuracy in a few CPU minutes)."""
+
+    seed: int = 0
+    n_documents: int = 60_000
+    """Documents in the pretraining corpus (one worked problem each)."""
+    slip_rate: float = 0.3
+    """Chance that a carry step of a corpus solution slips (adds one too many)."""
+    start_over_rate: float = 0.25
+    """Share of wrong corpus attempts followed by the "start over" phrase and a fresh attempt."""
+    rephrase_rate: float = 0.05
+    """Share of right corpus attempts followed by the "rephrase" phrase and a copy."""
+    vocab_size: int = 320
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 384
+    max_position_embeddings: int = 512
+    steps: int = 700
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup_steps: int = 50
+
+
+def corpus_document(problem: Problem, rng: random.Random, cfg: PretrainConfig,
+                    phrases: ControlPhrases) -> str:
+    attempt = write_solution(problem, rng, cfg.slip_rate)
+    right = attempt.endswith(f"Answer: {problem.answer}")
+    if not right and rng.random() < cfg.start_over_rate:
+        return attempt + SEPARATOR + phrases.wrong + SEPARATOR + write_solution(problem, rng, cfg.slip_rate)
+    if right and rng.random() < cfg.rephrase_rate:
+        return attempt + SEPARATOR + phrases.correct + SEPARATOR + attempt
+    return attempt
+
+
+def build_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE (digits always single tokens) wrapped as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        bos_token=None, unk_token=None)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def build_model(tokenizer, cfg: PretrainConfig):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    return Qwen2ForCausalLM(config)
+
+
+def pretrain(out_dir: str | Path, cfg: PretrainConfig | None = None, *, progress: bool = True) -> Path:
+    """Build the corpus, the tokenizer and the model, train it, and save it to `out_dir`."""
+    from sdzero.prompts import generator_prompt_ids
+
+    cfg = cfg or PretrainConfig()
+    out_dir = Path(out_dir)
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    phrases = ControlPhrases()
+    problems = sample_problems(cfg.n_documents, split="train", seed=cfg.seed)
+    documents = [(p, corpus_document(p, rng, cfg, phrases)) for p in problems]
+    tokenizer = build_tokenizer([p.text for p, _ in documents[:5000]] + [d for _, d in documents[:5000]]
+                                + [phrases.correct, phrases.wrong], cfg.vocab_size)
+    eos = tokenizer.eos_token_id
+    examples = []
+    for problem, document in documents:
+        prompt = generator_prompt_ids(tokenizer, problem.text)
+        response = tokenizer.encode(document, add_special_tokens=False) + [eos]
+        examples.append((prompt, response))
+
+    model = build_model(tokenizer, cfg)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps)
+                                                 * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+    start = time.time()
+    bar = tqdm(range(cfg.steps), desc="pretrain lab model", disable=not progress)
+    loss_log = []
+    for step in bar:
+        batch = [examples[rng.randrange(len(examples))] for _ in range(cfg.batch_size)]
+        input_ids, labels = _pack(batch, tokenizer.pad_token_id)
+        logits = model(input_ids=input_ids, attention_mask=(labels != -200)).logits  # see _pack
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                                 labels[:, 1:].clamp_min(-100).flatten(), ignore_index=-100)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        loss_log.append(loss.item())
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "lab_pretrain.json").write_text(json.dumps(
+        {"recipe": asdict(cfg), "final_loss": sum(loss_log[-20:]) / 20, "seconds": time.time() - start}, indent=2))
+    return out_dir
+
+
+def _pack(batch: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input ids and labels: -100 on prompt tokens (no loss), -200 on padding."""
+    length = max(len(p) + len(r) for p, r in batch)
+    input_ids = torch.full((len(batch), length), pad_id)
+    labels = torch.full((len(batch), length), -200)
+    for i, (prompt, response) in enumerate(batch):
+        ids = prompt + response
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        labels[i, :len(prompt)] = -100
+        labels[i, len(prompt):len(ids)] = torch.tensor(response)
+    return input_ids, labels

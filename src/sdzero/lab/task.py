@@ -1,0 +1,140 @@
+"""The lab task: running sums of single digits modulo 10, worked step by step.
+
+A problem lists digits d_1 .. d_n. A worked solution writes one step per digit after the first,
+"s+d=t", where s is the running sum so far and t = (s + d) mod 10, then the final answer:
+
+    problem:  Running sum mod 10 of 3 5 2 8
+    solution: 3+5=8, 8+2=0, 0+8=8. Answer: 8
+
+Every step is checked exactly, so the checker can say not only whether the final answer is right
+but also where the first wrong step of a solution lies: the ground truth that the token-level
+analysis compares the teacher-student signal with.
+
+The typical mistake is a carry slip: on a step whose true sum reaches 10, the writer adds one too
+many (8+2=1 instead of 0) and carries on from the wrong value. Slips only happen on carry steps,
+so errors sit at identifiable places, as they do in real worked solutions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from dataclasses import dataclass
+
+PROBLEM_PREFIX = "Running sum mod 10 of "
+STEP_RE = re.compile(r"(\d)\+(\d)=(\d)")
+ANSWER_RE = re.compile(r"Answer: (\d)")
+# One problem in EVAL_EVERY is held out for evaluation, chosen by a hash of its digits, so the
+# split is the same in every run and no training problem can ever equal an evaluation problem.
+EVAL_EVERY = 8
+
+
+@dataclass(frozen=True)
+class Problem:
+    digits: tuple[int, ...]
+
+    @property
+    def id(self) -> str:
+        return "lab-" + "".join(map(str, self.digits))
+
+    @property
+    def text(self) -> str:
+        return PROBLEM_PREFIX + " ".join(map(str, self.digits))
+
+    @property
+    def answer(self) -> str:
+        return str(sum(self.digits) % 10)
+
+    def to_row(self) -> dict:
+        return {"id": self.id, "problem": self.text, "answer": self.answer}
+
+    @classmethod
+    def from_row(cls, row: dict) -> "Problem":
+        text = row["problem"]
+        if not text.startswith(PROBLEM_PREFIX):
+            raise ValueError(f"not a lab problem: {text!r}")
+        return cls(tuple(int(d) for d in text[len(PROBLEM_PREFIX):].split()))
+
+
+def is_eval_problem(digits: tuple[int, ...]) -> bool:
+    digest = hashlib.sha256("".join(map(str, digits)).encode()).digest()
+    return digest[0] % EVAL_EVERY == 0
+
+
+def sample_problems(n: int, *, split: str, seed: int, min_digits: int = 5, max_digits: int = 7,
+                    exclude: set[str] | None = None) -> list[Problem]:
+    """`n` distinct problems from the "train" or "eval" split (disjoint by construction)."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    rng = random.Random(f"{split}-{seed}")
+    seen = set(exclude or ())
+    problems = []
+    attempts = 0
+    while len(problems) < n:
+        attempts += 1
+        if attempts > 100 * n + 10_000:
+            raise ValueError(f"could not draw {n} distinct {split} problems")
+        length = rng.randint(min_digits, max_digits)
+        digits = tuple(rng.randrange(10) for _ in range(length))
+        problem = Problem(digits)
+        if is_eval_problem(digits) != (split == "eval") or problem.id in seen:
+            continue
+        seen.add(problem.id)
+        problems.append(problem)
+    return problems
+
+
+def gold_steps(problem: Problem) -> list[tuple[int, int, int]]:
+    steps, total = [], problem.digits[0]
+    for d in problem.digits[1:]:
+        steps.append((total, d, (total + d) % 10))
+        total = (total + d) % 10
+    return steps
+
+
+def write_solution(problem: Problem, rng: random.Random | None = None, slip_rate: float = 0.0) -> str:
+    """A worked solution; with `slip_rate` > 0 each carry step slips (adds one) with that chance."""
+    parts, total = [], problem.digits[0]
+    for d in problem.digits[1:]:
+        result = (total + d) % 10
+        if rng is not None and total + d >= 10 and rng.random() < slip_rate:
+            result = (result + 1) % 10
+        parts.append(f"{total}+{d}={result}")
+        total = result
+    return ", ".join(parts) + f". Answer: {total}"
+
+
+def extract_answer(text: str) -> str | None:
+    """The last "Answer: N" in the text, so a response that starts over is judged by its last try."""
+    found = ANSWER_RE.findall(text)
+    return found[-1] if found else None
+
+
+def reward(completion: str, problem: Problem) -> float:
+    return 1.0 if extract_answer(completion) == problem.answer else 0.0
+
+
+def first_wrong_step(completion: str, problem: Problem) -> tuple[int, int] | None:
+    """Character span (start, end) of the first wrong step of the first attempt, None if it has none.
+
+    The first attempt is the text before the first blank line (a revision starts after one). A step
+    is wrong when it differs from the gold step at the same index. If every written step is right but
+    steps are missing, or the answer is wrong, the span covers what follows the last right step.
+    """
+    attempt_end = completion.find("\n\n")
+    attempt = completion if attempt_end < 0 else completion[:attempt_end]
+    gold = gold_steps(problem)
+    last_end = 0
+    for i, match in enumerate(STEP_RE.finditer(attempt)):
+        written = tuple(int(g) for g in match.groups())
+        if i >= len(gold) or written != gold[i]:
+            return match.span()
+        last_end = match.end()
+        if i == len(gold) - 1:
+            break
+    answer = ANSWER_RE.search(attempt, last_end)
+    steps_done = len(STEP_RE.findall(attempt[:last_end]))
+    if steps_done == len(gold) and answer is not None and answer.group(1) == problem.answer:
+        return None
+    return (last_end, len(attempt)) if len(attempt) > last_end else (max(0, last_end - 1), last_end)

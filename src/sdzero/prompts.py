@@ -1,0 +1,137 @@
+"""Control phrases and the one place where generator, reviser and teacher token layouts are built.
+
+Phase 1 (collection and SRT) and Phase 2 (the teacher context) both call the functions below, so
+the two phases can never lay tokens out differently. All layouts work on token ids, not text:
+responses are kept exactly as the model sampled them, and the control phrase is appended as its
+own token ids, so the t-th token of the teacher's second copy is always the t-th token of y.
+
+    generator:  prompt(x)                                   [chat template, generation prompt on]
+    reviser:    prompt(x) + y - eot + sep + P_r + sep       [same assistant turn, y without its end]
+    teacher:    prompt(x) + y - eot + sep + P_r + sep + y   [loss positions: the second copy of y]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SEPARATOR = "\n\n"
+
+# name -> (phrase after a correct answer, phrase after a wrong one)
+CONTROL_PRESETS: dict[str, tuple[str, str]] = {
+    "paper": ("Let me rephrase the above solution.",
+              "Wait, this response is not correct, let me start over."),
+    "qwen": ("Let me rephrase the above solution.",
+             "Wait, this response is wrong. Let me correct it."),
+    "olmo": ("Let me rephrase the above solution.",
+             "Wrong. I need to redo all."),
+}
+
+
+@dataclass(frozen=True)
+class ControlPhrases:
+    """P_r: the phrase the reviser reads after an answer with reward r."""
+
+    correct: str = CONTROL_PRESETS["paper"][0]
+    wrong: str = CONTROL_PRESETS["paper"][1]
+
+    @classmethod
+    def preset(cls, name: str) -> "ControlPhrases":
+        if name not in CONTROL_PRESETS:
+            raise ValueError(f"unknown control-phrase preset {name!r}; choose one of {sorted(CONTROL_PRESETS)}")
+        return cls(*CONTROL_PRESETS[name])
+
+    def for_reward(self, reward: float) -> str:
+        return self.correct if reward >= 1.0 else self.wrong
+
+    def bridge(self, reward: float) -> str:
+        """The text between an answer and its revision: separator, P_r, separator."""
+        return SEPARATOR + self.for_reward(reward) + SEPARATOR
+
+
+def end_of_turn_ids(tokenizer) -> set[int]:
+    """Token ids that end an assistant turn (the EOS token and the chat template's end-of-turn)."""
+    ids = {tokenizer.eos_token_id}
+    for token in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>"):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+            ids.add(token_id)
+    ids.discard(None)
+    return ids
+
+
+def generator_prompt_ids(tokenizer, problem: str, system_prompt: str | None = None) -> list[int]:
+    messages = [{"role": "user", "content": problem}]
+    if system_prompt:
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # some versions return a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def strip_end_of_turn(response_ids: list[int], eot_ids: set[int]) -> list[int]:
+    """The response without its end-of-turn token and anything after it."""
+    for i, token in enumerate(response_ids):
+        if token in eot_ids:
+            return list(response_ids[:i])
+    return list(response_ids)
+
+
+def bridge_ids(tokenizer, phrases: ControlPhrases, reward: float) -> list[int]:
+    return tokenizer.encode(phrases.bridge(reward), add_special_tokens=False)
+
+
+def reviser_context_ids(prompt_ids: list[int], response_ids: list[int], bridge: list[int],
+                        eot_ids: set[int]) -> list[int]:
+    """What the reviser reads before writing its revision: the same assistant turn, continued."""
+    return list(prompt_ids) + strip_end_of_turn(response_ids, eot_ids) + list(bridge)
+
+
+@dataclass
+class DistillLayout:
+    """Token layout of one Phase 2 sample.
+
+    `student_ids` = prompt + y; `teacher_ids` = prompt + y - eot + bridge + y. The student's logits at
+    `student_positions[t]` and the teacher's at `teacher_positions[t]` both predict y[t].
+    """
+
+    student_ids: list[int]
+    teacher_ids: list[int]
+    student_positions: list[int]
+    teacher_positions: list[int]
+    truncated: bool
+
+    @property
+    def n_targets(self) -> int:
+        return len(self.student_positions)
+
+
+def distill_layout(prompt_ids: list[int], response_ids: list[int], bridge: list[int], eot_ids: set[int],
+                   max_length: int | None = None) -> DistillLayout | None:
+    """Layout of one Phase 2 sample, or None if even the prompt leaves no room for a response token.
+
+    When prompt + 2|y| + bridge exceeds `max_length`, y is cut to the longest prefix that fits, in
+    both copies and in the student's input, so the targets stay aligned.
+    """
+    response = list(response_ids)
+    truncated = False
+    if max_length is not None:
+        room = (max_length - len(prompt_ids) - len(bridge)) // 2
+        if room < 1:
+            return None
+        if len(response) > room:
+            response, truncated = response[:room], True
+    first_copy = strip_end_of_turn(response, eot_ids)
+    teacher_ids = list(prompt_ids) + first_copy + list(bridge) + response
+    student_ids = list(prompt_ids) + response
+    # logits at position i predict token i + 1
+    student_start = len(prompt_ids) - 1
+    teacher_start = len(prompt_ids) + len(first_copy) + len(bridge) - 1
+    n = len(response)
+    return DistillLayout(
+        student_ids=student_ids,
+        teacher_ids=teacher_ids,
+        student_positions=list(range(student_start, student_start + n)),
+        teacher_positions=list(range(teacher_start, teacher_start + n)),
+        truncated=truncated,
+    )
