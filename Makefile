@@ -1,0 +1,22 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Both set everything up first.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of torch lies on the project's machines; GPU users can pass TORCH_SPEC="torch>=2.6".
+TORCH_SPEC ?= torch==2.13.0
+BIN = $(VENV)/bin
+
+.PHONY: setup demo test
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(BIN)/sdzero demo $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q $(ARGS)

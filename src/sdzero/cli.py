@@ -1,0 +1,229 @@
+"""Command line: `sdzero demo`, the three stages, evaluation, and the lab tools."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+DEMO_CONFIG = Path(__file__).parent / "lab" / "demo.yaml"
+
+
+def _common(parser: argparse.ArgumentParser, *, default_config: Path | None = DEMO_CONFIG) -> None:
+    parser.add_argument("--config", type=Path, default=default_config,
+                        help="YAML run configuration (default: the lab demo's, %(default)s)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override one configuration field, e.g. --set distill.lr=1e-4 (repeatable)")
+    parser.add_argument("--seed", type=int, help="run seed (problem split, sampling, training order)")
+    parser.add_argument("--model", help='base model: "lab", a save_pretrained folder, or a hub id')
+    parser.add_argument("--max-new-tokens", type=int, help="longest sampled response")
+    parser.add_argument("--limit", type=int, help="use only the first N problems of each set")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdzero", description=(
+        "SD-Zero: self-revision turns a verifier's binary reward into dense token-level supervision."))
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="the whole method on the built-in lab task (CPU, minutes)",
+                               description="Base model -> Phase 1 (collect, SRT) -> Phase 2 (self-distillation) -> "
+                                           "avg@k of base, SRT and SD-Zero on held-out lab problems.")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory (default: %(default)s)")
+    _common(demo)
+
+    collect = commands.add_parser("collect", help="Phase 1 data: first answers, revisions, verified tuples",
+                                  description="Writes OUT/phase1/revisions.jsonl; re-running skips problems done.")
+    collect.add_argument("--out", type=Path, required=True, help="run directory")
+    _common(collect)
+
+    srt = commands.add_parser("srt", help="Phase 1 training (Self-Revision Training) on OUT/phase1/revisions.jsonl",
+                              description="Trains the base model on the kept tuples; saves OUT/srt.")
+    srt.add_argument("--out", type=Path, required=True, help="run directory (reads phase1/, writes srt/)")
+    _common(srt)
+
+    distill = commands.add_parser("distill", help="Phase 2 on-policy self-distillation",
+                                  description="Student = --model (default OUT/srt); teacher = --teacher or a frozen "
+                                              "copy of the student. Saves OUT/sdzero.")
+    distill.add_argument("--out", type=Path, required=True, help="run directory (writes sdzero/)")
+    distill.add_argument("--teacher", help="teacher checkpoint (default: a frozen copy of the student)")
+    distill.add_argument("--max-steps", type=int, help="Phase 2 optimiser steps")
+    _common(distill)
+
+    evaluate = commands.add_parser("eval", help="avg@k and pass@k of a model on held-out lab problems")
+    evaluate.add_argument("--model", required=True, help='"lab", a save_pretrained folder or a hub id')
+    evaluate.add_argument("--k", type=int, default=8, help="samples per problem (default: %(default)s)")
+    evaluate.add_argument("--n", type=int, default=200, help="held-out problems (default: %(default)s)")
+    evaluate.add_argument("--out", type=Path, help="write the report and the samples here")
+    evaluate.add_argument("--config", type=Path, default=DEMO_CONFIG, help="sampling settings (default: %(default)s)")
+    evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    evaluate.add_argument("--quiet", action="store_true")
+
+    lab = commands.add_parser("lab", help="the built-in lab task and base model")
+    lab_commands = lab.add_subparsers(dest="lab_command", required=True, metavar="LAB_COMMAND")
+    pretrain = lab_commands.add_parser("pretrain", help="train the lab base model from scratch (~6 CPU minutes)")
+    pretrain.add_argument("--out", type=Path, required=True, help="folder for the model and tokenizer")
+    pretrain.add_argument("--seed", type=int, default=0)
+    pretrain.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
+    pretrain.add_argument("--quiet", action="store_true")
+    show = lab_commands.add_parser("problems", help="print lab problems with their worked solutions")
+    show.add_argument("--n", type=int, default=5)
+    show.add_argument("--split", choices=["train", "eval"], default="eval")
+    return parser
+
+
+def _run_config(args):
+    from sdzero.config import load_config
+
+    overrides = list(args.overrides)
+    for flag, key in (("seed", "seed"), ("model", "model"), ("max_new_tokens", "sampling.max_new_tokens"),
+                      ("max_steps", "distill.max_steps")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    cfg = load_config(args.config, overrides)
+    limit = getattr(args, "limit", None)
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {limit}")
+        cfg.n_phase1, cfg.n_phase2 = min(cfg.n_phase1, limit), min(cfg.n_phase2, limit)
+        cfg.eval.n_problems = min(cfg.eval.n_problems, limit)
+    return cfg
+
+
+def _print_table(report: dict) -> None:
+    names = [n for n in ("base", "srt", "sdzero") if n in report["accuracy"]]
+    print(f"\n{'model':<8} {report['metric']:>8} {'pass@' + str(report['k']):>8} {'length':>8}")
+    for name in names:
+        passk = report["pass@k"][name].get(f"pass@{report['k']}", float("nan"))
+        print(f"{name:<8} {report['accuracy'][name]:>8.3f} {passk:>8.3f} {report['mean_length'][name]:>8.1f}")
+    print(f"\n{report['n_eval_problems']} held-out problems, {report['wall_seconds']:.0f} s in all")
+
+
+def cmd_demo(args) -> None:
+    import torch
+
+    from sdzero.pipeline import run_pipeline
+
+    cfg = _run_config(args)
+    torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))
+    report = run_pipeline(cfg, args.out, progress=not args.quiet)
+    _print_table(report)
+    print(f"wrote {args.out / 'report.json'}" + (f" and {args.out / 'learning_curve.png'}"
+                                                   if (args.out / 'learning_curve.png').exists() else ""))
+
+
+def cmd_collect(args) -> None:
+    from sdzero import lab
+    from sdzero.collect import collect
+    from sdzero.generation import Generator
+    from sdzero.pipeline import load_model
+    from sdzero.verifiers import get_verifier
+
+    cfg = _run_config(args)
+    model, tokenizer = load_model(cfg.model)
+    n1, _, _ = lab.problem_sets(cfg.n_phase1, cfg.n_phase2, 1, cfg.seed)
+    summary = collect(Generator(model, tokenizer, cfg.sampling), n1, get_verifier(cfg.task), cfg.phrases(),
+                      args.out / "phase1", cfg.collect, system_prompt=cfg.system_prompt, progress=not args.quiet)
+    print(json.dumps(summary, indent=2))
+    if summary["kept"] == 0:
+        print("no verified revision was kept: there is nothing for SRT to train on")
+
+
+def cmd_srt(args) -> None:
+    from sdzero.pipeline import load_model
+    from sdzero.srt import train_srt
+    from sdzero.training import read_jsonl
+
+    cfg = _run_config(args)
+    path = args.out / "phase1" / "revisions.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found; run `sdzero collect --out {args.out}` first")
+    rows = read_jsonl(path)
+    if not rows:
+        print(f"{path} holds no verified revision: nothing to train on")
+        return
+    model, tokenizer = load_model(cfg.model)
+    summary = train_srt(model, tokenizer, rows, cfg.phrases(), cfg.srt, out_dir=args.out / "srt", seed=cfg.seed,
+                        system_prompt=cfg.system_prompt, progress=not args.quiet)
+    model.save_pretrained(args.out / "srt")
+    tokenizer.save_pretrained(args.out / "srt")
+    print(json.dumps(summary, indent=2))
+    print(f"saved {args.out / 'srt'}")
+
+
+def cmd_distill(args) -> None:
+    from sdzero import lab
+    from sdzero.distill import distill
+    from sdzero.pipeline import load_model
+    from sdzero.verifiers import get_verifier
+
+    if args.model is None:
+        args.model = str(args.out / "srt")
+    cfg = _run_config(args)
+    model, tokenizer = load_model(cfg.model)
+    teacher = load_model(args.teacher)[0] if args.teacher else None
+    _, n2, _ = lab.problem_sets(cfg.n_phase1, cfg.n_phase2, 1, cfg.seed)
+    summary = distill(model, tokenizer, n2, get_verifier(cfg.task), cfg.phrases(), cfg.sampling, cfg.distill,
+                      teacher=teacher, out_dir=args.out / "sdzero", seed=cfg.seed,
+                      system_prompt=cfg.system_prompt, progress=not args.quiet)
+    model.save_pretrained(args.out / "sdzero")
+    tokenizer.save_pretrained(args.out / "sdzero")
+    print(f"{summary['steps']} steps in {summary['seconds']:.0f} s; saved {args.out / 'sdzero'}")
+
+
+def cmd_eval(args) -> None:
+    from sdzero import lab
+    from sdzero.config import load_config
+    from sdzero.evaluate import evaluate
+    from sdzero.generation import Generator
+    from sdzero.pipeline import load_model
+    from sdzero.verifiers import get_verifier
+
+    cfg = load_config(args.config, args.overrides)
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    model, tokenizer = load_model(args.model)
+    _, _, held_out = lab.problem_sets(1, 1, args.n, 0)
+    report = evaluate(Generator(model, tokenizer, cfg.sampling), held_out, get_verifier(cfg.task), k=args.k,
+                      system_prompt=cfg.system_prompt, samples_path=args.out / "samples.jsonl" if args.out else None,
+                      progress=not args.quiet)
+    print(json.dumps(report, indent=2))
+    if args.out:
+        (args.out / "report.json").write_text(json.dumps(report, indent=2))
+
+
+def cmd_lab(args) -> None:
+    if args.lab_command == "pretrain":
+        from sdzero.lab.model import PretrainConfig, pretrain
+
+        cfg = PretrainConfig(seed=args.seed)
+        if args.steps is not None:
+            cfg.steps = args.steps
+        path = pretrain(args.out, cfg, progress=not args.quiet)
+        print(f"saved the lab base model to {path}")
+    else:
+        from sdzero.lab.task import sample_problems, write_solution
+
+        for problem in sample_problems(args.n, split=args.split, seed=0):
+            print(f"{problem.text}\n  {write_solution(problem)}")
+
+
+COMMANDS = {"demo": cmd_demo, "collect": cmd_collect, "srt": cmd_srt, "distill": cmd_distill, "eval": cmd_eval,
+            "lab": cmd_lab}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+        print(f"sdzero {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

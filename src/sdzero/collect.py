@@ -1,0 +1,133 @@
+"""Phase 1 data: y_init -> reward -> P_r -> y_revised, keeping only verified-correct revisions.
+
+For each problem of N1 the generator samples `answers_per_problem` first answers; each is scored,
+the reviser reads it followed by the control phrase its reward selects, and samples
+`revisions_per_answer` revisions in the same assistant turn. Revisions that the verifier accepts
+are kept (de-duplicated) in revisions.jsonl. Progress is written per chunk of problems to
+attempts.jsonl, and a restarted collection skips the problems already recorded there.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from sdzero.generation import Generator
+from sdzero.prompts import (ControlPhrases, bridge_ids, end_of_turn_ids, generator_prompt_ids,
+                            reviser_context_ids)
+from sdzero.training import read_jsonl
+from sdzero.verifiers import Verifier
+
+# Openers that flatter the feedback instead of solving the problem; the official release drops them.
+SYCOPHANTIC_OPENERS = re.compile(r"^\W*(you'?re (absolutely )?right|you are (absolutely )?right|i apologi[sz]e"
+                                 r"|my apologies|sorry)", re.IGNORECASE)
+
+
+@dataclass
+class CollectConfig:
+    """Phase 1 collection."""
+
+    answers_per_problem: int = 1
+    """First answers y_init sampled per problem (paper: 1)."""
+    revisions_per_answer: int = 3
+    """Revisions sampled per first answer (paper: 3)."""
+    revise_correct: bool = True
+    """Also revise correct answers with the "rephrase" phrase (paper); the official code revises only wrong ones."""
+    drop_sycophantic: bool = True
+    """Drop revisions that open by flattering the feedback ("You're absolutely right", ...)."""
+    chunk_size: int = 256
+    """Problems per incremental write."""
+
+
+def is_degenerate(text: str, min_repeats: int = 8) -> bool:
+    """True when the text ends in the same short piece repeated many times (a looping sample)."""
+    tail = text[-400:]
+    for width in range(1, 25):
+        piece = tail[-width:]
+        if piece and tail.endswith(piece * min_repeats):
+            return True
+    return False
+
+
+def keep_revision(text: str, reward: float, cfg: CollectConfig) -> bool:
+    if reward < 1.0 or is_degenerate(text):
+        return False
+    return not (cfg.drop_sycophantic and SYCOPHANTIC_OPENERS.match(text))
+
+
+def collect(generator: Generator, problems: list[dict], verifier: Verifier, phrases: ControlPhrases,
+            out_dir: str | Path, cfg: CollectConfig | None = None, *, system_prompt: str | None = None,
+            progress: bool = True) -> dict:
+    """Run Phase 1 collection into `out_dir` (revisions.jsonl, attempts.jsonl); returns the counts."""
+    cfg = cfg or CollectConfig()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    attempts_path, revisions_path = out_dir / "attempts.jsonl", out_dir / "revisions.jsonl"
+    done = {row["id"] for row in read_jsonl(attempts_path)} if attempts_path.exists() else set()
+    seen = {(r["id"], tuple(r["revised_ids"])) for r in read_jsonl(revisions_path)} if revisions_path.exists() else set()
+    todo = [p for p in problems if p["id"] not in done]
+    tokenizer = generator.tokenizer
+    eot = end_of_turn_ids(tokenizer)
+
+    bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc="collect", disable=not progress)
+    for start in range(0, len(todo), cfg.chunk_size):
+        chunk = todo[start:start + cfg.chunk_size]
+        prompts = [generator_prompt_ids(tokenizer, p["problem"], system_prompt) for p in chunk]
+        first_answers = generator.sample(prompts, cfg.answers_per_problem, progress=False)
+
+        # Everything to revise in this chunk, revised in one batched call.
+        to_revise = []  # (problem index, first answer, reward)
+        for i, (problem, answers) in enumerate(zip(chunk, first_answers)):
+            for answer in answers:
+                reward = verifier(answer.text, problem)
+                if reward >= 1.0 and not cfg.revise_correct:
+                    continue
+                to_revise.append((i, answer, reward))
+        contexts = [reviser_context_ids(prompts[i], answer.ids, bridge_ids(tokenizer, phrases, reward), eot)
+                    for i, answer, reward in to_revise]
+        revisions = generator.sample(contexts, cfg.revisions_per_answer, progress=False)
+
+        kept_per_problem = [0] * len(chunk)
+        with revisions_path.open("a") as out:
+            for (i, answer, reward), revised in zip(to_revise, revisions):
+                problem = chunk[i]
+                for sample in revised:
+                    key = (problem["id"], tuple(sample.ids))
+                    if key in seen or not keep_revision(sample.text, verifier(sample.text, problem), cfg):
+                        continue
+                    seen.add(key)
+                    kept_per_problem[i] += 1
+                    out.write(json.dumps({
+                        "id": problem["id"], "problem": problem["problem"], "answer": problem["answer"],
+                        "init_reward": reward, "control_phrase": phrases.for_reward(reward),
+                        "init_text": answer.text, "init_ids": answer.ids,
+                        "revised_text": sample.text, "revised_ids": sample.ids,
+                    }) + "\n")
+        with attempts_path.open("a") as out:
+            for i, (problem, answers) in enumerate(zip(chunk, first_answers)):
+                out.write(json.dumps({"id": problem["id"], "rewards": [verifier(a.text, problem) for a in answers],
+                                      "kept": kept_per_problem[i]}) + "\n")
+        bar.update(len(chunk))
+    bar.close()
+    return collection_summary(out_dir, cfg)
+
+
+def collection_summary(out_dir: Path, cfg: CollectConfig) -> dict:
+    attempts = read_jsonl(out_dir / "attempts.jsonl") if (out_dir / "attempts.jsonl").exists() else []
+    revisions = read_jsonl(out_dir / "revisions.jsonl") if (out_dir / "revisions.jsonl").exists() else []
+    rewards = [r for row in attempts for r in row["rewards"]]
+    n_revised = sum(1 for r in rewards if r < 1.0 or cfg.revise_correct)
+    return {
+        "problems": len(attempts),
+        "first_answers": len(rewards),
+        "first_answer_accuracy": sum(rewards) / max(1, len(rewards)),
+        "revisions_sampled": n_revised * cfg.revisions_per_answer,
+        "generations": len(rewards) + n_revised * cfg.revisions_per_answer,
+        "kept": len(revisions),
+        "kept_after_wrong": sum(1 for r in revisions if r["init_reward"] < 1.0),
+        "kept_after_right": sum(1 for r in revisions if r["init_reward"] >= 1.0),
+    }

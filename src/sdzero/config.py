@@ -1,0 +1,161 @@
+"""Run configuration: one dataclass per stage, composed into `RunConfig`, read from YAML.
+
+Every field is documented where it is defined (the docstring under it). A YAML file sets any
+subset of fields; `--set section.field=value` on the command line overrides single fields. Unknown
+keys and wrongly typed values are refused with the file and the key named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from sdzero.collect import CollectConfig
+from sdzero.distill import DistillConfig
+from sdzero.generation import SamplingConfig
+from sdzero.prompts import ControlPhrases
+from sdzero.srt import SRTConfig
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation."""
+
+    k: int = 8
+    """Samples per problem for avg@k (paper: 8)."""
+    n_problems: int = 200
+    """Held-out problems evaluated (lab task)."""
+    curve_problems: int = 100
+    """Held-out problems used for the Phase 2 learning curve (avg@curve_k)."""
+    curve_k: int = 2
+
+
+@dataclass
+class RunConfig:
+    """A whole SD-Zero run: base model -> Phase 1 -> SRT -> Phase 2 -> evaluation."""
+
+    model: str = "lab"
+    """Base model: "lab" (the built-in lab model), a local folder or a hub id."""
+    task: str = "lab"
+    """Problem source and verifier; "lab" is the built-in task."""
+    seed: int = 0
+    control_preset: str = "paper"
+    """Control phrases P_r: "paper", "qwen" or "olmo"."""
+    control_correct: str | None = None
+    """Overrides the preset's phrase after a correct answer."""
+    control_wrong: str | None = None
+    """Overrides the preset's phrase after a wrong answer."""
+    system_prompt: str | None = None
+    n_phase1: int = 6000
+    """Problems for Phase 1 (N1; paper: 6K)."""
+    n_phase2: int = 9000
+    """Problems for Phase 2 (N2, disjoint from N1; paper: 9K)."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    srt: SRTConfig = field(default_factory=SRTConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def phrases(self) -> ControlPhrases:
+        preset = ControlPhrases.preset(self.control_preset)
+        return ControlPhrases(self.control_correct or preset.correct, self.control_wrong or preset.wrong)
+
+    def validate(self) -> "RunConfig":
+        self.phrases()
+        self.distill.validate()
+        if self.eval.k < 1:
+            raise ValueError(f"eval.k must be >= 1, got {self.eval.k}")
+        for name in ("n_phase1", "n_phase2"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        return self
+
+
+def _coerce(value, annotation, where: str):
+    """Check `value` against a field's type annotation (resolved), converting int -> float."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ValueError:
+                pass
+        raise ValueError(f"{where}: expected {annotation}, got {value!r}")
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML reads 5e-6 (no dot) as a string
+        except ValueError:
+            pass
+    if isinstance(annotation, type) and not isinstance(value, annotation) or \
+            (annotation is int and isinstance(value, bool)):
+        raise ValueError(f"{where}: expected {annotation.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in known:
+            raise ValueError(f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = from_dict(hint, value, f"{where}.{key}")
+        else:
+            kwargs[key] = _coerce(value, hint, f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), base: RunConfig | None = None) -> RunConfig:
+    """Base config (or defaults), updated by the YAML file at `path`, then by "a.b=value" overrides."""
+    data = dataclasses.asdict(base or RunConfig())
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path}: not valid YAML ({err})") from None
+        _merge(data, loaded, str(path))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} must look like section.field=value")
+        nested: dict = {}
+        cursor = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            cursor = cursor.setdefault(part, {})
+        cursor[parts[-1]] = yaml.safe_load(raw)
+        _merge(data, nested, f"override {item!r}")
+    return from_dict(RunConfig, data, str(path) if path else "config").validate()
+
+
+def _merge(target: dict, update: dict, where: str) -> None:
+    if not isinstance(update, dict):
+        raise ValueError(f"{where}: expected a mapping at the top level")
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge(target[key], value, where)
+        else:
+            target[key] = value
+
+
+def config_to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)

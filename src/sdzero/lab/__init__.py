@@ -1,0 +1,23 @@
+"""The built-in lab: a verifiable multi-step task and a tiny base model trained from scratch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sdzero.lab.task import Problem, first_wrong_step, sample_problems
+
+BASE_MODEL_DIR = Path(__file__).parent / "base_model"
+"""The shipped lab base model, produced by `sdzero lab pretrain --out` this folder."""
+EVAL_SEED = 0
+"""The held-out evaluation problems are the same for every run seed, so seeds compare like for like."""
+
+
+def problem_sets(n_phase1: int, n_phase2: int, n_eval: int, seed: int) -> tuple[list[dict], list[dict], list[dict]]:
+    """Disjoint N1 and N2 training problems (drawn by `seed`) and the held-out evaluation problems."""
+    train = sample_problems(n_phase1 + n_phase2, split="train", seed=seed)
+    held_out = sample_problems(n_eval, split="eval", seed=EVAL_SEED)
+    rows = [p.to_row() for p in train]
+    return rows[:n_phase1], rows[n_phase1:], [p.to_row() for p in held_out]
+
+
+__all__ = ["BASE_MODEL_DIR", "Problem", "first_wrong_step", "problem_sets", "sample_problems"]

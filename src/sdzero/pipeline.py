@@ -1,0 +1,160 @@
+"""The whole method in one readable recipe: base -> Phase 1 collect -> SRT -> Phase 2 -> evaluation.
+
+Every stage writes plain artifacts into the run directory:
+
+    config.yaml                 the resolved configuration
+    phase1/attempts.jsonl       one line per N1 problem: first-answer rewards, revisions kept
+    phase1/revisions.jsonl      the kept (x, y_init, P_r, y_revised) tuples, with token ids
+    srt/                        the SRT model (save_pretrained) and its metrics.jsonl
+    sdzero/                     the SD-Zero model (save_pretrained) and its metrics.jsonl
+    eval/<model>.jsonl          every evaluation sample with its reward
+    report.json                 accuracies, lengths, counts, timings
+    learning_curve.png          held-out accuracy over Phase 2 steps
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from sdzero import lab
+from sdzero.collect import collect
+from sdzero.config import RunConfig, config_to_yaml
+from sdzero.distill import distill
+from sdzero.evaluate import evaluate
+from sdzero.generation import Generator
+from sdzero.srt import train_srt
+from sdzero.training import read_jsonl, seed_everything
+from sdzero.verifiers import get_verifier
+
+
+def resolve_model_path(name: str) -> str:
+    if name == "lab":
+        if not (lab.BASE_MODEL_DIR / "config.json").exists():
+            raise FileNotFoundError(f"the lab base model is missing from {lab.BASE_MODEL_DIR}; "
+                                    f"rebuild it with: sdzero lab pretrain --out {lab.BASE_MODEL_DIR}")
+        return str(lab.BASE_MODEL_DIR)
+    path = Path(name)
+    looks_local = name.startswith((".", "/", "~")) or path.exists()
+    if looks_local and not (path.expanduser() / "config.json").exists():
+        raise FileNotFoundError(f"model folder not found or has no config.json: {name}")
+    return str(path.expanduser()) if looks_local else name
+
+
+def load_model(name: str, device: str | None = None):
+    """A causal LM and its tokenizer from "lab", a local save_pretrained folder or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.chat_template is None:
+        raise ValueError(f"the tokenizer of {name} has no chat template; SD-Zero needs one to lay out turns")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval(), tokenizer
+
+
+def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True, log=print) -> dict:
+    """Run the whole method on the lab task and write the run directory; returns report.json's content."""
+    cfg.validate()
+    if cfg.task != "lab":
+        raise ValueError(f"run_pipeline runs the built-in lab task; got task={cfg.task!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(config_to_yaml(cfg))
+    start = time.time()
+    seed_everything(cfg.seed)
+    verifier = get_verifier(cfg.task)
+    phrases = cfg.phrases()
+    n1, n2, held_out = lab.problem_sets(cfg.n_phase1, cfg.n_phase2, cfg.eval.n_problems, cfg.seed)
+    curve_problems = held_out[:cfg.eval.curve_problems]
+    model, tokenizer = load_model(cfg.model)
+    generator = Generator(model, tokenizer, cfg.sampling)
+    results: dict[str, dict] = {}
+
+    def evaluate_stage(name: str) -> None:
+        results[name] = evaluate(generator, held_out, verifier, k=cfg.eval.k, system_prompt=cfg.system_prompt,
+                                 samples_path=out / "eval" / f"{name}.jsonl", desc=f"evaluate {name}",
+                                 progress=progress)
+        log(f"[{name}] avg@{cfg.eval.k} = {results[name]['accuracy']:.3f}  "
+            f"(mean length {results[name]['mean_length']:.1f} tokens)")
+
+    evaluate_stage("base")
+
+    log(f"Phase 1: collecting revisions on {len(n1)} problems")
+    collection = collect(generator, n1, verifier, phrases, out / "phase1", cfg.collect,
+                         system_prompt=cfg.system_prompt, progress=progress)
+    log(f"Phase 1: {collection['kept']} verified revisions kept "
+        f"({collection['kept_after_wrong']} after a wrong answer, {collection['kept_after_right']} after a right one; "
+        f"first-answer accuracy {collection['first_answer_accuracy']:.3f})")
+    tuples = read_jsonl(out / "phase1" / "revisions.jsonl")
+    if not tuples:
+        log("Phase 1 kept no verified revision: nothing to train SRT on. Stopping here.")
+        return _write_report(out, cfg, results, collection, {}, start)
+
+    srt_summary = train_srt(model, tokenizer, tuples, phrases, cfg.srt, out_dir=out / "srt", seed=cfg.seed,
+                            system_prompt=cfg.system_prompt, progress=progress)
+    model.save_pretrained(out / "srt")
+    tokenizer.save_pretrained(out / "srt")
+    evaluate_stage("srt")
+
+    def curve(student) -> float:
+        return evaluate(Generator(student, tokenizer, cfg.sampling), curve_problems, verifier, k=cfg.eval.curve_k,
+                        system_prompt=cfg.system_prompt, progress=False)["accuracy"]
+
+    log(f"Phase 2: self-distillation on {len(n2)} problems, {cfg.distill.max_steps} steps")
+    distill_summary = distill(model, tokenizer, n2, verifier, phrases, cfg.sampling, cfg.distill,
+                              out_dir=out / "sdzero", seed=cfg.seed, evaluate_fn=curve,
+                              system_prompt=cfg.system_prompt, progress=progress)
+    model.save_pretrained(out / "sdzero")
+    tokenizer.save_pretrained(out / "sdzero")
+    evaluate_stage("sdzero")
+    report = _write_report(out, cfg, results, collection, {"srt": srt_summary, "distill": distill_summary}, start)
+    plot_learning_curve(out / "learning_curve.png", distill_summary, results, cfg)
+    return report
+
+
+def _write_report(out: Path, cfg: RunConfig, results: dict, collection: dict, training: dict, start: float) -> dict:
+    report = {
+        "accuracy": {name: r["accuracy"] for name, r in results.items()},
+        "mean_length": {name: r["mean_length"] for name, r in results.items()},
+        "pass@k": {name: {key: v for key, v in r.items() if key.startswith("pass@")} for name, r in results.items()},
+        "metric": f"avg@{cfg.eval.k}", "k": cfg.eval.k, "n_eval_problems": cfg.eval.n_problems,
+        "seed": cfg.seed, "phase1": collection,
+        "phase2_curve": training.get("distill", {}).get("history", []),
+        "teacher_syncs": training.get("distill", {}).get("syncs", []),
+        "wall_seconds": time.time() - start,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def plot_learning_curve(path: Path, distill_summary: dict, results: dict, cfg: RunConfig) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    history = distill_summary["history"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    if history:
+        ax.plot([h["step"] for h in history], [h["accuracy"] for h in history], marker="o",
+                label=f"student during Phase 2 (avg@{cfg.eval.curve_k}, {cfg.eval.curve_problems} problems)")
+    for name, style in (("base", ":"), ("srt", "--"), ("sdzero", "-")):
+        if name in results:
+            ax.axhline(results[name]["accuracy"], linestyle=style, color="gray",
+                       label=f"{name} (avg@{cfg.eval.k}) = {results[name]['accuracy']:.3f}")
+    for step in distill_summary.get("syncs", []):
+        ax.axvline(step, color="tab:red", alpha=0.3)
+    ax.set_xlabel("Phase 2 step")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title("SD-Zero on the lab task")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,19 @@
+"""Shared fixtures: the shipped lab model and tokenizer (real transformers objects, built by this
+project, loaded from the repository; nothing is downloaded)."""
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def lab_model_and_tokenizer():
+    from sdzero.pipeline import load_model
+
+    return load_model("lab", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def lab_tokenizer(lab_model_and_tokenizer):
+    return lab_model_and_tokenizer[1]

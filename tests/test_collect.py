@@ -1,0 +1,66 @@
+"""Phase 1 collection on the real lab model: filtering, de-duplication, incremental writes."""
+
+import json
+
+from sdzero import lab
+from sdzero.collect import CollectConfig, collect, is_degenerate, keep_revision
+from sdzero.generation import Generator, SamplingConfig
+from sdzero.prompts import ControlPhrases
+from sdzero.training import read_jsonl
+from sdzero.verifiers import lab_reward
+
+
+def test_keep_revision_filters():
+    cfg = CollectConfig()
+    assert keep_revision("1+2=3. Answer: 3", 1.0, cfg)
+    assert not keep_revision("1+2=3. Answer: 3", 0.0, cfg)
+    assert not keep_revision("You're absolutely right! 1+2=3. Answer: 3", 1.0, cfg)
+    assert keep_revision("You're absolutely right! 1+2=3. Answer: 3", 1.0, CollectConfig(drop_sycophantic=False))
+    assert not keep_revision("Answer: 3" + " 3 3" * 30, 1.0, cfg)
+    assert is_degenerate("ab" * 20) and not is_degenerate("1+2=3, 3+4=7, 7+1=8. Answer: 8")
+
+
+def _collect(tmp_path, model_and_tokenizer, cfg, problems):
+    model, tokenizer = model_and_tokenizer
+    generator = Generator(model, tokenizer, SamplingConfig(max_new_tokens=120, batch_size=64))
+    return collect(generator, problems, lab_reward, ControlPhrases(), tmp_path, cfg, progress=False)
+
+
+def test_collection_keeps_only_verified_distinct_revisions_and_resumes(tmp_path, lab_model_and_tokenizer):
+    problems, _, _ = lab.problem_sets(24, 1, 1, seed=5)
+    cfg = CollectConfig(revisions_per_answer=3, chunk_size=10)
+    summary = _collect(tmp_path, lab_model_and_tokenizer, cfg, problems)
+    attempts, kept = read_jsonl(tmp_path / "attempts.jsonl"), read_jsonl(tmp_path / "revisions.jsonl")
+    assert [a["id"] for a in attempts] == [p["id"] for p in problems]
+    assert summary["problems"] == 24 and summary["generations"] == 24 + 24 * 3
+    assert summary["kept"] == len(kept) > 0
+    by_id = {p["id"]: p for p in problems}
+    for row in kept:
+        assert lab_reward(row["revised_text"], by_id[row["id"]]) == 1.0
+        assert row["control_phrase"] == ControlPhrases().for_reward(row["init_reward"])
+        assert lab_reward(row["init_text"], by_id[row["id"]]) == row["init_reward"]
+    assert len({(r["id"], tuple(r["revised_ids"])) for r in kept}) == len(kept)
+    assert sum(a["kept"] for a in attempts) == len(kept)
+
+    # A second run over the same directory finds every problem done and adds nothing.
+    again = _collect(tmp_path, lab_model_and_tokenizer, cfg, problems)
+    assert again == summary
+    assert len(read_jsonl(tmp_path / "revisions.jsonl")) == len(kept)
+
+
+def test_official_option_revises_only_wrong_answers(tmp_path, lab_model_and_tokenizer):
+    problems, _, _ = lab.problem_sets(16, 1, 1, seed=6)
+    summary = _collect(tmp_path, lab_model_and_tokenizer, CollectConfig(revise_correct=False), problems)
+    wrong = sum(1 for a in read_jsonl(tmp_path / "attempts.jsonl") for r in a["rewards"] if r < 1)
+    assert summary["revisions_sampled"] == 3 * wrong
+    assert all(row["init_reward"] == 0.0 for row in read_jsonl(tmp_path / "revisions.jsonl"))
+
+
+def test_interrupted_collection_resumes_without_duplicates(tmp_path, lab_model_and_tokenizer):
+    problems, _, _ = lab.problem_sets(20, 1, 1, seed=7)
+    cfg = CollectConfig(chunk_size=5)
+    _collect(tmp_path, lab_model_and_tokenizer, cfg, problems[:10])  # as if stopped after two chunks
+    summary = _collect(tmp_path, lab_model_and_tokenizer, cfg, problems)
+    ids = [a["id"] for a in read_jsonl(tmp_path / "attempts.jsonl")]
+    assert ids == [p["id"] for p in problems] and summary["problems"] == 20
+    assert json.loads((tmp_path / "attempts.jsonl").read_text().splitlines()[-1])["id"] == problems[-1]["id"]

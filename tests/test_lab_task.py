@@ -1,0 +1,55 @@
+from random import Random
+
+import pytest
+
+from sdzero import lab
+from sdzero.lab.task import Problem, extract_answer, first_wrong_step, reward, sample_problems, write_solution
+
+
+def test_gold_solution_is_right_and_checked_exactly():
+    problem = Problem((3, 5, 2, 8))
+    solution = write_solution(problem)
+    assert solution == "3+5=8, 8+2=0, 0+8=8. Answer: 8"
+    assert reward(solution, problem) == 1.0
+    assert reward(solution.replace("Answer: 8", "Answer: 9"), problem) == 0.0
+    assert first_wrong_step(solution, problem) is None
+
+
+def test_first_wrong_step_points_at_the_slip():
+    problem = Problem((3, 5, 2, 8))
+    wrong = "3+5=8, 8+2=1, 1+8=9. Answer: 9"
+    start, end = first_wrong_step(wrong, problem)
+    assert wrong[start:end] == "8+2=1"
+    missing = "3+5=8, 8+2=0. Answer: 0"
+    start, end = first_wrong_step(missing, problem)
+    assert start >= missing.index("8+2=0") + 5
+    # only the first attempt counts: a right revision after a blank line does not hide the slip
+    revised = wrong + "\n\nWait, this response is not correct, let me start over.\n\n" + write_solution(problem)
+    assert reward(revised, problem) == 1.0
+    assert revised[slice(*first_wrong_step(revised, problem))] == "8+2=1"
+
+
+def test_slips_happen_only_on_carry_steps():
+    rng = Random(0)
+    for problem in sample_problems(300, split="train", seed=1):
+        noisy = write_solution(problem, rng, slip_rate=0.5)
+        span = first_wrong_step(noisy, problem)
+        if span is not None:
+            a, b, _ = (int(c) for c in noisy[span[0]:span[1]].replace("+", " ").replace("=", " ").split())
+            assert a + b >= 10
+
+
+def test_eval_and_train_problems_are_disjoint_and_seeded():
+    train = {p.id for p in sample_problems(3000, split="train", seed=0)}
+    held_out = {p.id for p in sample_problems(300, split="eval", seed=0)}
+    assert len(train) == 3000 and len(held_out) == 300 and not train & held_out
+    assert sample_problems(5, split="train", seed=4) == sample_problems(5, split="train", seed=4)
+    n1, n2, ev = lab.problem_sets(100, 200, 50, seed=3)
+    assert not {p["id"] for p in n1} & {p["id"] for p in n2}
+    with pytest.raises(ValueError, match="split must be"):
+        sample_problems(1, split="test", seed=0)
+
+
+def test_answer_extraction_takes_the_last_answer():
+    assert extract_answer("Answer: 3\n\nWait...\n\nAnswer: 7") == "7"
+    assert extract_answer("no answer here") is None

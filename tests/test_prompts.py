@@ -1,0 +1,97 @@
+"""The one token layout shared by Phase 1 and Phase 2, on the real lab tokenizer."""
+
+import pytest
+import torch
+
+from sdzero.prompts import (CONTROL_PRESETS, ControlPhrases, bridge_ids, distill_layout, end_of_turn_ids,
+                            generator_prompt_ids, reviser_context_ids, strip_end_of_turn)
+
+
+def test_control_phrases_follow_the_reward():
+    phrases = ControlPhrases()
+    assert phrases.for_reward(1.0) == "Let me rephrase the above solution."
+    assert phrases.for_reward(0.0) == "Wait, this response is not correct, let me start over."
+    assert phrases.bridge(0.0) == "\n\nWait, this response is not correct, let me start over.\n\n"
+    assert ControlPhrases.preset("olmo").for_reward(0.0) == "Wrong. I need to redo all."
+    assert ControlPhrases.preset("qwen").for_reward(0.0) == "Wait, this response is wrong. Let me correct it."
+    assert {ControlPhrases.preset(name).correct for name in CONTROL_PRESETS} == {phrases.correct}
+    with pytest.raises(ValueError, match="unknown control-phrase preset 'gpt'"):
+        ControlPhrases.preset("gpt")
+
+
+def test_generator_prompt_is_the_chat_template_with_generation_prompt(lab_tokenizer):
+    ids = generator_prompt_ids(lab_tokenizer, "Running sum mod 10 of 1 2 3")
+    text = lab_tokenizer.decode(ids)
+    assert text == "<|im_start|>user\nRunning sum mod 10 of 1 2 3<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_reviser_context_continues_the_same_assistant_turn(lab_tokenizer):
+    tok = lab_tokenizer
+    eot = end_of_turn_ids(tok)
+    prompt = generator_prompt_ids(tok, "Running sum mod 10 of 1 2 3")
+    answer = tok.encode("1+2=3, 3+3=6. Answer: 6", add_special_tokens=False) + [tok.eos_token_id]
+    context = reviser_context_ids(prompt, answer, bridge_ids(tok, ControlPhrases(), 1.0), eot)
+    text = tok.decode(context)
+    assert text.endswith("Answer: 6\n\nLet me rephrase the above solution.\n\n")
+    assert text.count("<|im_end|>") == 1  # only the user turn's end: the assistant turn stays open
+    assert text.count("<|im_start|>assistant") == 1
+
+
+@pytest.mark.parametrize("length", [1, 2, 5, 17])
+@pytest.mark.parametrize("with_eos", [True, False])
+@pytest.mark.parametrize("reward", [0.0, 1.0])
+def test_student_and_teacher_predict_the_same_token_at_every_position(lab_tokenizer, length, with_eos, reward):
+    tok = lab_tokenizer
+    eot = end_of_turn_ids(tok)
+    prompt = generator_prompt_ids(tok, "Running sum mod 10 of 4 4 4 4")
+    body = tok.encode("4+4=8, 8+4=2, 2+4=6. Answer: 6 and some more words", add_special_tokens=False)[:length]
+    response = body + ([tok.eos_token_id] if with_eos else [])
+    bridge = bridge_ids(tok, ControlPhrases(), reward)
+    layout = distill_layout(prompt, response, bridge, eot)
+    assert layout.n_targets == len(response)
+    for t in range(len(response)):
+        # logits at position p predict token p + 1 of the same sequence
+        assert layout.student_ids[layout.student_positions[t] + 1] == response[t]
+        assert layout.teacher_ids[layout.teacher_positions[t] + 1] == response[t]
+    # the first copy has no end-of-turn token; the second copy keeps the response exactly
+    first_copy_end = len(prompt) + len(body)
+    assert layout.teacher_ids[:first_copy_end] == prompt + body
+    assert layout.teacher_ids[first_copy_end:first_copy_end + len(bridge)] == bridge
+    assert layout.teacher_ids[first_copy_end + len(bridge):] == response
+    assert sum(t in eot for t in layout.teacher_ids[len(prompt):first_copy_end + len(bridge)]) == 0
+
+
+def test_layout_matches_a_real_forward_pass(lab_model_and_tokenizer):
+    """Gathered logits from the two real inputs line up: identical contexts give identical logits."""
+    model, tok = lab_model_and_tokenizer
+    eot = end_of_turn_ids(tok)
+    prompt = generator_prompt_ids(tok, "Running sum mod 10 of 1 2 3")
+    response = tok.encode("1+2=3, 3+3=6. Answer: 6", add_special_tokens=False) + [tok.eos_token_id]
+    layout = distill_layout(prompt, response, bridge_ids(tok, ControlPhrases(), 1.0), eot)
+    with torch.no_grad():
+        student = model(torch.tensor([layout.student_ids])).logits[0, layout.student_positions]
+        teacher = model(torch.tensor([layout.teacher_ids])).logits[0, layout.teacher_positions]
+    targets = torch.tensor(response)
+    # Both rows predict the same targets: the teacher (who has seen the answer) is more sure of them.
+    student_lp = student.log_softmax(-1)[torch.arange(len(response)), targets]
+    teacher_lp = teacher.log_softmax(-1)[torch.arange(len(response)), targets]
+    assert teacher_lp.mean() > student_lp.mean()
+
+
+def test_truncation_keeps_targets_aligned_and_masks_what_cannot_fit():
+    eot = {99}
+    prompt, bridge = [1, 2, 3], [7, 8]
+    response = list(range(10, 30)) + [99]
+    layout = distill_layout(prompt, response, bridge, eot, max_length=3 + 2 + 2 * 6)
+    assert layout.truncated and layout.n_targets == 6
+    assert layout.teacher_ids == prompt + list(range(10, 16)) + bridge + list(range(10, 16))
+    assert len(layout.teacher_ids) <= 17
+    for t in range(6):
+        assert layout.teacher_ids[layout.teacher_positions[t] + 1] == layout.student_ids[layout.student_positions[t] + 1]
+    assert distill_layout(prompt, response, bridge, eot, max_length=6) is None
+    assert not distill_layout(prompt, response, bridge, eot, max_length=100).truncated
+
+
+def test_strip_end_of_turn_drops_everything_after_the_end():
+    assert strip_end_of_turn([5, 6, 99, 7], {99}) == [5, 6]
+    assert strip_end_of_turn([5, 6], {99}) == [5, 6]
