@@ -9,6 +9,10 @@ BIN = $(VENV)/bin
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
+	@# bubblewrap is the OS sandbox that model-written code runs in (see docs/sandbox.md)
+	command -v bwrap >/dev/null || apt-get install -y -q bubblewrap || \
+		(apt-get update -q && apt-get install -y -q bubblewrap) || \
+		echo "WARNING: could not install bubblewrap; code rewards will refuse to run model code"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"

@@ -2,12 +2,28 @@
 
 A problem row is a dict with at least "id", "problem" and "answer". Every stage takes its verifier
 as a plain callable with this signature, so a user's own reward function drops in unchanged.
+
+- "lab":  the shipped lab task ("Answer: N").
+- "math": the last \\boxed{...} of the completion, checked against row["answer"] with math-verify.
+- "code": the last fenced code block, run in the sandbox against row["tests"].
 """
 
 from __future__ import annotations
 
+import atexit
+import json
+import os
+import re
+import selectors
+import shutil
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Callable
 
+from sdzero import sandbox
 from sdzero.lab.task import extract_answer
 
 Verifier = Callable[[str, dict], float]
@@ -18,7 +34,280 @@ def lab_reward(completion: str, row: dict) -> float:
     return 1.0 if extract_answer(completion) == str(row["answer"]) else 0.0
 
 
-VERIFIERS: dict[str, Verifier] = {"lab": lab_reward}
+# ------------------------------------------------------------------------------------------
+# Math
+
+# Answers past these sizes are rejected before parsing: real final answers are far smaller,
+# and the parser's cost grows steeply with length and nesting.
+MAX_ANSWER_CHARS = 1000
+MAX_BRACE_DEPTH = 40
+
+
+def last_boxed(text: str) -> str | None:
+    """The contents of the last \\boxed{...} in `text` (nested braces kept), or None.
+
+    None also when that last box is never closed, e.g. a completion cut off mid-answer.
+    """
+    start = text.rfind("\\boxed")
+    if start < 0:
+        return None
+    i = start + len("\\boxed")
+    while i < len(text) and text[i].isspace():
+        i += 1
+    if i >= len(text) or text[i] != "{":
+        return None
+    depth, i, begin = 0, i, i + 1
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":  # \{ and \} are literal braces, not groups
+            i += 2
+            continue
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return text[begin:i]
+        i += 1
+    return None
+
+
+def _too_big(answer: str) -> bool:
+    if len(answer) > MAX_ANSWER_CHARS:
+        return True
+    depth = 0
+    for ch in answer:
+        depth += (ch in "{([") - (ch in "})]")
+        if depth > MAX_BRACE_DEPTH:
+            return True
+    return False
+
+
+class _MathWorker:
+    """A child process that runs math-verify, so that a check can be killed at a hard deadline.
+
+    math-verify's own timeouts use SIGALRM, which only works on a process's main thread and
+    cannot interrupt long C-level arithmetic. The child runs the checks on its main thread (so
+    those timeouts work there) and the parent kills it when the deadline passes; a new one is
+    started on the next call. It is a plain subprocess, so it also works inside daemonic
+    multiprocessing workers, which may not have multiprocessing children.
+    """
+
+    START_TIMEOUT_S = 60.0
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.proc: subprocess.Popen | None = None
+
+    def _start(self) -> None:
+        src = str(Path(__file__).resolve().parents[1])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from sdzero.verifiers import _serve_math; _serve_math()"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )
+        if self._read_line(self.START_TIMEOUT_S) != {"ready": True}:
+            self.stop()
+            raise RuntimeError("the math-verify worker did not start (is math-verify installed?)")
+
+    def _read_line(self, timeout_s: float):
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            if not sel.select(timeout=timeout_s):
+                return None
+        line = self.proc.stdout.readline()
+        return json.loads(line) if line else None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            for stream in (self.proc.stdin, self.proc.stdout):
+                stream.close()
+            self.proc = None
+
+    def check(self, pred: str, gold: str, timeout_s: float) -> bool:
+        with self.lock:
+            if self.proc is None or self.proc.poll() is not None:
+                self.stop()
+                self._start()
+            request = {"pred": pred, "gold": gold, "timeout": _op_timeout(timeout_s)}
+            try:
+                self.proc.stdin.write((json.dumps(request) + "\n").encode())
+                self.proc.stdin.flush()
+                reply = self._read_line(timeout_s)
+            except (OSError, ValueError):
+                reply = None
+            if not isinstance(reply, dict) or "ok" not in reply:
+                self.stop()  # timed out or crashed: the next call starts a fresh worker
+                return False
+            return bool(reply["ok"])
+
+
+def _op_timeout(timeout_s: float) -> int:
+    """The worker's own per-step budget (parse gold, parse prediction, verify), whole seconds."""
+    return max(1, int(timeout_s) // 3)
+
+
+def _serve_math() -> None:
+    """Worker loop: one JSON request per line on stdin, one JSON reply per line on stdout."""
+    import logging
+    import resource
+
+    # Keep the protocol channel to ourselves: library prints go to stderr (discarded).
+    channel = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    logging.disable(logging.CRITICAL)
+    # Runaway arithmetic (e.g. 10^(10^10)) fails with MemoryError instead of eating the host.
+    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+    from math_verify import parse, verify
+
+    channel.write(json.dumps({"ready": True}) + "\n")
+    channel.flush()
+    for line in sys.stdin:
+        ok = False
+        try:
+            req = json.loads(line)
+            t = int(req["timeout"])  # signal-based timeouts: fine, this is the main thread
+            gold = parse("\\boxed{" + req["gold"] + "}", parsing_timeout=t)
+            pred = parse("\\boxed{" + req["pred"] + "}", parsing_timeout=t)
+            ok = bool(gold and pred and verify(gold, pred, timeout_seconds=t))
+        except BaseException:  # noqa: BLE001 - any failure is a wrong answer, never a crash
+            ok = False
+        channel.write(json.dumps({"ok": ok}) + "\n")
+        channel.flush()
+
+
+_MATH = _MathWorker()
+
+
+def _reset_after_fork() -> None:
+    # A forked child must not share the parent's worker pipes (or a lock held at fork time).
+    global _MATH
+    _MATH = _MathWorker()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+atexit.register(lambda: _MATH.stop())  # whichever worker is this process's own at exit
+
+
+def math_reward(completion: str, answer: str, *, timeout_s: float = 6.0) -> float:
+    """1.0 iff the last \\boxed{...} of `completion` is mathematically equal to `answer`.
+
+    `answer` may be plain ("3/4") or boxed. The check takes at most about `timeout_s` seconds
+    and is safe from any thread or process; oversized or pathological answers score 0.0.
+    """
+    pred = last_boxed(completion)
+    gold = last_boxed(str(answer)) if "\\boxed" in str(answer) else str(answer)
+    if pred is None or gold is None or not pred.strip() or _too_big(pred) or _too_big(gold):
+        return 0.0
+    return 1.0 if _MATH.check(pred, gold, timeout_s) else 0.0
+
+
+def math_row_reward(completion: str, row: dict) -> float:
+    """Row adapter for math_reward: the gold answer is row["answer"]."""
+    return math_reward(completion, row["answer"])
+
+
+# ------------------------------------------------------------------------------------------
+# Code
+
+_FENCE_RE = re.compile(r"```([^\n`]*)\n(.*?)```", re.DOTALL)
+CPP_COMPILE = "g++ -std=c++17 -O2 -pipe -o main main.cpp 1>&2 && cat main"
+
+
+def extract_program(completion: str) -> str:
+    """The last fenced code block (```python, ```py, ```cpp, ``` ...), or the whole text."""
+    blocks = _FENCE_RE.findall(completion)
+    return blocks[-1][1] if blocks else completion
+
+
+def normalize_output(text: str) -> str:
+    """Output with trailing whitespace removed from every line and from the end."""
+    return "\n".join(line.rstrip() for line in text.rstrip().splitlines())
+
+
+def code_reward(
+    completion: str,
+    tests: list,
+    *,
+    language: str = "python",
+    timeout_s: float = 5.0,
+    allow_unsafe: bool = False,
+    max_workers: int | None = None,
+) -> float:
+    """1.0 iff the program passes every test: stdin = test["input"], stdout == test["output"].
+
+    Outputs are compared after trimming trailing whitespace (per line and at the end). Each
+    test runs in its own sandbox with a `timeout_s` wall-time limit. `language` is "python" or
+    "cpp" (needs g++). Without bubblewrap this raises SandboxUnavailable unless `allow_unsafe`.
+    """
+    language = {"py": "python", "python3": "python", "c++": "cpp"}.get(language, language)
+    if language not in ("python", "cpp"):
+        raise ValueError(f"unsupported language {language!r}; use 'python' or 'cpp'")
+    if not sandbox.sandbox_available() and not allow_unsafe:
+        raise sandbox.SandboxUnavailable(
+            "bubblewrap (bwrap) is missing or unusable: refusing to run untrusted code. "
+            "Install it (apt-get install bubblewrap) or pass allow_unsafe=True."
+        )
+    if not tests:
+        return 0.0
+    source = extract_program(completion).encode()
+    limits = sandbox.Limits(wall_s=timeout_s)
+    if language == "python":
+        if not os.path.exists(sandbox.SANDBOX_PYTHON):
+            raise RuntimeError(f"{sandbox.SANDBOX_PYTHON} is missing: install the system python3")
+        files, argv = {"main.py": source}, [sandbox.SANDBOX_PYTHON, "-I", "main.py"]
+    else:
+        binary = compile_cpp(source, allow_unsafe=allow_unsafe)
+        if binary is None:
+            return 0.0
+        files, argv = {"main": binary}, ["./main"]
+
+    def passes(test: dict) -> bool:
+        result = sandbox.run(
+            argv, stdin=str(test["input"]).encode(), files=files, limits=limits,
+            allow_unsafe=allow_unsafe,
+        )  # fmt: skip
+        got = result.stdout.decode("utf-8", errors="replace")
+        return result.ok and normalize_output(got) == normalize_output(str(test["output"]))
+
+    workers = max_workers or min(len(tests), os.cpu_count() or 1, 4)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(passes, t) for t in tests]
+        for future in futures:
+            if not future.result():
+                for f in futures:  # one failure decides: skip the tests not started yet
+                    f.cancel()
+                return 0.0
+    return 1.0
+
+
+def compile_cpp(source: bytes, *, allow_unsafe: bool = False) -> bytes | None:
+    """Compile C++ inside the sandbox; the binary, or None when compilation fails."""
+    if shutil.which("g++", path="/usr/local/bin:/usr/bin:/bin") is None:
+        raise RuntimeError("g++ is not installed: cannot verify C++ programs")
+    limits = sandbox.Limits(wall_s=30, memory_mb=4096, max_procs=32, file_mb=64,
+                            tmpfs_mb=256, output_bytes=64 << 20)  # fmt: skip
+    result = sandbox.run(["sh", "-c", CPP_COMPILE], files={"main.cpp": source}, limits=limits,
+                         allow_unsafe=allow_unsafe)  # fmt: skip
+    return result.stdout if result.ok and result.stdout else None
+
+
+def code_row_reward(completion: str, row: dict) -> float:
+    """Row adapter for code_reward: the tests are row["tests"], the language (optional,
+    default "python") row["language"]."""
+    return code_reward(completion, row["tests"], language=row.get("language", "python"))
+
+
+VERIFIERS: dict[str, Verifier] = {
+    "lab": lab_reward,
+    "math": math_row_reward,
+    "code": code_row_reward,
+}
 
 
 def get_verifier(name: str) -> Verifier:
