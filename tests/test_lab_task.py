@@ -9,7 +9,9 @@ from sdzero.lab.task import Problem, extract_answer, first_wrong_step, reward, s
 def test_gold_solution_is_right_and_checked_exactly():
     problem = Problem((3, 5, 2, 8))
     solution = write_solution(problem)
-    assert solution == "3+5=8, 8+2=0, 0+8=8. Answer: 8"
+    assert problem.text == "Running sum mod 10 of a=3 b=5 c=2 d=8"
+    assert solution == "b: 3+5=8, c: 8+2=0, d: 0+8=8. Answer: 8"
+    assert Problem.from_row(problem.to_row()) == problem
     assert reward(solution, problem) == 1.0
     assert reward(solution.replace("Answer: 8", "Answer: 9"), problem) == 0.0
     assert first_wrong_step(solution, problem) is None
@@ -17,16 +19,16 @@ def test_gold_solution_is_right_and_checked_exactly():
 
 def test_first_wrong_step_points_at_the_slip():
     problem = Problem((3, 5, 2, 8))
-    wrong = "3+5=8, 8+2=1, 1+8=9. Answer: 9"
+    wrong = "b: 3+5=8, c: 8+2=1, d: 1+8=9. Answer: 9"
     start, end = first_wrong_step(wrong, problem)
-    assert wrong[start:end] == "8+2=1"
-    missing = "3+5=8, 8+2=0. Answer: 0"
+    assert wrong[start:end] == "c: 8+2=1"
+    missing = "b: 3+5=8, c: 8+2=0. Answer: 0"
     start, end = first_wrong_step(missing, problem)
-    assert start >= missing.index("8+2=0") + 5
+    assert start >= missing.index("c: 8+2=0") + 8
     # only the first attempt counts: a right revision after a blank line does not hide the slip
     revised = wrong + "\n\nWait, this response is not correct, let me start over.\n\n" + write_solution(problem)
     assert reward(revised, problem) == 1.0
-    assert revised[slice(*first_wrong_step(revised, problem))] == "8+2=1"
+    assert revised[slice(*first_wrong_step(revised, problem))] == "c: 8+2=1"
 
 
 def test_slips_happen_only_on_carry_steps():
@@ -35,7 +37,8 @@ def test_slips_happen_only_on_carry_steps():
         noisy = write_solution(problem, rng, slip_rate=0.5)
         span = first_wrong_step(noisy, problem)
         if span is not None:
-            a, b, _ = (int(c) for c in noisy[span[0]:span[1]].replace("+", " ").replace("=", " ").split())
+            step = noisy[span[0]:span[1]].split(": ")[1]
+            a, b = int(step[0]), int(step[2])
             assert a + b >= 10
 
 
@@ -53,3 +56,20 @@ def test_eval_and_train_problems_are_disjoint_and_seeded():
 def test_answer_extraction_takes_the_last_answer():
     assert extract_answer("Answer: 3\n\nWait...\n\nAnswer: 7") == "7"
     assert extract_answer("no answer here") is None
+
+
+def test_pretrain_builds_a_loadable_model_with_a_chat_template(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sdzero.lab.model import PretrainConfig, pretrain
+
+    pretrain(tmp_path, PretrainConfig(n_documents=300, steps=2, batch_size=4, hidden_size=32, num_layers=1,
+                                      num_heads=2, intermediate_size=64), progress=False, device="cpu")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert model.config.model_type == "qwen2" and model.config.vocab_size == len(tokenizer)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                         tokenize=False)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    # digits are single tokens, so every step of a solution is visible to the model digit by digit
+    assert tokenizer.tokenize("a=12")[-2:] == ["1", "2"]

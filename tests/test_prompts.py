@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from sdzero.lab.task import Problem, write_solution
 from sdzero.prompts import (CONTROL_PRESETS, ControlPhrases, bridge_ids, distill_layout, end_of_turn_ids,
                             generator_prompt_ids, reviser_context_ids, strip_end_of_turn)
 
@@ -65,8 +66,9 @@ def test_layout_matches_a_real_forward_pass(lab_model_and_tokenizer):
     """Gathered logits from the two real inputs line up: identical contexts give identical logits."""
     model, tok = lab_model_and_tokenizer
     eot = end_of_turn_ids(tok)
-    prompt = generator_prompt_ids(tok, "Running sum mod 10 of 1 2 3")
-    response = tok.encode("1+2=3, 3+3=6. Answer: 6", add_special_tokens=False) + [tok.eos_token_id]
+    problem = Problem((1, 2, 3))
+    prompt = generator_prompt_ids(tok, problem.text)
+    response = tok.encode(write_solution(problem), add_special_tokens=False) + [tok.eos_token_id]
     layout = distill_layout(prompt, response, bridge_ids(tok, ControlPhrases(), 1.0), eot)
     with torch.no_grad():
         student = model(torch.tensor([layout.student_ids])).logits[0, layout.student_positions]

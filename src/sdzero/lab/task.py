@@ -1,10 +1,14 @@
 """The lab task: running sums of single digits modulo 10, worked step by step.
 
-A problem lists digits d_1 .. d_n. A worked solution writes one step per digit after the first,
-"s+d=t", where s is the running sum so far and t = (s + d) mod 10, then the final answer:
+A problem names digits a, b, c, ... A worked solution writes one step per digit after the first,
+"c: s+d=t", where s is the running sum so far, d the digit named c, and t = (s + d) mod 10, then
+the final answer:
 
-    problem:  Running sum mod 10 of 3 5 2 8
-    solution: 3+5=8, 8+2=0, 0+8=8. Answer: 8
+    problem:  Running sum mod 10 of a=3 b=5 c=2 d=8
+    solution: b: 3+5=8, c: 8+2=0, d: 0+8=8. Answer: 8
+
+Naming the digits lets a small model find the next digit by its name, wherever the step is written
+(a first attempt, or a revision after it), instead of by counting positions.
 
 Every step is checked exactly, so the checker can say not only whether the final answer is right
 but also where the first wrong step of a solution lies: the ground truth that the token-level
@@ -23,7 +27,8 @@ import re
 from dataclasses import dataclass
 
 PROBLEM_PREFIX = "Running sum mod 10 of "
-STEP_RE = re.compile(r"(\d)\+(\d)=(\d)")
+STEP_RE = re.compile(r"[a-z]: (\d)\+(\d)=(\d)")
+NAMES = "abcdefghij"
 ANSWER_RE = re.compile(r"Answer: (\d)")
 # One problem in EVAL_EVERY is held out for evaluation, chosen by a hash of its digits, so the
 # split is the same in every run and no training problem can ever equal an evaluation problem.
@@ -40,7 +45,7 @@ class Problem:
 
     @property
     def text(self) -> str:
-        return PROBLEM_PREFIX + " ".join(map(str, self.digits))
+        return PROBLEM_PREFIX + " ".join(f"{name}={d}" for name, d in zip(NAMES, self.digits))
 
     @property
     def answer(self) -> str:
@@ -54,7 +59,7 @@ class Problem:
         text = row["problem"]
         if not text.startswith(PROBLEM_PREFIX):
             raise ValueError(f"not a lab problem: {text!r}")
-        return cls(tuple(int(d) for d in text[len(PROBLEM_PREFIX):].split()))
+        return cls(tuple(int(item.split("=")[1]) for item in text[len(PROBLEM_PREFIX):].split()))
 
 
 def is_eval_problem(digits: tuple[int, ...]) -> bool:
@@ -96,11 +101,11 @@ def gold_steps(problem: Problem) -> list[tuple[int, int, int]]:
 def write_solution(problem: Problem, rng: random.Random | None = None, slip_rate: float = 0.0) -> str:
     """A worked solution; with `slip_rate` > 0 each carry step slips (adds one) with that chance."""
     parts, total = [], problem.digits[0]
-    for d in problem.digits[1:]:
+    for name, d in zip(NAMES[1:], problem.digits[1:]):
         result = (total + d) % 10
         if rng is not None and total + d >= 10 and rng.random() < slip_rate:
             result = (result + 1) % 10
-        parts.append(f"{total}+{d}={result}")
+        parts.append(f"{name}: {total}+{d}={result}")
         total = result
     return ", ".join(parts) + f". Answer: {total}"
 
