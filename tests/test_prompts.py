@@ -66,7 +66,7 @@ def test_layout_matches_a_real_forward_pass(lab_model_and_tokenizer):
     """Gathered logits from the two real inputs line up: identical contexts give identical logits."""
     model, tok = lab_model_and_tokenizer
     eot = end_of_turn_ids(tok)
-    problem = Problem((1, 2, 3))
+    problem = Problem((1, 2, 3, 9, 4, 4))
     prompt = generator_prompt_ids(tok, problem.text)
     response = tok.encode(write_solution(problem), add_special_tokens=False) + [tok.eos_token_id]
     layout = distill_layout(prompt, response, bridge_ids(tok, ControlPhrases(), 1.0), eot)

@@ -61,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     evaluate.add_argument("--quiet", action="store_true")
 
+    inspect = commands.add_parser("inspect", help="per-token teacher-student signal of a run, as HTML and text",
+                                  description="Writes OUT/index.html, OUT/localization.json and OUT/signals.jsonl.")
+    inspect.add_argument("--run", type=Path, required=True, help="run directory (with srt/, sdzero/, eval/)")
+    inspect.add_argument("--out", type=Path, help="output folder (default: RUN/inspect)")
+    inspect.add_argument("--n", type=int, default=200, help="responses to analyse (default: %(default)s)")
+    inspect.add_argument("--student", default="sdzero", help="student stage folder in the run (default: %(default)s)")
+    inspect.add_argument("--teacher", default="srt", help="teacher stage folder in the run (default: %(default)s)")
+    inspect.add_argument("--quiet", action="store_true")
+
     lab = commands.add_parser("lab", help="the built-in lab task and base model")
     lab_commands = lab.add_subparsers(dest="lab_command", required=True, metavar="LAB_COMMAND")
     pretrain = lab_commands.add_parser("pretrain", help="train the lab base model from scratch (~6 CPU minutes)")
@@ -195,6 +204,19 @@ def cmd_eval(args) -> None:
         (args.out / "report.json").write_text(json.dumps(report, indent=2))
 
 
+def cmd_inspect(args) -> None:
+    from sdzero.analysis import format_summary, inspect_run
+
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    if not (args.run / "eval" / f"{args.student}.jsonl").exists():
+        raise FileNotFoundError(f"{args.run / 'eval' / (args.student + '.jsonl')} not found; "
+                                f"run `sdzero demo --out {args.run}` first")
+    summary = inspect_run(args.run, args.out or args.run / "inspect", n=args.n, student=args.student,
+                          teacher=args.teacher, progress=not args.quiet)
+    print(format_summary(summary))
+
+
 def cmd_lab(args) -> None:
     if args.lab_command == "pretrain":
         from sdzero.lab.model import PretrainConfig, pretrain
@@ -212,7 +234,7 @@ def cmd_lab(args) -> None:
 
 
 COMMANDS = {"demo": cmd_demo, "collect": cmd_collect, "srt": cmd_srt, "distill": cmd_distill, "eval": cmd_eval,
-            "lab": cmd_lab}
+            "inspect": cmd_inspect, "lab": cmd_lab}
 
 
 def main(argv: list[str] | None = None) -> int:

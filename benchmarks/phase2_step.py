@@ -1,0 +1,686 @@
+"""What a Phase 2 (SD-Zero self-distillation) step costs next to an SFT step, and next to GRPO.
+
+Four measurements, each printed as ``name: value`` lines (see benchmarks/README.md for their meaning):
+
+1. Step time on one fixed batch, same model, same tokens. An SFT step (``sdzero.training.sft_step_loss``,
+   backward, gradient clipping, AdamW step) and a Phase 2 step without generation (the body of the
+   ``sdzero.distill.distill`` loop, built from the same functions the trainer calls: teacher forward under
+   ``no_grad`` on prompt + y + bridge + y, student forward and backward, top-k divergence, clipping, AdamW
+   step) run interleaved, A, B, A, B, ..., and their medians are compared.
+2. Peak memory of the same two steps: each runs in a fresh child process (multiprocessing "spawn"), and
+   the child reports how far its peak resident set size rose above its own baseline (see the README).
+3. End-to-end Phase 2 samples per second, generation included: ``sdzero.distill.distill`` against TRL's
+   ``GRPOTrainer`` on the same model, the same prompts, the same number of generated samples per step.
+4. Step time and memory again with a larger lab-architecture model and long synthetic responses.
+
+Run ``python benchmarks/phase2_step.py --help`` for the options; ``--quick`` is a smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import platform
+import random
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+# Quiet third-party chatter before transformers is imported anywhere (children inherit the environment).
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+
+from sdzero import lab  # noqa: E402
+from sdzero.distill import DistillConfig, frozen_copy, gather_positions, micro_batch_tensors  # noqa: E402
+from sdzero.lab.task import sample_problems, write_solution  # noqa: E402
+from sdzero.losses import per_token_divergence, teacher_topk  # noqa: E402
+from sdzero.prompts import (SEPARATOR, ControlPhrases, bridge_ids, distill_layout, end_of_turn_ids,  # noqa: E402
+                            generator_prompt_ids)
+from sdzero.training import make_optimizer, sft_step_loss  # noqa: E402
+from sdzero.verifiers import lab_reward  # noqa: E402
+
+MB = 1024 * 1024
+
+# Defaults of a full run, and of a --quick smoke run. An option given on the command line wins over both.
+FULL = dict(reps=5, warmup=1, batch=32, max_new_tokens=160, long_batch=8, long_response_tokens=300,
+            e2e_steps=3, e2e_prompts=32, grpo_generations=2, memory_steps=2)
+QUICK = dict(reps=2, warmup=1, batch=8, max_new_tokens=48, long_batch=2, long_response_tokens=120,
+             e2e_steps=2, e2e_prompts=8, grpo_generations=2, memory_steps=1)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Sized options left out take the full-run value, or the --quick value with --quick. "
+               "Output: one 'name: value' line per figure; benchmarks/README.md explains each.")
+
+    def sized(name: str, help_text: str) -> None:
+        key = name.lstrip("-").replace("-", "_")
+        p.add_argument(name, type=int, default=None,
+                       help=f"{help_text} (full run: {FULL[key]}, --quick: {QUICK[key]})")
+
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: few repetitions, small batches, short responses")
+    sized("--reps", "timed repetitions of each step variant (interleaved A, B, A, B, ...; medians reported)")
+    sized("--warmup", "untimed interleaved repetitions before the timed ones")
+    sized("--batch", "sequences in the fixed batch of the step comparison on the shipped lab model "
+                     "(one micro-batch, as distill does when micro_batch_size >= prompts_per_step)")
+    sized("--max-new-tokens", "longest sampled response, for the fixed batch's rollouts and for both "
+                              "end-to-end trainers")
+    sized("--long-batch", "sequences in the fixed batch of the larger-model comparison")
+    sized("--long-response-tokens", "length of each synthetic multi-attempt response in the larger-model "
+                                    "comparison, end-of-turn token included")
+    sized("--e2e-steps", "optimiser steps of each end-to-end trainer; the first one is a warm-up and is not "
+                         "counted, so at least 2")
+    sized("--e2e-prompts", "sdzero prompts per step (one rollout each) = generated samples per step for "
+                           "both trainers")
+    sized("--grpo-generations", "GRPO rollouts per prompt; GRPO gets e2e-prompts / grpo-generations prompts "
+                                "per step")
+    sized("--memory-steps", "training steps run in each memory-measurement child process")
+    p.add_argument("--long-hidden", type=int, default=256, help="hidden size of the larger random lab model (default: %(default)s)")
+    p.add_argument("--long-layers", type=int, default=6, help="layers of the larger random lab model (default: %(default)s)")
+    p.add_argument("--long-heads", type=int, default=4, help="attention heads of the larger random lab model (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=64, help="teacher top-k support of the Phase 2 loss, 0 = full "
+                                                         "vocabulary (default: %(default)s, as DistillConfig)")
+    p.add_argument("--lr", type=float, default=5e-6, help="learning rate of every optimiser used here (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads, here and in every child (default: %(default)s)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where models run (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of problems, rollouts and random weights (default: %(default)s)")
+    p.add_argument("--skip-memory", action="store_true", help="skip the peak-memory children")
+    p.add_argument("--skip-long", action="store_true", help="skip the larger-model comparison")
+    p.add_argument("--skip-e2e", action="store_true", help="skip both end-to-end trainer runs")
+    p.add_argument("--skip-trl", action="store_true", help="skip the TRL GRPOTrainer run (sdzero's still runs)")
+    args = p.parse_args(argv)
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.e2e_steps < 2:
+        p.error("--e2e-steps must be at least 2 (the first step is a warm-up)")
+    if args.grpo_generations < 2 or args.e2e_prompts % args.grpo_generations:
+        p.error("--grpo-generations must be >= 2 and divide --e2e-prompts")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda asked for, but torch sees no CUDA device")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Output
+
+
+def report(name: str, value) -> None:
+    if isinstance(value, float):
+        value = f"{value:.4g}" if abs(value) < 1e5 else f"{value:.0f}"
+    print(f"{name}: {value}", flush=True)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models and the fixed batch
+
+
+@dataclass
+class ModelSpec:
+    """Enough to rebuild the same model in a child process."""
+
+    kind: str  # "lab" (the shipped base model) or "random" (a larger random lab-architecture model)
+    hidden: int = 0
+    layers: int = 0
+    heads: int = 4
+    max_positions: int = 2048
+    seed: int = 0
+
+    def describe(self) -> str:
+        if self.kind == "lab":
+            return "shipped lab base model"
+        return f"random lab-architecture model, hidden {self.hidden}, {self.layers} layers, {self.heads} heads"
+
+
+def build(spec: ModelSpec, device: str):
+    from transformers import AutoTokenizer
+
+    from sdzero.lab.model import PretrainConfig, build_model
+    from sdzero.pipeline import load_model
+
+    if spec.kind == "lab":
+        return load_model("lab", device)
+    tokenizer = AutoTokenizer.from_pretrained(lab.BASE_MODEL_DIR)
+    torch.manual_seed(spec.seed)
+    cfg = PretrainConfig(hidden_size=spec.hidden, num_layers=spec.layers, num_heads=spec.heads,
+                         intermediate_size=3 * spec.hidden, max_position_embeddings=spec.max_positions)
+    return build_model(tokenizer, cfg).to(device).eval(), tokenizer
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@dataclass
+class Batch:
+    """One fixed batch, as plain lists so it can be sent to a child process."""
+
+    examples: list[tuple[list[int], list[int]]]  # (prompt, response): the SFT step's input
+    layouts: list  # DistillLayout per sample: the Phase 2 step's input (same prompt, same response)
+    pad_id: int
+
+    def describe(self, prefix: str) -> None:
+        prompts = [len(c) for c, _ in self.examples]
+        responses = [len(t) for _, t in self.examples]
+        teacher = [len(l.teacher_ids) for l in self.layouts]
+        report(f"{prefix}batch_sequences", len(self.examples))
+        report(f"{prefix}batch_prompt_tokens_mean", statistics.mean(prompts))
+        report(f"{prefix}batch_response_tokens_mean", statistics.mean(responses))
+        report(f"{prefix}batch_response_tokens_min_max", f"{min(responses)} {max(responses)}")
+        report(f"{prefix}batch_student_tokens", sum(prompts) + sum(responses))
+        report(f"{prefix}batch_teacher_tokens", sum(teacher))
+        report(f"{prefix}batch_target_tokens", sum(responses))
+        # Right padding: share of the padded [B, L] grid that holds no real token.
+        width_s = max(p + r for p, r in zip(prompts, responses))
+        report(f"{prefix}sft_padding_share", 1 - (sum(prompts) + sum(responses)) / (width_s * len(prompts)))
+        report(f"{prefix}phase2_teacher_padding_share", 1 - sum(teacher) / (max(teacher) * len(teacher)))
+
+
+def make_batch(prompts: list[list[int]], responses: list[list[int]], rows: list[dict], tokenizer) -> Batch:
+    phrases = ControlPhrases()
+    bridges = {r: bridge_ids(tokenizer, phrases, r) for r in (0.0, 1.0)}
+    eot = end_of_turn_ids(tokenizer)
+    layouts = []
+    for prompt, response, row in zip(prompts, responses, rows):
+        reward = lab_reward(tokenizer.decode(response, skip_special_tokens=True), row)
+        layouts.append(distill_layout(prompt, response, bridges[reward], eot, None))
+    return Batch(examples=list(zip(prompts, responses)), layouts=layouts, pad_id=tokenizer.pad_token_id)
+
+
+def sampled_batch(model, tokenizer, size: int, max_new_tokens: int, seed: int) -> Batch:
+    """Real Phase 2 rollouts: lab training problems, one sample each from the model, temperature 1.0."""
+    from sdzero.generation import Generator, SamplingConfig
+
+    _, rows, _ = lab.problem_sets(0, size, 0, seed)
+    prompts = [generator_prompt_ids(tokenizer, row["problem"]) for row in rows]
+    torch.manual_seed(seed)
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=max_new_tokens, batch_size=max(size, 1))
+    samples = Generator(model, tokenizer, sampling).sample(prompts, 1, progress=False)
+    return make_batch(prompts, [s[0].ids for s in samples], rows, tokenizer)
+
+
+def synthetic_batch(tokenizer, size: int, response_tokens: int, seed: int) -> Batch:
+    """Long responses made like the lab corpus: attempts, each wrong one followed by "start over" and a new
+    attempt, until `response_tokens` - 1 tokens, then the end-of-turn token. Half end on a right answer."""
+    phrases = ControlPhrases()
+    rng = random.Random(seed)
+    problems = sample_problems(size, split="train", seed=seed + 1, min_digits=7, max_digits=7)
+    prompts, responses = [], []
+    for i, problem in enumerate(problems):
+        parts = [write_solution(problem, rng, slip_rate=1.0)]
+        while len(tokenizer.encode(SEPARATOR.join(parts), add_special_tokens=False)) < response_tokens:
+            parts += [phrases.wrong, write_solution(problem, rng, slip_rate=1.0)]
+        ids = tokenizer.encode(SEPARATOR.join(parts), add_special_tokens=False)[:response_tokens - 1]
+        if i % 2:  # make this one end on the right answer: its last response_tokens tokens are a right attempt
+            tail = tokenizer.encode(SEPARATOR + phrases.wrong + SEPARATOR + write_solution(problem),
+                                    add_special_tokens=False)
+            ids = ids[:response_tokens - 1 - len(tail)] + tail
+        prompts.append(generator_prompt_ids(tokenizer, problem.text))
+        responses.append(ids + [tokenizer.eos_token_id])
+    return make_batch(prompts, responses, [p.to_row() for p in problems], tokenizer)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The two steps
+
+
+class Marks:
+    """Optional wall-clock marks inside a step (for the breakdown); synchronises CUDA at each mark."""
+
+    def __init__(self, device: str):
+        self.device, self.times, self.last = device, {}, None
+
+    def start(self) -> None:
+        self._sync()
+        self.last = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        self._sync()
+        now = time.perf_counter()
+        self.times[name] = self.times.get(name, 0.0) + now - self.last
+        self.last = now
+
+    def _sync(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+
+def sft_step(model, optimizer, batch: Batch, grad_clip: float = 1.0, marks: Marks | None = None) -> float:
+    """One SFT optimiser step on prompt + response, labels on the response (as srt.train_srt does)."""
+    model.train()
+    if marks:
+        marks.start()
+    optimizer.zero_grad(set_to_none=True)
+    loss = sft_step_loss(model, batch.examples, batch.pad_id)
+    if marks:
+        marks.mark("forward_and_loss")
+    loss.backward()
+    if marks:
+        marks.mark("backward")
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    if marks:
+        marks.mark("clip_and_optimizer")
+    return loss.item()
+
+
+def phase2_step(student, teacher, optimizer, batch: Batch, cfg: DistillConfig, device,
+                marks: Marks | None = None) -> float:
+    """The body of one distill() step after generation and scoring, with the trainer's own functions and
+    in the trainer's order (micro-batches, teacher top-k under no_grad, student loss, backward, clip, step)."""
+    kept = [(layout, 0.0) for layout in batch.layouts if layout is not None and layout.n_targets]
+    n_tokens = sum(layout.n_targets for layout, _ in kept)
+    student.train()
+    if marks:
+        marks.start()
+    optimizer.zero_grad(set_to_none=True)
+    total_loss = 0.0
+    token_kl = {0.0: [0.0, 0], 1.0: [0.0, 0]}
+    for i in range(0, len(kept), cfg.micro_batch_size):
+        micro = kept[i:i + cfg.micro_batch_size]
+        (s_ids, s_att, t_ids, t_att, s_pos, t_pos, mask) = micro_batch_tensors([m[0] for m in micro],
+                                                                              batch.pad_id, device)
+        if marks:
+            marks.mark("tensors")
+        with torch.no_grad():
+            teacher_out = teacher(input_ids=t_ids, attention_mask=t_att).logits
+            if marks:
+                marks.mark("teacher_forward")
+            teacher_logits = gather_positions(teacher_out, t_pos)
+            del teacher_out
+            teacher_logprobs, teacher_indices = teacher_topk(teacher_logits, cfg.top_k)
+            del teacher_logits
+            if marks:
+                marks.mark("teacher_gather_topk")
+        student_out = student(input_ids=s_ids, attention_mask=s_att).logits
+        if marks:
+            marks.mark("student_forward")
+        student_logits = gather_positions(student_out, s_pos)
+        del student_out
+        per_token = per_token_divergence(student_logits, teacher_logprobs, teacher_indices,
+                                         divergence=cfg.divergence, mixed_weight=cfg.mixed_weight,
+                                         tail_bucket=cfg.tail_bucket)
+        per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
+        loss = per_token.sum() / n_tokens
+        if marks:
+            marks.mark("student_gather_loss")
+        loss.backward()
+        if marks:
+            marks.mark("backward")
+        total_loss += loss.item()
+        per_sample = per_token.detach().sum(1).tolist()
+        for (layout, r), kl in zip(micro, per_sample):
+            token_kl[r][0] += kl
+            token_kl[r][1] += layout.n_targets
+    torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+    optimizer.step()
+    if marks:
+        marks.mark("clip_and_optimizer")
+    return total_loss
+
+
+def phase2_config(batch: Batch, top_k: int) -> DistillConfig:
+    return DistillConfig(micro_batch_size=max(1, len(batch.layouts)), top_k=top_k or None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Interleaved step timing
+
+
+def time_steps(spec: ModelSpec, batch: Batch, args, prefix: str) -> None:
+    model, _ = build(spec, args.device)
+    teacher = frozen_copy(model)
+    optimizer = make_optimizer(model, args.lr)
+    cfg = phase2_config(batch, args.top_k)
+    report(f"{prefix}model", spec.describe())
+    report(f"{prefix}model_parameters", n_params(model))
+
+    def sync() -> None:
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+
+    variants = {
+        "sft": lambda: sft_step(model, optimizer, batch),
+        "phase2": lambda: phase2_step(model, teacher, optimizer, batch, cfg, args.device),
+    }
+    times = {name: [] for name in variants}
+    for rep in range(args.warmup + args.reps):
+        for name, step in variants.items():
+            sync()
+            start = time.perf_counter()
+            step()
+            sync()
+            if rep >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+    sft_s, phase2_s = median(times["sft"]), median(times["phase2"])
+    report(f"{prefix}sft_step_s", sft_s)
+    report(f"{prefix}phase2_step_s", phase2_s)
+    report(f"{prefix}phase2_over_sft_step_ratio", phase2_s / sft_s)
+    report(f"{prefix}sft_step_s_all", " ".join(f"{t:.3f}" for t in times["sft"]))
+    report(f"{prefix}phase2_step_s_all", " ".join(f"{t:.3f}" for t in times["phase2"]))
+    report(f"{prefix}sft_target_tokens_per_s", sum(len(t) for _, t in batch.examples) / sft_s)
+    report(f"{prefix}phase2_target_tokens_per_s", sum(len(t) for _, t in batch.examples) / phase2_s)
+
+    # Where the time goes: one more interleaved round per repetition with marks (not in the medians above).
+    breakdown = {"sft": [], "phase2": []}
+    for _ in range(max(1, min(args.reps, 3))):
+        marks = Marks(args.device)
+        sft_step(model, optimizer, batch, marks=marks)
+        breakdown["sft"].append(marks.times)
+        marks = Marks(args.device)
+        phase2_step(model, teacher, optimizer, batch, cfg, args.device, marks=marks)
+        breakdown["phase2"].append(marks.times)
+    for name, runs in breakdown.items():
+        total = median([sum(run.values()) for run in runs])
+        for part in runs[0]:
+            seconds = median([run[part] for run in runs])
+            report(f"{prefix}{name}_breakdown_{part}_s", seconds)
+        report(f"{prefix}{name}_breakdown_total_s", total)
+    del model, teacher, optimizer
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Peak memory, one fresh child process per measurement
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Linux: writing 5 to clear_refs sets the process's peak RSS (VmHWM) back to its current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _memory_child(spec: ModelSpec, batch: Batch, variant: str, top_k: int, lr: float, steps: int,
+                  threads: int, device: str, queue) -> None:
+    try:
+        torch.set_num_threads(threads)
+        # Warm the runtime (thread pool, allocator, kernels' first-call buffers) on a throwaway op, so the
+        # baseline holds what both variants share and the growth is what the variant itself needs.
+        x = torch.randn(256, 256, device=device, requires_grad=True)
+        (x @ x).sum().backward()
+        del x
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            base = _status_kb("VmRSS")
+            reset = _reset_peak_rss()
+            base_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        model, _ = build(spec, device)
+        optimizer = make_optimizer(model, lr)
+        if variant == "sft":
+            for _ in range(steps):
+                sft_step(model, optimizer, batch)
+        else:
+            teacher = frozen_copy(model)
+            cfg = phase2_config(batch, top_k)
+            for _ in range(steps):
+                phase2_step(model, teacher, optimizer, batch, cfg, device)
+        if device == "cuda":
+            torch.cuda.synchronize()
+            queue.put(((torch.cuda.max_memory_allocated() - base) / MB, "torch.cuda.max_memory_allocated"))
+        elif reset and base is not None:
+            queue.put(((_status_kb("VmHWM") - base) / 1024, "VmHWM after clear_refs"))
+        else:  # no clear_refs: the lifetime peak, whose baseline may already hold an import-time peak
+            queue.put(((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_maxrss) / 1024,
+                       "ru_maxrss"))
+    except BaseException as err:  # report, don't hang the parent
+        queue.put((None, f"{type(err).__name__}: {err}"))
+
+
+def peak_memory(spec: ModelSpec, batch: Batch, args, prefix: str) -> None:
+    ctx = mp.get_context("spawn")
+    results = {}
+    for variant in ("sft", "phase2"):
+        queue = ctx.Queue()
+        child = ctx.Process(target=_memory_child, args=(spec, batch, variant, args.top_k, args.lr,
+                                                        args.memory_steps, args.threads, args.device, queue))
+        child.start()
+        value, how = queue.get()
+        child.join()
+        if value is None:
+            raise RuntimeError(f"memory child for {variant} failed: {how}")
+        results[variant] = value
+    report(f"{prefix}memory_method", f"{how}, fresh spawned process per variant")
+    report(f"{prefix}sft_peak_memory_mb", results["sft"])
+    report(f"{prefix}phase2_peak_memory_mb", results["phase2"])
+    report(f"{prefix}phase2_over_sft_peak_memory_ratio", results["phase2"] / results["sft"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. End-to-end: sdzero.distill.distill vs TRL GRPOTrainer
+
+
+def e2e_problems(n: int, seed: int) -> list[dict]:
+    _, rows, _ = lab.problem_sets(0, n, 0, seed)
+    return rows
+
+
+def run_sdzero(args) -> dict:
+    """distill() for e2e_steps steps; per-step times come from its own metrics.jsonl clock."""
+    import json
+
+    import sdzero.distill as distill_module
+    from sdzero.generation import Generator, SamplingConfig
+
+    generation_seconds = []
+
+    class TimedGenerator(Generator):  # times the rollouts without touching distill()
+        def sample(self, *a, **k):
+            start = time.perf_counter()
+            out = super().sample(*a, **k)
+            generation_seconds.append(time.perf_counter() - start)
+            return out
+
+    model, tokenizer = build(ModelSpec("lab"), args.device)
+    rows = e2e_problems(args.e2e_prompts * args.e2e_steps, args.seed)
+    sampling = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=args.max_new_tokens,
+                              batch_size=args.e2e_prompts)
+    cfg = DistillConfig(prompts_per_step=args.e2e_prompts, micro_batch_size=args.e2e_prompts,
+                        max_steps=args.e2e_steps, lr=args.lr, warmup_steps=0, top_k=args.top_k or None)
+    torch.manual_seed(args.seed)
+    original = distill_module.Generator
+    distill_module.Generator = TimedGenerator
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            distill_module.distill(model, tokenizer, rows, lab_reward, ControlPhrases(), sampling, cfg,
+                                   out_dir=out, seed=args.seed, progress=False)
+            records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    finally:
+        distill_module.Generator = original
+    ends = [r["seconds"] for r in records]
+    step_s = [b - a for a, b in zip([0.0] + ends, ends)]
+    return {"step_s": step_s[1:], "generation_s": generation_seconds[1:],
+            "response_len": statistics.mean(r["sdzero/response_len"] for r in records[1:]),
+            "samples_per_step": args.e2e_prompts}
+
+
+def run_trl_grpo(args) -> dict:
+    """GRPOTrainer on the same model and prompts: e2e_prompts / G prompts x G rollouts per step."""
+    from datasets import Dataset
+    from transformers import PrinterCallback, ProgressCallback, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    model, tokenizer = build(ModelSpec("lab"), args.device)
+    group = args.grpo_generations
+    prompts_per_step = args.e2e_prompts // group
+    rows = e2e_problems(prompts_per_step * args.e2e_steps, args.seed)
+    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": row["problem"]}],
+                                  "answer": row["answer"]} for row in rows])
+
+    def reward(completions, answer, **_):
+        return [lab_reward(c[0]["content"] if isinstance(c, list) else c, {"answer": a})
+                for c, a in zip(completions, answer)]
+
+    step_ends, lengths, generation_seconds = [], [], []
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *_, **__):
+            torch.set_num_threads(args.threads)
+            step_ends.append(time.perf_counter())
+
+        def on_step_end(self, *_, **__):
+            step_ends.append(time.perf_counter())
+
+        def on_log(self, _args, _state, _control, logs=None, **__):
+            if logs and "completions/mean_length" in logs:
+                lengths.append(logs["completions/mean_length"])
+
+    with tempfile.TemporaryDirectory() as out:
+        config = GRPOConfig(
+            output_dir=out, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
+            max_steps=args.e2e_steps, per_device_train_batch_size=args.e2e_prompts, gradient_accumulation_steps=1,
+            num_generations=group, max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0,
+            learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
+            beta=0.0, num_iterations=1, use_cpu=args.device == "cpu", bf16=False, fp16=False,
+            gradient_checkpointing=False, dataloader_num_workers=0, seed=args.seed, log_completions=False,
+        )
+        trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=dataset,
+                              processing_class=tokenizer, callbacks=[Clock()])
+        for callback in (PrinterCallback, ProgressCallback):
+            trainer.remove_callback(callback)
+        original = trainer._generate
+
+        def timed_generate(*a, **k):
+            start = time.perf_counter()
+            out_ = original(*a, **k)
+            generation_seconds.append(time.perf_counter() - start)
+            return out_
+
+        trainer._generate = timed_generate
+        torch.set_num_threads(args.threads)
+        trainer.train()
+    step_s = [b - a for a, b in zip(step_ends, step_ends[1:])]
+    return {"step_s": step_s[1:], "generation_s": generation_seconds[1:],
+            "response_len": statistics.mean(lengths[1:]) if len(lengths) > 1 else float("nan"),
+            "samples_per_step": prompts_per_step * group, "prompts_per_step": prompts_per_step}
+
+
+def end_to_end(args) -> None:
+    report("e2e_model", ModelSpec("lab").describe())
+    report("e2e_samples_per_step", args.e2e_prompts)
+    report("e2e_sdzero_layout", f"{args.e2e_prompts} prompts x 1 rollout")
+    report("e2e_max_new_tokens", args.max_new_tokens)
+    report("e2e_temperature", 1.0)
+    report("e2e_steps_timed", f"{args.e2e_steps - 1} (step 1 is a warm-up)")
+    sd = run_sdzero(args)
+    _e2e_report("sdzero", sd)
+    if args.skip_trl:
+        report("sdzero_over_trl_grpo_samples_per_s", "unavailable (--skip-trl)")
+        return
+    try:
+        import trl
+
+        report("trl_version", trl.__version__)
+        report("e2e_trl_grpo_layout", f"{args.e2e_prompts // args.grpo_generations} prompts x "
+                                      f"{args.grpo_generations} rollouts, beta 0 (no reference model), "
+                                      "no gradient checkpointing, fp32")
+        grpo = run_trl_grpo(args)
+    except Exception as err:  # the comparison is optional; say why it is missing
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:200]
+        report("trl_grpo_samples_per_s", f"unavailable ({reason})")
+        report("sdzero_over_trl_grpo_samples_per_s", f"unavailable ({reason})")
+        return
+    _e2e_report("trl_grpo", grpo)
+    sd_rate = sd["samples_per_step"] / median(sd["step_s"])
+    grpo_rate = grpo["samples_per_step"] / median(grpo["step_s"])
+    report("sdzero_over_trl_grpo_samples_per_s", sd_rate / grpo_rate)
+
+
+def _e2e_report(name: str, result: dict) -> None:
+    step = median(result["step_s"])
+    generation = median(result["generation_s"])
+    report(f"{name}_step_s", step)
+    report(f"{name}_step_s_all", " ".join(f"{t:.2f}" for t in result["step_s"]))
+    report(f"{name}_generation_s", generation)
+    report(f"{name}_generation_share", generation / step)
+    report(f"{name}_mean_response_tokens", result["response_len"])
+    report(f"{name}_samples_per_s", result["samples_per_step"] / step)
+    report(f"{name}_s_per_sample", step / result["samples_per_step"])
+    report(f"{name}_train_s_per_sample", (step - generation) / result["samples_per_step"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    import transformers
+
+    began = time.perf_counter()
+    report("machine_cpu_count", os.cpu_count())
+    report("machine_platform", platform.platform())
+    report("machine_processor", platform.processor() or platform.machine())
+    report("python_version", platform.python_version())
+    report("torch_version", torch.__version__)
+    report("transformers_version", transformers.__version__)
+    report("torch_threads", torch.get_num_threads())
+    report("device", args.device if args.device == "cpu" else torch.cuda.get_device_name())
+    report("load_average_1m", f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a")
+    report("quick", args.quick)
+    report("reps", args.reps)
+    report("top_k", args.top_k or "full vocabulary")
+
+    # Same model, same tokens: real rollouts of the shipped model on lab training problems.
+    small = ModelSpec("lab")
+    model, tokenizer = build(small, args.device)
+    batch = sampled_batch(model, tokenizer, args.batch, args.max_new_tokens, args.seed)
+    del model
+    batch.describe("")
+    time_steps(small, batch, args, "")
+    if not args.skip_memory:
+        peak_memory(small, batch, args, "")
+
+    if not args.skip_e2e:
+        end_to_end(args)
+
+    if not args.skip_long:
+        long_batch = synthetic_batch(tokenizer, args.long_batch, args.long_response_tokens, args.seed)
+        longest = max(len(l.teacher_ids) for l in long_batch.layouts)
+        spec = ModelSpec("random", hidden=args.long_hidden, layers=args.long_layers, heads=args.long_heads,
+                         max_positions=max(2048, longest), seed=args.seed)
+        long_batch.describe("long_")
+        time_steps(spec, long_batch, args, "long_")
+        if not args.skip_memory:
+            peak_memory(spec, long_batch, args, "long_")
+
+    report("total_runtime_s", time.perf_counter() - began)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,377 @@
+"""Where does the Phase 2 signal sit? Token-level inspection of the teacher-student divergence.
+
+For a response y to a prompt x with reward r, the frozen teacher reads x + y + sep + P_r + sep + y
+and the student reads x + y, exactly as in Phase 2 (`sdzero.prompts.distill_layout`). At every
+token y_t this module records
+
+* the Phase 2 loss term at that position (`sdzero.losses.per_token_divergence` on the teacher's
+  top-k support), and
+* the token KL reward  log pi_S(y_t | x, y_<t) - log pi_T(y_t | x, y, P_r, y_<t)  on the full
+  vocabulary: negative where the teacher, having read P_r, likes the sampled token more than the
+  student does.
+
+`bucket_shares` asks how concentrated the divergence is, `localization` whether on the lab task the
+largest divergence of a wrong answer falls on its first wrong step, and `inspect_run` writes both
+for a run directory together with one self-contained HTML page of coloured tokens.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from sdzero.distill import gather_positions, micro_batch_tensors
+from sdzero.lab.task import PROBLEM_PREFIX, Problem, first_wrong_step
+from sdzero.losses import per_token_divergence, teacher_topk
+from sdzero.prompts import ControlPhrases, bridge_ids, distill_layout, end_of_turn_ids, generator_prompt_ids
+
+
+@dataclass
+class TokenSignal:
+    """The per-token Phase 2 signal of one response.
+
+    `tokens[t]` is the text of token t, so that "".join(tokens) == text; `offsets[t]` is its
+    (start, end) character range in `text`. Special tokens such as the end-of-turn token decode to ""
+    and get an empty range at the end of the text.
+    """
+
+    prompt: str
+    text: str
+    ids: list[int]
+    tokens: list[str]
+    offsets: list[tuple[int, int]]
+    divergence: list[float]
+    token_kl_reward: list[float]
+    reward: float
+    phrase: str
+
+    def tokens_in_span(self, start: int, end: int) -> list[int]:
+        """Indices of the tokens that overlap the character span [start, end)."""
+        return [t for t, (a, b) in enumerate(self.offsets) if a < end and b > start]
+
+
+def token_pieces(tokenizer, ids: list[int]) -> tuple[str, list[str], list[tuple[int, int]]]:
+    """The decoded text (special tokens skipped), each token's piece of it, and its character range.
+
+    Pieces come from decoding growing prefixes, not single tokens, so that tokens which only make
+    sense together (a character split over several byte tokens) still tile the text exactly.
+    """
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    offsets, start = [], 0
+    for t in range(len(ids)):
+        prefix = tokenizer.decode(ids[:t + 1], skip_special_tokens=True)
+        end = min(len(text), max(start, len(prefix)))
+        offsets.append((start, end))
+        start = end
+    return text, [text[a:b] for a, b in offsets], offsets
+
+
+@torch.no_grad()
+def token_signal(student, teacher, tokenizer, items, phrases: ControlPhrases, *, divergence: str = "reverse",
+                 top_k: int | None = 64, batch_size: int = 32, mixed_weight: float = 0.5,
+                 tail_bucket: bool = False, system_prompt: str | None = None,
+                 progress: bool = False) -> list[TokenSignal]:
+    """Per-token divergence and token KL reward for each (prompt_text, response_ids, reward) item.
+
+    `response_ids` are the response tokens as sampled (normally ending with the end-of-turn token).
+    The divergence options mean what they mean in `DistillConfig`; the layout is Phase 2's, without
+    truncation, so every token of every response gets a value.
+    """
+    eot = end_of_turn_ids(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(student.parameters()).device
+    rows = []
+    for prompt, response, reward in items:
+        prompt_ids = generator_prompt_ids(tokenizer, prompt, system_prompt)
+        layout = distill_layout(prompt_ids, list(response), bridge_ids(tokenizer, phrases, reward), eot)
+        rows.append((prompt, list(response), float(reward), layout))
+    values: list[tuple[list[float], list[float]]] = [([], []) for _ in rows]
+    todo = [i for i, row in enumerate(rows) if row[3].n_targets]
+    modes = (student.training, teacher.training)
+    student.eval()
+    teacher.eval()
+    for start in tqdm(range(0, len(todo), batch_size), desc="token signal", disable=not progress, leave=False):
+        chunk = todo[start:start + batch_size]
+        layouts = [rows[i][3] for i in chunk]
+        s_ids, s_att, t_ids, t_att, s_pos, t_pos, mask = micro_batch_tensors(layouts, pad_id, device)
+        t_device = next(teacher.parameters()).device
+        teacher_out = teacher(input_ids=t_ids.to(t_device), attention_mask=t_att.to(t_device))
+        teacher_logits = gather_positions(teacher_out.logits.to(device), t_pos)
+        student_logits = gather_positions(student(input_ids=s_ids, attention_mask=s_att).logits, s_pos)
+        t_logprobs, t_indices = teacher_topk(teacher_logits, top_k)
+        per_token = per_token_divergence(student_logits, t_logprobs, t_indices, divergence=divergence,
+                                         mixed_weight=mixed_weight, tail_bucket=tail_bucket)
+        # the token each position predicts is the next one of the student's input
+        targets = s_ids.gather(1, s_pos + 1).unsqueeze(-1)
+        log_s = torch.log_softmax(student_logits.float(), dim=-1).gather(-1, targets).squeeze(-1)
+        log_t = torch.log_softmax(teacher_logits.float(), dim=-1).gather(-1, targets).squeeze(-1)
+        kl_reward = log_s - log_t
+        for row, i in enumerate(chunk):
+            n = int(mask[row].sum())
+            values[i] = (per_token[row, :n].tolist(), kl_reward[row, :n].tolist())
+    student.train(modes[0])
+    teacher.train(modes[1])
+    signals = []
+    for (prompt, response, reward, _), (div, kl_reward) in zip(rows, values):
+        text, pieces, offsets = token_pieces(tokenizer, response)
+        signals.append(TokenSignal(prompt=prompt, text=text, ids=response, tokens=pieces, offsets=offsets,
+                                   divergence=div, token_kl_reward=kl_reward, reward=reward,
+                                   phrase=phrases.for_reward(reward)))
+    return signals
+
+
+def bucket_shares(signals: list[TokenSignal], n_buckets: int = 20) -> list[float]:
+    """Share of the total divergence held by each of `n_buckets` equal-count token buckets.
+
+    All tokens of `signals` are sorted by divergence, largest first, and cut into buckets whose sizes
+    differ by at most one (the larger ones first, so the shares never increase). Shares sum to 1;
+    an empty list of tokens gives []. Call it separately for right and wrong answers.
+    """
+    values = sorted((d for s in signals for d in s.divergence), reverse=True)
+    if not values:
+        return []
+    size, extra = divmod(len(values), n_buckets)
+    total = sum(values)
+    shares, start = [], 0
+    for b in range(n_buckets):
+        end = start + size + (1 if b < extra else 0)
+        # all-zero divergence: every token holds the same (zero) amount, so share by count
+        shares.append(sum(values[start:end]) / total if total > 0 else (end - start) / len(values))
+        start = end
+    return shares
+
+
+def _kl_mean(signals: list[TokenSignal]) -> float | None:
+    n = sum(len(s.divergence) for s in signals)
+    return sum(sum(s.divergence) for s in signals) / n if n else None
+
+
+def localization(signals: list[TokenSignal], problems_by_response: list[Problem | None]) -> dict:
+    """Does the largest divergence of a wrong lab answer fall on its first wrong step?
+
+    `problems_by_response[i]` is the lab `Problem` that `signals[i]` answers (None: not a lab
+    problem, skipped). Wrong answers count when their first attempt has a first wrong step. The rate
+    is how often the highest-divergence token overlaps that step; chance is the step's share of the
+    response's tokens, averaged; ratio = rate / chance. Right answers report their mean divergence.
+    """
+    if len(problems_by_response) != len(signals):
+        raise ValueError(f"{len(signals)} signals but {len(problems_by_response)} problems")
+    hits, chances, wrong, right = [], [], [], []
+    for signal, problem in zip(signals, problems_by_response):
+        if problem is None or not signal.divergence:
+            continue
+        if signal.reward >= 1.0:
+            right.append(signal)
+            continue
+        span = first_wrong_step(signal.text, problem)
+        step = signal.tokens_in_span(*span) if span else []
+        if not step:
+            continue
+        wrong.append(signal)
+        top = max(range(len(signal.divergence)), key=signal.divergence.__getitem__)
+        hits.append(1.0 if top in step else 0.0)
+        chances.append(len(step) / len(signal.divergence))
+    rate = sum(hits) / len(hits) if hits else None
+    chance = sum(chances) / len(chances) if chances else None
+    return {
+        "wrong": {"n": len(wrong), "top_kl_in_first_wrong_step": rate, "chance": chance,
+                  "ratio": rate / chance if chances and chance > 0 else None, "kl_mean": _kl_mean(wrong)},
+        "right": {"n": len(right), "kl_mean": _kl_mean(right)},
+    }
+
+
+def lab_problem(row: dict) -> Problem | None:
+    """The lab problem of an evaluation row (from its "problem" text or its "lab-<digits>" id), or None."""
+    if str(row.get("problem", "")).startswith(PROBLEM_PREFIX):
+        return Problem.from_row(row)
+    row_id = str(row.get("id", ""))
+    if row_id.startswith("lab-") and row_id[4:].isdigit():
+        return Problem(tuple(int(c) for c in row_id[4:]))
+    return None
+
+
+def _mix(rows: list[dict], n: int) -> list[dict]:
+    """Up to n rows in file order, alternating wrong and right answers while both last."""
+    wrong = [r for r in rows if float(r["reward"]) < 1.0]
+    right = [r for r in rows if float(r["reward"]) >= 1.0]
+    mixed = []
+    for i in range(max(len(wrong), len(right))):
+        mixed += [group[i] for group in (wrong, right) if i < len(group)]
+    return mixed[:n]
+
+
+def inspect_run(run_dir: str | Path, out_dir: str | Path, *, n: int = 200, student: str = "sdzero",
+                teacher: str = "srt", device: str | None = None, progress: bool = True) -> dict:
+    """Token-level report of a run: index.html, localization.json and signals.jsonl in `out_dir`.
+
+    Loads run_dir/<student> and run_dir/<teacher> (the student's folder when the teacher's is
+    missing), takes up to `n` responses of run_dir/eval/<student>.jsonl, alternating wrong and right
+    ones, and scores them with the run's control phrases and divergence settings (config.yaml, or
+    the defaults without one). The evaluation file keeps the response text, not its token ids, so
+    the ids are rebuilt as tokenizer.encode(text) + [EOS]; a response that had been cut at
+    max_new_tokens thus gains an EOS, and a sampled non-canonical tokenization becomes canonical.
+    Returns the summary that `format_summary` prints.
+    """
+    from sdzero.config import RunConfig, load_config
+    from sdzero.pipeline import load_model
+    from sdzero.training import read_jsonl
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    cfg = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").exists() else RunConfig()
+    student_dir = run_dir / student
+    teacher_dir = run_dir / teacher if (run_dir / teacher / "config.json").exists() else student_dir
+    student_model, tokenizer = load_model(str(student_dir), device)
+    teacher_model = student_model if teacher_dir == student_dir else load_model(str(teacher_dir), device)[0]
+
+    rows = _mix(read_jsonl(run_dir / "eval" / f"{student}.jsonl"), n)
+    problems = [lab_problem(row) for row in rows]
+    items = []
+    for row, problem in zip(rows, problems):
+        prompt = row.get("problem") or (problem.text if problem else None)
+        if prompt is None:
+            raise ValueError(f"row {row.get('id')!r} has no problem text and is not a lab problem")
+        ids = tokenizer.encode(row["response"], add_special_tokens=False) + [tokenizer.eos_token_id]
+        items.append((prompt, ids, float(row["reward"])))
+    d = cfg.distill
+    signals = token_signal(student_model, teacher_model, tokenizer, items, cfg.phrases(), divergence=d.divergence,
+                           top_k=d.top_k, mixed_weight=d.mixed_weight, tail_bucket=d.tail_bucket,
+                           system_prompt=cfg.system_prompt, progress=progress)
+
+    wrong = [s for s in signals if s.reward < 1.0]
+    right = [s for s in signals if s.reward >= 1.0]
+    loc = localization(signals, problems)
+    spans = [first_wrong_step(s.text, p) if p is not None and s.reward < 1.0 else None
+             for s, p in zip(signals, problems)]
+    summary = {
+        "student": str(student_dir), "teacher": str(teacher_dir), "divergence": d.divergence, "top_k": d.top_k,
+        "n": len(signals), "n_wrong": len(wrong), "n_right": len(right),
+        "kl_mean_wrong": _kl_mean(wrong), "kl_mean_right": _kl_mean(right),
+        "buckets": {"wrong": bucket_shares(wrong), "right": bucket_shares(right)},
+        "localization": loc, "out_dir": str(out_dir),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "localization.json").write_text(json.dumps(loc, indent=2))
+    with open(out_dir / "signals.jsonl", "w") as f:
+        for row, signal, span in zip(rows, signals, spans):
+            f.write(json.dumps({"id": row.get("id"), **asdict(signal), "first_wrong_step": span}) + "\n")
+    entries = [(row.get("id"), s, span) for row, s, span in zip(rows, signals, spans)]
+    (out_dir / "index.html").write_text(_page(entries, summary))
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    """A few lines for the terminal."""
+    def num(x, spec=".4f"):
+        return "n/a" if x is None else format(x, spec)
+
+    def top(shares):
+        return "n/a" if not shares else f"{shares[0]:.1%}"
+
+    n_buckets = len(summary["buckets"]["wrong"] or summary["buckets"]["right"]) or 20
+    wrong = summary["localization"]["wrong"]
+    return "\n".join([
+        f"{summary['n']} responses ({summary['n_wrong']} wrong, {summary['n_right']} right): "
+        f"student {summary['student']} vs teacher {summary['teacher']}",
+        f"mean per-token {summary['divergence']} divergence: wrong {num(summary['kl_mean_wrong'])}, "
+        f"right {num(summary['kl_mean_right'])}",
+        f"top {1 / n_buckets:.0%} of tokens hold {top(summary['buckets']['wrong'])} of the divergence on wrong "
+        f"answers, {top(summary['buckets']['right'])} on right ones",
+        f"top-divergence token in the first wrong step: {num(wrong['top_kl_in_first_wrong_step'], '.1%')} vs "
+        f"chance {num(wrong['chance'], '.1%')} (ratio {num(wrong['ratio'], '.2f')}, n={wrong['n']})",
+        f"report: {Path(summary['out_dir']) / 'index.html'}",
+    ])
+
+
+# ------------------------------------------------------------------------------------------
+# HTML page (everything inline; every piece of model text goes through html.escape)
+
+_STYLE = """
+body{font-family:system-ui,sans-serif;margin:2em;max-width:70em;color:#222}
+.resp{border:1px solid #ddd;border-radius:4px;margin:.8em 0;padding:.5em .8em}
+.meta{font-size:.85em;color:#555;margin-bottom:.3em}
+.text{font-family:ui-monospace,monospace;white-space:pre-wrap;line-height:1.7}
+.t{border-radius:2px}
+.fw{text-decoration:underline 2px #1f4fd1;text-underline-offset:3px}
+.end{font-size:.75em;color:#777;border:1px solid #bbb;padding:0 2px}
+.legend span{display:inline-block;width:2.2em;text-align:center;font-size:.8em}
+.charts{display:flex;gap:2em;flex-wrap:wrap}
+"""
+
+
+def _colour(value: float, scale: float) -> str:
+    alpha = min(1.0, max(0.0, value / scale)) if scale > 0 else 0.0
+    return f"rgba(214,39,40,{alpha:.3f})"
+
+
+def _chart(title: str, shares: list[float], top: float) -> str:
+    width, height, pad = 360, 150, 20
+    bars = []
+    for b, share in enumerate(shares):
+        w = (width - 2 * pad) / len(shares)
+        h = (height - 2 * pad) * share / top if top > 0 else 0
+        bars.append(f'<rect x="{pad + b * w + 1:.1f}" y="{height - pad - h:.1f}" width="{w - 2:.1f}" '
+                    f'height="{h:.1f}" fill="#d62728"><title>bucket {b + 1}: {share:.1%}</title></rect>')
+    label = f"{html.escape(title)}: top bucket {shares[0]:.1%}" if shares else f"{html.escape(title)}: no tokens"
+    return (f'<figure><svg width="{width}" height="{height}" role="img">'
+            f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#888"/>'
+            + "".join(bars) + f"</svg><figcaption>{label}</figcaption></figure>")
+
+
+def _response(index: int, row_id, signal: TokenSignal, span, scale: float) -> str:
+    step = set(signal.tokens_in_span(*span)) if span else set()
+    spans = []
+    for t, (piece, tid, div, kl_reward) in enumerate(zip(signal.tokens, signal.ids, signal.divergence,
+                                                        signal.token_kl_reward)):
+        title = f"token {t} (id {tid}) {piece!r}\ndivergence {div:.4g}\ntoken KL reward {kl_reward:+.4g}"
+        classes = "t fw" if t in step else "t"
+        shown = html.escape(piece) if piece else '<span class="end">end</span>'
+        spans.append(f'<span class="{classes}" style="background:{_colour(div, scale)}" '
+                     f'title="{html.escape(title)}">{shown}</span>')
+    mean = sum(signal.divergence) / len(signal.divergence) if signal.divergence else 0.0
+    meta = (f"#{index} · {html.escape(str(row_id))} · reward {signal.reward:g} · "
+            f"P_r: <q>{html.escape(signal.phrase)}</q> · {len(signal.ids)} tokens · mean divergence {mean:.3g}"
+            + (" · first wrong step underlined" if step else ""))
+    return (f'<div class="resp"><div class="meta">{meta}</div>'
+            f'<div class="meta">{html.escape(signal.prompt)}</div><div class="text">{"".join(spans)}</div></div>')
+
+
+def _page(entries: list[tuple], summary: dict) -> str:
+    values = sorted(d for _, s, _ in entries for d in s.divergence)
+    # colour by the 99th percentile, so that a handful of outliers does not wash out the rest
+    scale = values[int(0.99 * (len(values) - 1))] if values else 1.0
+    legend = "".join(f'<span style="background:{_colour(scale * i / 5, scale)}">{scale * i / 5:.2g}</span>'
+                     for i in range(6))
+    shares = summary["buckets"]
+    top = max(shares["wrong"] + shares["right"] + [0.0])
+    loc = summary["localization"]["wrong"]
+    rate = "n/a" if loc["ratio"] is None else (f"{loc['top_kl_in_first_wrong_step']:.1%} vs chance "
+                                               f"{loc['chance']:.1%} (ratio {loc['ratio']:.2f}, n={loc['n']})")
+    charts = _chart("wrong answers (r = 0)", shares["wrong"], top) + _chart("right answers (r = 1)",
+                                                                           shares["right"], top)
+    sections = []
+    for name, wanted in (("Wrong answers (r = 0)", False), ("Right answers (r = 1)", True)):
+        blocks = [_response(i, row_id, s, span, scale) for i, (row_id, s, span) in enumerate(entries)
+                  if (s.reward >= 1.0) == wanted]
+        sections.append(f"<h2>{name}: {len(blocks)}</h2>" + ("".join(blocks) or "<p>none</p>"))
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>SD-Zero token signal</title><style>{_STYLE}</style></head>
+<body>
+<h1>Teacher-student divergence per token</h1>
+<p>Student <code>{html.escape(summary['student'])}</code>, teacher <code>{html.escape(summary['teacher'])}</code>,
+{html.escape(str(summary['divergence']))} divergence on the teacher's top-{html.escape(str(summary['top_k']))} tokens.
+Each token is coloured by its Phase 2 loss term; hover for the numbers (divergence, and the token KL
+reward log p_S(y_t) - log p_T(y_t)). On lab problems the first wrong step of a wrong answer is underlined.</p>
+<p class="legend">divergence: {legend} (and above)</p>
+<h2>How concentrated is the divergence?</h2>
+<p>Tokens sorted by divergence and cut into {len(shares['wrong'] or shares['right'])} equal-count buckets;
+each bar is a bucket's share of the total divergence.</p>
+<div class="charts">{charts}</div>
+<p>Highest-divergence token inside the first wrong step: {rate}.</p>
+{"".join(sections)}
+</body></html>
+"""

@@ -1,0 +1,175 @@
+"""Token-level analysis: the per-token signal against a by-hand reference, the bucket and
+localization statistics on hand-made examples, and the run report on a tiny run directory."""
+
+import copy
+import html
+import json
+import random
+
+import pytest
+import torch
+
+from sdzero.analysis import TokenSignal, bucket_shares, format_summary, inspect_run, localization, token_signal
+from sdzero.config import RunConfig, config_to_yaml
+from sdzero.lab.task import Problem, first_wrong_step, reward, sample_problems, write_solution
+from sdzero.prompts import ControlPhrases
+
+PROBLEM = Problem((3, 5, 2, 8))
+RIGHT = "b: 3+5=8, c: 8+2=0, d: 0+8=8. Answer: 8"
+WRONG = "b: 3+5=8, c: 8+2=1, d: 1+8=9. Answer: 9"  # carry slip on step c
+WRONG_STEP = (10, 18)  # "c: 8+2=1"
+
+
+@pytest.fixture(scope="module")
+def student_teacher(lab_model_and_tokenizer):
+    """The lab model as student and a perturbed copy as teacher, so swapping their roles would show."""
+    model, tokenizer = lab_model_and_tokenizer
+    teacher = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    return model, teacher.eval(), tokenizer
+
+
+def reference(student, teacher, tokenizer, problem_text, response_ids, phrase, top_k):
+    """Divergence and token KL reward per response token, built by hand in float64."""
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": problem_text}],
+                                         add_generation_prompt=True, tokenize=False)
+    prompt = tokenizer.encode(chat, add_special_tokens=False)
+    bridge = tokenizer.encode("\n\n" + phrase + "\n\n", add_special_tokens=False)
+    assert response_ids[-1] == tokenizer.eos_token_id
+    student_seq = prompt + response_ids
+    teacher_seq = prompt + response_ids[:-1] + bridge + response_ids
+    with torch.no_grad():
+        s_logits = student(torch.tensor([student_seq])).logits[0].double()
+        t_logits = teacher(torch.tensor([teacher_seq])).logits[0].double()
+    n = len(response_ids)
+    s_first = len(prompt) - 1
+    t_first = len(teacher_seq) - n - 1
+    divergences, kl_rewards = [], []
+    for t in range(n):
+        p_s = torch.softmax(s_logits[s_first + t], -1)
+        p_t = torch.softmax(t_logits[t_first + t], -1)
+        support = torch.topk(p_t, top_k).indices
+        q_s = p_s[support] / p_s[support].sum()
+        q_t = p_t[support] / p_t[support].sum()
+        divergences.append(float((q_s * (q_s.log() - q_t.log())).sum()))
+        y = response_ids[t]
+        kl_rewards.append(float(p_s[y].log() - p_t[y].log()))
+    return divergences, kl_rewards
+
+
+def test_token_signal_matches_a_by_hand_reference(student_teacher):
+    student, teacher, tokenizer = student_teacher
+    phrases = ControlPhrases()
+    items = [(PROBLEM.text, tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id], r)
+             for text, r in ((WRONG, 0.0), (RIGHT[:20], 0.0), (RIGHT, 1.0))]  # different lengths: padding
+    signals = token_signal(student, teacher, tokenizer, items, phrases, top_k=64, batch_size=2)
+    assert len(signals) == 3
+    for (prompt, ids, r), signal in zip(items, signals):
+        divergence, kl_reward = reference(student, teacher, tokenizer, prompt, ids, phrases.for_reward(r), 64)
+        assert signal.divergence == pytest.approx(divergence, abs=2e-5, rel=1e-4)
+        assert signal.token_kl_reward == pytest.approx(kl_reward, abs=2e-5, rel=1e-4)
+        assert signal.phrase == phrases.for_reward(r) and signal.reward == r and signal.ids == ids
+        # offsets tile the decoded text; the end-of-turn token is an empty piece at its end
+        assert "".join(signal.tokens) == signal.text == tokenizer.decode(ids, skip_special_tokens=True)
+        assert signal.tokens == [tokenizer.decode([i], skip_special_tokens=True) for i in ids]
+        assert all(signal.text[a:b] == piece for (a, b), piece in zip(signal.offsets, signal.tokens))
+        assert signal.tokens[-1] == "" and signal.offsets[-1] == (len(signal.text), len(signal.text))
+    assert max(signals[0].divergence) > 1e-3  # the perturbed teacher really differs
+
+
+def signal(text, divergence, r):
+    """A hand-made signal with one token per character (plus nothing else)."""
+    assert len(divergence) == len(text)
+    return TokenSignal(prompt=PROBLEM.text, text=text, ids=list(range(len(text))), tokens=list(text),
+                       offsets=[(i, i + 1) for i in range(len(text))], divergence=list(divergence),
+                       token_kl_reward=[0.0] * len(text), reward=r, phrase="")
+
+
+def test_bucket_shares_on_known_values():
+    a, b = signal("ab", [4.0, 1.0], 0.0), signal("cd", [2.0, 3.0], 0.0)
+    assert bucket_shares([a, b], n_buckets=2) == pytest.approx([0.7, 0.3])
+    assert bucket_shares([a, b], n_buckets=4) == pytest.approx([0.4, 0.3, 0.2, 0.1])
+    # uneven split: the larger buckets come first
+    c = signal("abcdef", [1, 1, 5, 1, 1, 1], 0.0)
+    assert bucket_shares([c], n_buckets=4) == pytest.approx([0.6, 0.2, 0.1, 0.1])
+    assert bucket_shares([c], n_buckets=8) == pytest.approx([0.5, 0.1, 0.1, 0.1, 0.1, 0.1, 0.0, 0.0])
+    assert bucket_shares([]) == []
+    rng = random.Random(0)
+    many = [signal("x" * 37, [rng.expovariate(1.0) for _ in range(37)], 0.0) for _ in range(5)]
+    shares = bucket_shares(many, n_buckets=20)
+    assert len(shares) == 20 and sum(shares) == pytest.approx(1.0)
+    assert all(x >= y for x, y in zip(shares, shares[1:]))
+
+
+def test_localization_on_hand_made_signals():
+    assert first_wrong_step(WRONG, PROBLEM) == WRONG_STEP
+    late = "b: 3+5=8, c: 8+2=0, d: 0+8=9. Answer: 9"  # the slip is on step d
+    late_step = first_wrong_step(late, PROBLEM)
+    assert late_step == (20, 28)
+    n = len(WRONG)
+    hit = [0.1] * n
+    hit[15] = 2.0  # inside "c: 8+2=1"
+    miss = [0.1] * n
+    miss[n - 1] = 2.0  # on the answer
+    late_hit = [0.2] * n
+    late_hit[21] = 3.0
+    right = [0.5] * len(RIGHT)
+    signals = [signal(WRONG, hit, 0.0), signal(WRONG, miss, 0.0), signal(late, late_hit, 0.0),
+               signal(RIGHT, right, 1.0), signal(WRONG, miss, 0.0)]
+    result = localization(signals, [PROBLEM, PROBLEM, PROBLEM, PROBLEM, None])  # the last one is skipped
+    assert set(result) == {"wrong", "right"}
+    assert set(result["wrong"]) == {"n", "top_kl_in_first_wrong_step", "chance", "ratio", "kl_mean"}
+    assert set(result["right"]) == {"n", "kl_mean"}
+    assert result["wrong"]["n"] == 3
+    assert result["wrong"]["top_kl_in_first_wrong_step"] == pytest.approx(2 / 3)
+    assert result["wrong"]["chance"] == pytest.approx(8 / n)  # every step is 8 of n tokens
+    assert result["wrong"]["ratio"] == pytest.approx((2 / 3) / (8 / n))
+    assert result["wrong"]["kl_mean"] == pytest.approx((sum(hit) + sum(miss) + sum(late_hit)) / (3 * n))
+    assert result["right"] == {"n": 1, "kl_mean": pytest.approx(0.5)}
+
+
+def test_inspect_run_writes_a_self_contained_report(tmp_path, lab_model_and_tokenizer):
+    model, tokenizer = lab_model_and_tokenizer
+    run = tmp_path / "run"
+    for stage in ("srt", "sdzero"):
+        model.save_pretrained(run / stage)
+        tokenizer.save_pretrained(run / stage)
+    (run / "config.yaml").write_text(config_to_yaml(RunConfig()))
+    rng = random.Random(0)
+    rows = []
+    for i, problem in enumerate(sample_problems(8, split="eval", seed=0)):
+        text = write_solution(problem, rng, slip_rate=1.0 if i % 2 else 0.0)
+        if i == 7:
+            text = text.replace(". Answer", " <script>alert('x')</script> & \"q\". Answer")
+        rows.append({"id": problem.id, "response": text, "reward": reward(text, problem), "tokens": 0})
+    assert 0 < sum(r["reward"] for r in rows) < 8, "the example needs right and wrong answers"
+    (run / "eval").mkdir()
+    (run / "eval" / "sdzero.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    out = tmp_path / "report"
+    summary = inspect_run(run, out, n=8, progress=False)
+    page = (out / "index.html").read_text()
+    signals = [json.loads(line) for line in (out / "signals.jsonl").read_text().splitlines()]
+    assert len(signals) == summary["n"] == 8
+    assert {s["text"] for s in signals} == {r["response"] for r in rows}
+    for s in signals:
+        assert len(s["tokens"]) == len(s["divergence"]) == len(s["token_kl_reward"]) == len(s["ids"])
+        for piece in s["tokens"]:
+            assert html.escape(piece) in page
+    assert "http" not in page.lower() and "<script" not in page and "src=" not in page
+    assert "&lt;" in page and "&amp;" in page
+    assert 'class="t fw"' in page  # a first wrong step is underlined
+
+    loc = json.loads((out / "localization.json").read_text())
+    n_wrong = sum(r["reward"] < 1 for r in rows)
+    assert loc["wrong"]["n"] == n_wrong and loc["right"]["n"] == 8 - n_wrong
+    assert 0.0 <= loc["wrong"]["top_kl_in_first_wrong_step"] <= 1.0
+    assert 0.0 < loc["wrong"]["chance"] < 1.0 and loc["wrong"]["ratio"] >= 0.0
+    assert loc["right"]["kl_mean"] >= 0.0 and loc["wrong"]["kl_mean"] >= 0.0
+    assert summary["n_wrong"] == n_wrong and summary["localization"] == loc
+    assert sum(summary["buckets"]["wrong"]) == pytest.approx(1.0)
+    text = format_summary(summary)
+    assert f"{n_wrong} wrong" in text and "chance" in text and len(text.splitlines()) <= 6
