@@ -19,6 +19,7 @@ Run ``python benchmarks/phase2_step.py --help`` for the options; ``--quick`` is 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import os
 import platform
@@ -36,6 +37,10 @@ from pathlib import Path
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# Idle OpenMP workers sleep instead of spinning. On a shared machine (or under `nice`) a spinning pool waits on a
+# preempted sibling at every parallel region, which made 2-thread CPU steps tens of times slower in testing;
+# must be set before torch loads its OpenMP runtime. Set OMP_WAIT_POLICY yourself to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
@@ -90,6 +95,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--long-hidden", type=int, default=256, help="hidden size of the larger random lab model (default: %(default)s)")
     p.add_argument("--long-layers", type=int, default=6, help="layers of the larger random lab model (default: %(default)s)")
     p.add_argument("--long-heads", type=int, default=4, help="attention heads of the larger random lab model (default: %(default)s)")
+    p.add_argument("--long-vocab", type=int, default=0,
+                   help="pad the larger model's embedding and LM head to this many rows, to see full-vocabulary "
+                        "logits cost (default: %(default)s = the lab tokenizer's 320)")
+    p.add_argument("--sweep-response-tokens", default="100,200",
+                   help="comma-separated extra response lengths timed (steps only, compact output) on the larger "
+                        "model, beside --long-response-tokens; empty to skip (default: %(default)s)")
+    p.add_argument("--what-if", action="store_true",
+                   help="also time a third, interleaved variant that is NOT the trainer's code: the Phase 2 step "
+                        "with the LM head applied only at target positions (teacher and student)")
     p.add_argument("--top-k", type=int, default=64, help="teacher top-k support of the Phase 2 loss, 0 = full "
                                                          "vocabulary (default: %(default)s, as DistillConfig)")
     p.add_argument("--lr", type=float, default=5e-6, help="learning rate of every optimiser used here (default: %(default)s)")
@@ -99,11 +113,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-memory", action="store_true", help="skip the peak-memory children")
     p.add_argument("--skip-long", action="store_true", help="skip the larger-model comparison")
     p.add_argument("--skip-e2e", action="store_true", help="skip both end-to-end trainer runs")
+    p.add_argument("--grpo-beta", type=float, default=0.0,
+                   help="GRPO KL coefficient; > 0 adds TRL's reference-model forward (default: %(default)s, "
+                        "TRL's default)")
+    p.add_argument("--grpo-gradient-checkpointing", action="store_true",
+                   help="GRPO with gradient checkpointing (TRL's default; off here by default because sdzero "
+                        "trains without it)")
     p.add_argument("--skip-trl", action="store_true", help="skip the TRL GRPOTrainer run (sdzero's still runs)")
     args = p.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    try:
+        args.sweep = [int(x) for x in args.sweep_response_tokens.split(",") if x.strip()]
+    except ValueError:
+        p.error("--sweep-response-tokens takes comma-separated integers")
+    if args.quick and args.sweep_response_tokens == "100,200":
+        args.sweep = [60]
     if args.e2e_steps < 2:
         p.error("--e2e-steps must be at least 2 (the first step is a warm-up)")
     if args.grpo_generations < 2 or args.e2e_prompts % args.grpo_generations:
@@ -123,6 +149,17 @@ def report(name: str, value) -> None:
     print(f"{name}: {value}", flush=True)
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -140,27 +177,36 @@ class ModelSpec:
     layers: int = 0
     heads: int = 4
     max_positions: int = 2048
+    vocab: int = 0  # 0: the lab tokenizer's vocabulary; larger: the embedding/LM head padded to this size
     seed: int = 0
 
     def describe(self) -> str:
         if self.kind == "lab":
             return "shipped lab base model"
-        return f"random lab-architecture model, hidden {self.hidden}, {self.layers} layers, {self.heads} heads"
+        vocab = f", vocabulary padded to {self.vocab}" if self.vocab else ""
+        return (f"random lab-architecture model, hidden {self.hidden}, {self.layers} layers, "
+                f"{self.heads} heads{vocab}")
 
 
 def build(spec: ModelSpec, device: str):
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from sdzero.lab.model import PretrainConfig, build_model
     from sdzero.pipeline import load_model
 
+    hf_logging.disable_progress_bar()
     if spec.kind == "lab":
         return load_model("lab", device)
     tokenizer = AutoTokenizer.from_pretrained(lab.BASE_MODEL_DIR)
     torch.manual_seed(spec.seed)
     cfg = PretrainConfig(hidden_size=spec.hidden, num_layers=spec.layers, num_heads=spec.heads,
                          intermediate_size=3 * spec.hidden, max_position_embeddings=spec.max_positions)
-    return build_model(tokenizer, cfg).to(device).eval(), tokenizer
+    model = build_model(tokenizer, cfg)
+    if spec.vocab > model.config.vocab_size:
+        # Unused extra rows, as in real models whose LM head is far wider than the lab's 320 tokens.
+        model.resize_token_embeddings(spec.vocab, mean_resizing=False)
+    return model.to(device).eval(), tokenizer
 
 
 def n_params(model) -> int:
@@ -217,7 +263,8 @@ def sampled_batch(model, tokenizer, size: int, max_new_tokens: int, seed: int) -
 
 def synthetic_batch(tokenizer, size: int, response_tokens: int, seed: int) -> Batch:
     """Long responses made like the lab corpus: attempts, each wrong one followed by "start over" and a new
-    attempt, until `response_tokens` - 1 tokens, then the end-of-turn token. Half end on a right answer."""
+    attempt, cut at `response_tokens` - 1 tokens, then the end-of-turn token. Every other one ends on a right
+    attempt when it is long enough to hold one, so both control phrases (bridges) occur."""
     phrases = ControlPhrases()
     rng = random.Random(seed)
     problems = sample_problems(size, split="train", seed=seed + 1, min_digits=7, max_digits=7)
@@ -227,10 +274,10 @@ def synthetic_batch(tokenizer, size: int, response_tokens: int, seed: int) -> Ba
         while len(tokenizer.encode(SEPARATOR.join(parts), add_special_tokens=False)) < response_tokens:
             parts += [phrases.wrong, write_solution(problem, rng, slip_rate=1.0)]
         ids = tokenizer.encode(SEPARATOR.join(parts), add_special_tokens=False)[:response_tokens - 1]
-        if i % 2:  # make this one end on the right answer: its last response_tokens tokens are a right attempt
-            tail = tokenizer.encode(SEPARATOR + phrases.wrong + SEPARATOR + write_solution(problem),
-                                    add_special_tokens=False)
-            ids = ids[:response_tokens - 1 - len(tail)] + tail
+        tail = tokenizer.encode(SEPARATOR + phrases.wrong + SEPARATOR + write_solution(problem),
+                                add_special_tokens=False)
+        if i % 2 and len(tail) < len(ids):  # end this one on a right attempt (same length)
+            ids = ids[:len(ids) - len(tail)] + tail
         prompts.append(generator_prompt_ids(tokenizer, problem.text))
         responses.append(ids + [tokenizer.eos_token_id])
     return make_batch(prompts, responses, [p.to_row() for p in problems], tokenizer)
@@ -280,10 +327,20 @@ def sft_step(model, optimizer, batch: Batch, grad_clip: float = 1.0, marks: Mark
     return loss.item()
 
 
+def logits_at(model, input_ids, attention_mask, positions):
+    """What-if only (not what distill() does): run the transformer body, gather the hidden states at
+    `positions`, and apply the LM head to those rows alone, instead of to every position."""
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return model.get_output_embeddings()(gather_positions(hidden, positions))
+
+
 def phase2_step(student, teacher, optimizer, batch: Batch, cfg: DistillConfig, device,
-                marks: Marks | None = None) -> float:
+                marks: Marks | None = None, head_at_targets: bool = False) -> float:
     """The body of one distill() step after generation and scoring, with the trainer's own functions and
-    in the trainer's order (micro-batches, teacher top-k under no_grad, student loss, backward, clip, step)."""
+    in the trainer's order (micro-batches, teacher top-k under no_grad, student loss, backward, clip, step).
+
+    `head_at_targets=True` is the --what-if variant: the same step with the LM head applied only at the
+    target positions (see `logits_at`); everything else is unchanged."""
     kept = [(layout, 0.0) for layout in batch.layouts if layout is not None and layout.n_targets]
     n_tokens = sum(layout.n_targets for layout, _ in kept)
     student.train()
@@ -299,20 +356,30 @@ def phase2_step(student, teacher, optimizer, batch: Batch, cfg: DistillConfig, d
         if marks:
             marks.mark("tensors")
         with torch.no_grad():
-            teacher_out = teacher(input_ids=t_ids, attention_mask=t_att).logits
-            if marks:
-                marks.mark("teacher_forward")
-            teacher_logits = gather_positions(teacher_out, t_pos)
-            del teacher_out
+            if head_at_targets:
+                teacher_logits = logits_at(teacher, t_ids, t_att, t_pos)
+                if marks:
+                    marks.mark("teacher_forward")
+            else:
+                teacher_out = teacher(input_ids=t_ids, attention_mask=t_att).logits
+                if marks:
+                    marks.mark("teacher_forward")
+                teacher_logits = gather_positions(teacher_out, t_pos)
+                del teacher_out
             teacher_logprobs, teacher_indices = teacher_topk(teacher_logits, cfg.top_k)
             del teacher_logits
             if marks:
                 marks.mark("teacher_gather_topk")
-        student_out = student(input_ids=s_ids, attention_mask=s_att).logits
-        if marks:
-            marks.mark("student_forward")
-        student_logits = gather_positions(student_out, s_pos)
-        del student_out
+        if head_at_targets:
+            student_logits = logits_at(student, s_ids, s_att, s_pos)
+            if marks:
+                marks.mark("student_forward")
+        else:
+            student_out = student(input_ids=s_ids, attention_mask=s_att).logits
+            if marks:
+                marks.mark("student_forward")
+            student_logits = gather_positions(student_out, s_pos)
+            del student_out
         per_token = per_token_divergence(student_logits, teacher_logprobs, teacher_indices,
                                          divergence=cfg.divergence, mixed_weight=cfg.mixed_weight,
                                          tail_bucket=cfg.tail_bucket)
@@ -343,13 +410,27 @@ def phase2_config(batch: Batch, top_k: int) -> DistillConfig:
 # 1. Interleaved step timing
 
 
-def time_steps(spec: ModelSpec, batch: Batch, args, prefix: str) -> None:
+def time_steps(spec: ModelSpec, batch: Batch, args, prefix: str, detail: bool = True) -> None:
     model, _ = build(spec, args.device)
     teacher = frozen_copy(model)
     optimizer = make_optimizer(model, args.lr)
     cfg = phase2_config(batch, args.top_k)
-    report(f"{prefix}model", spec.describe())
-    report(f"{prefix}model_parameters", n_params(model))
+    rows = len(batch.layouts)
+    widest = {name: max(len(getattr(l, name)) for l in batch.layouts)
+              for name in ("teacher_ids", "student_ids", "student_positions")}
+    if detail:
+        report(f"{prefix}model", spec.describe())
+        report(f"{prefix}model_parameters", n_params(model))
+        report(f"{prefix}model_weights_mb", sum(p.numel() * p.element_size() for p in model.parameters()) / MB)
+        # Full-vocabulary float32 logits the step materialises, against the rows the loss actually reads.
+        vocab = model.config.vocab_size
+        report(f"{prefix}vocab_size", vocab)
+        report(f"{prefix}phase2_teacher_logits_mb", rows * widest["teacher_ids"] * vocab * 4 / MB)
+        report(f"{prefix}phase2_student_logits_mb", rows * widest["student_ids"] * vocab * 4 / MB)
+        report(f"{prefix}phase2_target_logits_mb", rows * widest["student_positions"] * vocab * 4 / MB)
+    # The ~5/3 floor for this batch: SFT = forward + backward = 3 units on the padded student grid; Phase 2
+    # adds a teacher forward of (padded teacher grid / padded student grid) units, attention's growth ignored.
+    report(f"{prefix}phase2_over_sft_floor", 1 + widest["teacher_ids"] / widest["student_ids"] / 3)
 
     def sync() -> None:
         if args.device == "cuda":
@@ -359,6 +440,9 @@ def time_steps(spec: ModelSpec, batch: Batch, args, prefix: str) -> None:
         "sft": lambda: sft_step(model, optimizer, batch),
         "phase2": lambda: phase2_step(model, teacher, optimizer, batch, cfg, args.device),
     }
+    if args.what_if:
+        variants["whatif_head_at_targets"] = lambda: phase2_step(model, teacher, optimizer, batch, cfg,
+                                                                 args.device, head_at_targets=True)
     times = {name: [] for name in variants}
     for rep in range(args.warmup + args.reps):
         for name, step in variants.items():
@@ -372,12 +456,18 @@ def time_steps(spec: ModelSpec, batch: Batch, args, prefix: str) -> None:
     report(f"{prefix}sft_step_s", sft_s)
     report(f"{prefix}phase2_step_s", phase2_s)
     report(f"{prefix}phase2_over_sft_step_ratio", phase2_s / sft_s)
-    report(f"{prefix}sft_step_s_all", " ".join(f"{t:.3f}" for t in times["sft"]))
-    report(f"{prefix}phase2_step_s_all", " ".join(f"{t:.3f}" for t in times["phase2"]))
-    report(f"{prefix}sft_target_tokens_per_s", sum(len(t) for _, t in batch.examples) / sft_s)
-    report(f"{prefix}phase2_target_tokens_per_s", sum(len(t) for _, t in batch.examples) / phase2_s)
+    if args.what_if:
+        whatif_s = median(times["whatif_head_at_targets"])
+        report(f"{prefix}whatif_head_at_targets_step_s", whatif_s)
+        report(f"{prefix}whatif_head_at_targets_over_sft_step_ratio", whatif_s / sft_s)
+    if detail:
+        for name, values in times.items():
+            report(f"{prefix}{name}_step_s_all", " ".join(f"{t:.3f}" for t in values))
+        targets = sum(len(t) for _, t in batch.examples)
+        report(f"{prefix}sft_target_tokens_per_s", targets / sft_s)
+        report(f"{prefix}phase2_target_tokens_per_s", targets / phase2_s)
 
-    # Where the time goes: one more interleaved round per repetition with marks (not in the medians above).
+    # Where the time goes: extra interleaved rounds with marks (not part of the medians above).
     breakdown = {"sft": [], "phase2": []}
     for _ in range(max(1, min(args.reps, 3))):
         marks = Marks(args.device)
@@ -386,12 +476,18 @@ def time_steps(spec: ModelSpec, batch: Batch, args, prefix: str) -> None:
         marks = Marks(args.device)
         phase2_step(model, teacher, optimizer, batch, cfg, args.device, marks=marks)
         breakdown["phase2"].append(marks.times)
-    for name, runs in breakdown.items():
-        total = median([sum(run.values()) for run in runs])
-        for part in runs[0]:
-            seconds = median([run[part] for run in runs])
-            report(f"{prefix}{name}_breakdown_{part}_s", seconds)
-        report(f"{prefix}{name}_breakdown_total_s", total)
+    parts = {name: {part: median([run[part] for run in runs]) for part in runs[0]}
+             for name, runs in breakdown.items()}
+    if detail:
+        for name, seconds in parts.items():
+            for part, value in seconds.items():
+                report(f"{prefix}{name}_breakdown_{part}_s", value)
+            report(f"{prefix}{name}_breakdown_total_s", median([sum(run.values()) for run in breakdown[name]]))
+    p2 = parts["phase2"]
+    report(f"{prefix}phase2_teacher_forward_share", p2["teacher_forward"] / sum(p2.values()))
+    report(f"{prefix}teacher_over_student_forward_per_token",
+           (p2["teacher_forward"] / sum(len(l.teacher_ids) for l in batch.layouts))
+           / (p2["student_forward"] / sum(len(l.student_ids) for l in batch.layouts)))
     del model, teacher, optimizer
 
 
@@ -420,62 +516,163 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _memory_child(spec: ModelSpec, batch: Batch, variant: str, top_k: int, lr: float, steps: int,
-                  threads: int, device: str, queue) -> None:
+@contextlib.contextmanager
+def quiet_stderr():
+    """Silence file descriptor 2 (C++ libraries write there directly) for the duration."""
+    sys.stderr.flush()
+    saved = os.dup(2)
     try:
-        torch.set_num_threads(threads)
-        # Warm the runtime (thread pool, allocator, kernels' first-call buffers) on a throwaway op, so the
-        # baseline holds what both variants share and the growth is what the variant itself needs.
-        x = torch.randn(256, 256, device=device, requires_grad=True)
-        (x @ x).sum().backward()
-        del x
-        if device == "cuda":
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+class TensorPeak:
+    """Peak bytes of live tensors allocated inside the `with` block, from torch's own allocator records.
+
+    On CPU, torch.profiler(profile_memory=True) logs every tensor allocation and free together with the
+    running total of the bytes it has seen allocated since profiling began; the peak is the largest running
+    total. On CUDA, torch.cuda.max_memory_allocated above the level at entry.
+    """
+
+    def __init__(self, device: str):
+        self.device, self.peak_mb = device, float("nan")
+
+    def __enter__(self):
+        if self.device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
+            self.base = torch.cuda.memory_allocated()
         else:
-            base = _status_kb("VmRSS")
-            reset = _reset_peak_rss()
-            base_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            from torch.profiler import ProfilerActivity, profile
+
+            self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            with quiet_stderr():  # the profiler's start/stop notices
+                self.prof.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.peak_mb = (torch.cuda.max_memory_allocated() - self.base) / MB
+            return False
+        with quiet_stderr():
+            self.prof.__exit__(*exc)
+        if exc[0] is None:
+            from torch._C._profiler import _EventType
+
+            peak, stack = 0, list(self.prof.profiler.kineto_results.experimental_event_tree())
+            while stack:
+                event = stack.pop()
+                if event.tag == _EventType.Allocation and str(event.extra_fields.device) == "cpu":
+                    peak = max(peak, event.extra_fields.total_allocated)
+                stack.extend(event.children)
+            self.peak_mb = peak / MB
+        return False
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Linux: writing 5 to clear_refs sets the process's peak RSS (VmHWM) back to its current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _memory_child(spec: ModelSpec, batch: Batch, variant: str, method: str, top_k: int, lr: float,
+                  steps: int, threads: int, device: str, queue) -> None:
+    """Peak memory of `steps` training steps of one variant, above a baseline that already holds what both
+    variants share: imported code, the warmed-up runtime, the student model and its (still empty)
+    optimiser. Whatever the steps add counts: gradients, AdamW state, activations, logits, and for Phase 2
+    also the frozen teacher copy, made inside the measured window as distill() makes it."""
+    try:
+        torch.set_num_threads(threads)
         model, _ = build(spec, device)
         optimizer = make_optimizer(model, lr)
-        if variant == "sft":
-            for _ in range(steps):
-                sft_step(model, optimizer, batch)
-        else:
-            teacher = frozen_copy(model)
-            cfg = phase2_config(batch, top_k)
-            for _ in range(steps):
-                phase2_step(model, teacher, optimizer, batch, cfg, device)
-        if device == "cuda":
-            torch.cuda.synchronize()
-            queue.put(((torch.cuda.max_memory_allocated() - base) / MB, "torch.cuda.max_memory_allocated"))
-        elif reset and base is not None:
-            queue.put(((_status_kb("VmHWM") - base) / 1024, "VmHWM after clear_refs"))
-        else:  # no clear_refs: the lifetime peak, whose baseline may already hold an import-time peak
-            queue.put(((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_maxrss) / 1024,
-                       "ru_maxrss"))
+        # Warm lazy imports and the runtime before the baseline: the model's forward code paths on a few
+        # tokens, and autograd, gradient clipping and AdamW on a throwaway layer (their first call loads code).
+        prompt, response = batch.examples[0]
+        with torch.no_grad():
+            model(input_ids=torch.tensor([prompt[:4] + response[:4]], device=device))
+        scratch = torch.nn.Linear(8, 8).to(device)
+        scratch_optimizer = make_optimizer(scratch, lr)
+        scratch(torch.ones(2, 8, device=device)).sum().backward()
+        torch.nn.utils.clip_grad_norm_(scratch.parameters(), 1.0)
+        scratch_optimizer.step()
+        del scratch, scratch_optimizer
+
+        def run_steps() -> None:
+            if variant == "sft":
+                for _ in range(steps):
+                    sft_step(model, optimizer, batch)
+            else:
+                teacher = frozen_copy(model)
+                cfg = phase2_config(batch, top_k)
+                for _ in range(steps):
+                    phase2_step(model, teacher, optimizer, batch, cfg, device,
+                                head_at_targets=variant == "whatif_head_at_targets")
+
+        if method == "tensors":
+            with TensorPeak(device) as peak:
+                run_steps()
+            queue.put((peak.peak_mb, ""))
+            return
+        base = _status_kb("VmRSS")
+        if base is None or not _reset_peak_rss():
+            # Without clear_refs the only peak is the lifetime one, which may come from loading: no number.
+            queue.put((None, "peak RSS needs Linux /proc/self/clear_refs"))
+            return
+        run_steps()
+        queue.put(((_status_kb("VmHWM") - base) / 1024, ""))
     except BaseException as err:  # report, don't hang the parent
         queue.put((None, f"{type(err).__name__}: {err}"))
 
 
-def peak_memory(spec: ModelSpec, batch: Batch, args, prefix: str) -> None:
+def _in_child(*args) -> tuple[float | None, str]:
     ctx = mp.get_context("spawn")
-    results = {}
-    for variant in ("sft", "phase2"):
-        queue = ctx.Queue()
-        child = ctx.Process(target=_memory_child, args=(spec, batch, variant, args.top_k, args.lr,
-                                                        args.memory_steps, args.threads, args.device, queue))
-        child.start()
-        value, how = queue.get()
-        child.join()
-        if value is None:
-            raise RuntimeError(f"memory child for {variant} failed: {how}")
-        results[variant] = value
-    report(f"{prefix}memory_method", f"{how}, fresh spawned process per variant")
-    report(f"{prefix}sft_peak_memory_mb", results["sft"])
-    report(f"{prefix}phase2_peak_memory_mb", results["phase2"])
-    report(f"{prefix}phase2_over_sft_peak_memory_ratio", results["phase2"] / results["sft"])
+    queue = ctx.Queue()
+    child = ctx.Process(target=_memory_child, args=(*args, queue))
+    child.start()
+    result = queue.get()
+    child.join()
+    return result
+
+
+def peak_memory(spec: ModelSpec, batch: Batch, args, prefix: str) -> None:
+    methods = {"tensors": "peak_memory_mb"}
+    if args.device == "cpu":
+        methods["rss"] = "peak_rss_mb"
+    for method, suffix in methods.items():
+        results = {}
+        for variant in ("sft", "phase2") + (("whatif_head_at_targets",) if args.what_if else ()):
+            value, why = _in_child(spec, batch, variant, method, args.top_k, args.lr, args.memory_steps,
+                                   args.threads, args.device)
+            results[variant] = value if value is not None else f"unavailable ({why})"
+        for variant, value in results.items():
+            report(f"{prefix}{variant}_{suffix}", value)
+        for variant in results:
+            if variant == "sft":
+                continue
+            ok = all(isinstance(results[v], float) and results[v] > 0 for v in ("sft", variant))
+            report(f"{prefix}{variant}_over_sft_{suffix.replace('_mb', '')}_ratio",
+                   results[variant] / results["sft"] if ok else "unavailable")
+    report(f"{prefix}memory_steps", args.memory_steps)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -523,7 +720,7 @@ def run_sdzero(args) -> dict:
     step_s = [b - a for a, b in zip([0.0] + ends, ends)]
     return {"step_s": step_s[1:], "generation_s": generation_seconds[1:],
             "response_len": statistics.mean(r["sdzero/response_len"] for r in records[1:]),
-            "samples_per_step": args.e2e_prompts}
+            "samples_per_step": args.e2e_prompts, "prompts_per_step": args.e2e_prompts}
 
 
 def run_trl_grpo(args) -> dict:
@@ -563,8 +760,8 @@ def run_trl_grpo(args) -> dict:
             max_steps=args.e2e_steps, per_device_train_batch_size=args.e2e_prompts, gradient_accumulation_steps=1,
             num_generations=group, max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0,
             learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
-            beta=0.0, num_iterations=1, use_cpu=args.device == "cpu", bf16=False, fp16=False,
-            gradient_checkpointing=False, dataloader_num_workers=0, seed=args.seed, log_completions=False,
+            beta=args.grpo_beta, num_iterations=1, use_cpu=args.device == "cpu", bf16=False, fp16=False,
+            gradient_checkpointing=args.grpo_gradient_checkpointing, dataloader_num_workers=0, seed=args.seed, log_completions=False,
         )
         trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=dataset,
                               processing_class=tokenizer, callbacks=[Clock()])
@@ -603,9 +800,10 @@ def end_to_end(args) -> None:
         import trl
 
         report("trl_version", trl.__version__)
+        reference = f"beta {args.grpo_beta:g}" + (" (no reference model)" if args.grpo_beta == 0 else "")
+        checkpointing = "gradient checkpointing" if args.grpo_gradient_checkpointing else "no gradient checkpointing"
         report("e2e_trl_grpo_layout", f"{args.e2e_prompts // args.grpo_generations} prompts x "
-                                      f"{args.grpo_generations} rollouts, beta 0 (no reference model), "
-                                      "no gradient checkpointing, fp32")
+                                      f"{args.grpo_generations} rollouts, {reference}, {checkpointing}, fp32")
         grpo = run_trl_grpo(args)
     except Exception as err:  # the comparison is optional; say why it is missing
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:200]
@@ -616,6 +814,8 @@ def end_to_end(args) -> None:
     sd_rate = sd["samples_per_step"] / median(sd["step_s"])
     grpo_rate = grpo["samples_per_step"] / median(grpo["step_s"])
     report("sdzero_over_trl_grpo_samples_per_s", sd_rate / grpo_rate)
+    report("sdzero_over_trl_grpo_prompts_per_s", (sd["prompts_per_step"] / median(sd["step_s"]))
+           / (grpo["prompts_per_step"] / median(grpo["step_s"])))
 
 
 def _e2e_report(name: str, result: dict) -> None:
@@ -629,6 +829,7 @@ def _e2e_report(name: str, result: dict) -> None:
     report(f"{name}_samples_per_s", result["samples_per_step"] / step)
     report(f"{name}_s_per_sample", step / result["samples_per_step"])
     report(f"{name}_train_s_per_sample", (step - generation) / result["samples_per_step"])
+    report(f"{name}_prompts_per_s", result["prompts_per_step"] / step)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -637,19 +838,17 @@ def _e2e_report(name: str, result: dict) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
     import transformers
 
     began = time.perf_counter()
     report("machine_cpu_count", os.cpu_count())
     report("machine_platform", platform.platform())
-    report("machine_processor", platform.processor() or platform.machine())
+    report("machine_processor", cpu_name())
     report("python_version", platform.python_version())
     report("torch_version", torch.__version__)
     report("transformers_version", transformers.__version__)
     report("torch_threads", torch.get_num_threads())
+    report("omp_wait_policy", os.environ.get("OMP_WAIT_POLICY"))
     report("device", args.device if args.device == "cpu" else torch.cuda.get_device_name())
     report("load_average_1m", f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a")
     report("quick", args.quick)
@@ -673,11 +872,17 @@ def main(argv=None) -> None:
         long_batch = synthetic_batch(tokenizer, args.long_batch, args.long_response_tokens, args.seed)
         longest = max(len(l.teacher_ids) for l in long_batch.layouts)
         spec = ModelSpec("random", hidden=args.long_hidden, layers=args.long_layers, heads=args.long_heads,
-                         max_positions=max(2048, longest), seed=args.seed)
+                         max_positions=max(2048, longest + 2 * max(args.sweep, default=0)),
+                         vocab=args.long_vocab, seed=args.seed)
         long_batch.describe("long_")
         time_steps(spec, long_batch, args, "long_")
         if not args.skip_memory:
             peak_memory(spec, long_batch, args, "long_")
+        # The same larger model at other response lengths: how the ratio moves with length alone.
+        for tokens in args.sweep:
+            sweep_batch = synthetic_batch(tokenizer, args.long_batch, tokens, args.seed)
+            report(f"sweep{tokens}_batch_teacher_tokens", sum(len(l.teacher_ids) for l in sweep_batch.layouts))
+            time_steps(spec, sweep_batch, args, f"sweep{tokens}_", detail=False)
 
     report("total_runtime_s", time.perf_counter() - began)
 
