@@ -7,11 +7,15 @@ Four measurements, each printed as ``name: value`` lines (see benchmarks/README.
    ``sdzero.distill.distill`` loop, built from the same functions the trainer calls: teacher forward under
    ``no_grad`` on prompt + y + bridge + y, student forward and backward, top-k divergence, clipping, AdamW
    step) run interleaved, A, B, A, B, ..., and their medians are compared.
-2. Peak memory of the same two steps: each runs in a fresh child process (multiprocessing "spawn"), and
-   the child reports how far its peak resident set size rose above its own baseline (see the README).
+2. Peak memory of the same two steps, each in a fresh child process (multiprocessing "spawn"): the peak of
+   live tensor bytes from torch's allocator records, and the rise of the process's peak RSS (see the README).
 3. End-to-end Phase 2 samples per second, generation included: ``sdzero.distill.distill`` against TRL's
    ``GRPOTrainer`` on the same model, the same prompts, the same number of generated samples per step.
-4. Step time and memory again with a larger lab-architecture model and long synthetic responses.
+4. Step time and memory again with a larger random lab-architecture model and long synthetic multi-attempt
+   responses, then step time alone at other response lengths on that model.
+
+``--what-if`` adds, beside the trainer's step, a variant that is not the trainer's code (the LM head applied
+only at the target positions), to size that change before anyone makes it in ``sdzero.distill``.
 
 Run ``python benchmarks/phase2_step.py --help`` for the options; ``--quick`` is a smoke run.
 """
@@ -24,7 +28,6 @@ import multiprocessing as mp
 import os
 import platform
 import random
-import resource
 import statistics
 import sys
 import tempfile
@@ -92,24 +95,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     sized("--grpo-generations", "GRPO rollouts per prompt; GRPO gets e2e-prompts / grpo-generations prompts "
                                 "per step")
     sized("--memory-steps", "training steps run in each memory-measurement child process")
-    p.add_argument("--long-hidden", type=int, default=256, help="hidden size of the larger random lab model (default: %(default)s)")
-    p.add_argument("--long-layers", type=int, default=6, help="layers of the larger random lab model (default: %(default)s)")
-    p.add_argument("--long-heads", type=int, default=4, help="attention heads of the larger random lab model (default: %(default)s)")
+    p.add_argument("--long-hidden", type=int, default=256,
+                   help="hidden size of the larger random lab model (default: %(default)s)")
+    p.add_argument("--long-layers", type=int, default=6,
+                   help="layers of the larger random lab model (default: %(default)s)")
+    p.add_argument("--long-heads", type=int, default=4,
+                   help="attention heads of the larger random lab model (default: %(default)s)")
     p.add_argument("--long-vocab", type=int, default=0,
                    help="pad the larger model's embedding and LM head to this many rows, to see full-vocabulary "
                         "logits cost (default: %(default)s = the lab tokenizer's 320)")
-    p.add_argument("--sweep-response-tokens", default="100,200",
+    p.add_argument("--sweep-response-tokens", default=None,
                    help="comma-separated extra response lengths timed (steps only, compact output) on the larger "
-                        "model, beside --long-response-tokens; empty to skip (default: %(default)s)")
+                        "model, beside --long-response-tokens; '' to skip (full run: 100,200, --quick: 60)")
     p.add_argument("--what-if", action="store_true",
                    help="also time a third, interleaved variant that is NOT the trainer's code: the Phase 2 step "
                         "with the LM head applied only at target positions (teacher and student)")
     p.add_argument("--top-k", type=int, default=64, help="teacher top-k support of the Phase 2 loss, 0 = full "
                                                          "vocabulary (default: %(default)s, as DistillConfig)")
-    p.add_argument("--lr", type=float, default=5e-6, help="learning rate of every optimiser used here (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads, here and in every child (default: %(default)s)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where models run (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of problems, rollouts and random weights (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=5e-6,
+                   help="learning rate of every optimiser used here (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch.set_num_threads, here and in every child (default: %(default)s); idle OpenMP "
+                        "threads sleep (OMP_WAIT_POLICY=PASSIVE) unless OMP_WAIT_POLICY is set")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where models run (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of problems, rollouts and random weights (default: %(default)s)")
     p.add_argument("--skip-memory", action="store_true", help="skip the peak-memory children")
     p.add_argument("--skip-long", action="store_true", help="skip the larger-model comparison")
     p.add_argument("--skip-e2e", action="store_true", help="skip both end-to-end trainer runs")
@@ -124,12 +135,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.sweep_response_tokens is None:
+        args.sweep_response_tokens = "60" if args.quick else "100,200"
     try:
         args.sweep = [int(x) for x in args.sweep_response_tokens.split(",") if x.strip()]
     except ValueError:
         p.error("--sweep-response-tokens takes comma-separated integers")
-    if args.quick and args.sweep_response_tokens == "100,200":
-        args.sweep = [60]
     if args.e2e_steps < 2:
         p.error("--e2e-steps must be at least 2 (the first step is a warm-up)")
     if args.grpo_generations < 2 or args.e2e_prompts % args.grpo_generations:
@@ -219,6 +230,7 @@ class Batch:
 
     examples: list[tuple[list[int], list[int]]]  # (prompt, response): the SFT step's input
     layouts: list  # DistillLayout per sample: the Phase 2 step's input (same prompt, same response)
+    rewards: list[float]  # the lab verifier's reward of each response (picks the bridge)
     pad_id: int
 
     def describe(self, prefix: str) -> None:
@@ -232,6 +244,7 @@ class Batch:
         report(f"{prefix}batch_student_tokens", sum(prompts) + sum(responses))
         report(f"{prefix}batch_teacher_tokens", sum(teacher))
         report(f"{prefix}batch_target_tokens", sum(responses))
+        report(f"{prefix}batch_reward_mean", statistics.mean(self.rewards))
         # Right padding: share of the padded [B, L] grid that holds no real token.
         width_s = max(p + r for p, r in zip(prompts, responses))
         report(f"{prefix}sft_padding_share", 1 - (sum(prompts) + sum(responses)) / (width_s * len(prompts)))
@@ -242,11 +255,12 @@ def make_batch(prompts: list[list[int]], responses: list[list[int]], rows: list[
     phrases = ControlPhrases()
     bridges = {r: bridge_ids(tokenizer, phrases, r) for r in (0.0, 1.0)}
     eot = end_of_turn_ids(tokenizer)
-    layouts = []
-    for prompt, response, row in zip(prompts, responses, rows):
-        reward = lab_reward(tokenizer.decode(response, skip_special_tokens=True), row)
-        layouts.append(distill_layout(prompt, response, bridges[reward], eot, None))
-    return Batch(examples=list(zip(prompts, responses)), layouts=layouts, pad_id=tokenizer.pad_token_id)
+    rewards = [lab_reward(tokenizer.decode(response, skip_special_tokens=True), row)
+               for response, row in zip(responses, rows)]
+    layouts = [distill_layout(prompt, response, bridges[reward], eot, None)
+               for prompt, response, reward in zip(prompts, responses, rewards)]
+    return Batch(examples=list(zip(prompts, responses)), layouts=layouts, rewards=rewards,
+                 pad_id=tokenizer.pad_token_id)
 
 
 def sampled_batch(model, tokenizer, size: int, max_new_tokens: int, seed: int) -> Batch:
@@ -341,7 +355,7 @@ def phase2_step(student, teacher, optimizer, batch: Batch, cfg: DistillConfig, d
 
     `head_at_targets=True` is the --what-if variant: the same step with the LM head applied only at the
     target positions (see `logits_at`); everything else is unchanged."""
-    kept = [(layout, 0.0) for layout in batch.layouts if layout is not None and layout.n_targets]
+    kept = [(layout, r) for layout, r in zip(batch.layouts, batch.rewards) if layout is not None and layout.n_targets]
     n_tokens = sum(layout.n_targets for layout, _ in kept)
     student.train()
     if marks:
@@ -761,7 +775,8 @@ def run_trl_grpo(args) -> dict:
             num_generations=group, max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0,
             learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
             beta=args.grpo_beta, num_iterations=1, use_cpu=args.device == "cpu", bf16=False, fp16=False,
-            gradient_checkpointing=args.grpo_gradient_checkpointing, dataloader_num_workers=0, seed=args.seed, log_completions=False,
+            gradient_checkpointing=args.grpo_gradient_checkpointing, dataloader_num_workers=0, seed=args.seed,
+            log_completions=False,
         )
         trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=dataset,
                               processing_class=tokenizer, callbacks=[Clock()])
