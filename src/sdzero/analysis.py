@@ -74,13 +74,14 @@ def token_pieces(tokenizer, ids: list[int]) -> tuple[str, list[str], list[tuple[
 @torch.no_grad()
 def token_signal(student, teacher, tokenizer, items, phrases: ControlPhrases, *, divergence: str = "reverse",
                  top_k: int | None = 64, batch_size: int = 32, mixed_weight: float = 0.5,
-                 tail_bucket: bool = False, system_prompt: str | None = None,
+                 tail_bucket: bool = False, system_prompt: str | None = None, max_length: int | None = None,
                  progress: bool = False) -> list[TokenSignal]:
     """Per-token divergence and token KL reward for each (prompt_text, response_ids, reward) item.
 
     `response_ids` are the response tokens as sampled (normally ending with the end-of-turn token).
-    The divergence options mean what they mean in `DistillConfig`; the layout is Phase 2's, without
-    truncation, so every token of every response gets a value.
+    The divergence options mean what they mean in `DistillConfig`; the layout is Phase 2's. With
+    `max_length` (Phase 2's `teacher_max_length`) responses are cut exactly as Phase 2 cuts them (an
+    item whose prompt alone does not fit keeps no token), so the signal is the one training saw.
     """
     eot = end_of_turn_ids(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -88,10 +89,11 @@ def token_signal(student, teacher, tokenizer, items, phrases: ControlPhrases, *,
     rows = []
     for prompt, response, reward in items:
         prompt_ids = generator_prompt_ids(tokenizer, prompt, system_prompt)
-        layout = distill_layout(prompt_ids, list(response), bridge_ids(tokenizer, phrases, reward), eot)
-        rows.append((prompt, list(response), float(reward), layout))
+        layout = distill_layout(prompt_ids, list(response), bridge_ids(tokenizer, phrases, reward), eot, max_length)
+        kept = list(response)[:layout.n_targets] if layout is not None else []
+        rows.append((prompt, kept, float(reward), layout))
     values: list[tuple[list[float], list[float]]] = [([], []) for _ in rows]
-    todo = [i for i, row in enumerate(rows) if row[3].n_targets]
+    todo = [i for i, row in enumerate(rows) if row[3] is not None and row[3].n_targets]
     modes = (student.training, teacher.training)
     student.eval()
     teacher.eval()
@@ -240,6 +242,7 @@ def inspect_run(run_dir: str | Path, out_dir: str | Path, *, n: int = 200, stude
     d = cfg.distill
     signals = token_signal(student_model, teacher_model, tokenizer, items, cfg.phrases(), divergence=d.divergence,
                            top_k=d.top_k, mixed_weight=d.mixed_weight, tail_bucket=d.tail_bucket,
+                           max_length=d.teacher_max_length,
                            system_prompt=cfg.system_prompt, progress=progress)
 
     wrong = [s for s in signals if s.reward < 1.0]
