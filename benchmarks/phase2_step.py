@@ -588,27 +588,6 @@ class TensorPeak:
         return False
 
 
-def _status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Linux: writing 5 to clear_refs sets the process's peak RSS (VmHWM) back to its current RSS."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _memory_child(spec: ModelSpec, batch: Batch, variant: str, method: str, top_k: int, lr: float,
                   steps: int, threads: int, device: str, queue) -> None:
     """Peak memory of `steps` training steps of one variant, above a baseline that already holds what both

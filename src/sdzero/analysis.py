@@ -29,6 +29,7 @@ from sdzero.distill import gather_positions, micro_batch_tensors
 from sdzero.lab.task import PROBLEM_PREFIX, Problem, first_wrong_step
 from sdzero.losses import per_token_divergence, teacher_topk
 from sdzero.prompts import ControlPhrases, bridge_ids, distill_layout, end_of_turn_ids, generator_prompt_ids
+from sdzero.training import model_device
 
 
 @dataclass
@@ -85,7 +86,7 @@ def token_signal(student, teacher, tokenizer, items, phrases: ControlPhrases, *,
     """
     eot = end_of_turn_ids(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(student.parameters()).device
+    device = model_device(student)
     rows = []
     for prompt, response, reward in items:
         prompt_ids = generator_prompt_ids(tokenizer, prompt, system_prompt)

@@ -11,8 +11,8 @@ from pathlib import Path
 DEMO_CONFIG = Path(__file__).parent / "lab" / "demo.yaml"
 
 
-def _common(parser: argparse.ArgumentParser, *, default_config: Path | None = DEMO_CONFIG) -> None:
-    parser.add_argument("--config", type=Path, default=default_config,
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=DEMO_CONFIG,
                         help="YAML run configuration (default: the lab demo's, %(default)s)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one configuration field, e.g. --set distill.lr=1e-4 (repeatable)")
@@ -142,7 +142,7 @@ def cmd_collect(args) -> None:
 
 
 def cmd_srt(args) -> None:
-    from sdzero.pipeline import load_model
+    from sdzero.pipeline import load_model, save_stage
     from sdzero.srt import train_srt
     from sdzero.training import read_jsonl
 
@@ -157,8 +157,7 @@ def cmd_srt(args) -> None:
     model, tokenizer = load_model(cfg.model)
     summary = train_srt(model, tokenizer, rows, cfg.phrases(), cfg.srt, out_dir=args.out / "srt", seed=cfg.seed,
                         system_prompt=cfg.system_prompt, progress=not args.quiet)
-    model.save_pretrained(args.out / "srt")
-    tokenizer.save_pretrained(args.out / "srt")
+    save_stage(model, tokenizer, args.out / "srt")
     print(json.dumps(summary, indent=2))
     print(f"saved {args.out / 'srt'}")
 
@@ -166,7 +165,7 @@ def cmd_srt(args) -> None:
 def cmd_distill(args) -> None:
     from sdzero import lab
     from sdzero.distill import distill
-    from sdzero.pipeline import load_model
+    from sdzero.pipeline import load_model, save_stage
     from sdzero.verifiers import get_verifier
 
     if args.model is None:
@@ -178,8 +177,7 @@ def cmd_distill(args) -> None:
     summary = distill(model, tokenizer, n2, get_verifier(cfg.task), cfg.phrases(), cfg.sampling, cfg.distill,
                       teacher=teacher, out_dir=args.out / "sdzero", seed=cfg.seed,
                       system_prompt=cfg.system_prompt, progress=not args.quiet)
-    model.save_pretrained(args.out / "sdzero")
-    tokenizer.save_pretrained(args.out / "sdzero")
+    save_stage(model, tokenizer, args.out / "sdzero")
     print(f"{summary['steps']} steps in {summary['seconds']:.0f} s; saved {args.out / 'sdzero'}")
 
 

@@ -80,10 +80,10 @@ def collect(generator: Generator, problems: list[dict], verifier: Verifier, phra
         first_answers = generator.sample(prompts, cfg.answers_per_problem, progress=False)
 
         # Everything to revise in this chunk, revised in one batched call.
+        first_rewards = [[verifier(a.text, p) for a in answers] for p, answers in zip(chunk, first_answers)]
         to_revise = []  # (problem index, first answer, reward)
-        for i, (problem, answers) in enumerate(zip(chunk, first_answers)):
-            for answer in answers:
-                reward = verifier(answer.text, problem)
+        for i, (answers, rewards) in enumerate(zip(first_answers, first_rewards)):
+            for answer, reward in zip(answers, rewards):
                 if reward >= 1.0 and not cfg.revise_correct:
                     continue
                 to_revise.append((i, answer, reward))
@@ -108,9 +108,8 @@ def collect(generator: Generator, problems: list[dict], verifier: Verifier, phra
                         "revised_text": sample.text, "revised_ids": sample.ids,
                     }) + "\n")
         with attempts_path.open("a") as out:
-            for i, (problem, answers) in enumerate(zip(chunk, first_answers)):
-                out.write(json.dumps({"id": problem["id"], "rewards": [verifier(a.text, problem) for a in answers],
-                                      "kept": kept_per_problem[i]}) + "\n")
+            for problem, rewards, kept in zip(chunk, first_rewards, kept_per_problem):
+                out.write(json.dumps({"id": problem["id"], "rewards": rewards, "kept": kept}) + "\n")
         bar.update(len(chunk))
     bar.close()
     return collection_summary(out_dir, cfg)

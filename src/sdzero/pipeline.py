@@ -59,6 +59,12 @@ def load_model(name: str, device: str | None = None):
     return model.to(device).eval(), tokenizer
 
 
+def save_stage(model, tokenizer, path: str | Path) -> None:
+    """A stage's model as a plain save_pretrained folder (loads in transformers or vLLM as it is)."""
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
 def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True, log=print) -> dict:
     """Run the whole method on the lab task and write the run directory; returns report.json's content."""
     cfg.validate()
@@ -99,8 +105,7 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True, 
 
     srt_summary = train_srt(model, tokenizer, tuples, phrases, cfg.srt, out_dir=out / "srt", seed=cfg.seed,
                             system_prompt=cfg.system_prompt, progress=progress)
-    model.save_pretrained(out / "srt")
-    tokenizer.save_pretrained(out / "srt")
+    save_stage(model, tokenizer, out / "srt")
     evaluate_stage("srt")
 
     def curve(student) -> float:
@@ -111,8 +116,7 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True, 
     distill_summary = distill(model, tokenizer, n2, verifier, phrases, cfg.sampling, cfg.distill,
                               out_dir=out / "sdzero", seed=cfg.seed, evaluate_fn=curve,
                               system_prompt=cfg.system_prompt, progress=progress)
-    model.save_pretrained(out / "sdzero")
-    tokenizer.save_pretrained(out / "sdzero")
+    save_stage(model, tokenizer, out / "sdzero")
     evaluate_stage("sdzero")
     report = _write_report(out, cfg, results, collection, {"srt": srt_summary, "distill": distill_summary}, start)
     plot_learning_curve(out / "learning_curve.png", distill_summary, results, cfg)
