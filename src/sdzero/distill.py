@@ -26,7 +26,7 @@ from sdzero.generation import Generator, SamplingConfig
 from sdzero.losses import DIVERGENCES, per_token_divergence, teacher_topk
 from sdzero.prompts import (ControlPhrases, DistillLayout, bridge_ids, distill_layout, end_of_turn_ids,
                             generator_prompt_ids)
-from sdzero.training import MetricsLog, make_optimizer, make_schedule, model_device, pad_right
+from sdzero.training import MetricsLog, logits_at, make_optimizer, make_schedule, model_device, pad_right
 from sdzero.verifiers import Verifier
 
 
@@ -81,11 +81,6 @@ def frozen_copy(model):
     return teacher
 
 
-def gather_positions(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """logits [B, L, V] at positions [B, T] -> [B, T, V]."""
-    return logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, logits.size(-1)))
-
-
 def micro_batch_tensors(layouts: list[DistillLayout], pad_id: int, device):
     """Right-padded student and teacher inputs, their target positions, and the target mask."""
     student_ids = pad_right([l.student_ids for l in layouts], pad_id)
@@ -97,7 +92,26 @@ def micro_batch_tensors(layouts: list[DistillLayout], pad_id: int, device):
     mask = pad_right([[1] * l.n_targets for l in layouts], 0).bool()
     tensors = (student_ids, student_attention, teacher_ids, teacher_attention, student_positions,
                teacher_positions, mask)
-    return tuple(t.to(device) for t in tensors)
+    return tuple(t.to(device, non_blocking=True) for t in tensors)
+
+
+def micro_batch_loss(student, teacher, layouts: list[DistillLayout], n_tokens: int, pad_id: int, device,
+                     cfg: DistillConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-batch's share of the step loss, and its per-sample sums of per-token divergence (detached).
+
+    The share is the sum of the micro-batch's per-token divergences divided by `n_tokens`, the step's
+    token count, so the accumulated gradient is the mean over all the step's tokens. Both models project
+    onto the vocabulary only at the target positions, and the teacher keeps only its top-k log-probs.
+    """
+    s_ids, s_att, t_ids, t_att, s_pos, t_pos, mask = micro_batch_tensors(layouts, pad_id, device)
+    with torch.no_grad():
+        teacher_logprobs, teacher_indices = teacher_topk(logits_at(teacher, t_ids, t_att, t_pos), cfg.top_k)
+    student_logits = logits_at(student, s_ids, s_att, s_pos)
+    per_token = per_token_divergence(student_logits, teacher_logprobs, teacher_indices,
+                                     divergence=cfg.divergence, mixed_weight=cfg.mixed_weight,
+                                     tail_bucket=cfg.tail_bucket)
+    per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
+    return per_token.sum() / n_tokens, per_token.detach().sum(1)
 
 
 def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrases: ControlPhrases,
@@ -165,33 +179,25 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
         layouts = [distill_layout(prompt, y.ids, bridges[r], eot, cfg.teacher_max_length)
                    for prompt, y, r in zip(prompts, rollouts, rewards)]
         kept = [(layout, r) for layout, r in zip(layouts, rewards) if layout is not None and layout.n_targets]
+        # Similar lengths share a micro-batch, so less of each padded batch is padding.
+        kept.sort(key=lambda item: len(item[0].teacher_ids))
         n_tokens = sum(layout.n_targets for layout, _ in kept)
 
         student.train()
         optimizer.zero_grad(set_to_none=True)
         token_kl = {0.0: [0.0, 0], 1.0: [0.0, 0]}  # reward -> [sum of per-token KL, tokens]
-        total_loss = 0.0
+        micro_kl = []  # per-sample KL sums of each micro-batch, left on the device
         for i in range(0, len(kept), cfg.micro_batch_size):
-            micro = kept[i:i + cfg.micro_batch_size]
-            (s_ids, s_att, t_ids, t_att, s_pos, t_pos, mask) = micro_batch_tensors([m[0] for m in micro], pad_id,
-                                                                                  device)
-            with torch.no_grad():
-                teacher_logits = gather_positions(teacher(input_ids=t_ids, attention_mask=t_att).logits, t_pos)
-                teacher_logprobs, teacher_indices = teacher_topk(teacher_logits, cfg.top_k)
-                del teacher_logits
-            student_logits = gather_positions(student(input_ids=s_ids, attention_mask=s_att).logits, s_pos)
-            per_token = per_token_divergence(student_logits, teacher_logprobs, teacher_indices,
-                                             divergence=cfg.divergence, mixed_weight=cfg.mixed_weight,
-                                             tail_bucket=cfg.tail_bucket)
-            per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
-            # Divide by the step's token count so the accumulated gradient is the mean over all its tokens.
-            loss = per_token.sum() / n_tokens
+            micro = [layout for layout, _ in kept[i:i + cfg.micro_batch_size]]
+            loss, per_sample = micro_batch_loss(student, teacher, micro, n_tokens, pad_id, device, cfg)
             loss.backward()
-            total_loss += loss.item()
-            per_sample = per_token.detach().sum(1).tolist()
-            for (layout, r), kl in zip(micro, per_sample):
-                token_kl[r][0] += kl
-                token_kl[r][1] += layout.n_targets
+            micro_kl.append(per_sample)
+        # One copy to the host per step, not one per micro-batch.
+        sample_kl = torch.cat(micro_kl).tolist() if kept else []
+        total_loss = sum(sample_kl) / n_tokens if kept else 0.0
+        for (layout, r), kl in zip(kept, sample_kl):
+            token_kl[r][0] += kl
+            token_kl[r][1] += layout.n_targets
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip).item() if kept else 0.0
         if kept:
             optimizer.step()
