@@ -14,8 +14,9 @@ Four measurements, each printed as ``name: value`` lines (see benchmarks/README.
 4. Step time and memory again with a larger random lab-architecture model and long synthetic multi-attempt
    responses, then step time alone at other response lengths on that model.
 
-``--what-if`` adds, beside the trainer's step, a variant that is not the trainer's code (the LM head applied
-only at the target positions), to size that change before anyone makes it in ``sdzero.distill``.
+``--plain`` adds, beside the trainer's step, the step as it was before its fast path (full-vocabulary logits at
+every position, a full log-softmax before the top-k, a host copy in every micro-batch): before and after, side by
+side in one run.
 
 Run ``python benchmarks/phase2_step.py --help`` for the options; ``--quick`` is a smoke run.
 """
@@ -49,21 +50,21 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 
 from sdzero import lab  # noqa: E402
-from sdzero.distill import DistillConfig, frozen_copy, gather_positions, micro_batch_tensors  # noqa: E402
+from sdzero.distill import DistillConfig, frozen_copy, micro_batch_loss, micro_batch_tensors  # noqa: E402
 from sdzero.lab.task import sample_problems, write_solution  # noqa: E402
 from sdzero.losses import per_token_divergence, teacher_topk  # noqa: E402
 from sdzero.prompts import (SEPARATOR, ControlPhrases, bridge_ids, distill_layout, end_of_turn_ids,  # noqa: E402
                             generator_prompt_ids)
-from sdzero.training import make_optimizer, sft_step_loss  # noqa: E402
+from sdzero.training import gather_positions, logits_at, make_optimizer, sft_step_loss  # noqa: E402
 from sdzero.verifiers import lab_reward  # noqa: E402
 
 MB = 1024 * 1024
 
 # Defaults of a full run, and of a --quick smoke run. An option given on the command line wins over both.
 FULL = dict(reps=5, warmup=1, batch=32, max_new_tokens=160, long_batch=8, long_response_tokens=300,
-            e2e_steps=3, e2e_prompts=32, grpo_generations=2, memory_steps=2)
+            e2e_steps=3, e2e_prompts=32, e2e_micro_batch=8, grpo_generations=2, memory_steps=2)
 QUICK = dict(reps=2, warmup=1, batch=8, max_new_tokens=48, long_batch=2, long_response_tokens=120,
-             e2e_steps=2, e2e_prompts=8, grpo_generations=2, memory_steps=1)
+             e2e_steps=2, e2e_prompts=8, e2e_micro_batch=4, grpo_generations=2, memory_steps=1)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -92,6 +93,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "counted, so at least 2")
     sized("--e2e-prompts", "sdzero prompts per step (one rollout each) = generated samples per step for "
                            "both trainers")
+    sized("--e2e-micro-batch", "samples per forward/backward pass in both end-to-end trainers (sdzero "
+                               "micro_batch_size, TRL per_device_train_batch_size with gradient accumulation "
+                               "over the step's samples); --e2e-prompts gives one pass per step")
     sized("--grpo-generations", "GRPO rollouts per prompt; GRPO gets e2e-prompts / grpo-generations prompts "
                                 "per step")
     sized("--memory-steps", "training steps run in each memory-measurement child process")
@@ -107,9 +111,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sweep-response-tokens", default=None,
                    help="comma-separated extra response lengths timed (steps only, compact output) on the larger "
                         "model, beside --long-response-tokens; '' to skip (full run: 100,200, --quick: 60)")
-    p.add_argument("--what-if", action="store_true",
-                   help="also time a third, interleaved variant that is NOT the trainer's code: the Phase 2 step "
-                        "with the LM head applied only at target positions (teacher and student)")
+    p.add_argument("--plain", action="store_true",
+                   help="also time and measure a third, interleaved variant: the Phase 2 step as it was before its "
+                        "fast path (full-vocabulary logits at every position, gathered afterwards)")
     p.add_argument("--top-k", type=int, default=64, help="teacher top-k support of the Phase 2 loss, 0 = full "
                                                          "vocabulary (default: %(default)s, as DistillConfig)")
     p.add_argument("--lr", type=float, default=5e-6,
@@ -145,6 +149,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--e2e-steps must be at least 2 (the first step is a warm-up)")
     if args.grpo_generations < 2 or args.e2e_prompts % args.grpo_generations:
         p.error("--grpo-generations must be >= 2 and divide --e2e-prompts")
+    if args.e2e_micro_batch < 1 or args.e2e_prompts % args.e2e_micro_batch:
+        p.error("--e2e-micro-batch must be >= 1 and divide --e2e-prompts")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda asked for, but torch sees no CUDA device")
     return args
@@ -341,79 +347,73 @@ def sft_step(model, optimizer, batch: Batch, grad_clip: float = 1.0, marks: Mark
     return loss.item()
 
 
-def logits_at(model, input_ids, attention_mask, positions):
-    """What-if only (not what distill() does): run the transformer body, gather the hidden states at
-    `positions`, and apply the LM head to those rows alone, instead of to every position."""
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    return model.get_output_embeddings()(gather_positions(hidden, positions))
-
-
 def phase2_step(student, teacher, optimizer, batch: Batch, cfg: DistillConfig, device,
-                marks: Marks | None = None, head_at_targets: bool = False) -> float:
-    """The body of one distill() step after generation and scoring, with the trainer's own functions and
-    in the trainer's order (micro-batches, teacher top-k under no_grad, student loss, backward, clip, step).
+                marks: Marks | None = None, plain: bool = False) -> float:
+    """The body of one distill() step after generation and scoring: kept samples sorted by length, one
+    `sdzero.distill.micro_batch_loss` and backward per micro-batch, one host copy of the KL sums, clipping
+    and the optimiser step.
 
-    `head_at_targets=True` is the --what-if variant: the same step with the LM head applied only at the
-    target positions (see `logits_at`); everything else is unchanged."""
+    `marks` times the parts of the step (the breakdown); it runs `micro_batch_loss`'s statements one by
+    one instead of calling it. `plain=True` (--plain) is the step as it was before the fast path: full
+    logits at every position gathered afterwards, a full-vocabulary log-softmax before the top-k, and
+    `.item()` / `.tolist()` in every micro-batch."""
     kept = [(layout, r) for layout, r in zip(batch.layouts, batch.rewards) if layout is not None and layout.n_targets]
+    if not plain:
+        kept.sort(key=lambda item: len(item[0].teacher_ids))
     n_tokens = sum(layout.n_targets for layout, _ in kept)
     student.train()
     if marks:
         marks.start()
     optimizer.zero_grad(set_to_none=True)
-    total_loss = 0.0
-    token_kl = {0.0: [0.0, 0], 1.0: [0.0, 0]}
+    micro_kl, plain_kl = [], []
     for i in range(0, len(kept), cfg.micro_batch_size):
-        micro = kept[i:i + cfg.micro_batch_size]
-        (s_ids, s_att, t_ids, t_att, s_pos, t_pos, mask) = micro_batch_tensors([m[0] for m in micro],
-                                                                              batch.pad_id, device)
-        if marks:
+        micro = [layout for layout, _ in kept[i:i + cfg.micro_batch_size]]
+        if plain:
+            s_ids, s_att, t_ids, t_att, s_pos, t_pos, mask = micro_batch_tensors(micro, batch.pad_id, device)
+            with torch.no_grad():
+                teacher_logits = gather_positions(teacher(input_ids=t_ids, attention_mask=t_att).logits, t_pos)
+                logprobs = torch.log_softmax(teacher_logits.float(), dim=-1)
+                teacher_logprobs, teacher_indices = logprobs.topk(cfg.top_k, dim=-1) if cfg.top_k else (
+                    logprobs, torch.arange(logprobs.size(-1), device=logprobs.device).expand(logprobs.shape))
+                del teacher_logits, logprobs
+            student_logits = gather_positions(student(input_ids=s_ids, attention_mask=s_att).logits, s_pos)
+            per_token = per_token_divergence(student_logits, teacher_logprobs, teacher_indices,
+                                             divergence=cfg.divergence, mixed_weight=cfg.mixed_weight,
+                                             tail_bucket=cfg.tail_bucket)
+            loss = torch.where(mask, per_token, torch.zeros_like(per_token)).sum() / n_tokens
+            loss.backward()
+            loss.item()
+            plain_kl += per_token.detach().masked_fill(~mask, 0).sum(1).tolist()
+        elif marks is None:
+            loss, per_sample = micro_batch_loss(student, teacher, micro, n_tokens, batch.pad_id, device, cfg)
+            loss.backward()
+            micro_kl.append(per_sample)
+        else:  # micro_batch_loss, statement by statement, with a mark after each part
+            s_ids, s_att, t_ids, t_att, s_pos, t_pos, mask = micro_batch_tensors(micro, batch.pad_id, device)
             marks.mark("tensors")
-        with torch.no_grad():
-            if head_at_targets:
+            with torch.no_grad():
                 teacher_logits = logits_at(teacher, t_ids, t_att, t_pos)
-                if marks:
-                    marks.mark("teacher_forward")
-            else:
-                teacher_out = teacher(input_ids=t_ids, attention_mask=t_att).logits
-                if marks:
-                    marks.mark("teacher_forward")
-                teacher_logits = gather_positions(teacher_out, t_pos)
-                del teacher_out
-            teacher_logprobs, teacher_indices = teacher_topk(teacher_logits, cfg.top_k)
-            del teacher_logits
-            if marks:
-                marks.mark("teacher_gather_topk")
-        if head_at_targets:
+                marks.mark("teacher_forward")
+                teacher_logprobs, teacher_indices = teacher_topk(teacher_logits, cfg.top_k)
+                del teacher_logits
+                marks.mark("teacher_topk")
             student_logits = logits_at(student, s_ids, s_att, s_pos)
-            if marks:
-                marks.mark("student_forward")
-        else:
-            student_out = student(input_ids=s_ids, attention_mask=s_att).logits
-            if marks:
-                marks.mark("student_forward")
-            student_logits = gather_positions(student_out, s_pos)
-            del student_out
-        per_token = per_token_divergence(student_logits, teacher_logprobs, teacher_indices,
-                                         divergence=cfg.divergence, mixed_weight=cfg.mixed_weight,
-                                         tail_bucket=cfg.tail_bucket)
-        per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
-        loss = per_token.sum() / n_tokens
-        if marks:
-            marks.mark("student_gather_loss")
-        loss.backward()
-        if marks:
+            marks.mark("student_forward")
+            per_token = per_token_divergence(student_logits, teacher_logprobs, teacher_indices,
+                                             divergence=cfg.divergence, mixed_weight=cfg.mixed_weight,
+                                             tail_bucket=cfg.tail_bucket)
+            per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
+            loss = per_token.sum() / n_tokens
+            marks.mark("student_loss")
+            loss.backward()
             marks.mark("backward")
-        total_loss += loss.item()
-        per_sample = per_token.detach().sum(1).tolist()
-        for (layout, r), kl in zip(micro, per_sample):
-            token_kl[r][0] += kl
-            token_kl[r][1] += layout.n_targets
+            micro_kl.append(per_token.detach().sum(1))
+    sample_kl = torch.cat(micro_kl).tolist() if micro_kl else plain_kl
     torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
     optimizer.step()
     if marks:
         marks.mark("clip_and_optimizer")
-    return total_loss
+    return sum(sample_kl) / n_tokens
 
 
 def phase2_config(batch: Batch, top_k: int) -> DistillConfig:
@@ -454,9 +454,9 @@ def time_steps(spec: ModelSpec, batch: Batch, args, prefix: str, detail: bool = 
         "sft": lambda: sft_step(model, optimizer, batch),
         "phase2": lambda: phase2_step(model, teacher, optimizer, batch, cfg, args.device),
     }
-    if args.what_if:
-        variants["whatif_head_at_targets"] = lambda: phase2_step(model, teacher, optimizer, batch, cfg,
-                                                                 args.device, head_at_targets=True)
+    if args.plain:
+        variants["phase2_plain"] = lambda: phase2_step(model, teacher, optimizer, batch, cfg, args.device,
+                                                       plain=True)
     times = {name: [] for name in variants}
     for rep in range(args.warmup + args.reps):
         for name, step in variants.items():
@@ -470,10 +470,10 @@ def time_steps(spec: ModelSpec, batch: Batch, args, prefix: str, detail: bool = 
     report(f"{prefix}sft_step_s", sft_s)
     report(f"{prefix}phase2_step_s", phase2_s)
     report(f"{prefix}phase2_over_sft_step_ratio", phase2_s / sft_s)
-    if args.what_if:
-        whatif_s = median(times["whatif_head_at_targets"])
-        report(f"{prefix}whatif_head_at_targets_step_s", whatif_s)
-        report(f"{prefix}whatif_head_at_targets_over_sft_step_ratio", whatif_s / sft_s)
+    if args.plain:
+        plain_s = median(times["phase2_plain"])
+        report(f"{prefix}phase2_plain_step_s", plain_s)
+        report(f"{prefix}phase2_plain_over_sft_step_ratio", plain_s / sft_s)
     if detail:
         for name, values in times.items():
             report(f"{prefix}{name}_step_s_all", " ".join(f"{t:.3f}" for t in values))
@@ -619,7 +619,7 @@ def _memory_child(spec: ModelSpec, batch: Batch, variant: str, method: str, top_
                 cfg = phase2_config(batch, top_k)
                 for _ in range(steps):
                     phase2_step(model, teacher, optimizer, batch, cfg, device,
-                                head_at_targets=variant == "whatif_head_at_targets")
+                                plain=variant == "phase2_plain")
 
         if method == "tensors":
             with TensorPeak(device) as peak:
@@ -653,7 +653,7 @@ def peak_memory(spec: ModelSpec, batch: Batch, args, prefix: str) -> None:
         methods["rss"] = "peak_rss_mb"
     for method, suffix in methods.items():
         results = {}
-        for variant in ("sft", "phase2") + (("whatif_head_at_targets",) if args.what_if else ()):
+        for variant in ("sft", "phase2") + (("phase2_plain",) if args.plain else ()):
             value, why = _in_child(spec, batch, variant, method, args.top_k, args.lr, args.memory_steps,
                                    args.threads, args.device)
             results[variant] = value if value is not None else f"unavailable ({why})"
@@ -697,7 +697,7 @@ def run_sdzero(args) -> dict:
     rows = e2e_problems(args.e2e_prompts * args.e2e_steps, args.seed)
     sampling = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=args.max_new_tokens,
                               batch_size=args.e2e_prompts)
-    cfg = DistillConfig(prompts_per_step=args.e2e_prompts, micro_batch_size=args.e2e_prompts,
+    cfg = DistillConfig(prompts_per_step=args.e2e_prompts, micro_batch_size=args.e2e_micro_batch,
                         max_steps=args.e2e_steps, lr=args.lr, warmup_steps=0, top_k=args.top_k or None)
     torch.manual_seed(args.seed)
     original = distill_module.Generator
@@ -750,7 +750,8 @@ def run_trl_grpo(args) -> dict:
     with tempfile.TemporaryDirectory() as out:
         config = GRPOConfig(
             output_dir=out, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
-            max_steps=args.e2e_steps, per_device_train_batch_size=args.e2e_prompts, gradient_accumulation_steps=1,
+            max_steps=args.e2e_steps, per_device_train_batch_size=args.e2e_micro_batch,
+            gradient_accumulation_steps=args.e2e_prompts // args.e2e_micro_batch,  # one generation round per step
             num_generations=group, max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0,
             learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
             beta=args.grpo_beta, num_iterations=1, use_cpu=args.device == "cpu", bf16=False, fp16=False,
@@ -782,6 +783,7 @@ def end_to_end(args) -> None:
     report("e2e_model", ModelSpec("lab").describe())
     report("e2e_samples_per_step", args.e2e_prompts)
     report("e2e_sdzero_layout", f"{args.e2e_prompts} prompts x 1 rollout")
+    report("e2e_micro_batch", args.e2e_micro_batch)
     report("e2e_max_new_tokens", args.max_new_tokens)
     report("e2e_temperature", 1.0)
     report("e2e_steps_timed", f"{args.e2e_steps - 1} (step 1 is a warm-up)")
