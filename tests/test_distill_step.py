@@ -68,6 +68,13 @@ def perturbed(model, seed):
     return student.train()
 
 
+def head_input_widths(model):
+    """Records the sequence width of every input the model's LM head sees (the fast path feeds it T, not L)."""
+    widths = []
+    model.get_output_embeddings().register_forward_hook(lambda _m, args, _out: widths.append(args[0].shape[1]))
+    return widths
+
+
 def grads(model):
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
@@ -136,7 +143,9 @@ def test_logits_at_through_peft_wrapper(models):
     layouts = lab_layouts(tokenizer)
     s_ids, s_att, _, _, s_pos, _, _ = micro_batch_tensors(layouts, tokenizer.pad_token_id, "cpu")
     full = gather_positions(wrapped(input_ids=s_ids, attention_mask=s_att).logits, s_pos)
+    widths = head_input_widths(wrapped)
     torch.testing.assert_close(logits_at(wrapped, s_ids, s_att, s_pos), full, atol=1e-5, rtol=1e-5)
+    assert widths == [s_pos.shape[1]]
     # gradients reach the LoRA weights through the gathered head
     loss, _ = micro_batch_loss(wrapped, teacher, layouts, sum(l.n_targets for l in layouts), tokenizer.pad_token_id,
                                "cpu", DistillConfig())
@@ -166,3 +175,31 @@ def test_logits_at_falls_back_when_the_head_is_not_called_on_hidden_states(model
     s_ids, s_att, _, _, s_pos, _, _ = micro_batch_tensors(lab_layouts(tokenizer), tokenizer.pad_token_id, "cpu")
     want = gather_positions(student(input_ids=s_ids, attention_mask=s_att).logits, s_pos)
     torch.testing.assert_close(logits_at(model, s_ids, s_att, s_pos), want, atol=1e-5, rtol=1e-5)
+
+
+def test_logits_at_through_ddp_wrapper(models, tmp_path):
+    """DistributedDataParallel (one gloo process on CPU, as `accelerate launch` would wrap the student):
+    the head is found inside `.module`, and the gradients match the unwrapped model's."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    student, teacher, tokenizer = models["vocab4096"]
+    layouts = lab_layouts(tokenizer)
+    n_tokens = sum(l.n_targets for l in layouts)
+    cfg = DistillConfig(top_k=32)
+    plain = frozen_copy(student).requires_grad_(True).train()
+    want, _ = plain_step_loss(plain, teacher, layouts, tokenizer.pad_token_id, cfg)
+    want.backward()
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        wrapped = DistributedDataParallel(frozen_copy(student).requires_grad_(True).train())
+        widths = head_input_widths(wrapped.module)
+        loss, _ = micro_batch_loss(wrapped, teacher, layouts, n_tokens, tokenizer.pad_token_id, "cpu", cfg)
+        loss.backward()
+    finally:
+        dist.destroy_process_group()
+    assert widths == [max(l.n_targets for l in layouts)]  # the head ran on the target rows only
+    torch.testing.assert_close(loss.detach(), want.detach(), atol=1e-6, rtol=1e-4)
+    for (name, p), (_, q) in zip(wrapped.module.named_parameters(), plain.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-4 * q.grad.abs().max().item(), rtol=1e-3, msg=name)
