@@ -308,18 +308,21 @@ def synthetic_batch(tokenizer, size: int, response_tokens: int, seed: int) -> Ba
 
 
 class Marks:
-    """Optional wall-clock marks inside a step (for the breakdown); synchronises CUDA at each mark."""
+    """Optional marks inside a step (for the breakdown). On CPU they read the process's CPU time, which other
+    processes on a shared machine disturb far less than the wall clock; on CUDA the wall clock, synchronised
+    at each mark."""
 
     def __init__(self, device: str):
         self.device, self.times, self.last = device, {}, None
+        self.clock = time.perf_counter if device == "cuda" else time.process_time
 
     def start(self) -> None:
         self._sync()
-        self.last = time.perf_counter()
+        self.last = self.clock()
 
     def mark(self, name: str) -> None:
         self._sync()
-        now = time.perf_counter()
+        now = self.clock()
         self.times[name] = self.times.get(name, 0.0) + now - self.last
         self.last = now
 
@@ -457,19 +460,28 @@ def time_steps(spec: ModelSpec, batch: Batch, args, prefix: str, detail: bool = 
     if args.plain:
         variants["phase2_plain"] = lambda: phase2_step(model, teacher, optimizer, batch, cfg, args.device,
                                                        plain=True)
+    # Wall time and the process's CPU time (all its threads) of every step. CPU time is what the step
+    # computes; on a shared machine it is far less disturbed by other processes than the wall clock.
     times = {name: [] for name in variants}
+    cpu_times = {name: [] for name in variants}
     for rep in range(args.warmup + args.reps):
         for name, step in variants.items():
             sync()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             step()
             sync()
             if rep >= args.warmup:
                 times[name].append(time.perf_counter() - start)
+                cpu_times[name].append(time.process_time() - cpu_start)
     sft_s, phase2_s = median(times["sft"]), median(times["phase2"])
     report(f"{prefix}sft_step_s", sft_s)
     report(f"{prefix}phase2_step_s", phase2_s)
     report(f"{prefix}phase2_over_sft_step_ratio", phase2_s / sft_s)
+    for name in variants:
+        report(f"{prefix}{name}_step_cpu_s", median(cpu_times[name]))
+    for name in variants:
+        if name != "sft":
+            report(f"{prefix}{name}_over_sft_step_cpu_ratio", median(cpu_times[name]) / median(cpu_times["sft"]))
     if args.plain:
         plain_s = median(times["phase2_plain"])
         report(f"{prefix}phase2_plain_step_s", plain_s)
@@ -477,6 +489,8 @@ def time_steps(spec: ModelSpec, batch: Batch, args, prefix: str, detail: bool = 
     if detail:
         for name, values in times.items():
             report(f"{prefix}{name}_step_s_all", " ".join(f"{t:.3f}" for t in values))
+        for name, values in cpu_times.items():
+            report(f"{prefix}{name}_step_cpu_s_all", " ".join(f"{t:.3f}" for t in values))
         targets = sum(len(t) for _, t in batch.examples)
         report(f"{prefix}sft_target_tokens_per_s", targets / sft_s)
         report(f"{prefix}phase2_target_tokens_per_s", targets / phase2_s)
@@ -678,20 +692,29 @@ def e2e_problems(n: int, seed: int) -> list[dict]:
 
 
 def run_sdzero(args) -> dict:
-    """distill() for e2e_steps steps; per-step times come from its own metrics.jsonl clock."""
+    """distill() for e2e_steps steps; per-step wall times come from its own metrics.jsonl clock, per-step CPU
+    times from the process's CPU clock read whenever distill() writes a step's record."""
     import json
 
     import sdzero.distill as distill_module
     from sdzero.generation import Generator, SamplingConfig
+    from sdzero.training import MetricsLog
 
-    generation_seconds = []
+    generation_seconds, generation_cpu_seconds, cpu_ends = [], [], []
 
     class TimedGenerator(Generator):  # times the rollouts without touching distill()
         def sample(self, *a, **k):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             out = super().sample(*a, **k)
             generation_seconds.append(time.perf_counter() - start)
+            generation_cpu_seconds.append(time.process_time() - cpu_start)
             return out
+
+    class CpuClockLog(MetricsLog):  # reads the CPU clock at the end of each step, as distill() logs it
+        def write(self, record):
+            if "loss" in record:
+                cpu_ends.append(time.process_time())
+            super().write(record)
 
     model, tokenizer = build(ModelSpec("lab"), args.device)
     rows = e2e_problems(args.e2e_prompts * args.e2e_steps, args.seed)
@@ -700,18 +723,22 @@ def run_sdzero(args) -> dict:
     cfg = DistillConfig(prompts_per_step=args.e2e_prompts, micro_batch_size=args.e2e_micro_batch,
                         max_steps=args.e2e_steps, lr=args.lr, warmup_steps=0, top_k=args.top_k or None)
     torch.manual_seed(args.seed)
-    original = distill_module.Generator
-    distill_module.Generator = TimedGenerator
+    originals = distill_module.Generator, distill_module.MetricsLog
+    distill_module.Generator, distill_module.MetricsLog = TimedGenerator, CpuClockLog
     try:
         with tempfile.TemporaryDirectory() as out:
+            cpu_ends.append(time.process_time())
             distill_module.distill(model, tokenizer, rows, lab_reward, ControlPhrases(), sampling, cfg,
                                    out_dir=out, seed=args.seed, progress=False)
             records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     finally:
-        distill_module.Generator = original
+        distill_module.Generator, distill_module.MetricsLog = originals
+    records = [r for r in records if "loss" in r]
     ends = [r["seconds"] for r in records]
     step_s = [b - a for a, b in zip([0.0] + ends, ends)]
+    step_cpu_s = [b - a for a, b in zip(cpu_ends, cpu_ends[1:])]
     return {"step_s": step_s[1:], "generation_s": generation_seconds[1:],
+            "step_cpu_s": step_cpu_s[1:], "generation_cpu_s": generation_cpu_seconds[1:],
             "response_len": statistics.mean(r["sdzero/response_len"] for r in records[1:]),
             "samples_per_step": args.e2e_prompts, "prompts_per_step": args.e2e_prompts}
 
@@ -733,15 +760,17 @@ def run_trl_grpo(args) -> dict:
         return [lab_reward(c[0]["content"] if isinstance(c, list) else c, {"answer": a})
                 for c, a in zip(completions, answer)]
 
-    step_ends, lengths, generation_seconds = [], [], []
+    step_ends, cpu_ends, lengths, generation_seconds, generation_cpu_seconds = [], [], [], [], []
 
     class Clock(TrainerCallback):
         def on_train_begin(self, *_, **__):
             torch.set_num_threads(args.threads)
             step_ends.append(time.perf_counter())
+            cpu_ends.append(time.process_time())
 
         def on_step_end(self, *_, **__):
             step_ends.append(time.perf_counter())
+            cpu_ends.append(time.process_time())
 
         def on_log(self, _args, _state, _control, logs=None, **__):
             if logs and "completions/mean_length" in logs:
@@ -765,16 +794,19 @@ def run_trl_grpo(args) -> dict:
         original = trainer._generate
 
         def timed_generate(*a, **k):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             out_ = original(*a, **k)
             generation_seconds.append(time.perf_counter() - start)
+            generation_cpu_seconds.append(time.process_time() - cpu_start)
             return out_
 
         trainer._generate = timed_generate
         torch.set_num_threads(args.threads)
         trainer.train()
     step_s = [b - a for a, b in zip(step_ends, step_ends[1:])]
+    step_cpu_s = [b - a for a, b in zip(cpu_ends, cpu_ends[1:])]
     return {"step_s": step_s[1:], "generation_s": generation_seconds[1:],
+            "step_cpu_s": step_cpu_s[1:], "generation_cpu_s": generation_cpu_seconds[1:],
             "response_len": statistics.mean(lengths[1:]) if len(lengths) > 1 else float("nan"),
             "samples_per_step": prompts_per_step * group, "prompts_per_step": prompts_per_step}
 
@@ -810,6 +842,8 @@ def end_to_end(args) -> None:
     sd_rate = sd["samples_per_step"] / median(sd["step_s"])
     grpo_rate = grpo["samples_per_step"] / median(grpo["step_s"])
     report("sdzero_over_trl_grpo_samples_per_s", sd_rate / grpo_rate)
+    report("sdzero_over_trl_grpo_samples_per_cpu_s", (sd["samples_per_step"] / median(sd["step_cpu_s"]))
+           / (grpo["samples_per_step"] / median(grpo["step_cpu_s"])))
     report("sdzero_over_trl_grpo_prompts_per_s", (sd["prompts_per_step"] / median(sd["step_s"]))
            / (grpo["prompts_per_step"] / median(grpo["step_s"])))
 
@@ -826,6 +860,12 @@ def _e2e_report(name: str, result: dict) -> None:
     report(f"{name}_s_per_sample", step / result["samples_per_step"])
     report(f"{name}_train_s_per_sample", (step - generation) / result["samples_per_step"])
     report(f"{name}_prompts_per_s", result["prompts_per_step"] / step)
+    step_cpu, generation_cpu = median(result["step_cpu_s"]), median(result["generation_cpu_s"])
+    report(f"{name}_step_cpu_s", step_cpu)
+    report(f"{name}_step_cpu_s_all", " ".join(f"{t:.2f}" for t in result["step_cpu_s"]))
+    report(f"{name}_generation_cpu_s", generation_cpu)
+    report(f"{name}_samples_per_cpu_s", result["samples_per_step"] / step_cpu)
+    report(f"{name}_train_cpu_s_per_sample", (step_cpu - generation_cpu) / result["samples_per_step"])
 
 
 # ----------------------------------------------------------------------------------------------------------
