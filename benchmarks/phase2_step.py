@@ -62,9 +62,9 @@ MB = 1024 * 1024
 
 # Defaults of a full run, and of a --quick smoke run. An option given on the command line wins over both.
 FULL = dict(reps=5, warmup=1, batch=32, max_new_tokens=160, long_batch=8, long_response_tokens=300,
-            e2e_steps=3, e2e_prompts=32, e2e_micro_batch=8, grpo_generations=2, memory_steps=2)
+            e2e_steps=3, e2e_rounds=2, e2e_prompts=32, e2e_micro_batch=8, grpo_generations=2, memory_steps=2)
 QUICK = dict(reps=2, warmup=1, batch=8, max_new_tokens=48, long_batch=2, long_response_tokens=120,
-             e2e_steps=2, e2e_prompts=8, e2e_micro_batch=4, grpo_generations=2, memory_steps=1)
+             e2e_steps=2, e2e_rounds=1, e2e_prompts=8, e2e_micro_batch=4, grpo_generations=2, memory_steps=1)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -91,6 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                     "comparison, end-of-turn token included")
     sized("--e2e-steps", "optimiser steps of each end-to-end trainer; the first one is a warm-up and is not "
                          "counted, so at least 2")
+    sized("--e2e-rounds", "rounds of both end-to-end trainers, alternating, each with its own sampling seed")
     sized("--e2e-prompts", "sdzero prompts per step (one rollout each) = generated samples per step for "
                            "both trainers")
     sized("--e2e-micro-batch", "samples per forward/backward pass in both end-to-end trainers (sdzero "
@@ -691,7 +692,7 @@ def e2e_problems(n: int, seed: int) -> list[dict]:
     return rows
 
 
-def run_sdzero(args) -> dict:
+def run_sdzero(args, seed: int) -> dict:
     """distill() for e2e_steps steps; per-step wall times come from its own metrics.jsonl clock, per-step CPU
     times from the process's CPU clock read whenever distill() writes a step's record."""
     import json
@@ -700,7 +701,7 @@ def run_sdzero(args) -> dict:
     from sdzero.generation import Generator, SamplingConfig
     from sdzero.training import MetricsLog
 
-    generation_seconds, generation_cpu_seconds, cpu_ends = [], [], []
+    generation_seconds, generation_cpu_seconds, cpu_ends, longest = [], [], [], []
 
     class TimedGenerator(Generator):  # times the rollouts without touching distill()
         def sample(self, *a, **k):
@@ -708,6 +709,7 @@ def run_sdzero(args) -> dict:
             out = super().sample(*a, **k)
             generation_seconds.append(time.perf_counter() - start)
             generation_cpu_seconds.append(time.process_time() - cpu_start)
+            longest.append(max(len(sample.ids) for samples in out for sample in samples))
             return out
 
     class CpuClockLog(MetricsLog):  # reads the CPU clock at the end of each step, as distill() logs it
@@ -722,14 +724,14 @@ def run_sdzero(args) -> dict:
                               batch_size=args.e2e_prompts)
     cfg = DistillConfig(prompts_per_step=args.e2e_prompts, micro_batch_size=args.e2e_micro_batch,
                         max_steps=args.e2e_steps, lr=args.lr, warmup_steps=0, top_k=args.top_k or None)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     originals = distill_module.Generator, distill_module.MetricsLog
     distill_module.Generator, distill_module.MetricsLog = TimedGenerator, CpuClockLog
     try:
         with tempfile.TemporaryDirectory() as out:
             cpu_ends.append(time.process_time())
             distill_module.distill(model, tokenizer, rows, lab_reward, ControlPhrases(), sampling, cfg,
-                                   out_dir=out, seed=args.seed, progress=False)
+                                   out_dir=out, seed=seed, progress=False)
             records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     finally:
         distill_module.Generator, distill_module.MetricsLog = originals
@@ -739,11 +741,11 @@ def run_sdzero(args) -> dict:
     step_cpu_s = [b - a for a, b in zip(cpu_ends, cpu_ends[1:])]
     return {"step_s": step_s[1:], "generation_s": generation_seconds[1:],
             "step_cpu_s": step_cpu_s[1:], "generation_cpu_s": generation_cpu_seconds[1:],
-            "response_len": statistics.mean(r["sdzero/response_len"] for r in records[1:]),
+            "response_len": [r["sdzero/response_len"] for r in records[1:]], "longest": longest[1:],
             "samples_per_step": args.e2e_prompts, "prompts_per_step": args.e2e_prompts}
 
 
-def run_trl_grpo(args) -> dict:
+def run_trl_grpo(args, seed: int) -> dict:
     """GRPOTrainer on the same model and prompts: e2e_prompts / G prompts x G rollouts per step."""
     from datasets import Dataset
     from transformers import PrinterCallback, ProgressCallback, TrainerCallback
@@ -760,7 +762,7 @@ def run_trl_grpo(args) -> dict:
         return [lab_reward(c[0]["content"] if isinstance(c, list) else c, {"answer": a})
                 for c, a in zip(completions, answer)]
 
-    step_ends, cpu_ends, lengths, generation_seconds, generation_cpu_seconds = [], [], [], [], []
+    step_ends, cpu_ends, lengths, longest, generation_seconds, generation_cpu_seconds = [], [], [], [], [], []
 
     class Clock(TrainerCallback):
         def on_train_begin(self, *_, **__):
@@ -775,6 +777,7 @@ def run_trl_grpo(args) -> dict:
         def on_log(self, _args, _state, _control, logs=None, **__):
             if logs and "completions/mean_length" in logs:
                 lengths.append(logs["completions/mean_length"])
+                longest.append(logs["completions/max_length"])
 
     with tempfile.TemporaryDirectory() as out:
         config = GRPOConfig(
@@ -784,7 +787,7 @@ def run_trl_grpo(args) -> dict:
             num_generations=group, max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0,
             learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
             beta=args.grpo_beta, num_iterations=1, use_cpu=args.device == "cpu", bf16=False, fp16=False,
-            gradient_checkpointing=args.grpo_gradient_checkpointing, dataloader_num_workers=0, seed=args.seed,
+            gradient_checkpointing=args.grpo_gradient_checkpointing, dataloader_num_workers=0, seed=seed,
             log_completions=False,
         )
         trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=dataset,
@@ -807,7 +810,7 @@ def run_trl_grpo(args) -> dict:
     step_cpu_s = [b - a for a, b in zip(cpu_ends, cpu_ends[1:])]
     return {"step_s": step_s[1:], "generation_s": generation_seconds[1:],
             "step_cpu_s": step_cpu_s[1:], "generation_cpu_s": generation_cpu_seconds[1:],
-            "response_len": statistics.mean(lengths[1:]) if len(lengths) > 1 else float("nan"),
+            "response_len": lengths[1:], "longest": longest[1:],
             "samples_per_step": prompts_per_step * group, "prompts_per_step": prompts_per_step}
 
 
@@ -818,26 +821,39 @@ def end_to_end(args) -> None:
     report("e2e_micro_batch", args.e2e_micro_batch)
     report("e2e_max_new_tokens", args.max_new_tokens)
     report("e2e_temperature", 1.0)
-    report("e2e_steps_timed", f"{args.e2e_steps - 1} (step 1 is a warm-up)")
-    sd = run_sdzero(args)
-    _e2e_report("sdzero", sd)
-    if args.skip_trl:
-        report("sdzero_over_trl_grpo_samples_per_s", "unavailable (--skip-trl)")
-        return
-    try:
-        import trl
+    report("e2e_rounds", f"{args.e2e_rounds} (sdzero, then GRPO, sampling seed {args.seed} + round)")
+    report("e2e_steps_timed", f"{args.e2e_steps - 1} per round (step 1 is a warm-up)")
+    trl_missing = "--skip-trl" if args.skip_trl else None
+    if not trl_missing:
+        try:
+            import trl
 
-        report("trl_version", trl.__version__)
-        reference = f"beta {args.grpo_beta:g}" + (" (no reference model)" if args.grpo_beta == 0 else "")
-        checkpointing = "gradient checkpointing" if args.grpo_gradient_checkpointing else "no gradient checkpointing"
-        report("e2e_trl_grpo_layout", f"{args.e2e_prompts // args.grpo_generations} prompts x "
-                                      f"{args.grpo_generations} rollouts, {reference}, {checkpointing}, fp32")
-        grpo = run_trl_grpo(args)
-    except Exception as err:  # the comparison is optional; say why it is missing
-        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:200]
-        report("trl_grpo_samples_per_s", f"unavailable ({reason})")
-        report("sdzero_over_trl_grpo_samples_per_s", f"unavailable ({reason})")
+            report("trl_version", trl.__version__)
+            reference = f"beta {args.grpo_beta:g}" + (" (no reference model)" if args.grpo_beta == 0 else "")
+            checkpointing = ("gradient checkpointing" if args.grpo_gradient_checkpointing
+                             else "no gradient checkpointing")
+            report("e2e_trl_grpo_layout", f"{args.e2e_prompts // args.grpo_generations} prompts x "
+                                          f"{args.grpo_generations} rollouts, {reference}, {checkpointing}, fp32")
+        except ImportError as err:
+            trl_missing = str(err)
+    # Rounds alternate between the trainers, so a change in machine load hits both, and each round samples
+    # with another seed, so neither trainer keeps a lucky set of short rollouts.
+    sd_rounds, grpo_rounds = [], []
+    for r in range(args.e2e_rounds):
+        sd_rounds.append(run_sdzero(args, args.seed + r))
+        if trl_missing:
+            continue
+        try:
+            grpo_rounds.append(run_trl_grpo(args, args.seed + r))
+        except Exception as err:  # the comparison is optional; say why it is missing
+            trl_missing = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:200]
+    sd = _pool(sd_rounds)
+    _e2e_report("sdzero", sd)
+    if trl_missing:
+        report("trl_grpo_samples_per_s", f"unavailable ({trl_missing})")
+        report("sdzero_over_trl_grpo_samples_per_s", f"unavailable ({trl_missing})")
         return
+    grpo = _pool(grpo_rounds)
     _e2e_report("trl_grpo", grpo)
     sd_rate = sd["samples_per_step"] / median(sd["step_s"])
     grpo_rate = grpo["samples_per_step"] / median(grpo["step_s"])
@@ -848,6 +864,12 @@ def end_to_end(args) -> None:
            / (grpo["prompts_per_step"] / median(grpo["step_s"])))
 
 
+def _pool(results: list[dict]) -> dict:
+    """The timed steps of every round, together."""
+    return {key: [x for r in results for x in r[key]] if isinstance(results[0][key], list) else results[0][key]
+            for key in results[0]}
+
+
 def _e2e_report(name: str, result: dict) -> None:
     step = median(result["step_s"])
     generation = median(result["generation_s"])
@@ -855,7 +877,9 @@ def _e2e_report(name: str, result: dict) -> None:
     report(f"{name}_step_s_all", " ".join(f"{t:.2f}" for t in result["step_s"]))
     report(f"{name}_generation_s", generation)
     report(f"{name}_generation_share", generation / step)
-    report(f"{name}_mean_response_tokens", result["response_len"])
+    report(f"{name}_mean_response_tokens", statistics.mean(result["response_len"]))
+    # Decoding runs until the longest rollout of the batch ends: the main source of chance in generation time.
+    report(f"{name}_longest_response_tokens_all", " ".join(f"{n:.0f}" for n in result["longest"]))
     report(f"{name}_samples_per_s", result["samples_per_step"] / step)
     report(f"{name}_s_per_sample", step / result["samples_per_step"])
     report(f"{name}_train_s_per_sample", (step - generation) / result["samples_per_step"])
