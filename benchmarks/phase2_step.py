@@ -62,7 +62,7 @@ MB = 1024 * 1024
 
 # Defaults of a full run, and of a --quick smoke run. An option given on the command line wins over both.
 FULL = dict(reps=5, warmup=1, batch=32, max_new_tokens=160, long_batch=8, long_response_tokens=300,
-            e2e_steps=3, e2e_rounds=2, e2e_prompts=32, e2e_micro_batch=8, grpo_generations=2, memory_steps=2)
+            e2e_steps=3, e2e_rounds=3, e2e_prompts=32, e2e_micro_batch=8, grpo_generations=2, memory_steps=2)
 QUICK = dict(reps=2, warmup=1, batch=8, max_new_tokens=48, long_batch=2, long_response_tokens=120,
              e2e_steps=2, e2e_rounds=1, e2e_prompts=8, e2e_micro_batch=4, grpo_generations=2, memory_steps=1)
 
