@@ -115,6 +115,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--plain", action="store_true",
                    help="also time and measure a third, interleaved variant: the Phase 2 step as it was before its "
                         "fast path (full-vocabulary logits at every position, gathered afterwards)")
+    p.add_argument("--micro-batch", type=int, default=0,
+                   help="also time the Phase 2 step in micro-batches of this many samples, cut from the samples "
+                        "sorted by length (as distill does) and in sampling order (default: %(default)s = off)")
     p.add_argument("--top-k", type=int, default=64, help="teacher top-k support of the Phase 2 loss, 0 = full "
                                                          "vocabulary (default: %(default)s, as DistillConfig)")
     p.add_argument("--lr", type=float, default=5e-6,
@@ -352,7 +355,7 @@ def sft_step(model, optimizer, batch: Batch, grad_clip: float = 1.0, marks: Mark
 
 
 def phase2_step(student, teacher, optimizer, batch: Batch, cfg: DistillConfig, device,
-                marks: Marks | None = None, plain: bool = False) -> float:
+                marks: Marks | None = None, plain: bool = False, sort: bool = True) -> float:
     """The body of one distill() step after generation and scoring: kept samples sorted by length, one
     `sdzero.distill.micro_batch_loss` and backward per micro-batch, one host copy of the KL sums, clipping
     and the optimiser step.
@@ -360,9 +363,9 @@ def phase2_step(student, teacher, optimizer, batch: Batch, cfg: DistillConfig, d
     `marks` times the parts of the step (the breakdown); it runs `micro_batch_loss`'s statements one by
     one instead of calling it. `plain=True` (--plain) is the step as it was before the fast path: full
     logits at every position gathered afterwards, a full-vocabulary log-softmax before the top-k, and
-    `.item()` / `.tolist()` in every micro-batch."""
+    `.item()` / `.tolist()` in every micro-batch. `sort=False` keeps the samples in sampling order."""
     kept = [(layout, r) for layout, r in zip(batch.layouts, batch.rewards) if layout is not None and layout.n_targets]
-    if not plain:
+    if sort and not plain:
         kept.sort(key=lambda item: len(item[0].teacher_ids))
     n_tokens = sum(layout.n_targets for layout, _ in kept)
     student.train()
@@ -461,6 +464,12 @@ def time_steps(spec: ModelSpec, batch: Batch, args, prefix: str, detail: bool = 
     if args.plain:
         variants["phase2_plain"] = lambda: phase2_step(model, teacher, optimizer, batch, cfg, args.device,
                                                        plain=True)
+    if args.micro_batch and detail:
+        small = DistillConfig(micro_batch_size=args.micro_batch, top_k=cfg.top_k)
+        variants[f"phase2_micro{args.micro_batch}"] = lambda: phase2_step(model, teacher, optimizer, batch, small,
+                                                                         args.device)
+        variants[f"phase2_micro{args.micro_batch}_unsorted"] = lambda: phase2_step(
+            model, teacher, optimizer, batch, small, args.device, sort=False)
     # Wall time and the process's CPU time (all its threads) of every step. CPU time is what the step
     # computes; on a shared machine it is far less disturbed by other processes than the wall clock.
     times = {name: [] for name in variants}
