@@ -102,14 +102,15 @@ def test_unparsable_math_rows_are_skipped_and_counted(tmp_path):
         {"problem": "no answer, no box", "answer": None, "solution": "it is five"},
         {"problem": "cut-off box", "answer": "", "solution": "thus \\boxed{5"},
         {"problem": "nothing at all", "solution": "five"},
+        {"problem": "NaN answer", "answer": float("nan"), "solution": "five"},
     ]
     path = write_jsonl(tmp_path / "m.jsonl", rows)
     problems, skipped = load_problems(path, RAW, "math")
     assert [(p["id"], p["answer"]) for p in problems] == [("1", "1"), ("2", "5")]
     assert skipped == {
-        "count": 3,
-        "reasons": {"no complete \\boxed{...} in 'solution'": 3},
-        "rows": [f"{path}:3", f"{path}:4", f"{path}:5"],
+        "count": 4,
+        "reasons": {"no complete \\boxed{...} in 'solution'": 4},
+        "rows": [f"{path}:3", f"{path}:4", f"{path}:5", f"{path}:6"],
     }
     only_answer = write_jsonl(tmp_path / "o.jsonl", [{"problem": "a", "answer": "1"}, {"problem": "b", "answer": " "}])
     problems, skipped = load_problems(only_answer, RAW, "math")
@@ -251,6 +252,8 @@ def test_lab_delegates_to_the_builtin_task():
     assert (sets.n1, sets.n2, sets.held_out) == lab.problem_sets(5, 6, 4, 7)
     with pytest.raises(ValueError, match="data.path is required for task 'math'"):
         load_problem_sets(DataConfig(), "math", 5, 6, 4, seed=7)
+    with pytest.raises(ValueError, match=r"unknown task 'maths'; choose one of \['code', 'lab', 'math'\]"):
+        load_problem_sets(DataConfig(), "maths", 5, 6, 4, seed=7)
 
 
 def test_math_verifier_accepts_a_loaded_row(tmp_path):

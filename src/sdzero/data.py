@@ -10,6 +10,7 @@ and counted in the summary that `load_problem_sets` returns and records in split
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -211,6 +212,8 @@ def gold_answer(where: str, row: dict, answer_field: str, solution_field: str | 
     if isinstance(value, bool) or not isinstance(value, (str, int, float, type(None))):
         got = type(value).__name__
         raise ValueError(f"{where}: field {answer_field!r} must be a string or a number, got {got}")
+    if isinstance(value, float) and math.isnan(value):  # NaN: how pandas-written files mark a missing value
+        value = None
     source = answer_field
     blank = value is None or not str(value).strip()
     if blank and solution_field and isinstance(row.get(solution_field), str):
@@ -342,6 +345,8 @@ def load_problem_sets(
     record_dir: str | Path | None = None,
 ) -> ProblemSets:
     """N1, N2 and held-out problems for a run; writes record_dir/split.json when record_dir is given."""
+    if task not in DEFAULT_INSTRUCTIONS:
+        raise ValueError(f"unknown task {task!r}; choose one of {sorted(DEFAULT_INSTRUCTIONS)}")
     source, held_source = {"path": data.path, "name": data.name, "split": data.split}, None
     if data.path is None:
         if task != "lab":
