@@ -10,6 +10,7 @@ model, its tokenizer, peft, the checkpoint folder) is real.
 """
 
 import copy
+import os
 import sys
 import types
 from pathlib import Path
@@ -19,8 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sdzero import lab
-from sdzero.generation import (Generator, Sample, SamplingConfig, VLLMGenerator, checkpoint_weights,
-                               make_generator)
+from sdzero.generation import Generator, Sample, SamplingConfig, VLLMGenerator, checkpoint_weights, make_generator
 from sdzero.prompts import end_of_turn_ids, generator_prompt_ids
 
 
@@ -142,8 +142,6 @@ def fake_vllm(monkeypatch):
 
 
 def test_vllm_engine_starts_from_the_model_weights(fake_vllm, lab_model_and_tokenizer):
-    import os
-
     model, tokenizer = lab_model_and_tokenizer
     sampling = SamplingConfig(vllm_gpu_memory_utilization=0.25)
     generator = VLLMGenerator(model, tokenizer, sampling)
@@ -220,12 +218,13 @@ def test_lora_weights_are_pushed_merged_without_touching_the_model(fake_vllm, la
     from peft import LoraConfig, get_peft_model
 
     model, tokenizer = lab_model_and_tokenizer
-    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["norm"])
+    peft_model = get_peft_model(copy.deepcopy(model), config)
     torch.manual_seed(0)
-    with torch.no_grad():  # lora_B starts at zero; make the adapter matter
+    with torch.no_grad():  # lora_B starts at zero and the saved copies equal the originals: make both matter
         for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.1)
+            if "lora_B" in name or "modules_to_save" in name:
+                param.add_(torch.randn_like(param) * 0.1)
     before = {n: p.clone() for n, p in peft_model.named_parameters()}
     reference = copy.deepcopy(peft_model).merge_and_unload()
 

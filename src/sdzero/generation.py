@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -137,34 +137,37 @@ class Generator:
 # vLLM backend
 
 
+def plain_model(model):
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def checkpoint_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs of `model` under the names its plain `save_pretrained` checkpoint uses.
 
-    These are the names vLLM's `load_weights` expects. A peft LoRA model yields its merged weights
-    (base + scaled B @ A) computed on the fly: the model itself is not touched, so merging and
-    unmerging never round the base weights. Tied weights appear once, as in `named_parameters`.
+    These are the names vLLM's `load_weights` expects. LoRA layers (peft) give their merged weight,
+    base + scaled B @ A, computed on the side: the model itself is not touched, so merging and unmerging
+    never round the base weights. Tied weights appear once, as in `named_parameters`.
     """
-    if not hasattr(model, "peft_config"):
-        yield from ((name, param.detach()) for name, param in model.named_parameters())
-        return
-    base = model.get_base_model()
+    base = plain_model(model)
     merged = {}
     for module_name, module in base.named_modules():
         if not (hasattr(module, "base_layer") and hasattr(module, "get_delta_weight")) or module.merged:
             continue
-        adapters = [a for a in module.active_adapters if a in module.lora_A or a in getattr(module, "lora_embedding_A", {})]
+        adapters = [a for a in module.active_adapters if a in module.lora_A or a in module.lora_embedding_A]
         if any(module.use_dora.get(a) for a in adapters):
             raise NotImplementedError("pushing DoRA adapters into vLLM is not supported; use plain LoRA")
         weight = module.base_layer.weight.detach()
         for adapter in adapters:
             weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
         merged[f"{module_name}.base_layer.weight"] = weight
+    adapter_names = list(getattr(model, "peft_config", {}))
     for name, param in base.named_parameters():
         if ".lora_" in name or ".original_module." in name:
             continue  # adapter factors are folded in above; modules_to_save keeps its trained copy
         tensor = merged.get(name, param.detach())
         name = name.replace(".base_layer.", ".")
-        for adapter in model.peft_config:
+        for adapter in adapter_names:
             name = name.replace(f".modules_to_save.{adapter}.", ".")
         yield name, tensor
 
@@ -201,8 +204,7 @@ class VLLMGenerator:
         if model_path is None:
             self._folder = tempfile.TemporaryDirectory(prefix="sdzero-vllm-")
             model_path = self._folder.name
-            base = model.get_base_model() if hasattr(model, "peft_config") else model
-            base.save_pretrained(model_path, state_dict=dict(checkpoint_weights(model)))
+            plain_model(model).save_pretrained(model_path, state_dict=dict(checkpoint_weights(model)))
             tokenizer.save_pretrained(model_path)
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         self.llm = LLM(model=model_path, tokenizer=model_path, dtype=dtype,
@@ -216,7 +218,7 @@ class VLLMGenerator:
         s = self.sampling
         greedy = s.temperature == 0
         params = SamplingParams(
-            # Greedy answers are all the same: decode one and repeat it (some vLLM releases refuse n > 1).
+            # Greedy answers to one context are all the same: decode one and repeat it.
             n=1 if greedy else n, temperature=s.temperature, top_p=1.0 if greedy else s.top_p,
             max_tokens=s.max_new_tokens, stop_token_ids=sorted(self.eot_ids),
             # Stop exactly where the transformers backend stops: on the end-of-turn ids only, not on
@@ -233,9 +235,9 @@ class VLLMGenerator:
     def _to_sample(self, completion) -> Sample:
         ids = list(completion.token_ids)
         # The stop token belongs to the response (Phase 2 trains on it); add it if vLLM left it out.
-        if completion.finish_reason == "stop" and completion.stop_reason in self.eot_ids and ids[-1:] != [
-                completion.stop_reason]:
-            ids.append(completion.stop_reason)
+        stop = completion.stop_reason
+        if completion.finish_reason == "stop" and stop in self.eot_ids and ids[-1:] != [stop]:
+            ids.append(stop)
         finished = bool(ids) and ids[-1] in self.eot_ids
         return Sample(ids=ids, text=self.tokenizer.decode(ids, skip_special_tokens=True), finished=finished)
 
