@@ -147,7 +147,9 @@ def checkpoint_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
 
     These are the names vLLM's `load_weights` expects. LoRA layers (peft) give their merged weight,
     base + scaled B @ A, computed on the side: the model itself is not touched, so merging and unmerging
-    never round the base weights. Tied weights appear once, as in `named_parameters`.
+    never round the base weights. Tied weights appear once, as in `named_parameters`. Assumes the
+    in-memory names are the checkpoint names, as in dense decoders (Llama, Qwen, Mistral...); models
+    that transformers re-lays out on load (fused MoE experts) would need the reverse mapping.
     """
     base = plain_model(model)
     merged = {}
