@@ -111,8 +111,8 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
     every `cfg.eval_every` steps (on the main process). With `out_dir`, metrics go to
     out_dir/metrics.jsonl and a checkpoint to out_dir/checkpoint every `cfg.save_every` steps;
     `resume=True` continues from that checkpoint. `generator` (default: one made from `sampling`) draws
-    the rollouts; it is refreshed with the student's weights after every optimiser step. Returns a summary with the evaluation history and
-    the steps at which the teacher was synchronised.
+    the rollouts; it is refreshed with the student's weights after every optimiser step. Returns a
+    summary with the evaluation history and the steps at which the teacher was synchronised.
     """
     cfg.validate()
     if not problems:
@@ -132,7 +132,6 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
     sharded = world > 1 and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     if generator is None:
         generator = make_generator(student, tokenizer, sampling)
-    generator.refresh(student)
     # Sharded models decode in lockstep: every process runs each decoding step until all are done.
     generator.synced_gpus = sharded
     log = MetricsLog(Path(out_dir) / "metrics.jsonl", accelerator) if out_dir else None
@@ -160,6 +159,7 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
     elif log and log.main and log.path.exists():
         log.path.unlink()  # a fresh run starts a fresh log
     syncs, history = progress_state["syncs"], progress_state["history"]
+    generator.refresh(student)  # the starting (or resumed) weights
     start = time.time()
 
     def track(step: int) -> None:
