@@ -50,7 +50,8 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 
 from sdzero import lab  # noqa: E402
-from sdzero.distill import DistillConfig, frozen_copy, micro_batch_loss, micro_batch_tensors  # noqa: E402
+from sdzero.distill import DistillConfig, micro_batch_divergence, micro_batch_tensors  # noqa: E402
+from sdzero.modeling import Teacher  # noqa: E402
 from sdzero.lab.task import sample_problems, write_solution  # noqa: E402
 from sdzero.losses import per_token_divergence, teacher_topk  # noqa: E402
 from sdzero.prompts import (SEPARATOR, ControlPhrases, bridge_ids, distill_layout, end_of_turn_ids,  # noqa: E402
@@ -341,7 +342,7 @@ def sft_step(model, optimizer, batch: Batch, grad_clip: float = 1.0, marks: Mark
     if marks:
         marks.start()
     optimizer.zero_grad(set_to_none=True)
-    loss = sft_step_loss(model, batch.examples, batch.pad_id)
+    loss = sft_step_loss(model, [batch.examples], batch.pad_id)[0]
     if marks:
         marks.mark("forward_and_loss")
     loss.backward()
@@ -357,10 +358,10 @@ def sft_step(model, optimizer, batch: Batch, grad_clip: float = 1.0, marks: Mark
 def phase2_step(student, teacher, optimizer, batch: Batch, cfg: DistillConfig, device,
                 marks: Marks | None = None, plain: bool = False, sort: bool = True) -> float:
     """The body of one distill() step after generation and scoring: kept samples sorted by length, one
-    `sdzero.distill.micro_batch_loss` and backward per micro-batch, one host copy of the KL sums, clipping
+    `sdzero.distill.micro_batch_divergence` and backward per micro-batch, one host copy of the KL sums, clipping
     and the optimiser step.
 
-    `marks` times the parts of the step (the breakdown); it runs `micro_batch_loss`'s statements one by
+    `marks` times the parts of the step (the breakdown); it runs `micro_batch_divergence`'s statements one by
     one instead of calling it. `plain=True` (--plain) is the step as it was before the fast path: full
     logits at every position gathered afterwards, a full-vocabulary log-softmax before the top-k, and
     `.item()` / `.tolist()` in every micro-batch. `sort=False` keeps the samples in sampling order."""
@@ -374,7 +375,8 @@ def phase2_step(student, teacher, optimizer, batch: Batch, cfg: DistillConfig, d
     optimizer.zero_grad(set_to_none=True)
     micro_kl, plain_kl = [], []
     for i in range(0, len(kept), cfg.micro_batch_size):
-        micro = [layout for layout, _ in kept[i:i + cfg.micro_batch_size]]
+        items = kept[i:i + cfg.micro_batch_size]
+        micro = [layout for layout, _ in items]
         if plain:
             s_ids, s_att, t_ids, t_att, s_pos, t_pos, mask = micro_batch_tensors(micro, batch.pad_id, device)
             with torch.no_grad():
@@ -392,10 +394,10 @@ def phase2_step(student, teacher, optimizer, batch: Batch, cfg: DistillConfig, d
             loss.item()
             plain_kl += per_token.detach().masked_fill(~mask, 0).sum(1).tolist()
         elif marks is None:
-            loss, per_sample = micro_batch_loss(student, teacher, micro, n_tokens, batch.pad_id, device, cfg)
-            loss.backward()
-            micro_kl.append(per_sample)
-        else:  # micro_batch_loss, statement by statement, with a mark after each part
+            per_token = micro_batch_divergence(student, teacher, items, batch.pad_id, device, cfg)
+            (per_token.sum() / n_tokens).backward()
+            micro_kl.append(per_token.detach().sum(1))
+        else:  # micro_batch_divergence, statement by statement, with a mark after each part
             s_ids, s_att, t_ids, t_att, s_pos, t_pos, mask = micro_batch_tensors(micro, batch.pad_id, device)
             marks.mark("tensors")
             with torch.no_grad():
@@ -433,7 +435,7 @@ def phase2_config(batch: Batch, top_k: int) -> DistillConfig:
 
 def time_steps(spec: ModelSpec, batch: Batch, args, prefix: str, detail: bool = True) -> None:
     model, _ = build(spec, args.device)
-    teacher = frozen_copy(model)
+    teacher = Teacher(model)  # a frozen copy, as distill() makes it
     optimizer = make_optimizer(model, args.lr)
     cfg = phase2_config(batch, args.top_k)
     rows = len(batch.layouts)
@@ -639,7 +641,7 @@ def _memory_child(spec: ModelSpec, batch: Batch, variant: str, method: str, top_
                 for _ in range(steps):
                     sft_step(model, optimizer, batch)
             else:
-                teacher = frozen_copy(model)
+                teacher = Teacher(model)
                 cfg = phase2_config(batch, top_k)
                 for _ in range(steps):
                     phase2_step(model, teacher, optimizer, batch, cfg, device,
@@ -712,7 +714,7 @@ def run_sdzero(args, seed: int) -> dict:
 
     generation_seconds, generation_cpu_seconds, cpu_ends, longest = [], [], [], []
 
-    class TimedGenerator(Generator):  # times the rollouts without touching distill()
+    class TimedGenerator(Generator):  # the transformers backend, timed, in place of distill()'s make_generator
         def sample(self, *a, **k):
             start, cpu_start = time.perf_counter(), time.process_time()
             out = super().sample(*a, **k)
@@ -734,8 +736,8 @@ def run_sdzero(args, seed: int) -> dict:
     cfg = DistillConfig(prompts_per_step=args.e2e_prompts, micro_batch_size=args.e2e_micro_batch,
                         max_steps=args.e2e_steps, lr=args.lr, warmup_steps=0, top_k=args.top_k or None)
     torch.manual_seed(seed)
-    originals = distill_module.Generator, distill_module.MetricsLog
-    distill_module.Generator, distill_module.MetricsLog = TimedGenerator, CpuClockLog
+    originals = distill_module.make_generator, distill_module.MetricsLog
+    distill_module.make_generator, distill_module.MetricsLog = TimedGenerator, CpuClockLog
     try:
         with tempfile.TemporaryDirectory() as out:
             cpu_ends.append(time.process_time())
@@ -743,7 +745,7 @@ def run_sdzero(args, seed: int) -> dict:
                                    out_dir=out, seed=seed, progress=False)
             records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     finally:
-        distill_module.Generator, distill_module.MetricsLog = originals
+        distill_module.make_generator, distill_module.MetricsLog = originals
     records = [r for r in records if "loss" in r]
     ends = [r["seconds"] for r in records]
     step_s = [b - a for a, b in zip([0.0] + ends, ends)]
