@@ -11,7 +11,8 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from sdzero.distill import DistillConfig, frozen_copy, micro_batch_loss, micro_batch_tensors
+from sdzero.distill import DistillConfig, micro_batch_divergence, micro_batch_tensors
+from sdzero.modeling import Teacher, frozen_copy
 from sdzero.losses import per_token_divergence
 from sdzero.prompts import ControlPhrases, bridge_ids, distill_layout, end_of_turn_ids, generator_prompt_ids
 from sdzero.training import gather_positions, logits_at
@@ -31,6 +32,12 @@ def plain_step_loss(student, teacher, layouts, pad_id, cfg):
     per_token = per_token_divergence(s_logits, t_values.float(), t_indices, divergence=cfg.divergence,
                                      mixed_weight=cfg.mixed_weight, tail_bucket=cfg.tail_bucket)
     return per_token[mask].sum() / mask.sum(), per_token.detach().masked_fill(~mask, 0).sum(1)
+
+
+def micro_batch_loss(student, teacher, layouts, n_tokens, pad_id, cfg):
+    """As distill() uses `micro_batch_divergence`: the micro-batch's share of the step's mean, and per-sample sums."""
+    per_token = micro_batch_divergence(student, teacher, [(l, 0.0) for l in layouts], pad_id, "cpu", cfg)
+    return per_token.sum() / n_tokens, per_token.detach().sum(1)
 
 
 def lab_layouts(tokenizer, n=6, seed=0):
@@ -83,8 +90,9 @@ def grads(model):
 def models(lab_model_and_tokenizer):
     lab_model, tokenizer = lab_model_and_tokenizer
     big = tiny_big_vocab_model()
-    return {"lab": (perturbed(lab_model, 1), frozen_copy(lab_model), tokenizer),
-            "vocab4096": (perturbed(big, 2), frozen_copy(big), tokenizer)}
+    # the teacher as distill() makes it: a frozen copy behind the Teacher wrapper
+    return {"lab": (perturbed(lab_model, 1), Teacher(lab_model), tokenizer),
+            "vocab4096": (perturbed(big, 2), Teacher(big), tokenizer)}
 
 
 @pytest.mark.parametrize("name", ["lab", "vocab4096"])
@@ -120,7 +128,7 @@ def test_micro_batch_loss_matches_plain_path(models, name, divergence, top_k, ta
     total, per_sample = 0.0, torch.zeros(len(layouts))
     for start in range(0, len(order), 3):
         chunk = order[start:start + 3]
-        loss, kl = micro_batch_loss(student, teacher, [layouts[i] for i in chunk], n_tokens, pad_id, "cpu", cfg)
+        loss, kl = micro_batch_loss(student, teacher, [layouts[i] for i in chunk], n_tokens, pad_id, cfg)
         loss.backward()
         total += loss.item()
         per_sample[chunk] = kl
@@ -148,10 +156,24 @@ def test_logits_at_through_peft_wrapper(models):
     assert widths == [s_pos.shape[1]]
     # gradients reach the LoRA weights through the gathered head
     loss, _ = micro_batch_loss(wrapped, teacher, layouts, sum(l.n_targets for l in layouts), tokenizer.pad_token_id,
-                               "cpu", DistillConfig())
+                               DistillConfig())
     loss.backward()
     lora_grads = [p.grad for n, p in wrapped.named_parameters() if "lora_" in n and p.requires_grad]
     assert lora_grads and any(g is not None and g.abs().sum() > 0 for g in lora_grads)
+
+    # a LoRA student's default teacher is the same model with its adapter switched off
+    with torch.no_grad():
+        for name, param in wrapped.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)  # an adapter that changes the outputs, as after training
+    adapter_off = Teacher(wrapped)
+    assert adapter_off.adapter_off
+    _, _, t_ids, t_att, _, t_pos, _ = micro_batch_tensors(layouts, tokenizer.pad_token_id, "cpu")
+    want = gather_positions(adapter_off(input_ids=t_ids, attention_mask=t_att).logits, t_pos)
+    got = logits_at(adapter_off, t_ids, t_att, t_pos)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with_adapter = logits_at(wrapped, t_ids, t_att, t_pos)
+    assert (got - with_adapter).abs().max() > 1e-3
 
 
 def test_logits_at_falls_back_when_the_head_is_not_called_on_hidden_states(models):
@@ -195,7 +217,7 @@ def test_logits_at_through_ddp_wrapper(models, tmp_path):
     try:
         wrapped = DistributedDataParallel(frozen_copy(student).requires_grad_(True).train())
         widths = head_input_widths(wrapped.module)
-        loss, _ = micro_batch_loss(wrapped, teacher, layouts, n_tokens, tokenizer.pad_token_id, "cpu", cfg)
+        loss, _ = micro_batch_loss(wrapped, teacher, layouts, n_tokens, tokenizer.pad_token_id, cfg)
         loss.backward()
     finally:
         dist.destroy_process_group()
