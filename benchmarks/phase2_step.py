@@ -6,17 +6,20 @@ Four measurements, each printed as ``name: value`` lines (see benchmarks/README.
    backward, gradient clipping, AdamW step) and a Phase 2 step without generation (the body of the
    ``sdzero.distill.distill`` loop, built from the same functions the trainer calls: teacher forward under
    ``no_grad`` on prompt + y + bridge + y, student forward and backward, top-k divergence, clipping, AdamW
-   step) run interleaved, A, B, A, B, ..., and their medians are compared.
+   step) run interleaved, A, B, A, B, ..., and their medians are compared, in wall time and in the process's
+   CPU time (the steadier of the two on a shared machine).
 2. Peak memory of the same two steps, each in a fresh child process (multiprocessing "spawn"): the peak of
    live tensor bytes from torch's allocator records, and the rise of the process's peak RSS (see the README).
 3. End-to-end Phase 2 samples per second, generation included: ``sdzero.distill.distill`` against TRL's
-   ``GRPOTrainer`` on the same model, the same prompts, the same number of generated samples per step.
+   ``GRPOTrainer`` on the same model, the same prompts, the same number of generated samples per step and
+   the same micro-batch size, in rounds that alternate between the two.
 4. Step time and memory again with a larger random lab-architecture model and long synthetic multi-attempt
    responses, then step time alone at other response lengths on that model.
 
 ``--plain`` adds, beside the trainer's step, the step as it was before its fast path (full-vocabulary logits at
 every position, a full log-softmax before the top-k, a host copy in every micro-batch): before and after, side by
-side in one run.
+side in one run. ``--micro-batch N`` also times the step in micro-batches of N samples, sorted by length as the
+trainer cuts them and in sampling order.
 
 Run ``python benchmarks/phase2_step.py --help`` for the options; ``--quick`` is a smoke run.
 """
