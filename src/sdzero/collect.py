@@ -92,6 +92,12 @@ def collect(generator: Generator, problems: list[dict], verifier: Verifier, phra
         revisions = generator.sample(contexts, cfg.revisions_per_answer, progress=False)
 
         kept_per_problem = [0] * len(chunk)
+        # Budget: every sampled response of a problem (first answers and revisions) and its tokens.
+        sampled_tokens = [sum(len(a.ids) for a in answers) for answers in first_answers]
+        generations = [len(answers) for answers in first_answers]
+        for (i, _, _), revised in zip(to_revise, revisions):
+            sampled_tokens[i] += sum(len(s.ids) for s in revised)
+            generations[i] += len(revised)
         with revisions_path.open("a") as out:
             for (i, answer, reward), revised in zip(to_revise, revisions):
                 problem = chunk[i]
@@ -108,8 +114,10 @@ def collect(generator: Generator, problems: list[dict], verifier: Verifier, phra
                         "revised_text": sample.text, "revised_ids": sample.ids,
                     }) + "\n")
         with attempts_path.open("a") as out:
-            for problem, rewards, kept in zip(chunk, first_rewards, kept_per_problem):
-                out.write(json.dumps({"id": problem["id"], "rewards": rewards, "kept": kept}) + "\n")
+            for problem, rewards, kept, n, tokens in zip(chunk, first_rewards, kept_per_problem, generations,
+                                                         sampled_tokens):
+                out.write(json.dumps({"id": problem["id"], "rewards": rewards, "kept": kept, "generations": n,
+                                      "sampled_tokens": tokens}) + "\n")
         bar.update(len(chunk))
     bar.close()
     return collection_summary(out_dir, cfg)
@@ -126,6 +134,7 @@ def collection_summary(out_dir: Path, cfg: CollectConfig) -> dict:
         "first_answer_accuracy": sum(rewards) / max(1, len(rewards)),
         "revisions_sampled": n_revised * cfg.revisions_per_answer,
         "generations": len(rewards) + n_revised * cfg.revisions_per_answer,
+        "sampled_tokens": sum(row.get("sampled_tokens", 0) for row in attempts),
         "kept": len(revisions),
         "kept_after_wrong": sum(1 for r in revisions if r["init_reward"] < 1.0),
         "kept_after_right": sum(1 for r in revisions if r["init_reward"] >= 1.0),

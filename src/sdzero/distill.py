@@ -127,6 +127,7 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
     queue: list[dict] = []
     teacher_version, syncs, history = 0, [], []
     best, evals_since_best = float("-inf"), 0
+    generations = sampled_tokens = trained_tokens = 0  # Phase 2's budget, cumulative
     start = time.time()
 
     def track(step: int) -> None:
@@ -166,6 +167,9 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
                    for prompt, y, r in zip(prompts, rollouts, rewards)]
         kept = [(layout, r) for layout, r in zip(layouts, rewards) if layout is not None and layout.n_targets]
         n_tokens = sum(layout.n_targets for layout, _ in kept)
+        generations += len(rollouts)
+        sampled_tokens += sum(len(y.ids) for y in rollouts)
+        trained_tokens += sum(len(layout.student_ids) for layout, _ in kept)
 
         student.train()
         optimizer.zero_grad(set_to_none=True)
@@ -208,6 +212,8 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
             "sdzero/masked_out": sum(1 for l in layouts if l is None),
             "sdzero/teacher_version": teacher_version,
             "sdzero/grad_norm": grad_norm, "lr": schedule.get_last_lr()[0], "seconds": time.time() - start,
+            "budget/generations": generations, "budget/sampled_tokens": sampled_tokens,
+            "budget/trained_tokens": trained_tokens,
         }
         if log:
             log.write(record)
@@ -218,4 +224,5 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
             track(step)
     student.eval()
     return {"steps": cfg.max_steps, "history": history, "syncs": syncs, "teacher_version": teacher_version,
-            "seconds": time.time() - start}
+            "seconds": time.time() - start, "generations": generations, "sampled_tokens": sampled_tokens,
+            "trained_tokens": trained_tokens}

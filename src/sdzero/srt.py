@@ -67,7 +67,7 @@ def train_srt(model, tokenizer, rows: list[dict], phrases: ControlPhrases, cfg: 
     log = MetricsLog(Path(out_dir) / "metrics.jsonl") if out_dir else None
     pad_id = tokenizer.pad_token_id
     rng = random.Random(seed)
-    start, step = time.time(), 0
+    start, step, trained_tokens = time.time(), 0, 0
     model.train()
     for stage, stage_examples in stages:
         if not stage_examples:
@@ -91,15 +91,20 @@ def train_srt(model, tokenizer, rows: list[dict], phrases: ControlPhrases, cfg: 
                     loss = sft_step_loss(model, revision, pad_id)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                # Budget: tokens of every sequence that went through forward and backward this step.
+                sequences = (revision + generation if stage == "joint" else
+                             generation if stage == "generation" else revision)
+                trained_tokens += sum(len(c) + len(t) for c, t in sequences)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
                 schedule.step()
                 step += 1
                 if log:
                     log.write({"stage": f"srt/{stage}", "step": step, "epoch": epoch, "loss": loss.item(),
-                               "lr": schedule.get_last_lr()[0], "seconds": time.time() - start})
+                               "lr": schedule.get_last_lr()[0], "seconds": time.time() - start,
+                               "budget/trained_tokens": trained_tokens})
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
         bar.close()
     model.eval()
-    return {"tuples": len(rows), "steps": step, "seconds": time.time() - start}
+    return {"tuples": len(rows), "steps": step, "seconds": time.time() - start, "trained_tokens": trained_tokens}
