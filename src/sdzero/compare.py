@@ -179,7 +179,7 @@ def run_sdzero(model, tokenizer, cfg: RunConfig, n1, n2, verifier, budget: Budge
         eval_seconds[0] += time.time() - begin
         return accuracy
 
-    phase2 = distill(model, tokenizer, n2, verifier, phrases, cfg.sampling, distill_cfg, out_dir=out / "sdzero",
+    phase2 = distill(model, tokenizer, n2, verifier, phrases, cfg.sampling, distill_cfg, out_dir=out / "phase2",
                      seed=cfg.seed, evaluate_fn=timed_curve if distill_cfg.eval_every else None,
                      system_prompt=cfg.system_prompt, progress=progress)
     budget.excluded_seconds += eval_seconds[0]
@@ -188,6 +188,7 @@ def run_sdzero(model, tokenizer, cfg: RunConfig, n1, n2, verifier, budget: Budge
     budget.trained(phase2["trained_tokens"])
     # Phase 2 walks a shuffle of N2 an epoch at a time, so its first len(N2) prompts are distinct.
     budget.question_ids.update(f"phase2-prompt-{i}" for i in range(min(len(n2), phase2["generations"])))
+    write_sdzero_metrics(out, collection, srt["trained_tokens"])
     curve = [{"generations": phase1_generations + h["step"] * distill_cfg.prompts_per_step,
               "accuracy": h["accuracy"], "step": h["step"]} for h in phase2["history"]]
     if not curve or curve[-1]["step"] != distill_cfg.max_steps:
@@ -195,6 +196,22 @@ def run_sdzero(model, tokenizer, cfg: RunConfig, n1, n2, verifier, budget: Budge
             curve.append({"generations": budget.generations, "accuracy": curve_fn(model),
                           "step": distill_cfg.max_steps})
     return {"phase1": collection, "srt_steps": srt["steps"], "phase2_steps": distill_cfg.max_steps, "curve": curve}
+
+
+def write_sdzero_metrics(out: Path, collection: dict, srt_trained_tokens: int) -> None:
+    """SD-Zero's per-step metrics.jsonl for the whole method: SRT then Phase 2 steps, with budget counters
+    that include Phase 1's collection (the stages' own logs count only their own stage)."""
+    lines = []
+    for row in read_jsonl(out / "srt" / "metrics.jsonl"):
+        lines.append({**row, "budget/generations": collection["generations"],
+                      "budget/sampled_tokens": collection["sampled_tokens"]})
+    for row in read_jsonl(out / "phase2" / "metrics.jsonl"):
+        if "budget/generations" in row:
+            row = {**row, "budget/generations": collection["generations"] + row["budget/generations"],
+                   "budget/sampled_tokens": collection["sampled_tokens"] + row["budget/sampled_tokens"],
+                   "budget/trained_tokens": srt_trained_tokens + row["budget/trained_tokens"]}
+        lines.append(row)
+    (out / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
 def run_method(method: str, cfg: RunConfig, ccfg: CompareConfig, seed: int, out: Path, *, target: int | None,
