@@ -37,15 +37,16 @@ from pathlib import Path
 
 import yaml
 
-from sdzero import lab
 from sdzero.baselines import (GRPOBaselineConfig, RFTConfig, SDFTBaselineConfig, train_grpo, train_rft,
                               train_sdft)
 from sdzero.budget import Budget, relative_gap
 from sdzero.collect import collect
 from sdzero.config import RunConfig, _merge, config_to_yaml, from_dict
+from sdzero.data import DataConfig, load_problem_sets
 from sdzero.distill import distill
 from sdzero.evaluate import evaluate
 from sdzero.generation import Generator
+from sdzero.pipeline import load_run_model, trainable
 from sdzero.srt import train_srt
 from sdzero.training import read_jsonl, seed_everything
 from sdzero.verifiers import get_verifier
@@ -167,8 +168,9 @@ def run_sdzero(model, tokenizer, cfg: RunConfig, n1, n2, verifier, budget: Budge
     tuples = read_jsonl(out / "phase1" / "revisions.jsonl")
     if not tuples:
         raise ValueError("SD-Zero's Phase 1 kept no verified revision; there is nothing for SRT to train on")
+    model = trainable(model, cfg)
     srt = train_srt(model, tokenizer, tuples, phrases, cfg.srt, out_dir=out / "srt", seed=cfg.seed,
-                    system_prompt=cfg.system_prompt, progress=progress)
+                    system_prompt=cfg.system_prompt, progress=progress, log_config=cfg.log)
     budget.trained(srt["trained_tokens"])
     phase1_generations = budget.generations
     eval_seconds = [0.0]
@@ -179,9 +181,10 @@ def run_sdzero(model, tokenizer, cfg: RunConfig, n1, n2, verifier, budget: Budge
         eval_seconds[0] += time.time() - begin
         return accuracy
 
+    model = trainable(model, cfg)
     phase2 = distill(model, tokenizer, n2, verifier, phrases, cfg.sampling, distill_cfg, out_dir=out / "phase2",
                      seed=cfg.seed, evaluate_fn=timed_curve if distill_cfg.eval_every else None,
-                     system_prompt=cfg.system_prompt, progress=progress)
+                     system_prompt=cfg.system_prompt, progress=progress, log_config=cfg.log)
     budget.excluded_seconds += eval_seconds[0]
     budget.generations += phase2["generations"]
     budget.sampled_tokens += phase2["sampled_tokens"]
@@ -195,7 +198,8 @@ def run_sdzero(model, tokenizer, cfg: RunConfig, n1, n2, verifier, budget: Budge
         with budget.excluded():
             curve.append({"generations": budget.generations, "accuracy": curve_fn(model),
                           "step": distill_cfg.max_steps})
-    return {"phase1": collection, "srt_steps": srt["steps"], "phase2_steps": distill_cfg.max_steps, "curve": curve}
+    return model, {"phase1": collection, "srt_steps": srt["steps"], "phase2_steps": distill_cfg.max_steps,
+                   "curve": curve}
 
 
 def write_sdzero_metrics(out: Path, collection: dict, srt_trained_tokens: int) -> None:
@@ -217,13 +221,13 @@ def write_sdzero_metrics(out: Path, collection: dict, srt_trained_tokens: int) -
 def run_method(method: str, cfg: RunConfig, ccfg: CompareConfig, seed: int, out: Path, *, target: int | None,
                progress: bool, log) -> dict:
     """Train one method from the base model for one seed; returns its results row."""
-    from sdzero.pipeline import load_model
-
     seed_everything(seed)
     verifier = get_verifier(cfg.task)
-    n1, n2, held_out = lab.problem_sets(cfg.n_phase1, cfg.n_phase2, cfg.eval.n_problems, seed)
+    data = getattr(cfg, "data", None) or DataConfig()  # the built-in lab problems unless data.path is set
+    sets = load_problem_sets(data, cfg.task, cfg.n_phase1, cfg.n_phase2, cfg.eval.n_problems, seed)
+    n1, n2, held_out = sets.n1, sets.n2, sets.held_out
     curve_problems = held_out[:cfg.eval.curve_problems]
-    model, tokenizer = load_model(cfg.model)
+    model, tokenizer = load_run_model(cfg)
     method_dir = out / f"seed{seed}" / method
 
     def curve_fn(m) -> float:
@@ -234,7 +238,7 @@ def run_method(method: str, cfg: RunConfig, ccfg: CompareConfig, seed: int, out:
     if method == "base":
         summary = {"curve": [{"generations": 0, "accuracy": curve_fn(model)}]}
     elif method == "sdzero":
-        summary = run_sdzero(model, tokenizer, cfg, n1, n2, verifier, budget, method_dir,
+        model, summary = run_sdzero(model, tokenizer, cfg, n1, n2, verifier, budget, method_dir,
                              target=ccfg.budget, curve_fn=curve_fn, progress=progress)
     else:
         n_questions = baseline_questions(method, target, ccfg)
@@ -246,6 +250,7 @@ def run_method(method: str, cfg: RunConfig, ccfg: CompareConfig, seed: int, out:
         questions = pool[:n_questions]
         log(f"[seed {seed}] {method}: {n_questions} questions x {per_question(method, ccfg)} "
             f"= {n_questions * per_question(method, ccfg)} generations (target {target})")
+        model = trainable(model, cfg)  # the same LoRA / gradient checkpointing settings as SD-Zero
         common = dict(seed=seed, evaluate_fn=curve_fn, system_prompt=cfg.system_prompt, progress=progress)
         if method == "rft":
             summary = train_rft(model, tokenizer, questions, verifier, Generator(model, tokenizer, cfg.sampling),
@@ -274,8 +279,6 @@ def run_method(method: str, cfg: RunConfig, ccfg: CompareConfig, seed: int, out:
 
 def compare(cfg: RunConfig, ccfg: CompareConfig, out_dir: str | Path, *, progress: bool = True, log=print) -> dict:
     """Run every method for every seed (skipping those already in results.jsonl); write and return the report."""
-    if cfg.task != "lab":
-        raise ValueError(f"compare runs on the built-in lab task; got task={cfg.task!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(config_to_yaml(cfg) + yaml.safe_dump({"compare": dataclasses.asdict(ccfg)},

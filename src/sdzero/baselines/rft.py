@@ -70,7 +70,7 @@ def fine_tune(model, tokenizer, examples: list[tuple], cfg: RFTConfig, *, seed: 
         order = rng.sample(range(len(examples)), len(examples))
         for i in range(0, len(order), cfg.batch_size):
             batch = [examples[j] for j in order[i:i + cfg.batch_size]]
-            loss = sft_step_loss(model, batch, tokenizer.pad_token_id)
+            loss = sft_step_loss(model, [batch], tokenizer.pad_token_id)[0]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
