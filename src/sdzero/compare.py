@@ -31,7 +31,6 @@ import dataclasses
 import json
 import math
 import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,8 +148,9 @@ def check_budget(method: str, planned: int, target: int, tolerance: float) -> No
 
 
 def run_sdzero(model, tokenizer, cfg: RunConfig, n1, n2, verifier, budget: Budget, out: Path, *, target: int | None,
-               curve_fn, progress: bool) -> dict:
-    """SD-Zero through the pipeline's stages, billing Phase 1 (first answers + revisions) and Phase 2."""
+               curve_fn, progress: bool) -> tuple[object, dict]:
+    """SD-Zero through the pipeline's stages, billing Phase 1 (first answers + revisions) and Phase 2;
+    returns the trained model and a summary."""
     generator = Generator(model, tokenizer, cfg.sampling)
     phrases = cfg.phrases()
     collection = collect(generator, n1, verifier, phrases, out / "phase1", cfg.collect,
@@ -173,19 +173,15 @@ def run_sdzero(model, tokenizer, cfg: RunConfig, n1, n2, verifier, budget: Budge
                     system_prompt=cfg.system_prompt, progress=progress, log_config=cfg.log)
     budget.trained(srt["trained_tokens"])
     phase1_generations = budget.generations
-    eval_seconds = [0.0]
 
-    def timed_curve(student) -> float:
-        begin = time.time()
-        accuracy = curve_fn(student)
-        eval_seconds[0] += time.time() - begin
-        return accuracy
+    def unbilled_curve(student) -> float:
+        with budget.excluded():
+            return curve_fn(student)
 
     model = trainable(model, cfg)
     phase2 = distill(model, tokenizer, n2, verifier, phrases, cfg.sampling, distill_cfg, out_dir=out / "phase2",
-                     seed=cfg.seed, evaluate_fn=timed_curve if distill_cfg.eval_every else None,
+                     seed=cfg.seed, evaluate_fn=unbilled_curve if distill_cfg.eval_every else None,
                      system_prompt=cfg.system_prompt, progress=progress, log_config=cfg.log)
-    budget.excluded_seconds += eval_seconds[0]
     budget.generations += phase2["generations"]
     budget.sampled_tokens += phase2["sampled_tokens"]
     budget.trained(phase2["trained_tokens"])
@@ -397,7 +393,8 @@ def markdown_table(report: dict) -> str:
         reach_text = "not reached" if "generations_to_reach_grpo_final" in m and reach is None else \
             (f"{reach:.0f}" if reach is not None else "")
         lines.append(f"| {name} | {m['accuracy']:.3f} ± {m['accuracy_std']:.3f} | {m['generations']:.0f} | "
-                     f"{m['sampled_tokens']:.0f} | {m['trained_tokens']:.0f} | {m['wall_seconds']:.0f} | {reach_text} |")
+                     f"{m['sampled_tokens']:.0f} | {m['trained_tokens']:.0f} | {m['wall_seconds']:.0f} | "
+                     f"{reach_text} |")
     seeds = ", ".join(map(str, report["seeds"]))
     lines.append("")
     lines.append(f"{report['metric']} on {report['n_eval_problems']} held-out problems; seeds {seeds}; "
