@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--teacher", default="srt", help="teacher stage folder in the run (default: %(default)s)")
     inspect.add_argument("--quiet", action="store_true")
 
+    _compare_parser(commands)
+
     lab = commands.add_parser("lab", help="the built-in lab task and base model")
     lab_commands = lab.add_subparsers(dest="lab_command", required=True, metavar="LAB_COMMAND")
     pretrain = lab_commands.add_parser("pretrain", help="train the lab base model from scratch (~6 CPU minutes)")
@@ -245,8 +247,45 @@ def cmd_lab(args) -> None:
             print(f"{problem.text}\n  {write_solution(problem)}")
 
 
-COMMANDS = {"demo": cmd_demo, "run": cmd_demo, "collect": cmd_collect, "srt": cmd_srt, "distill": cmd_distill, "eval": cmd_eval,
-            "inspect": cmd_inspect, "lab": cmd_lab}
+# sdzero compare: SD-Zero vs RFT / GRPO / SDFT at a matched sample budget.
+def _compare_parser(commands) -> None:
+    compare = commands.add_parser("compare", help="SD-Zero vs RFT, GRPO and SDFT at the same sample budget",
+                                  description="Runs each method from the same base model on the same questions with "
+                                              "matched generations, evaluates all with the same avg@k, and writes "
+                                              "OUT/report.json, OUT/report.md and OUT/sample_efficiency.png.")
+    compare.add_argument("--out", type=Path, required=True, help="run directory (a re-run resumes it)")
+    compare.add_argument("--config", type=Path, default=DEMO_CONFIG,
+                         help="YAML run configuration with an optional compare: section (default: %(default)s)")
+    compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                         help="override one field, e.g. --set compare.grpo.lr=1e-5 (repeatable)")
+    compare.add_argument("--methods", help="comma-separated subset of sdzero,rft,grpo,sdft")
+    compare.add_argument("--seeds", type=int, help="number of seeds")
+    compare.add_argument("--seed", type=int, help="first seed")
+    compare.add_argument("--budget", type=int, help="total generations per method (default: SD-Zero's actual count)")
+    compare.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def cmd_compare(args) -> None:
+    import torch
+
+    from sdzero.compare import compare, load_compare_config, markdown_table
+
+    overrides = list(args.overrides)
+    for flag, key in (("methods", "compare.methods"), ("seeds", "compare.seeds"), ("budget", "compare.budget"),
+                      ("seed", "seed")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    cfg, ccfg = load_compare_config(args.config, overrides)
+    # OMP_NUM_THREADS, when set, caps the threads (e.g. on a shared machine).
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, min(os.cpu_count() or 1, 8)))
+    report = compare(cfg, ccfg, args.out, progress=not args.quiet)
+    print("\n" + markdown_table(report))
+    print(f"wrote {args.out / 'report.json'}, {args.out / 'report.md'} and {args.out / 'sample_efficiency.png'}")
+
+
+COMMANDS = {"demo": cmd_demo, "run": cmd_demo, "collect": cmd_collect, "srt": cmd_srt, "distill": cmd_distill,
+            "eval": cmd_eval, "inspect": cmd_inspect, "lab": cmd_lab, "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -91,6 +91,12 @@ def collect(generator: Generator, problems: list[dict], verifier: Verifier, phra
         revisions = generator.sample(contexts, cfg.revisions_per_answer, progress=False)
 
         kept_rows: list[list[dict]] = [[] for _ in chunk]
+        # Budget: every sampled response of a problem (first answers and revisions) and its tokens.
+        sampled_tokens = [sum(len(a.ids) for a in answers) for answers in first_answers]
+        generations = [len(answers) for answers in first_answers]
+        for (i, _, _), revised in zip(to_revise, revisions):
+            sampled_tokens[i] += sum(len(s.ids) for s in revised)
+            generations[i] += len(revised)
         for (i, answer, reward), revised in zip(to_revise, revisions):
             problem = chunk[i]
             for sample in revised:
@@ -106,10 +112,11 @@ def collect(generator: Generator, problems: list[dict], verifier: Verifier, phra
                 })
         # Per problem: its revisions, then its attempts line, which marks it done.
         with revisions_path.open("a") as revisions_out, attempts_path.open("a") as attempts_out:
-            for problem, rewards, rows in zip(chunk, first_rewards, kept_rows):
+            for problem, rewards, rows, n, tokens in zip(chunk, first_rewards, kept_rows, generations, sampled_tokens):
                 revisions_out.writelines(json.dumps(row) + "\n" for row in rows)
                 revisions_out.flush()
-                attempts_out.write(json.dumps({"id": problem["id"], "rewards": rewards, "kept": len(rows)}) + "\n")
+                attempts_out.write(json.dumps({"id": problem["id"], "rewards": rewards, "kept": len(rows),
+                                               "generations": n, "sampled_tokens": tokens}) + "\n")
                 attempts_out.flush()
         bar.update(len(chunk))
     bar.close()
@@ -140,6 +147,7 @@ def collection_summary(out_dir: Path, cfg: CollectConfig) -> dict:
         "first_answer_accuracy": sum(rewards) / max(1, len(rewards)),
         "revisions_sampled": n_revised * cfg.revisions_per_answer,
         "generations": len(rewards) + n_revised * cfg.revisions_per_answer,
+        "sampled_tokens": sum(row.get("sampled_tokens", 0) for row in attempts),
         "kept": len(revisions),
         "kept_after_wrong": sum(1 for r in revisions if r["init_reward"] < 1.0),
         "kept_after_right": sum(1 for r in revisions if r["init_reward"] >= 1.0),

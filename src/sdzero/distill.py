@@ -136,7 +136,7 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
     rng = random.Random(seed)
     queue: list[int] = []
     progress_state = {"step": 0, "teacher_version": 0, "syncs": [], "history": [], "best": None,
-                      "evals_since_best": 0}
+                      "evals_since_best": 0, "budget": {"generations": 0, "sampled_tokens": 0, "trained_tokens": 0}}
     if resume:
         if checkpoint_dir is None:
             raise ValueError("resume needs out_dir, where the checkpoint lives")
@@ -144,7 +144,7 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
         if state is None:
             accelerator.print(f"no checkpoint in {checkpoint_dir}: Phase 2 starts from step 0")
         else:
-            progress_state.update({k: state[k] for k in progress_state})
+            progress_state.update({k: state[k] for k in progress_state if k in state})
             queue = state["queue"]
             rng.setstate((state["rng"][0], tuple(state["rng"][1]), state["rng"][2]))
             if state["teacher_version"] > 0:
@@ -241,7 +241,12 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
         stats[LENGTH] = sum(len(y.ids) for y in rollouts)
         stats[TRUNCATED] = sum(1 for l in layouts if l is not None and l.truncated)
         stats[MASKED] = sum(1 for l in layouts if l is None)
+        stats[TRAINED] = sum(len(l.student_ids) for l, _ in kept) if n_tokens else 0
         stats = accelerator.reduce(stats).tolist()
+        budget = progress_state["budget"]  # Phase 2's sample budget, cumulative
+        budget["generations"] += int(stats[ROLLOUTS])
+        budget["sampled_tokens"] += int(stats[LENGTH])
+        budget["trained_tokens"] += int(stats[TRAINED])
         kl = (stats[KL_WRONG] + stats[KL_RIGHT]) / max(1.0, n_tokens)
         record = {
             "stage": "distill", "step": step, "loss": kl,
@@ -254,6 +259,7 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
             "sdzero/masked_out": int(stats[MASKED]),
             "sdzero/teacher_version": progress_state["teacher_version"],
             "sdzero/grad_norm": grad_norm, "lr": schedule.get_last_lr()[0], "seconds": time.time() - start,
+            **{f"budget/{key}": value for key, value in budget.items()},
         }
         if log:
             log.write(record)
@@ -268,12 +274,13 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
     student.eval()
     finish_trackers(accelerator)
     return {"steps": cfg.max_steps, "history": history, "syncs": syncs,
-            "teacher_version": progress_state["teacher_version"], "seconds": time.time() - start}
+            "teacher_version": progress_state["teacher_version"], "seconds": time.time() - start,
+            **progress_state["budget"]}
 
 
 # Per-step counters summed across processes (indices into one tensor, so one reduction per step).
-STATS = 9
-REWARD, ROLLOUTS, LENGTH, TRUNCATED, MASKED, KL_WRONG, TOKENS_WRONG, KL_RIGHT, TOKENS_RIGHT = range(9)
+STATS = 10
+REWARD, ROLLOUTS, LENGTH, TRUNCATED, MASKED, KL_WRONG, TOKENS_WRONG, KL_RIGHT, TOKENS_RIGHT, TRAINED = range(10)
 
 
 def micro_batch_divergence(model, teacher: Teacher, micro: list[tuple[DistillLayout, float]], pad_id: int, device,

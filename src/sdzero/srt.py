@@ -74,7 +74,7 @@ def train_srt(model, tokenizer, rows: list[dict], phrases: ControlPhrases, cfg: 
                   ("revision", examples)]
     checkpoint_dir = Path(out_dir) / "checkpoint" if out_dir else None
     pad_id = tokenizer.pad_token_id
-    start, step, resumed = time.time(), 0, None
+    start, step, resumed, trained_tokens = time.time(), 0, None, 0
     for stage_index, (stage, stage_examples) in enumerate(stages):
         if not stage_examples:
             continue
@@ -116,6 +116,11 @@ def train_srt(model, tokenizer, rows: list[dict], phrases: ControlPhrases, cfg: 
                 # This process's slice of the batch (a process left without one repeats the batch's first).
                 indices = order[i:i + cfg.batch_size][rank::world] or order[i:i + 1]
                 batch = [stage_examples[j] for j in indices]
+                # Budget: tokens of the whole batch (all processes) that go through forward and backward.
+                for j in order[i:i + cfg.batch_size]:
+                    rev, gen = stage_examples[j]
+                    used = (rev, gen) if stage == "joint" else (gen,) if stage == "generation" else (rev,)
+                    trained_tokens += sum(len(c) + len(t) for c, t in used)
                 revision, generation = [b[0] for b in batch], [b[1] for b in batch]
                 if stage == "joint":
                     loss = sum(sft_step_loss(wrapped, [revision, generation], pad_id))
@@ -132,7 +137,8 @@ def train_srt(model, tokenizer, rows: list[dict], phrases: ControlPhrases, cfg: 
                 if log:
                     log.write({"stage": f"srt/{stage}", "step": step, "epoch": epoch,
                                "loss": accelerator.reduce(loss.detach(), "mean").item(),
-                               "lr": schedule.get_last_lr()[0], "seconds": time.time() - start})
+                               "lr": schedule.get_last_lr()[0], "seconds": time.time() - start,
+                               "budget/trained_tokens": trained_tokens})
                 if checkpoint_dir and cfg.save_every and step % cfg.save_every == 0:
                     save_checkpoint(accelerator, checkpoint_dir,
                                     {"stage_index": stage_index, "step": step, "stage_step": stage_step})
@@ -141,4 +147,4 @@ def train_srt(model, tokenizer, rows: list[dict], phrases: ControlPhrases, cfg: 
         bar.close()
         finish_trackers(accelerator)
     model.eval()
-    return {"tuples": len(rows), "steps": step, "seconds": time.time() - start}
+    return {"tuples": len(rows), "steps": step, "seconds": time.time() - start, "trained_tokens": trained_tokens}

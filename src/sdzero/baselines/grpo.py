@@ -1,0 +1,86 @@
+"""GRPO baseline: TRL's GRPOTrainer (the implementation users would otherwise pick), one epoch over the
+questions, G rollouts per prompt, our verifier as the binary reward, our sampling settings.
+
+The reward function is also where the budget is counted: TRL hands it every sampled completion with
+its token ids, exactly once. Each completion then goes through one forward and backward pass
+(`num_iterations` = 1), so its prompt + completion tokens are billed as trained tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import PrinterCallback
+
+from sdzero.baselines.trl_common import BudgetCallback, question_dataset, trl_arguments
+from sdzero.budget import Budget, LearningCurve
+from sdzero.generation import SamplingConfig
+from sdzero.prompts import generator_prompt_ids
+from sdzero.training import MetricsLog
+from sdzero.verifiers import Verifier
+
+
+@dataclass
+class GRPOBaselineConfig:
+    """GRPO through TRL (DAPO-style loss, binary reward, one epoch)."""
+
+    num_generations: int = 4
+    """Rollouts G per prompt (paper: 4)."""
+    prompts_per_step: int = 32
+    """Prompts per optimiser step; the step trains on prompts_per_step x G completions."""
+    micro_batch_size: int = 32
+    """Completions per forward/backward pass (TRL's per_device_train_batch_size)."""
+    lr: float = 1e-6
+    warmup_steps: int = 0
+    beta: float = 0.0
+    """KL coefficient to the starting model (TRL's default 0: no reference model)."""
+    loss_type: str = "dapo"
+    """TRL loss aggregation; "dapo" (TRL's default) normalises over all tokens of the batch."""
+    epsilon: float = 0.2
+    """Lower clipping range of the importance ratio."""
+    epsilon_high: float = 0.28
+    """Upper clipping range (DAPO's clip-higher: 0.28)."""
+    scale_rewards: str = "group"
+    """Advantage scaling: "group" (GRPO), "batch" or "none" (Dr. GRPO)."""
+    eval_every: int | None = None
+    """Measure the learning curve every N optimiser steps."""
+
+
+def train_grpo(model, tokenizer, questions: list[dict], verifier: Verifier, sampling: SamplingConfig,
+               cfg: GRPOBaselineConfig, budget: Budget, *, out_dir: str | Path, seed: int = 0, evaluate_fn=None,
+               system_prompt: str | None = None, progress: bool = True) -> dict:
+    """Train `model` in place with TRL's GRPOTrainer; returns a summary with the learning curve."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    if not questions:
+        raise ValueError("GRPO needs at least one question; the question set is empty")
+    out_dir = Path(out_dir)
+    prompt_lengths = [len(generator_prompt_ids(tokenizer, q["problem"], system_prompt)) for q in questions]
+
+    def verifier_reward(prompts, completions, completion_ids, question_index, **_):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        budget.sampled([questions[i]["id"] for i in question_index], [len(ids) for ids in completion_ids])
+        budget.trained(sum(prompt_lengths[i] + len(ids) for i, ids in zip(question_index, completion_ids)))
+        return [verifier(text, questions[i]) for text, i in zip(texts, question_index)]
+
+    verifier_reward.__name__ = "verifier"
+    args = trl_arguments(GRPOConfig, out_dir=out_dir, sampling=sampling, num_generations=cfg.num_generations,
+                         prompts_per_step=cfg.prompts_per_step, micro_batch_size=cfg.micro_batch_size, lr=cfg.lr,
+                         warmup_steps=cfg.warmup_steps, seed=seed, progress=progress, beta=cfg.beta,
+                         loss_type=cfg.loss_type, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
+                         scale_rewards=cfg.scale_rewards, num_iterations=1)
+    curve = LearningCurve(budget, evaluate_fn)
+    callback = BudgetCallback("grpo", budget, curve, MetricsLog(out_dir / "metrics.jsonl"), cfg.eval_every)
+    trainer = GRPOTrainer(model=model, reward_funcs=verifier_reward, args=args,
+                          train_dataset=question_dataset(questions, system_prompt), processing_class=tokenizer,
+                          callbacks=[callback])
+    if not progress:
+        trainer.remove_callback(PrinterCallback)  # it prints every log line when the progress bar is off
+    trainer.train()
+    model.eval()
+    curve.point(model, step=trainer.state.global_step)
+    return {"steps": trainer.state.global_step, "curve": curve.points,
+            "settings": {"trl_loss_type": cfg.loss_type, "beta": cfg.beta, "epsilon": cfg.epsilon,
+                         "epsilon_high": cfg.epsilon_high, "scale_rewards": cfg.scale_rewards,
+                         "num_generations": cfg.num_generations, "lr": cfg.lr}}

@@ -1,0 +1,99 @@
+"""SDFT baseline: on-policy self-distillation whose teacher also sees a demonstration, run with TRL's
+experimental SDFTTrainer (it runs as it is on our setting: plain causal LM, CPU or GPU).
+
+The student samples G answers per question from the plain prompt; the teacher (by default the
+frozen starting model, TRL's "base") reads the prompt followed by the demonstration, and the
+student is pulled towards the teacher's top-k distributions over the student's own tokens. With
+data that carry only final answers (ours), the demonstration is the final answer, as in the SD-Zero
+paper's ablation; no verifier is used.
+
+Budget: TRL's generation method is wrapped to count every sampled completion; each then goes once
+through the student's forward and backward pass (prompt + completion tokens billed as trained).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import PrinterCallback
+
+from sdzero.baselines.trl_common import BudgetCallback, question_dataset, trl_arguments
+from sdzero.budget import Budget, LearningCurve
+from sdzero.generation import SamplingConfig
+from sdzero.prompts import generator_prompt_ids
+from sdzero.training import MetricsLog
+
+
+@dataclass
+class SDFTBaselineConfig:
+    """SDFT through TRL's experimental SDFTTrainer."""
+
+    num_generations: int = 4
+    """On-policy answers per question (the same G as the other baselines)."""
+    prompts_per_step: int = 32
+    micro_batch_size: int = 32
+    lr: float = 1e-6
+    warmup_steps: int = 0
+    demonstration: str = "The correct final answer is {answer}."
+    """The teacher's privileged context, formatted with the question's fields (here: only the answer)."""
+    teacher: str = "base"
+    """TRL teacher_model_kind: "base" (frozen starting model), "ema" or "live"."""
+    teacher_update_rate: float = 0.05
+    """EMA rate when teacher is "ema"."""
+    top_k: int = 100
+    """Teacher top-k support of the distillation loss (TRL's default)."""
+    alpha: float = 0.5
+    """TRL distillation_alpha: interpolation between forward and reverse KL (TRL's default 0.5)."""
+    eval_every: int | None = None
+    """Measure the learning curve every N optimiser steps."""
+
+
+def train_sdft(model, tokenizer, questions: list[dict], sampling: SamplingConfig, cfg: SDFTBaselineConfig,
+               budget: Budget, *, out_dir: str | Path, seed: int = 0, evaluate_fn=None,
+               system_prompt: str | None = None, progress: bool = True) -> dict:
+    """Train `model` in place with TRL's SDFTTrainer; returns a summary with the learning curve."""
+    from trl.experimental.sdft import SDFTConfig, SDFTTrainer
+
+    if not questions:
+        raise ValueError("SDFT needs at least one question; the question set is empty")
+    out_dir = Path(out_dir)
+    # TRL passes only prompt token ids down to generation; map them back to the questions they ask.
+    question_of_prompt = {tuple(generator_prompt_ids(tokenizer, q["problem"], system_prompt)): q["id"]
+                          for q in questions}
+
+    class CountingSDFTTrainer(SDFTTrainer):
+        def _generate(self, prompt_ids):
+            result = super()._generate(prompt_ids)
+            completion_ids = result[1]
+            budget.sampled([question_of_prompt.get(tuple(p)) for p in prompt_ids],
+                           [len(ids) for ids in completion_ids])
+            budget.trained(sum(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)))
+            return result
+
+    def demonstration(q: dict) -> str:
+        try:
+            return cfg.demonstration.format(**q)
+        except KeyError as err:
+            raise ValueError(f"sdft.demonstration names the field {err} that question {q.get('id')!r} lacks") from None
+
+    args = trl_arguments(SDFTConfig, out_dir=out_dir, sampling=sampling, num_generations=cfg.num_generations,
+                         prompts_per_step=cfg.prompts_per_step, micro_batch_size=cfg.micro_batch_size, lr=cfg.lr,
+                         warmup_steps=cfg.warmup_steps, seed=seed, progress=progress,
+                         teacher_model_kind=cfg.teacher, teacher_update_rate=cfg.teacher_update_rate,
+                         distillation_topk=cfg.top_k, distillation_alpha=cfg.alpha,
+                         max_prompt_length=None)
+    curve = LearningCurve(budget, evaluate_fn)
+    callback = BudgetCallback("sdft", budget, curve, MetricsLog(out_dir / "metrics.jsonl"), cfg.eval_every)
+    dataset = question_dataset(questions, system_prompt, privileged_context=demonstration)
+    trainer = CountingSDFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                                  callbacks=[callback])
+    if not progress:
+        trainer.remove_callback(PrinterCallback)  # it prints every log line when the progress bar is off
+    trainer.train()
+    model.eval()
+    curve.point(model, step=trainer.state.global_step)
+    return {"steps": trainer.state.global_step, "curve": curve.points,
+            "settings": {"teacher": cfg.teacher, "top_k": cfg.top_k, "alpha": cfg.alpha,
+                         "num_generations": cfg.num_generations, "lr": cfg.lr,
+                         "demonstration": cfg.demonstration}}

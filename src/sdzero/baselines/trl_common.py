@@ -1,0 +1,66 @@
+"""What the TRL-based baselines share: our questions as a TRL dataset, TRL arguments carrying our
+sampling settings, and a callback that logs the budget and measures the learning curve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from datasets import Dataset
+from transformers import TrainerCallback
+
+from sdzero.budget import Budget, LearningCurve
+from sdzero.generation import SamplingConfig
+from sdzero.training import MetricsLog
+
+
+def conversation(problem: str, system_prompt: str | None) -> list[dict]:
+    """The generator's prompt as chat messages (TRL applies the chat template as `generator_prompt_ids` does)."""
+    messages = [{"role": "user", "content": problem}]
+    if system_prompt:
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
+def question_dataset(questions: list[dict], system_prompt: str | None, **columns) -> Dataset:
+    """One row per question: its prompt, its index into `questions` (so any field reaches the verifier),
+    and extra columns given as functions of the question."""
+    return Dataset.from_list([
+        {"prompt": conversation(q["problem"], system_prompt), "question_index": i,
+         **{name: fn(q) for name, fn in columns.items()}}
+        for i, q in enumerate(questions)])
+
+
+def trl_arguments(config_class, *, out_dir: Path, sampling: SamplingConfig, num_generations: int,
+                  prompts_per_step: int, micro_batch_size: int, lr: float, warmup_steps: int, seed: int,
+                  progress: bool, **extra):
+    """TRL config for one pass over the questions: `prompts_per_step` x G completions per optimiser step,
+    our temperature / top_p / max_new_tokens, plain fp32 without gradient checkpointing, no checkpoints."""
+    completions_per_step = prompts_per_step * num_generations
+    if completions_per_step % micro_batch_size:
+        raise ValueError(f"prompts_per_step x num_generations ({completions_per_step}) must be a multiple of "
+                         f"micro_batch_size ({micro_batch_size})")
+    return config_class(
+        output_dir=str(out_dir / "trl"), num_train_epochs=1, seed=seed, data_seed=seed,
+        per_device_train_batch_size=micro_batch_size,
+        gradient_accumulation_steps=completions_per_step // micro_batch_size,
+        num_generations=num_generations, max_completion_length=sampling.max_new_tokens,
+        temperature=sampling.temperature, top_p=sampling.top_p, top_k=0,
+        learning_rate=lr, lr_scheduler_type="constant_with_warmup", warmup_steps=warmup_steps,
+        logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=not progress,
+        gradient_checkpointing=False, bf16=False, fp16=False, **extra)
+
+
+class BudgetCallback(TrainerCallback):
+    """Writes each TRL log line with the budget counters to metrics.jsonl; measures the curve every N steps."""
+
+    def __init__(self, stage: str, budget: Budget, curve: LearningCurve, log: MetricsLog | None,
+                 eval_every: int | None):
+        self.stage, self.budget, self.curve, self.log, self.eval_every = stage, budget, curve, log, eval_every
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.log and logs and "loss" in logs:
+            self.log.write({"stage": self.stage, "step": state.global_step, **logs, **self.budget.record()})
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.eval_every and state.global_step % self.eval_every == 0:
+            self.curve.point(model, step=state.global_step)

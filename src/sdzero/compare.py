@@ -1,0 +1,430 @@
+"""`sdzero compare`: SD-Zero against RFT, GRPO and SDFT from the same base model, on the same
+questions, at a matched sample budget, evaluated with the same avg@k on the same held-out problems.
+
+Budget matching (per seed), counted in generations (sampled responses):
+  * SD-Zero spends N1 x answers x (1 + revisions) in Phase 1 (every first answer is revised when
+    collect.revise_correct, the paper's choice) plus Phase 2 steps x prompts_per_step rollouts.
+  * The target T is `compare.budget` when set (then SD-Zero's Phase 2 steps are chosen, after Phase 1,
+    so that its total comes closest to T), otherwise SD-Zero's actual count in that seed (or, without
+    SD-Zero in the run, the count its configuration implies).
+  * Each baseline samples G per question on the first q questions of N1 + N2 (the same question pool
+    SD-Zero draws from, in the seed's order): q = round(T / G) for RFT; for the TRL methods q is
+    rounded to whole optimiser steps of prompts_per_step questions. A run whose actual generations
+    differ from T by more than `compare.tolerance` (5%) is refused before it trains, and the report
+    shows every method's actual budget.
+Sample-efficiency curves are measured on the first eval.curve_problems held-out problems at
+avg@eval.curve_k (the base model at 0 generations, then along each run, always at its final budget);
+those evaluations are not billed to any method. "Generations to reach GRPO" is read off the
+seed-mean curves, interpolating linearly between measured points.
+
+The run directory:
+    config.yaml               the resolved configuration
+    seed<S>/<method>/         metrics.jsonl (per step, with budget/... counters) of each method
+    seed<S>/eval/<method>.jsonl   every held-out evaluation sample with its reward
+    results.jsonl             one line per (seed, method) finished; a re-run skips those
+    report.json, report.md    the comparison; sample_efficiency.png the curves
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from sdzero.baselines import (GRPOBaselineConfig, RFTConfig, SDFTBaselineConfig, train_grpo, train_rft,
+                              train_sdft)
+from sdzero.budget import Budget, relative_gap
+from sdzero.collect import collect
+from sdzero.config import RunConfig, _merge, config_to_yaml, from_dict
+from sdzero.data import DataConfig, load_problem_sets
+from sdzero.distill import distill
+from sdzero.evaluate import evaluate
+from sdzero.generation import Generator
+from sdzero.pipeline import load_run_model, trainable
+from sdzero.srt import train_srt
+from sdzero.training import read_jsonl, seed_everything
+from sdzero.verifiers import get_verifier
+
+METHODS = ("sdzero", "rft", "grpo", "sdft")
+
+
+@dataclass
+class CompareConfig:
+    """`sdzero compare`: which methods, how many seeds, and the baselines' settings."""
+
+    methods: str = "sdzero,rft,grpo,sdft"
+    """Comma-separated methods to run (from: sdzero, rft, grpo, sdft)."""
+    seeds: int = 3
+    """Seeds run (the run seed, seed + 1, ...); each draws its own N1/N2 and sampling."""
+    budget: int | None = None
+    """Total generations per method; None = SD-Zero's actual count in each seed."""
+    tolerance: float = 0.05
+    """Largest allowed relative gap between a method's generations and the target."""
+    rft: RFTConfig = field(default_factory=RFTConfig)
+    grpo: GRPOBaselineConfig = field(default_factory=GRPOBaselineConfig)
+    sdft: SDFTBaselineConfig = field(default_factory=SDFTBaselineConfig)
+
+    def method_list(self) -> list[str]:
+        names = [m.strip() for m in self.methods.split(",") if m.strip()]
+        unknown = [m for m in names if m not in METHODS]
+        if unknown or not names:
+            raise ValueError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; "
+                             f"choose from {', '.join(METHODS)}")
+        return names
+
+    def validate(self) -> "CompareConfig":
+        self.method_list()
+        if self.seeds < 1:
+            raise ValueError(f"compare.seeds must be >= 1, got {self.seeds}")
+        if self.budget is not None and self.budget < 1:
+            raise ValueError(f"compare.budget must be >= 1 generation, got {self.budget}")
+        if not 0 < self.tolerance < 1:
+            raise ValueError(f"compare.tolerance must lie in (0, 1), got {self.tolerance}")
+        return self
+
+
+def load_compare_config(path: str | Path | None, overrides: list[str] = ()) -> tuple[RunConfig, CompareConfig]:
+    """A run configuration (the usual keys) with a `compare:` section; "compare.x=v" overrides go there."""
+    data = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path}: not valid YAML ({err})") from None
+    where = str(path) if path else "config"
+    run_data, compare_data = dataclasses.asdict(RunConfig()), dataclasses.asdict(CompareConfig())
+    data = dict(data)
+    _merge(compare_data, data.pop("compare", {}) or {}, where)
+    _merge(run_data, data, where)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} must look like section.field=value")
+        nested: dict = {}
+        cursor = nested
+        for part in key.strip().split(".")[:-1]:
+            cursor = cursor.setdefault(part, {})
+        cursor[key.strip().split(".")[-1]] = yaml.safe_load(raw)
+        target = compare_data if "compare" in nested else run_data
+        _merge(target, nested.get("compare", nested), f"override {item!r}")
+    run = from_dict(RunConfig, run_data, where).validate()
+    return run, from_dict(CompareConfig, compare_data, f"{where}: compare").validate()
+
+
+def sdzero_nominal_generations(cfg: RunConfig) -> int:
+    """SD-Zero's generations when every first answer is revised (collect.revise_correct)."""
+    per_problem = cfg.collect.answers_per_problem * (1 + cfg.collect.revisions_per_answer)
+    return cfg.n_phase1 * per_problem + cfg.distill.max_steps * cfg.distill.prompts_per_step
+
+
+def baseline_questions(method: str, target: int, ccfg: CompareConfig) -> int:
+    """How many questions a baseline samples on to spend about `target` generations."""
+    if method == "rft":
+        return max(1, round(target / ccfg.rft.samples_per_question))
+    mcfg = ccfg.grpo if method == "grpo" else ccfg.sdft
+    steps = max(1, round(target / (mcfg.prompts_per_step * mcfg.num_generations)))
+    return steps * mcfg.prompts_per_step
+
+
+def per_question(method: str, ccfg: CompareConfig) -> int:
+    return {"rft": ccfg.rft.samples_per_question, "grpo": ccfg.grpo.num_generations,
+            "sdft": ccfg.sdft.num_generations}[method]
+
+
+def check_budget(method: str, planned: int, target: int, tolerance: float) -> None:
+    gap = relative_gap(planned, target)
+    if gap > tolerance:
+        raise ValueError(f"{method} would spend {planned} generations against the matched budget of {target} "
+                         f"({gap:.1%} off, more than the {tolerance:.0%} allowed); adjust compare.budget or "
+                         f"the batch sizes")
+
+
+def run_sdzero(model, tokenizer, cfg: RunConfig, n1, n2, verifier, budget: Budget, out: Path, *, target: int | None,
+               curve_fn, progress: bool) -> tuple[object, dict]:
+    """SD-Zero through the pipeline's stages, billing Phase 1 (first answers + revisions) and Phase 2;
+    returns the trained model and a summary."""
+    generator = Generator(model, tokenizer, cfg.sampling)
+    phrases = cfg.phrases()
+    collection = collect(generator, n1, verifier, phrases, out / "phase1", cfg.collect,
+                         system_prompt=cfg.system_prompt, progress=progress)
+    budget.question_ids.update(p["id"] for p in n1)
+    budget.generations += collection["generations"]
+    budget.sampled_tokens += collection["sampled_tokens"]
+    distill_cfg = dataclasses.replace(cfg.distill)
+    if target is not None:
+        steps = round((target - collection["generations"]) / distill_cfg.prompts_per_step)
+        if steps < 1:
+            raise ValueError(f"the budget of {target} generations leaves no Phase 2 step after Phase 1's "
+                             f"{collection['generations']}; raise compare.budget or lower n_phase1")
+        distill_cfg.max_steps = steps
+    tuples = read_jsonl(out / "phase1" / "revisions.jsonl")
+    if not tuples:
+        raise ValueError("SD-Zero's Phase 1 kept no verified revision; there is nothing for SRT to train on")
+    model = trainable(model, cfg)
+    srt = train_srt(model, tokenizer, tuples, phrases, cfg.srt, out_dir=out / "srt", seed=cfg.seed,
+                    system_prompt=cfg.system_prompt, progress=progress, log_config=cfg.log)
+    budget.trained(srt["trained_tokens"])
+    phase1_generations = budget.generations
+
+    def unbilled_curve(student) -> float:
+        with budget.excluded():
+            return curve_fn(student)
+
+    model = trainable(model, cfg)
+    phase2 = distill(model, tokenizer, n2, verifier, phrases, cfg.sampling, distill_cfg, out_dir=out / "phase2",
+                     seed=cfg.seed, evaluate_fn=unbilled_curve if distill_cfg.eval_every else None,
+                     system_prompt=cfg.system_prompt, progress=progress, log_config=cfg.log)
+    budget.generations += phase2["generations"]
+    budget.sampled_tokens += phase2["sampled_tokens"]
+    budget.trained(phase2["trained_tokens"])
+    # Phase 2 walks a shuffle of N2 an epoch at a time, so its first len(N2) prompts are distinct.
+    budget.question_ids.update(f"phase2-prompt-{i}" for i in range(min(len(n2), phase2["generations"])))
+    write_sdzero_metrics(out, collection, srt["trained_tokens"])
+    curve = [{"generations": phase1_generations + h["step"] * distill_cfg.prompts_per_step,
+              "accuracy": h["accuracy"], "step": h["step"]} for h in phase2["history"]]
+    if not curve or curve[-1]["step"] != distill_cfg.max_steps:
+        with budget.excluded():
+            curve.append({"generations": budget.generations, "accuracy": curve_fn(model),
+                          "step": distill_cfg.max_steps})
+    return model, {"phase1": collection, "srt_steps": srt["steps"], "phase2_steps": distill_cfg.max_steps,
+                   "curve": curve}
+
+
+def write_sdzero_metrics(out: Path, collection: dict, srt_trained_tokens: int) -> None:
+    """SD-Zero's per-step metrics.jsonl for the whole method: SRT then Phase 2 steps, with budget counters
+    that include Phase 1's collection (the stages' own logs count only their own stage)."""
+    lines = []
+    for row in read_jsonl(out / "srt" / "metrics.jsonl"):
+        lines.append({**row, "budget/generations": collection["generations"],
+                      "budget/sampled_tokens": collection["sampled_tokens"]})
+    for row in read_jsonl(out / "phase2" / "metrics.jsonl"):
+        if "budget/generations" in row:
+            row = {**row, "budget/generations": collection["generations"] + row["budget/generations"],
+                   "budget/sampled_tokens": collection["sampled_tokens"] + row["budget/sampled_tokens"],
+                   "budget/trained_tokens": srt_trained_tokens + row["budget/trained_tokens"]}
+        lines.append(row)
+    (out / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def run_method(method: str, cfg: RunConfig, ccfg: CompareConfig, seed: int, out: Path, *, target: int | None,
+               progress: bool, log) -> dict:
+    """Train one method from the base model for one seed; returns its results row."""
+    seed_everything(seed)
+    verifier = get_verifier(cfg.task)
+    data = getattr(cfg, "data", None) or DataConfig()  # the built-in lab problems unless data.path is set
+    sets = load_problem_sets(data, cfg.task, cfg.n_phase1, cfg.n_phase2, cfg.eval.n_problems, seed)
+    n1, n2, held_out = sets.n1, sets.n2, sets.held_out
+    curve_problems = held_out[:cfg.eval.curve_problems]
+    model, tokenizer = load_run_model(cfg)
+    method_dir = out / f"seed{seed}" / method
+
+    def curve_fn(m) -> float:
+        return evaluate(Generator(m, tokenizer, cfg.sampling), curve_problems, verifier, k=cfg.eval.curve_k,
+                        system_prompt=cfg.system_prompt, progress=False)["accuracy"]
+
+    budget = Budget()
+    if method == "base":
+        summary = {"curve": [{"generations": 0, "accuracy": curve_fn(model)}]}
+    elif method == "sdzero":
+        model, summary = run_sdzero(model, tokenizer, cfg, n1, n2, verifier, budget, method_dir,
+                             target=ccfg.budget, curve_fn=curve_fn, progress=progress)
+    else:
+        n_questions = baseline_questions(method, target, ccfg)
+        pool = n1 + n2
+        if n_questions > len(pool):
+            raise ValueError(f"{method} needs {n_questions} questions for {target} generations but N1 + N2 holds "
+                             f"{len(pool)}; raise n_phase2 or lower the budget")
+        check_budget(method, n_questions * per_question(method, ccfg), target, ccfg.tolerance)
+        questions = pool[:n_questions]
+        log(f"[seed {seed}] {method}: {n_questions} questions x {per_question(method, ccfg)} "
+            f"= {n_questions * per_question(method, ccfg)} generations (target {target})")
+        model = trainable(model, cfg)  # the same LoRA / gradient checkpointing settings as SD-Zero
+        common = dict(seed=seed, evaluate_fn=curve_fn, system_prompt=cfg.system_prompt, progress=progress)
+        if method == "rft":
+            summary = train_rft(model, tokenizer, questions, verifier, Generator(model, tokenizer, cfg.sampling),
+                                ccfg.rft, budget, out_dir=method_dir, **common)
+        elif method == "grpo":
+            summary = train_grpo(model, tokenizer, questions, verifier, cfg.sampling, ccfg.grpo, budget,
+                                 out_dir=method_dir, **common)
+        else:
+            summary = train_sdft(model, tokenizer, questions, cfg.sampling, ccfg.sdft, budget,
+                                 out_dir=method_dir, **common)
+    spent = budget.summary()
+    result = evaluate(Generator(model, tokenizer, cfg.sampling), held_out, verifier, k=cfg.eval.k,
+                      system_prompt=cfg.system_prompt, samples_path=out / f"seed{seed}" / "eval" / f"{method}.jsonl",
+                      desc=f"evaluate {method}", progress=progress)
+    row = {"seed": seed, "method": method, "accuracy": result["accuracy"], "mean_length": result["mean_length"],
+           **spent, "target_generations": target, "summary": summary}
+    if method != "base":
+        if target is not None:
+            row["budget_gap"] = relative_gap(spent["generations"], target)
+        log(f"[seed {seed}] {method}: avg@{cfg.eval.k} = {result['accuracy']:.3f}, {spent['generations']} generations, "
+            f"{spent['wall_seconds']:.0f} s")
+    else:
+        log(f"[seed {seed}] base: avg@{cfg.eval.k} = {result['accuracy']:.3f}")
+    return row
+
+
+def compare(cfg: RunConfig, ccfg: CompareConfig, out_dir: str | Path, *, progress: bool = True, log=print) -> dict:
+    """Run every method for every seed (skipping those already in results.jsonl); write and return the report."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(config_to_yaml(cfg) + yaml.safe_dump({"compare": dataclasses.asdict(ccfg)},
+                                                                         sort_keys=False))
+    results_path = out / "results.jsonl"
+    done = {(r["seed"], r["method"]): r for r in read_jsonl(results_path)} if results_path.exists() else {}
+    methods = ccfg.method_list()
+    # SD-Zero first: without a fixed budget its actual count is the baselines' target.
+    order = ["base"] + [m for m in METHODS if m in methods]
+    for seed in range(cfg.seed, cfg.seed + ccfg.seeds):
+        seed_cfg = dataclasses.replace(cfg, seed=seed)
+        for method in order:
+            if (seed, method) in done:
+                continue
+            if ccfg.budget is not None:
+                target = ccfg.budget
+            elif "sdzero" in methods:
+                target = done[(seed, "sdzero")]["generations"] if (seed, "sdzero") in done else None
+            else:
+                target = sdzero_nominal_generations(cfg)
+            row = run_method(method, seed_cfg, ccfg, seed, out, target=target, progress=progress, log=log)
+            done[(seed, method)] = row
+            with results_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            write_report(out, cfg, ccfg, list(done.values()))
+    return write_report(out, cfg, ccfg, list(done.values()))
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def mean_curve(rows: list[dict], base_rows: dict) -> list[dict]:
+    """Per method, the seed-mean curve: point i averaged over the seeds (base at 0 generations first)."""
+    curves = []
+    for row in rows:
+        base = base_rows.get(row["seed"])
+        points = ([{"generations": 0, "accuracy": base["summary"]["curve"][0]["accuracy"]}] if base else [])
+        curves.append(points + row["summary"]["curve"])
+    n = min(map(len, curves))
+    out = []
+    for i in range(n):
+        gens, accs = [c[i]["generations"] for c in curves], [c[i]["accuracy"] for c in curves]
+        mean, std = _mean_std(accs)
+        out.append({"generations": statistics.fmean(gens), "accuracy_mean": mean, "accuracy_std": std})
+    return out
+
+
+def generations_to_reach(curve: list[dict], level: float) -> float | None:
+    """First budget at which the (linearly interpolated) mean curve reaches `level`; None if it never does."""
+    for i, point in enumerate(curve):
+        if point["accuracy_mean"] >= level:
+            if i == 0:
+                return point["generations"]
+            prev = curve[i - 1]
+            rise = point["accuracy_mean"] - prev["accuracy_mean"]
+            frac = (level - prev["accuracy_mean"]) / rise if rise > 0 else 1.0
+            return prev["generations"] + frac * (point["generations"] - prev["generations"])
+    return None
+
+
+def write_report(out: Path, cfg: RunConfig, ccfg: CompareConfig, rows: list[dict]) -> dict:
+    base_rows = {r["seed"]: r for r in rows if r["method"] == "base"}
+    base_mean, base_std = _mean_std([r["accuracy"] for r in base_rows.values()])
+    methods = {}
+    for name in [m for m in METHODS if m in ccfg.method_list()]:
+        mrows = sorted((r for r in rows if r["method"] == name), key=lambda r: r["seed"])
+        if not mrows:
+            continue
+        mean, std = _mean_std([r["accuracy"] for r in mrows])
+        entry = {"accuracy": mean, "accuracy_std": std, "seeds": [r["seed"] for r in mrows],
+                 "accuracy_per_seed": [r["accuracy"] for r in mrows]}
+        for key in ("questions", "generations", "sampled_tokens", "trained_tokens", "wall_seconds", "mean_length"):
+            entry[key] = statistics.fmean(r[key] for r in mrows)
+            entry[f"{key}_per_seed"] = [r[key] for r in mrows]
+        entry["target_generations_per_seed"] = [r["target_generations"] for r in mrows]
+        gaps = [r["budget_gap"] for r in mrows if r.get("budget_gap") is not None]
+        entry["max_budget_gap"] = max(gaps) if gaps else None
+        entry["curve"] = mean_curve(mrows, base_rows)
+        settings = mrows[0]["summary"].get("settings")
+        if settings:
+            entry["settings"] = settings
+        methods[name] = entry
+    if "grpo" in methods and methods["grpo"]["curve"]:
+        level = methods["grpo"]["curve"][-1]["accuracy_mean"]
+        for entry in methods.values():
+            entry["generations_to_reach_grpo_final"] = generations_to_reach(entry["curve"], level)
+    report = {
+        "base": {"accuracy": base_mean, "accuracy_std": base_std,
+                 "accuracy_per_seed": [base_rows[s]["accuracy"] for s in sorted(base_rows)]},
+        "methods": methods,
+        "metric": f"avg@{cfg.eval.k}", "k": cfg.eval.k, "n_eval_problems": cfg.eval.n_problems,
+        "seeds": sorted({r["seed"] for r in rows}),
+        "curve_metric": f"avg@{cfg.eval.curve_k} on the first {cfg.eval.curve_problems} held-out problems",
+        "budget": {"target": ccfg.budget if ccfg.budget is not None else "SD-Zero's actual generations per seed",
+                   "tolerance": ccfg.tolerance},
+        "grpo_final_curve_accuracy": methods["grpo"]["curve"][-1]["accuracy_mean"] if "grpo" in methods else None,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(markdown_table(report))
+    plot_curves(out / "sample_efficiency.png", report)
+    return report
+
+
+def markdown_table(report: dict) -> str:
+    k = report["k"]
+    lines = [f"| method | avg@{k} (mean ± std) | generations | sampled tokens | trained tokens | wall (s) | "
+             f"generations to reach GRPO's final |",
+             "|---|---|---|---|---|---|---|"]
+    base = report["base"]
+    lines.append(f"| base | {base['accuracy']:.3f} ± {base['accuracy_std']:.3f} | 0 | 0 | 0 | 0 | |")
+    for name, m in report["methods"].items():
+        reach = m.get("generations_to_reach_grpo_final")
+        reach_text = "not reached" if "generations_to_reach_grpo_final" in m and reach is None else \
+            (f"{reach:.0f}" if reach is not None else "")
+        lines.append(f"| {name} | {m['accuracy']:.3f} ± {m['accuracy_std']:.3f} | {m['generations']:.0f} | "
+                     f"{m['sampled_tokens']:.0f} | {m['trained_tokens']:.0f} | {m['wall_seconds']:.0f} | "
+                     f"{reach_text} |")
+    seeds = ", ".join(map(str, report["seeds"]))
+    lines.append("")
+    lines.append(f"{report['metric']} on {report['n_eval_problems']} held-out problems; seeds {seeds}; "
+                 f"curves: {report['curve_metric']}.")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(path: Path, report: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.8, 4.2))
+    for name, m in report["methods"].items():
+        curve = m["curve"]
+        if not curve:
+            continue
+        x = [p["generations"] for p in curve]
+        y = [p["accuracy_mean"] for p in curve]
+        s = [0.0 if math.isnan(p["accuracy_std"]) else p["accuracy_std"] for p in curve]
+        line, = ax.plot(x, y, marker="o", label=name)
+        ax.fill_between(x, [a - b for a, b in zip(y, s)], [a + b for a, b in zip(y, s)], color=line.get_color(),
+                        alpha=0.15)
+    if report.get("grpo_final_curve_accuracy") is not None:
+        ax.axhline(report["grpo_final_curve_accuracy"], linestyle=":", color="gray", label="GRPO final")
+    ax.set_xlabel("generations sampled")
+    ax.set_ylabel(f"held-out accuracy ({report['curve_metric'].split(' on ')[0]})")
+    ax.set_title(f"Sample efficiency (mean ± std over {len(report['seeds'])} seed(s))")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,119 @@
+"""`sdzero compare` end to end at CI size (real lab model, real TRL trainers, real files), the budget
+rule on those real runs, the budget counters of the stages, and the curve arithmetic."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sdzero.budget import Budget, relative_gap
+from sdzero.cli import main
+from sdzero.compare import generations_to_reach, load_compare_config
+
+CI_CONFIG = Path(__file__).parent.parent / "configs" / "compare_ci.yaml"
+
+
+@pytest.fixture(scope="module")
+def ci_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    assert main(["compare", "--config", str(CI_CONFIG), "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def read_lines(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_report_has_every_method_with_its_budget(ci_run):
+    report = json.loads((ci_run / "report.json").read_text())
+    assert report["metric"] == "avg@2" and report["k"] == 2 and report["seeds"] == [0]
+    assert 0.0 <= report["base"]["accuracy"] <= 1.0
+    assert set(report["methods"]) == {"sdzero", "rft", "grpo", "sdft"}
+    for name, m in report["methods"].items():
+        for key in ("accuracy", "accuracy_std", "generations", "sampled_tokens", "trained_tokens", "wall_seconds"):
+            assert isinstance(m[key], (int, float)), (name, key)
+        assert 0.0 <= m["accuracy"] <= 1.0 and m["wall_seconds"] > 0
+        assert m["sampled_tokens"] >= m["generations"] > 0 and m["trained_tokens"] > 0
+        # the curve starts at the base model and ends at the method's final budget
+        assert m["curve"][0]["generations"] == 0
+        assert m["curve"][-1]["generations"] == m["generations"]
+    assert "| sdzero |" in (ci_run / "report.md").read_text()
+    assert (ci_run / "sample_efficiency.png").stat().st_size > 1000
+
+
+def test_budgets_are_matched_within_five_percent_on_the_real_runs(ci_run):
+    rows = read_lines(ci_run / "results.jsonl")
+    sdzero = next(r for r in rows if r["method"] == "sdzero")
+    # SD-Zero: 16 Phase 1 problems x (1 answer + 3 revisions) + 2 Phase 2 steps x 8 prompts
+    assert sdzero["generations"] == 16 * 4 + 2 * 8
+    for row in rows:
+        if row["method"] in ("rft", "grpo", "sdft"):
+            assert row["target_generations"] == sdzero["generations"]
+            assert relative_gap(row["generations"], sdzero["generations"]) <= 0.05, row["method"]
+            assert row["generations"] == row["questions"] * 4  # every question got G = 4 samples
+
+
+def test_metrics_record_cumulative_budget_per_step(ci_run):
+    for method in ("sdzero", "rft", "grpo", "sdft"):
+        steps = [m for m in read_lines(ci_run / "seed0" / method / "metrics.jsonl") if "loss" in m]
+        assert steps, method
+        for key in ("budget/generations", "budget/sampled_tokens", "budget/trained_tokens"):
+            values = [m[key] for m in steps]
+            assert values == sorted(values) and values[-1] > 0, (method, key)
+    sdzero_steps = [m for m in read_lines(ci_run / "seed0" / "sdzero" / "metrics.jsonl") if "loss" in m]
+    assert sdzero_steps[0]["budget/generations"] == 64  # Phase 1 already spent
+    assert sdzero_steps[-1]["budget/generations"] == 80
+    # collection's per-problem counts add up to its summary
+    attempts = read_lines(ci_run / "seed0" / "sdzero" / "phase1" / "attempts.jsonl")
+    assert sum(a["generations"] for a in attempts) == 64
+
+
+def test_rerun_resumes_without_training_again(ci_run, capsys):
+    before = (ci_run / "results.jsonl").read_text()
+    assert main(["compare", "--config", str(CI_CONFIG), "--out", str(ci_run), "--quiet"]) == 0
+    assert (ci_run / "results.jsonl").read_text() == before
+
+
+def test_a_budget_that_cannot_be_matched_is_refused_before_training(tmp_path, capsys):
+    # GRPO trains 4 prompts x 4 rollouts = 16 generations per step: 72 falls between 64 and 80 (11% off).
+    code = main(["compare", "--config", str(CI_CONFIG), "--out", str(tmp_path), "--quiet", "--methods", "grpo",
+                 "--budget", "72"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "grpo would spend 64 generations against the matched budget of 72" in err
+    assert not (tmp_path / "seed0" / "grpo" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("compare.methods=sdzero,ppo", "unknown method(s) ppo"),
+    ("compare.seeds=0", "compare.seeds must be >= 1"),
+    ("compare.grpo.nonsense=1", "unknown key 'nonsense'"),
+])
+def test_bad_compare_settings_are_refused(override, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_compare_config(CI_CONFIG, [override])
+
+
+def test_budget_counts_like_a_plain_tally():
+    budget = Budget()
+    samples = [("q1", 5), ("q1", 7), ("q2", 3)]
+    for qid, length in samples:
+        budget.sampled([qid], [length])
+    budget.trained(11)
+    with budget.excluded():
+        pass
+    summary = budget.summary()
+    assert summary["questions"] == len({q for q, _ in samples})
+    assert summary["generations"] == len(samples)
+    assert summary["sampled_tokens"] == sum(n for _, n in samples)
+    assert summary["trained_tokens"] == 11
+    with pytest.raises(ValueError, match="2 question ids for 1 responses"):
+        budget.sampled(["a", "b"], [1])
+
+
+def test_generations_to_reach_interpolates_the_mean_curve():
+    curve = [{"generations": 0, "accuracy_mean": 0.5}, {"generations": 100, "accuracy_mean": 0.6},
+             {"generations": 300, "accuracy_mean": 0.8}]
+    assert generations_to_reach(curve, 0.5) == 0
+    assert generations_to_reach(curve, 0.7) == pytest.approx(100 + 0.5 * 200)
+    assert generations_to_reach(curve, 0.9) is None
