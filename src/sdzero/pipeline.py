@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from sdzero import lab
+from sdzero.cards import evaluation_figures, run_card_fields, write_model_card
 from sdzero.collect import collect
 from sdzero.config import RunConfig, config_to_yaml
 from sdzero.distill import distill
@@ -59,10 +60,13 @@ def load_model(name: str, device: str | None = None):
     return model.to(device).eval(), tokenizer
 
 
-def save_stage(model, tokenizer, path: str | Path) -> None:
-    """A stage's model as a plain save_pretrained folder (loads in transformers or vLLM as it is)."""
+def save_stage(model, tokenizer, path: str | Path, cfg: RunConfig, stage: str, evaluation: dict | None = None) -> None:
+    """A stage's model as a plain save_pretrained folder (loads in transformers or vLLM as it is), with a
+    README.md model card; `evaluation` is an `evaluate()` report of this model, when there is one."""
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    write_model_card(path, base_model=cfg.model, stage=stage, **run_card_fields(cfg, stage),
+                     evaluation=evaluation_figures(evaluation) if evaluation else None)
 
 
 def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True, log=print) -> dict:
@@ -105,8 +109,8 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True, 
 
     srt_summary = train_srt(model, tokenizer, tuples, phrases, cfg.srt, out_dir=out / "srt", seed=cfg.seed,
                             system_prompt=cfg.system_prompt, progress=progress)
-    save_stage(model, tokenizer, out / "srt")
     evaluate_stage("srt")
+    save_stage(model, tokenizer, out / "srt", cfg, "srt", results["srt"])
 
     def curve(student) -> float:
         return evaluate(Generator(student, tokenizer, cfg.sampling), curve_problems, verifier, k=cfg.eval.curve_k,
@@ -116,8 +120,8 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True, 
     distill_summary = distill(model, tokenizer, n2, verifier, phrases, cfg.sampling, cfg.distill,
                               out_dir=out / "sdzero", seed=cfg.seed, evaluate_fn=curve,
                               system_prompt=cfg.system_prompt, progress=progress)
-    save_stage(model, tokenizer, out / "sdzero")
     evaluate_stage("sdzero")
+    save_stage(model, tokenizer, out / "sdzero", cfg, "sdzero", results["sdzero"])
     report = _write_report(out, cfg, results, collection, {"srt": srt_summary, "distill": distill_summary}, start)
     plot_learning_curve(out / "learning_curve.png", distill_summary, results, cfg)
     return report
