@@ -49,7 +49,8 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 
 from sdzero import lab  # noqa: E402
-from sdzero.distill import DistillConfig, frozen_copy, gather_positions, micro_batch_tensors  # noqa: E402
+from sdzero.distill import DistillConfig, gather_positions, micro_batch_tensors  # noqa: E402
+from sdzero.modeling import frozen_copy  # noqa: E402
 from sdzero.lab.task import sample_problems, write_solution  # noqa: E402
 from sdzero.losses import per_token_divergence, teacher_topk  # noqa: E402
 from sdzero.prompts import (SEPARATOR, ControlPhrases, bridge_ids, distill_layout, end_of_turn_ids,  # noqa: E402
@@ -328,7 +329,7 @@ def sft_step(model, optimizer, batch: Batch, grad_clip: float = 1.0, marks: Mark
     if marks:
         marks.start()
     optimizer.zero_grad(set_to_none=True)
-    loss = sft_step_loss(model, batch.examples, batch.pad_id)
+    loss = sft_step_loss(model, [batch.examples], batch.pad_id)[0]
     if marks:
         marks.mark("forward_and_loss")
     loss.backward()

@@ -18,8 +18,11 @@ import yaml
 from sdzero.collect import CollectConfig
 from sdzero.distill import DistillConfig
 from sdzero.generation import SamplingConfig
+from sdzero.modeling import DTYPES, LoraConfig
 from sdzero.prompts import ControlPhrases
 from sdzero.srt import SRTConfig
+from sdzero.training import LogConfig
+from sdzero.verifiers import get_verifier
 
 
 @dataclass
@@ -40,9 +43,15 @@ class RunConfig:
     """A whole SD-Zero run: base model -> Phase 1 -> SRT -> Phase 2 -> evaluation."""
 
     model: str = "lab"
-    """Base model: "lab" (the built-in lab model), a local folder or a hub id."""
+    """Base model: "lab" (the built-in lab model), a local folder or a hub id (any causal LM whose tokenizer
+    has a chat template)."""
     task: str = "lab"
-    """Problem source and verifier; "lab" is the built-in task."""
+    """Verifier: "lab" (the built-in task), "math" (math-verify on the last \\boxed{}), "code" (tests run in the
+    sandbox), or "package.module:function" for your own reward function (completion, row) -> float."""
+    dtype: str = "auto"
+    """Weights dtype: "auto" (bf16 on a GPU that supports it, else fp32), "float32", "bfloat16" or "float16"."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
     seed: int = 0
     control_preset: str = "paper"
     """Control phrases P_r: "paper", "qwen" or "olmo"."""
@@ -60,6 +69,8 @@ class RunConfig:
     srt: SRTConfig = field(default_factory=SRTConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def phrases(self) -> ControlPhrases:
         preset = ControlPhrases.preset(self.control_preset)
@@ -68,6 +79,9 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         self.phrases()
         self.distill.validate()
+        get_verifier(self.task)
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose auto, {', '.join(DTYPES)}")
         if self.eval.k < 1:
             raise ValueError(f"eval.k must be >= 1, got {self.eval.k}")
         for name in ("n_phase1", "n_phase2"):

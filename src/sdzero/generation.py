@@ -65,6 +65,10 @@ class Generator:
         self.model.train(was_training)
         return [results[i * n:(i + 1) * n] for i in range(len(contexts))]
 
+    def refresh(self, model) -> None:
+        """Sample from `model` from now on (this backend reads the live weights: nothing to copy)."""
+        self.model = model
+
     def _sample_batch(self, contexts: list[list[int]]) -> list[Sample]:
         device = next(self.model.parameters()).device
         width = max(map(len, contexts))
@@ -92,3 +96,7 @@ class Generator:
             samples.append(Sample(ids=ids, text=self.tokenizer.decode(ids, skip_special_tokens=True),
                                   finished=finished))
         return samples
+
+
+def make_generator(model, tokenizer, sampling: SamplingConfig) -> Generator:
+    return Generator(model, tokenizer, sampling)

@@ -18,8 +18,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from sdzero import lab
 from sdzero.cards import evaluation_figures, run_card_fields, write_model_card
 from sdzero.collect import collect
@@ -27,43 +25,33 @@ from sdzero.config import RunConfig, config_to_yaml
 from sdzero.distill import distill
 from sdzero.evaluate import evaluate
 from sdzero.generation import Generator
+from sdzero.modeling import is_lora, load_model, merged_for_saving, prepare_for_training, resolve_model_path  # noqa: F401
 from sdzero.srt import train_srt
 from sdzero.training import read_jsonl, seed_everything
 from sdzero.verifiers import get_verifier
 
 
-def resolve_model_path(name: str) -> str:
-    if name == "lab":
-        if not (lab.BASE_MODEL_DIR / "config.json").exists():
-            raise FileNotFoundError(f"the lab base model is missing from {lab.BASE_MODEL_DIR}; "
-                                    f"rebuild it with: sdzero lab pretrain --out {lab.BASE_MODEL_DIR}")
-        return str(lab.BASE_MODEL_DIR)
-    path = Path(name)
-    looks_local = name.startswith((".", "/", "~")) or path.exists()
-    if looks_local and not (path.expanduser() / "config.json").exists():
-        raise FileNotFoundError(f"model folder not found or has no config.json: {name}")
-    return str(path.expanduser()) if looks_local else name
+def load_run_model(cfg: RunConfig, name: str | None = None):
+    """The run's model (or `name`) in the run's dtype, and its tokenizer."""
+    return load_model(name or cfg.model, dtype=cfg.dtype)
 
 
-def load_model(name: str, device: str | None = None):
-    """A causal LM and its tokenizer from "lab", a local save_pretrained folder or a hub id."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def trainable(model, cfg: RunConfig):
+    """The model a training stage updates: gradient checkpointing and a fresh LoRA adapter when configured.
 
-    path = resolve_model_path(name)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.chat_template is None:
-        raise ValueError(f"the tokenizer of {name} has no chat template; SD-Zero needs one to lay out turns")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval(), tokenizer
+    A LoRA adapter from an earlier stage is merged first, so each stage's adapter starts from the
+    previous stage's weights (and a Phase 2 teacher with the adapter switched off is the SRT model).
+    """
+    if is_lora(model):
+        model = model.merge_and_unload()
+    return prepare_for_training(model, gradient_checkpointing=cfg.gradient_checkpointing, lora=cfg.lora)
 
 
 def save_stage(model, tokenizer, path: str | Path, cfg: RunConfig, stage: str, evaluation: dict | None = None) -> None:
-    """A stage's model as a plain save_pretrained folder (loads in transformers or vLLM as it is), with a
-    README.md model card; `evaluation` is an `evaluate()` report of this model, when there is one."""
-    model.save_pretrained(path)
+    """A stage's model as a plain save_pretrained folder (loads in transformers or vLLM as it is;
+    LoRA adapters are merged into the weights), with a README.md model card; `evaluation` is an
+    `evaluate()` report of this model, when there is one."""
+    merged_for_saving(model).save_pretrained(path)
     tokenizer.save_pretrained(path)
     write_model_card(path, base_model=cfg.model, stage=stage, **run_card_fields(cfg, stage),
                      evaluation=evaluation_figures(evaluation) if evaluation else None)
@@ -83,7 +71,7 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True, 
     phrases = cfg.phrases()
     n1, n2, held_out = lab.problem_sets(cfg.n_phase1, cfg.n_phase2, cfg.eval.n_problems, cfg.seed)
     curve_problems = held_out[:cfg.eval.curve_problems]
-    model, tokenizer = load_model(cfg.model)
+    model, tokenizer = load_run_model(cfg)
     generator = Generator(model, tokenizer, cfg.sampling)
     results: dict[str, dict] = {}
 
@@ -107,8 +95,10 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True, 
         log("Phase 1 kept no verified revision: nothing to train SRT on. Stopping here.")
         return _write_report(out, cfg, results, collection, {}, start)
 
+    model = trainable(model, cfg)
     srt_summary = train_srt(model, tokenizer, tuples, phrases, cfg.srt, out_dir=out / "srt", seed=cfg.seed,
-                            system_prompt=cfg.system_prompt, progress=progress)
+                            system_prompt=cfg.system_prompt, progress=progress, log_config=cfg.log)
+    generator.refresh(model)
     evaluate_stage("srt")
     save_stage(model, tokenizer, out / "srt", cfg, "srt", results["srt"])
 
@@ -117,9 +107,11 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True, 
                         system_prompt=cfg.system_prompt, progress=False)["accuracy"]
 
     log(f"Phase 2: self-distillation on {len(n2)} problems, {cfg.distill.max_steps} steps")
+    model = trainable(model, cfg)
     distill_summary = distill(model, tokenizer, n2, verifier, phrases, cfg.sampling, cfg.distill,
                               out_dir=out / "sdzero", seed=cfg.seed, evaluate_fn=curve,
-                              system_prompt=cfg.system_prompt, progress=progress)
+                              system_prompt=cfg.system_prompt, progress=progress, log_config=cfg.log)
+    generator.refresh(model)
     evaluate_stage("sdzero")
     save_stage(model, tokenizer, out / "sdzero", cfg, "sdzero", results["sdzero"])
     report = _write_report(out, cfg, results, collection, {"srt": srt_summary, "distill": distill_summary}, start)
