@@ -22,7 +22,9 @@ class SamplingConfig:
     temperature: float = 1.0
     """Sampling temperature (official code 1.0; the paper 0.7)."""
     top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1.0: off)."""
     max_new_tokens: int = 256
+    """Longest sampled response, in tokens; longer ones are cut (and count as unfinished)."""
     batch_size: int = 256
     """Contexts decoded together."""
 
