@@ -102,7 +102,7 @@ def collect(generator: Generator, problems: list[dict], verifier: Verifier, phra
                     seen.add(key)
                     kept_per_problem[i] += 1
                     out.write(json.dumps({
-                        "id": problem["id"], "problem": problem["problem"], "answer": problem["answer"],
+                        "id": problem["id"], "problem": problem["problem"], "answer": problem.get("answer"),
                         "init_reward": reward, "control_phrase": phrases.for_reward(reward),
                         "init_text": answer.text, "init_ids": answer.ids,
                         "revised_text": sample.text, "revised_ids": sample.ids,

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from sdzero.collect import CollectConfig
+from sdzero.data import DataConfig
 from sdzero.distill import DistillConfig
 from sdzero.generation import SamplingConfig
 from sdzero.modeling import DTYPES, LoraConfig
@@ -32,7 +33,7 @@ class EvalConfig:
     k: int = 8
     """Samples per problem for avg@k (paper: 8)."""
     n_problems: int = 200
-    """Held-out problems evaluated (lab task)."""
+    """Held-out problems evaluated (the same ones for every run seed)."""
     curve_problems: int = 100
     """Held-out problems used for the Phase 2 learning curve (avg@curve_k)."""
     curve_k: int = 2
@@ -67,6 +68,7 @@ class RunConfig:
     """Problems for Phase 1 (N1; paper: 6K)."""
     n_phase2: int = 9000
     """Problems for Phase 2 (N2, disjoint from N1; paper: 9K)."""
+    data: DataConfig = field(default_factory=DataConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     collect: CollectConfig = field(default_factory=CollectConfig)
     srt: SRTConfig = field(default_factory=SRTConfig)

@@ -18,10 +18,10 @@ import json
 import time
 from pathlib import Path
 
-from sdzero import lab
 from sdzero.cards import evaluation_figures, run_card_fields, write_model_card
 from sdzero.collect import collect
 from sdzero.config import RunConfig, config_to_yaml
+from sdzero.data import load_problem_sets
 from sdzero.distill import distill
 from sdzero.evaluate import evaluate
 from sdzero.generation import Generator
@@ -29,6 +29,17 @@ from sdzero.modeling import is_lora, load_model, merged_for_saving, prepare_for_
 from sdzero.srt import train_srt
 from sdzero.training import read_jsonl, seed_everything
 from sdzero.verifiers import get_verifier
+
+
+def problem_sets(cfg: RunConfig, record_dir: str | Path | None = None, log=print):
+    """N1, N2 and the held-out problems of the run (recorded in record_dir/split.json)."""
+    sets = load_problem_sets(cfg.data, cfg.task, cfg.n_phase1, cfg.n_phase2, cfg.eval.n_problems, cfg.seed,
+                             record_dir=record_dir)
+    for part, skipped in sets.skipped.items():
+        if skipped["count"]:
+            log(f"skipped {skipped['count']} {part} rows without a usable gold answer: {skipped['reasons']} "
+                f"(first: {', '.join(skipped['rows'])})")
+    return sets.n1, sets.n2, sets.held_out
 
 
 def load_run_model(cfg: RunConfig, name: str | None = None):
@@ -58,10 +69,8 @@ def save_stage(model, tokenizer, path: str | Path, cfg: RunConfig, stage: str, e
 
 
 def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True, log=print) -> dict:
-    """Run the whole method on the lab task and write the run directory; returns report.json's content."""
+    """Run the whole method and write the run directory; returns report.json's content."""
     cfg.validate()
-    if cfg.task != "lab":
-        raise ValueError(f"run_pipeline runs the built-in lab task; got task={cfg.task!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(config_to_yaml(cfg))
@@ -69,7 +78,7 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True, 
     seed_everything(cfg.seed)
     verifier = get_verifier(cfg.task)
     phrases = cfg.phrases()
-    n1, n2, held_out = lab.problem_sets(cfg.n_phase1, cfg.n_phase2, cfg.eval.n_problems, cfg.seed)
+    n1, n2, held_out = problem_sets(cfg, record_dir=out, log=log)
     curve_problems = held_out[:cfg.eval.curve_problems]
     model, tokenizer = load_run_model(cfg)
     generator = Generator(model, tokenizer, cfg.sampling)
@@ -153,7 +162,7 @@ def plot_learning_curve(path: Path, distill_summary: dict, results: dict, cfg: R
         ax.axvline(step, color="tab:red", alpha=0.3)
     ax.set_xlabel("Phase 2 step")
     ax.set_ylabel("held-out accuracy")
-    ax.set_title("SD-Zero on the lab task")
+    ax.set_title(f"SD-Zero on {cfg.data.path or cfg.task}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
