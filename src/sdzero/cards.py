@@ -17,8 +17,8 @@ STAGES = {
            "revisions: after its first answer and a control phrase chosen by the verifier's reward, it "
            "rewrites the answer. It answers and can revise its own answers when given the control phrase.",
     "sdzero": "Phase 2 of SD-Zero: on-policy self-distillation. The SRT model, reading its own answer and the "
-              "control phrase, was distilled token by token back into the plain generator; answers are "
-              "better and shorter than the SRT model's.",
+              "control phrase, was distilled token by token back into the plain generator, which answers "
+              "without revising.",
 }
 TITLES = {"srt": "Phase 1 (SRT)", "sdzero": "Phase 2 (self-distilled)"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -54,7 +54,7 @@ def write_model_card(path: str | Path, *, base_model: str, stage: str, data: str
     parent = read_card(base_model) if not is_hub_id(base_model) else {}
     root = parent.get("sdzero", {}).get("base_model", base_model)
     front = {"library_name": "transformers", "pipeline_tag": "text-generation",
-             "tags": ["sdzero", "self-distillation", stage]}
+             "tags": list(dict.fromkeys(["sdzero", "self-distillation", stage]))}
     if is_hub_id(root):
         front["base_model"] = root
     if is_hub_id(data):
