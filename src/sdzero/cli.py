@@ -111,6 +111,9 @@ def _run_config(args):
             raise ValueError(f"--limit must be >= 1, got {limit}")
         cfg.n_phase1, cfg.n_phase2 = min(cfg.n_phase1, limit), min(cfg.n_phase2, limit)
         cfg.eval.n_problems = min(cfg.eval.n_problems, limit)
+    from sdzero.training import seed_everything
+
+    seed_everything(cfg.seed)
     return cfg
 
 

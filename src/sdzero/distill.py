@@ -28,8 +28,8 @@ from sdzero.losses import DIVERGENCES, per_token_divergence, teacher_topk
 from sdzero.prompts import (ControlPhrases, DistillLayout, bridge_ids, distill_layout, end_of_turn_ids,
                             generator_prompt_ids)
 from sdzero.modeling import Teacher
-from sdzero.training import (LogConfig, MetricsLog, load_checkpoint, make_accelerator, make_optimizer, make_schedule,
-                             pad_right, save_checkpoint)
+from sdzero.training import (LogConfig, MetricsLog, finish_trackers, load_checkpoint, make_accelerator,
+                             make_optimizer, make_schedule, pad_right, save_checkpoint)
 from sdzero.verifiers import Verifier
 
 
@@ -263,7 +263,7 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
         if checkpoint_dir and cfg.save_every and step % cfg.save_every == 0:
             save(step)
     student.eval()
-    accelerator.end_training()
+    finish_trackers(accelerator)
     return {"steps": cfg.max_steps, "history": history, "syncs": syncs,
             "teacher_version": progress_state["teacher_version"], "seconds": time.time() - start}
 

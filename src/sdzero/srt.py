@@ -18,8 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from sdzero.prompts import ControlPhrases, bridge_ids, end_of_turn_ids, generator_prompt_ids, strip_end_of_turn
-from sdzero.training import (LogConfig, MetricsLog, load_checkpoint, make_accelerator, make_optimizer, make_schedule,
-                             save_checkpoint, sft_step_loss)
+from sdzero.training import (LogConfig, MetricsLog, finish_trackers, load_checkpoint, make_accelerator,
+                             make_optimizer, make_schedule, save_checkpoint, sft_step_loss)
 
 SCHEDULES = ("joint", "two_stage")
 
@@ -142,6 +142,6 @@ def train_srt(model, tokenizer, rows: list[dict], phrases: ControlPhrases, cfg: 
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
         bar.close()
-        accelerator.end_training()
+        finish_trackers(accelerator)
     model.eval()
     return {"tuples": len(rows), "steps": step, "seconds": time.time() - start}

@@ -115,6 +115,13 @@ def make_accelerator(out_dir: str | Path | None = None, log: LogConfig | None = 
     return accelerator
 
 
+def finish_trackers(accelerator) -> None:
+    """Flush and close a stage's trackers, keeping the process group for the stages that follow."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.trackers = []
+
+
 class MetricsLog:
     """Appends one JSON object per line to metrics.jsonl (and sends numbers to the accelerate trackers);
     stops the run on a NaN or inf loss. Only the main process writes."""
