@@ -51,7 +51,9 @@ class RunConfig:
     """Verifier: "lab" (the built-in task), "math" (math-verify on the last \\boxed{}), "code" (tests run in the
     sandbox), or "package.module:function" for your own reward function (completion, row) -> float."""
     dtype: str = "auto"
-    """Weights dtype: "auto" (bf16 on a GPU that supports it, else fp32), "float32", "bfloat16" or "float16"."""
+    """Weights dtype: "auto" (fp32 weights; training computes in bf16 autocast on a GPU that supports it),
+    "float32", "bfloat16" or "float16" (half-precision weights: half the memory, but updates smaller than
+    their rounding step are lost)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     seed: int = 0
@@ -83,6 +85,7 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         self.phrases()
+        self.sampling.validate()
         self.distill.validate()
         get_verifier(self.task)
         if self.dtype != "auto" and self.dtype not in DTYPES:

@@ -104,7 +104,7 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
             sampling: SamplingConfig, cfg: DistillConfig, *, teacher=None, out_dir: str | Path | None = None,
             seed: int = 0, evaluate_fn: Callable[[object], float] | None = None,
             system_prompt: str | None = None, progress: bool = True, resume: bool = False,
-            log_config: LogConfig | None = None) -> dict:
+            log_config: LogConfig | None = None, generator=None) -> dict:
     """Train `student` in place. Without `teacher`, the teacher is a frozen copy of the starting student
     (or, for a LoRA student, the student with its adapter switched off).
 
@@ -112,7 +112,8 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
     prompts, and gradients are averaged across processes. `evaluate_fn(model) -> accuracy` is called
     every `cfg.eval_every` steps (on the main process). With `out_dir`, metrics go to
     out_dir/metrics.jsonl and a checkpoint to out_dir/checkpoint every `cfg.save_every` steps;
-    `resume=True` continues from that checkpoint. Returns a summary with the evaluation history and
+    `resume=True` continues from that checkpoint. `generator` (default: one made from `sampling`) draws
+    the rollouts; it is refreshed with the student's weights after every optimiser step. Returns a summary with the evaluation history and
     the steps at which the teacher was synchronised.
     """
     cfg.validate()
@@ -130,7 +131,9 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
     device = accelerator.device
     pad_id = tokenizer.pad_token_id
     eot = end_of_turn_ids(tokenizer)
-    generator = make_generator(student, tokenizer, sampling)
+    if generator is None:
+        generator = make_generator(student, tokenizer, sampling)
+    generator.refresh(student)
     log = MetricsLog(Path(out_dir) / "metrics.jsonl", accelerator) if out_dir else None
     checkpoint_dir = Path(out_dir) / "checkpoint" if out_dir else None
     bridges = {r: bridge_ids(tokenizer, phrases, r) for r in (0.0, 1.0)}

@@ -53,17 +53,18 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
-    """"auto" = bf16 on a GPU that supports it, fp32 elsewhere (CPU bf16 matmuls are slow)."""
+def resolve_dtype(name: str) -> torch.dtype:
+    """"auto" = fp32 weights: on a GPU the training stages compute in bf16 autocast (see
+    `sdzero.training.make_accelerator`), while the weights and optimiser keep full precision, so
+    small updates (lr 5e-6) are not lost to bf16 rounding."""
     if name == "auto":
-        on_gpu = torch.device(device).type == "cuda"
-        return torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
+        return torch.float32
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; choose auto, {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
-def load_model(name: str, device: str | None = None, dtype: str = "float32"):
+def load_model(name: str, device: str | None = None, dtype: str = "auto"):
     """A causal LM and its tokenizer from "lab", a local save_pretrained folder or a hub id.
 
     A saved LoRA adapter folder (adapter_config.json) loads as its base model with the adapter merged.
@@ -77,7 +78,7 @@ def load_model(name: str, device: str | None = None, dtype: str = "float32"):
         raise ValueError(f"the tokenizer of {name} has no chat template; SD-Zero needs one to lay out turns")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    torch_dtype = resolve_dtype(dtype, device)
+    torch_dtype = resolve_dtype(dtype)
     if (Path(path) / "adapter_config.json").exists():
         from peft import AutoPeftModelForCausalLM
 

@@ -24,7 +24,7 @@ from sdzero.config import RunConfig, config_to_yaml
 from sdzero.data import load_problem_sets
 from sdzero.distill import distill
 from sdzero.evaluate import evaluate
-from sdzero.generation import Generator
+from sdzero.generation import make_generator
 from sdzero.modeling import is_lora, load_model, merged_for_saving, prepare_for_training, resolve_model_path  # noqa: F401
 from sdzero.srt import train_srt
 from sdzero.training import read_jsonl, seed_everything
@@ -81,7 +81,7 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True, 
     n1, n2, held_out = problem_sets(cfg, record_dir=out, log=log)
     curve_problems = held_out[:cfg.eval.curve_problems]
     model, tokenizer = load_run_model(cfg)
-    generator = Generator(model, tokenizer, cfg.sampling)
+    generator = make_generator(model, tokenizer, cfg.sampling)
     results: dict[str, dict] = {}
 
     def evaluate_stage(name: str) -> None:
@@ -111,15 +111,16 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True, 
     evaluate_stage("srt")
     save_stage(model, tokenizer, out / "srt", cfg, "srt", results["srt"])
 
-    def curve(student) -> float:
-        return evaluate(Generator(student, tokenizer, cfg.sampling), curve_problems, verifier, k=cfg.eval.curve_k,
+    def curve(student) -> float:  # the generator already samples from the student's current weights
+        return evaluate(generator, curve_problems, verifier, k=cfg.eval.curve_k,
                         system_prompt=cfg.system_prompt, progress=False)["accuracy"]
 
     log(f"Phase 2: self-distillation on {len(n2)} problems, {cfg.distill.max_steps} steps")
     model = trainable(model, cfg)
     distill_summary = distill(model, tokenizer, n2, verifier, phrases, cfg.sampling, cfg.distill,
                               out_dir=out / "sdzero", seed=cfg.seed, evaluate_fn=curve,
-                              system_prompt=cfg.system_prompt, progress=progress, log_config=cfg.log)
+                              system_prompt=cfg.system_prompt, progress=progress, log_config=cfg.log,
+                              generator=generator)
     generator.refresh(model)
     evaluate_stage("sdzero")
     save_stage(model, tokenizer, out / "sdzero", cfg, "sdzero", results["sdzero"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 from dataclasses import dataclass
@@ -106,8 +107,13 @@ def make_accelerator(out_dir: str | Path | None = None, log: LogConfig | None = 
             except ImportError:
                 raise ValueError("log.wandb is on but wandb is not installed: pip install 'sdzero[wandb]'") from None
             trackers.append("wandb")
+    # Mixed precision: what `accelerate launch` / `accelerate config` chose, else bf16 autocast on a GPU
+    # that has it (fp32 weights, bf16 compute), else none.
+    on_gpu = torch.cuda.is_available()
+    mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION") or (
+        "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "no")
     # The learning-rate schedule counts optimiser steps, whatever the number of processes.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers or None,
+    accelerator = Accelerator(cpu=not on_gpu, mixed_precision=mixed_precision, log_with=trackers or None,
                               project_dir=str(out_dir) if out_dir is not None else None,
                               step_scheduler_with_optimizer=False)
     if trackers:
