@@ -82,6 +82,8 @@ def test_accelerate_config_is_one_accelerate_reads(path):
     assert config.num_processes == gpus and config.num_machines == 1
     expected = {"ddp": "MULTI_GPU", "fsdp": "FSDP"}.get(path.stem.partition("-")[2], "NO")
     assert config.distributed_type.value == expected
+    # "no" would turn off the bf16 autocast sdzero otherwise uses on GPUs (training.make_accelerator).
+    assert config.mixed_precision == "bf16"
     if expected == "FSDP":
         assert set(config.fsdp_config) <= {
             "fsdp_version", "fsdp_auto_wrap_policy", "fsdp_reshard_after_forward", "fsdp_offload_params",
