@@ -216,3 +216,22 @@ def test_bad_data_is_refused_naming_file_line_and_field(tmp_path, tiny_model, ca
     assert main(["collect", "--out", str(tmp_path / "run"), "--config", str(config), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert f"{bad}:2" in err and "'question'" in err and "empty" in err
+
+
+@pytest.mark.parametrize("dtype, checkpointing", [("bfloat16", False), ("float32", True)])
+def test_phase2_step_in_bf16_and_with_gradient_checkpointing(tiny_model, dtype, checkpointing):
+    from sdzero.distill import DistillConfig, distill
+    from sdzero.generation import SamplingConfig
+    from sdzero.modeling import load_model, prepare_for_training
+    from sdzero.prompts import ControlPhrases
+    from tiny import even_length
+
+    model, tokenizer = load_model(str(tiny_model), device="cpu", dtype=dtype)
+    model = prepare_for_training(model, gradient_checkpointing=checkpointing)
+    assert model.dtype == getattr(torch, dtype) and model.is_gradient_checkpointing == checkpointing
+    start = flat_weights(model).clone()
+    problems = [{"id": str(i), "problem": f"What is {i}?", "answer": str(i)} for i in range(4)]
+    distill(model, tokenizer, problems, even_length, ControlPhrases(), SamplingConfig(max_new_tokens=8),
+            DistillConfig(prompts_per_step=4, micro_batch_size=2, max_steps=1, lr=1e-2, warmup_steps=1),
+            progress=False)
+    assert torch.isfinite(flat_weights(model).float()).all() and not torch.equal(flat_weights(model), start)

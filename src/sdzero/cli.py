@@ -20,7 +20,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="run seed (problem split, sampling, training order)")
     parser.add_argument("--model", help='base model: "lab", a save_pretrained folder, or a hub id')
     parser.add_argument("--data", help="problems: a hub dataset id or a local .jsonl / .json / .parquet file "
-                                       "(sets data.path; the config's task picks the verifier)")
+                                       "(sets data.path)")
+    parser.add_argument("--task", help='the verifier: "math", "code", "lab", or package.module:function')
     parser.add_argument("--max-new-tokens", type=int, help="longest sampled response")
     parser.add_argument("--limit", type=int, help="use at most N problems in each set (N1, N2, held-out)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -96,7 +97,7 @@ def _run_config(args):
     from sdzero.config import load_config
 
     overrides = list(args.overrides)
-    for flag, key in (("seed", "seed"), ("model", "model"), ("data", "data.path"),
+    for flag, key in (("seed", "seed"), ("model", "model"), ("data", "data.path"), ("task", "task"),
                       ("max_new_tokens", "sampling.max_new_tokens"), ("max_steps", "distill.max_steps"),
                       ("k", "eval.k"), ("n", "eval.n_problems")):
         value = getattr(args, flag, None)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import DistributedType, broadcast_object_list
 from tqdm.auto import tqdm
 
 from sdzero.generation import SamplingConfig, make_generator
@@ -113,8 +113,8 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
     every `cfg.eval_every` steps (on the main process). With `out_dir`, metrics go to
     out_dir/metrics.jsonl and a checkpoint to out_dir/checkpoint every `cfg.save_every` steps;
     `resume=True` continues from that checkpoint. `generator` (default: one made from `sampling`) draws
-    the rollouts; it is refreshed with the student's weights after every optimiser step. Returns a summary with the evaluation history and
-    the steps at which the teacher was synchronised.
+    the rollouts; it is refreshed with the student's weights after every optimiser step. Returns a
+    summary with the evaluation history and the steps at which the teacher was synchronised.
     """
     cfg.validate()
     if not problems:
@@ -131,9 +131,11 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
     device = accelerator.device
     pad_id = tokenizer.pad_token_id
     eot = end_of_turn_ids(tokenizer)
+    sharded = world > 1 and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     if generator is None:
         generator = make_generator(student, tokenizer, sampling)
-    generator.refresh(student)
+    # Sharded models decode in lockstep: every process runs each decoding step until all are done.
+    generator.synced_gpus = sharded
     log = MetricsLog(Path(out_dir) / "metrics.jsonl", accelerator) if out_dir else None
     checkpoint_dir = Path(out_dir) / "checkpoint" if out_dir else None
     bridges = {r: bridge_ids(tokenizer, phrases, r) for r in (0.0, 1.0)}
@@ -159,10 +161,12 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
     elif log and log.main and log.path.exists():
         log.path.unlink()  # a fresh run starts a fresh log
     syncs, history = progress_state["syncs"], progress_state["history"]
+    generator.refresh(student)  # the starting (or resumed) weights
     start = time.time()
 
     def track(step: int) -> None:
-        accuracy = evaluate_fn(student) if accelerator.is_main_process else None
+        # Sharded weights are gathered layer by layer as the model runs, so every process must take part.
+        accuracy = evaluate_fn(student) if accelerator.is_main_process or sharded else None
         accuracy = broadcast_object_list([accuracy])[0]
         history.append({"step": step, "accuracy": accuracy, "teacher_version": progress_state["teacher_version"]})
         if log:
@@ -176,7 +180,8 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
             progress_state["evals_since_best"] = 0
 
     def sync(step: int) -> None:
-        teacher.sync(student)
+        # The student's full weights: under FSDP / ZeRO-3 they are gathered from the shards (on every process).
+        teacher.load(accelerator.get_state_dict(model), from_main_process=sharded)
         progress_state["teacher_version"] += 1
         syncs.append(step)
 

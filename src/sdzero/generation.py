@@ -76,6 +76,8 @@ class Generator:
 
     def __init__(self, model, tokenizer, sampling: SamplingConfig):
         self.model, self.tokenizer, self.sampling = model, tokenizer, sampling
+        self.synced_gpus = False
+        """Keep decoding until every process is done (sharded models need all processes in each forward)."""
         self.eot_ids = end_of_turn_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -118,7 +120,7 @@ class Generator:
             do_sample=s.temperature > 0, temperature=s.temperature if s.temperature > 0 else None,
             top_p=s.top_p if s.temperature > 0 else None, top_k=None,
             max_new_tokens=s.max_new_tokens, pad_token_id=self.pad_id,
-            eos_token_id=sorted(self.eot_ids), use_cache=True,
+            eos_token_id=sorted(self.eot_ids), use_cache=True, synced_gpus=self.synced_gpus,
         )
         samples = []
         for row in output[:, width:].tolist():

@@ -149,10 +149,21 @@ class Teacher:
 
     def sync(self, student) -> None:
         """teacher <- current student (self-evolution)."""
+        self.load(student.state_dict())
+
+    def load(self, state_dict: dict, *, from_main_process: bool = False) -> None:
+        """teacher <- these weights; with `from_main_process`, only the main process's state dict counts
+        (sharded training gathers the full weights there) and the others receive it."""
         if self.adapter_off:
             raise ValueError("teacher synchronisation is not available with a LoRA student whose teacher is the "
                              "adapter-free base model; train all weights (lora.enabled=false) or pass --teacher")
-        self.model.load_state_dict(student.state_dict())
+        if from_main_process:
+            from accelerate.utils import broadcast
+
+            own = self.model.state_dict()
+            state_dict = {name: broadcast(state_dict[name].to(own[name]) if state_dict else own[name].clone())
+                          for name in own}
+        self.model.load_state_dict(state_dict)
 
     def state_dict(self) -> dict | None:
         return None if self.adapter_off else self.model.state_dict()
