@@ -62,7 +62,7 @@ def write_model_card(path: str | Path, *, base_model: str, stage: str, data: str
     front["sdzero"] = {"stage": stage, "base_model": root, "data": data}
 
     started = f"`{root}`" if root != "lab" else "the sdzero lab base model (`lab`, shipped with the package)"
-    lines = [f"# {root}: SD-Zero {TITLES.get(stage, stage)}", "",
+    lines = [f"# {root if root != 'lab' else 'sdzero lab model'}: SD-Zero {TITLES.get(stage, stage)}", "",
              STAGES.get(stage, f"Stage: {stage}."), "",
              f"- **Base model:** {started}"]
     if parent:
