@@ -28,7 +28,7 @@ from sdzero.losses import DIVERGENCES, per_token_divergence, teacher_topk
 from sdzero.prompts import (ControlPhrases, DistillLayout, bridge_ids, distill_layout, end_of_turn_ids,
                             generator_prompt_ids)
 from sdzero.modeling import Teacher
-from sdzero.training import (LogConfig, MetricsLog, finish_trackers, load_checkpoint, make_accelerator,
+from sdzero.training import (LogConfig, MetricsLog, finish_trackers, load_checkpoint, logits_at, make_accelerator,
                              make_optimizer, make_schedule, pad_right, save_checkpoint)
 from sdzero.verifiers import Verifier
 
@@ -81,11 +81,6 @@ class DistillConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-def gather_positions(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """logits [B, L, V] at positions [B, T] -> [B, T, V]."""
-    return logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, logits.size(-1)))
-
-
 def micro_batch_tensors(layouts: list[DistillLayout], pad_id: int, device):
     """Right-padded student and teacher inputs, their target positions, and the target mask."""
     student_ids = pad_right([l.student_ids for l in layouts], pad_id)
@@ -97,7 +92,7 @@ def micro_batch_tensors(layouts: list[DistillLayout], pad_id: int, device):
     mask = pad_right([[1] * l.n_targets for l in layouts], 0).bool()
     tensors = (student_ids, student_attention, teacher_ids, teacher_attention, student_positions,
                teacher_positions, mask)
-    return tuple(t.to(device) for t in tensors)
+    return tuple(t.to(device, non_blocking=True) for t in tensors)
 
 
 def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrases: ControlPhrases,
@@ -209,6 +204,8 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
         layouts = [distill_layout(prompt, y.ids, bridges[r], eot, cfg.teacher_max_length)
                    for prompt, y, r in zip(prompts, rollouts, rewards)]
         kept = [(layout, r) for layout, r in zip(layouts, rewards) if layout is not None and layout.n_targets]
+        # Similar lengths share a micro-batch, so less of each padded batch is padding.
+        kept.sort(key=lambda item: len(item[0].teacher_ids))
         # The loss is the mean over every target token of the step, across all processes.
         n_tokens = accelerator.reduce(torch.tensor(float(sum(l.n_targets for l, _ in kept)), device=device)).item()
 
@@ -283,13 +280,14 @@ REWARD, ROLLOUTS, LENGTH, TRUNCATED, MASKED, KL_WRONG, TOKENS_WRONG, KL_RIGHT, T
 
 def micro_batch_divergence(model, teacher: Teacher, micro: list[tuple[DistillLayout, float]], pad_id: int, device,
                            cfg: DistillConfig) -> torch.Tensor:
-    """Per-token divergence [B, T] (zero past each sample's end) between student and teacher on one micro-batch."""
+    """Per-token divergence [B, T] (zero past each sample's end) between student and teacher on one micro-batch.
+
+    Both models project onto the vocabulary only at the target positions, and the teacher keeps only its
+    top-k log-probs."""
     (s_ids, s_att, t_ids, t_att, s_pos, t_pos, mask) = micro_batch_tensors([m[0] for m in micro], pad_id, device)
     with torch.no_grad():
-        teacher_logits = gather_positions(teacher(input_ids=t_ids, attention_mask=t_att).logits, t_pos)
-        teacher_logprobs, teacher_indices = teacher_topk(teacher_logits, cfg.top_k)
-        del teacher_logits
-    student_logits = gather_positions(model(input_ids=s_ids, attention_mask=s_att).logits, s_pos)
+        teacher_logprobs, teacher_indices = teacher_topk(logits_at(teacher, t_ids, t_att, t_pos), cfg.top_k)
+    student_logits = logits_at(model, s_ids, s_att, s_pos)
     per_token = per_token_divergence(student_logits, teacher_logprobs, teacher_indices,
                                      divergence=cfg.divergence, mixed_weight=cfg.mixed_weight,
                                      tail_bucket=cfg.tail_bucket)

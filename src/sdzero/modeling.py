@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from sdzero import lab
+from sdzero.training import unwrap
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -146,6 +147,10 @@ class Teacher:
             self.student.train(was_training)
             return output
         return self.model(**inputs)
+
+    def get_output_embeddings(self):
+        """The LM head of the model that runs the teacher's forward (`training.logits_at` hooks it)."""
+        return unwrap(self.student if self.adapter_off else self.model).get_output_embeddings()
 
     def sync(self, student) -> None:
         """teacher <- current student (self-evolution)."""

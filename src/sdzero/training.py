@@ -27,10 +27,48 @@ def model_device(model) -> torch.device:
 
 def pad_right(rows: list[list[int]], pad_value: int) -> torch.Tensor:
     width = max(map(len, rows))
-    out = torch.full((len(rows), width), pad_value, dtype=torch.long)
-    for i, row in enumerate(rows):
-        out[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-    return out
+    # one tensor built from padded lists: a per-row torch.tensor costs more than the padding itself
+    return torch.tensor([list(row) + [pad_value] * (width - len(row)) for row in rows], dtype=torch.long)
+
+
+def gather_positions(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """values [B, L, D] at positions [B, T] -> [B, T, D]."""
+    return values.gather(1, positions.unsqueeze(-1).expand(-1, -1, values.size(-1)))
+
+
+def unwrap(model):
+    """The model inside DDP / FSDP style wrappers (they keep it in `.module`)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def logits_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Next-token logits at `positions` [B, T] only: [B, T, V], as `gather_positions(model(...).logits, positions)`.
+
+    The vocabulary projection is the widest matmul of a forward pass and its output the largest tensor;
+    the loss reads only a few of its rows. A pre-hook on the LM head gathers the hidden states at
+    `positions` before the projection, so the model's own forward runs otherwise unchanged (peft and DDP
+    wrappers, logit post-processing such as soft-capping). Where the head is not called as a module on
+    [B, L, H] hidden states, the full logits are computed and gathered instead.
+    """
+    head = unwrap(model).get_output_embeddings()
+    hooked = []
+
+    def gather_hidden(_module, args):
+        hidden = args[0]
+        if hidden.dim() != 3 or hidden.shape[:2] != input_ids.shape:
+            return None
+        hooked.append(True)
+        return (gather_positions(hidden, positions), *args[1:])
+
+    handle = head.register_forward_pre_hook(gather_hidden) if head is not None else None
+    try:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    return logits if hooked else gather_positions(logits, positions)
 
 
 def sft_batch(examples: list[tuple[list[int], list[int]]], pad_id: int):
