@@ -80,7 +80,7 @@ def test_accelerate_config_is_one_accelerate_reads(path):
     config = ClusterConfig.from_yaml_file(path)  # unknown keys and unknown distributed types fail here
     gpus = int(re.match(r"(\d+)gpu", path.stem).group(1))
     assert config.num_processes == gpus and config.num_machines == 1
-    expected = {"ddp": "MULTI_GPU", "fsdp": "FSDP"}.get(path.stem.partition("-")[2], "NO")
+    expected = {"ddp": "MULTI_GPU", "fsdp": "FSDP", "zero3": "DEEPSPEED"}.get(path.stem.partition("-")[2], "NO")
     assert config.distributed_type.value == expected
     # "no" would turn off the bf16 autocast sdzero otherwise uses on GPUs (training.make_accelerator).
     assert config.mixed_precision == "bf16"
@@ -91,3 +91,5 @@ def test_accelerate_config_is_one_accelerate_reads(path):
             "fsdp_transformer_layer_cls_to_wrap", "fsdp_min_num_params"}
         assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT", \
             "stage folders are plain save_pretrained folders"
+    if expected == "DEEPSPEED":
+        assert config.deepspeed_config["zero_stage"] == 3 and config.deepspeed_config["zero3_save_16bit_model"]
