@@ -83,6 +83,7 @@ def test_lora_trains_adapters_only_and_the_teacher_is_the_adapter_free_model(tmp
     from sdzero.distill import DistillConfig, distill
     from sdzero.generation import SamplingConfig
     from sdzero.modeling import LoraConfig, Teacher, load_model, prepare_for_training
+    from sdzero.config import RunConfig
     from sdzero.pipeline import save_stage
     from sdzero.prompts import ControlPhrases
     from tiny import even_length
@@ -110,7 +111,7 @@ def test_lora_trains_adapters_only_and_the_teacher_is_the_adapter_free_model(tmp
     with pytest.raises(ValueError, match="not available with a LoRA student"):
         teacher.sync(student)
 
-    save_stage(student, tokenizer, tmp_path / "saved")
+    save_stage(student, tokenizer, tmp_path / "saved", RunConfig(model=str(tiny_model)), "sdzero")
     assert not (tmp_path / "saved" / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
     assert torch.allclose(merged(input_ids=probe).logits, student(input_ids=probe).logits, atol=1e-5)

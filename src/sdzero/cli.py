@@ -176,7 +176,7 @@ def cmd_srt(args) -> None:
     summary = train_srt(model, tokenizer, rows, cfg.phrases(), cfg.srt, out_dir=args.out / "srt", seed=cfg.seed,
                         system_prompt=cfg.system_prompt, progress=not args.quiet, resume=args.resume,
                         log_config=cfg.log)
-    save_stage(model, tokenizer, args.out / "srt")
+    save_stage(model, tokenizer, args.out / "srt", cfg, "srt")
     print(json.dumps(summary, indent=2))
     print(f"saved {args.out / 'srt'}")
 
@@ -196,7 +196,7 @@ def cmd_distill(args) -> None:
     summary = distill(model, tokenizer, n2, get_verifier(cfg.task), cfg.phrases(), cfg.sampling, cfg.distill,
                       teacher=teacher, out_dir=args.out / "sdzero", seed=cfg.seed, system_prompt=cfg.system_prompt,
                       progress=not args.quiet, resume=args.resume, log_config=cfg.log)
-    save_stage(model, tokenizer, args.out / "sdzero")
+    save_stage(model, tokenizer, args.out / "sdzero", cfg, "sdzero")
     print(f"{summary['steps']} steps in {summary['seconds']:.0f} s; saved {args.out / 'sdzero'}")
 
 

@@ -37,6 +37,7 @@ class EvalConfig:
     curve_problems: int = 100
     """Held-out problems used for the Phase 2 learning curve (avg@curve_k)."""
     curve_k: int = 2
+    """Samples per problem for the learning curve."""
 
 
 @dataclass
@@ -56,6 +57,7 @@ class RunConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     seed: int = 0
+    """Seed of the problem split, sampling and training order."""
     control_preset: str = "paper"
     """Control phrases P_r: "paper", "qwen" or "olmo"."""
     control_correct: str | None = None
@@ -63,6 +65,7 @@ class RunConfig:
     control_wrong: str | None = None
     """Overrides the preset's phrase after a wrong answer."""
     system_prompt: str | None = None
+    """System message put before every problem (None: no system turn)."""
     n_phase1: int = 6000
     """Problems for Phase 1 (N1; paper: 6K)."""
     n_phase2: int = 9000

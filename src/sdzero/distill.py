@@ -46,7 +46,9 @@ class DistillConfig:
     lr: float = 5e-6
     """Learning rate after warm-up (official: 5e-6, constant)."""
     warmup_steps: int = 20
+    """Linear warm-up steps, then a constant learning rate (official: 20)."""
     grad_clip: float = 1.0
+    """Gradient norm clipping (official: 1.0)."""
     divergence: str = "reverse"
     """"reverse" = KL(student || teacher) (paper), "forward" = KL(teacher || student), or "mixed"."""
     mixed_weight: float = 0.5

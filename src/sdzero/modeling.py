@@ -31,6 +31,7 @@ class LoraConfig:
     alpha: int = 32
     """Adapter scaling numerator (the update is scaled by alpha / r)."""
     dropout: float = 0.05
+    """Dropout on the adapter input."""
     target_modules: str | list[str] = "all-linear"
     """Modules that get adapters: "all-linear" or a list of module names (e.g. [q_proj, v_proj])."""
 

@@ -18,6 +18,7 @@ import json
 import time
 from pathlib import Path
 
+from sdzero.cards import evaluation_figures, run_card_fields, write_model_card
 from sdzero.collect import collect
 from sdzero.config import RunConfig, config_to_yaml
 from sdzero.data import load_problem_sets
@@ -57,11 +58,14 @@ def trainable(model, cfg: RunConfig):
     return prepare_for_training(model, gradient_checkpointing=cfg.gradient_checkpointing, lora=cfg.lora)
 
 
-def save_stage(model, tokenizer, path: str | Path) -> None:
+def save_stage(model, tokenizer, path: str | Path, cfg: RunConfig, stage: str, evaluation: dict | None = None) -> None:
     """A stage's model as a plain save_pretrained folder (loads in transformers or vLLM as it is;
-    LoRA adapters are merged into the weights)."""
+    LoRA adapters are merged into the weights), with a README.md model card; `evaluation` is an
+    `evaluate()` report of this model, when there is one."""
     merged_for_saving(model).save_pretrained(path)
     tokenizer.save_pretrained(path)
+    write_model_card(path, base_model=cfg.model, stage=stage, **run_card_fields(cfg, stage),
+                     evaluation=evaluation_figures(evaluation) if evaluation else None)
 
 
 def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True, log=print) -> dict:
@@ -103,9 +107,9 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True, 
     model = trainable(model, cfg)
     srt_summary = train_srt(model, tokenizer, tuples, phrases, cfg.srt, out_dir=out / "srt", seed=cfg.seed,
                             system_prompt=cfg.system_prompt, progress=progress, log_config=cfg.log)
-    save_stage(model, tokenizer, out / "srt")
     generator.refresh(model)
     evaluate_stage("srt")
+    save_stage(model, tokenizer, out / "srt", cfg, "srt", results["srt"])
 
     def curve(student) -> float:  # the generator already samples from the student's current weights
         return evaluate(generator, curve_problems, verifier, k=cfg.eval.curve_k,
@@ -117,9 +121,9 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True, 
                               out_dir=out / "sdzero", seed=cfg.seed, evaluate_fn=curve,
                               system_prompt=cfg.system_prompt, progress=progress, log_config=cfg.log,
                               generator=generator)
-    save_stage(model, tokenizer, out / "sdzero")
     generator.refresh(model)
     evaluate_stage("sdzero")
+    save_stage(model, tokenizer, out / "sdzero", cfg, "sdzero", results["sdzero"])
     report = _write_report(out, cfg, results, collection, {"srt": srt_summary, "distill": distill_summary}, start)
     plot_learning_curve(out / "learning_curve.png", distill_summary, results, cfg)
     return report

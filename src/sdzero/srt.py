@@ -37,8 +37,11 @@ class SRTConfig:
     batch_size: int = 16
     """Tuples per optimiser step."""
     warmup_ratio: float = 0.05
+    """Share of the steps with a linear warm-up, before the cosine decay."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     grad_clip: float = 1.0
+    """Gradient norm clipping."""
     save_every: int | None = 100
     """Write a checkpoint to resume from (model, optimiser, scheduler, RNG, step) every N steps."""
 

@@ -128,6 +128,7 @@ class LogConfig:
     wandb: bool = False
     """Also log to Weights & Biases (needs `pip install 'sdzero[wandb]'` and a login)."""
     wandb_project: str = "sdzero"
+    """Weights & Biases project name."""
 
 
 def make_accelerator(out_dir: str | Path | None = None, log: LogConfig | None = None):
