@@ -8,13 +8,21 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sdzero.config import load_config
+from sdzero.compare import load_compare_config
+from sdzero import config
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "accelerate" not in p.parts) + \
     [ROOT / "src" / "sdzero" / "lab" / "demo.yaml"]
 ACCELERATE_CONFIGS = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def load_config(path: Path):
+    """A run config; a comparison config (with a `compare:` section) through the comparison's loader."""
+    if "compare" in (yaml.safe_load(path.read_text()) or {}):
+        return load_compare_config(path)[0]
+    return config.load_config(path)
 
 
 def check_reference(where: str, value: str | None) -> None:

@@ -66,14 +66,16 @@ def _cell(text: str) -> str:
 
 def config_sections(root=None) -> list[tuple[str, type]]:
     """("", RunConfig) then (section name, section dataclass) for every nested section, in field order."""
+    from sdzero.compare import CompareConfig
     from sdzero.config import RunConfig
 
-    root = root or RunConfig
-    sections = [("", root)]
-    hints = typing.get_type_hints(root)
-    for f in dataclasses.fields(root):
+    sections = [("", root or RunConfig)]
+    hints = typing.get_type_hints(sections[0][1])
+    for f in dataclasses.fields(sections[0][1]):
         if dataclasses.is_dataclass(hints[f.name]):
             sections += [(f"{f.name}.{name}".rstrip("."), cls) for name, cls in config_sections(hints[f.name])]
+    if root is None:  # `sdzero compare` reads its own section beside the run's fields
+        sections += [(f"compare.{name}".rstrip("."), cls) for name, cls in config_sections(CompareConfig)]
     return sections
 
 
@@ -102,8 +104,8 @@ def configuration_markdown() -> str:
         "is read as YAML: `--set distill.top_k=null`, `--set lora.target_modules=[q_proj,v_proj]`).",
         "Unknown keys and values of the wrong type stop the run with the file and the key named.",
         "",
-        "Ready-made files: `configs/recipes/` (the paper's models and data) and `src/sdzero/lab/demo.yaml`",
-        "(the lab demo).",
+        "Ready-made files: `configs/recipes/` (the paper's models and data), `src/sdzero/lab/demo.yaml`",
+        "(the lab demo) and `configs/compare_*.yaml` (`sdzero compare`, which also reads a `compare:` section).",
         "",
     ]
     for name, cls in config_sections():

@@ -32,7 +32,9 @@ class GRPOBaselineConfig:
     micro_batch_size: int = 32
     """Completions per forward/backward pass (TRL's per_device_train_batch_size)."""
     lr: float = 1e-6
+    """Learning rate after warm-up (constant)."""
     warmup_steps: int = 0
+    """Optimiser steps of linear warm-up."""
     beta: float = 0.0
     """KL coefficient to the starting model (TRL's default 0: no reference model)."""
     loss_type: str = "dapo"

@@ -32,10 +32,13 @@ class RFTConfig:
     lr: float = 5e-6
     """Peak learning rate (cosine schedule, as SRT)."""
     epochs: int = 3
+    """Epochs over the kept answers."""
     batch_size: int = 16
     """Kept answers per optimiser step."""
     warmup_ratio: float = 0.05
+    """Share of the steps spent warming the learning rate up."""
     grad_clip: float = 1.0
+    """Largest gradient norm (clipped above)."""
     curve_fractions: list = field(default_factory=lambda: [0.5])
     """Budget fractions (< 1) at which extra RFT runs measure the learning curve."""
 

@@ -32,9 +32,13 @@ class SDFTBaselineConfig:
     num_generations: int = 4
     """On-policy answers per question (the same G as the other baselines)."""
     prompts_per_step: int = 32
+    """Questions per optimiser step."""
     micro_batch_size: int = 32
+    """Completions per forward/backward pass."""
     lr: float = 1e-6
+    """Learning rate after warm-up (constant)."""
     warmup_steps: int = 0
+    """Optimiser steps of linear warm-up."""
     demonstration: str = "The correct final answer is {answer}."
     """The teacher's privileged context, formatted with the question's fields (here: only the answer)."""
     teacher: str = "base"
