@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--k", type=int, default=8, help="samples per problem (default: %(default)s)")
     evaluate.add_argument("--n", type=int, default=200, help="held-out problems (default: %(default)s)")
     evaluate.add_argument("--out", type=Path, help="write the report and the samples here")
+    evaluate.add_argument("--revise", action="store_true",
+                          help="also generate-then-revise: revise each first answer after the control phrase and "
+                               "report initial and revised accuracy, correction rate and lengths "
+                               "(settings: eval.revise_k, eval.revise_feedback)")
     evaluate.add_argument("--config", type=Path, default=DEMO_CONFIG, help="sampling settings (default: %(default)s)")
     evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     evaluate.add_argument("--quiet", action="store_true")
@@ -108,6 +112,15 @@ def _print_table(report: dict) -> None:
     for name in names:
         passk = report["pass@k"][name].get(f"pass@{report['k']}", float("nan"))
         print(f"{name:<8} {report['accuracy'][name]:>8.3f} {passk:>8.3f} {report['mean_length'][name]:>8.1f}")
+    revise = report.get("revise", {})
+    if revise:
+        print(f"\ngenerate-then-revise ({next(iter(revise.values()))['n_answers']} first answers each)")
+        print(f"{'model':<8} {'initial':>8} {'revised':>8} {'correct':>8} {'len y':>8} {'len rev':>8}")
+        for name in (n for n in names if n in revise):
+            r = revise[name]
+            rate = float("nan") if r["correction_rate"] is None else r["correction_rate"]
+            print(f"{name:<8} {r['initial_accuracy']:>8.3f} {r['revised_accuracy']:>8.3f} {rate:>8.1%} "
+                  f"{r['initial_length']:>8.1f} {r['revised_length']:>8.1f}")
     print(f"\n{report['n_eval_problems']} held-out problems, {report['wall_seconds']:.0f} s in all")
 
 
@@ -184,7 +197,7 @@ def cmd_distill(args) -> None:
 def cmd_eval(args) -> None:
     from sdzero import lab
     from sdzero.config import load_config
-    from sdzero.evaluate import evaluate
+    from sdzero.evaluate import evaluate, evaluate_revision
     from sdzero.generation import Generator
     from sdzero.pipeline import load_model
     from sdzero.verifiers import get_verifier
@@ -194,9 +207,15 @@ def cmd_eval(args) -> None:
         raise ValueError(f"--n must be >= 1, got {args.n}")
     model, tokenizer = load_model(args.model)
     _, _, held_out = lab.problem_sets(1, 1, args.n, 0)
-    report = evaluate(Generator(model, tokenizer, cfg.sampling), held_out, get_verifier(cfg.task), k=args.k,
+    generator, verifier = Generator(model, tokenizer, cfg.sampling), get_verifier(cfg.task)
+    report = evaluate(generator, held_out, verifier, k=args.k,
                       system_prompt=cfg.system_prompt, samples_path=args.out / "samples.jsonl" if args.out else None,
                       progress=not args.quiet)
+    if args.revise:
+        report["revise"] = evaluate_revision(
+            generator, held_out, verifier, cfg.phrases(), k=cfg.eval.revise_k, feedback=cfg.eval.revise_feedback,
+            system_prompt=cfg.system_prompt, samples_path=args.out / "revise.jsonl" if args.out else None,
+            progress=not args.quiet)
     print(json.dumps(report, indent=2))
     if args.out:
         (args.out / "report.json").write_text(json.dumps(report, indent=2))

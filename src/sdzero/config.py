@@ -17,6 +17,7 @@ import yaml
 
 from sdzero.collect import CollectConfig
 from sdzero.distill import DistillConfig
+from sdzero.evaluate import FEEDBACK
 from sdzero.generation import SamplingConfig
 from sdzero.prompts import ControlPhrases
 from sdzero.srt import SRTConfig
@@ -33,6 +34,13 @@ class EvalConfig:
     curve_problems: int = 100
     """Held-out problems used for the Phase 2 learning curve (avg@curve_k)."""
     curve_k: int = 2
+    revise_problems: int = 100
+    """Generate-then-revise in the demo on the first N held-out problems (0: skip it)."""
+    revise_k: int = 2
+    """First answers per problem for generate-then-revise; each is revised once."""
+    revise_feedback: str = "reward"
+    """Phrase before the revision: "reward" = P_r of the verifier's reward (as in Phase 1), "wrong" =
+    always the wrong-answer phrase (no verifier consulted before revising)."""
 
 
 @dataclass
@@ -70,6 +78,9 @@ class RunConfig:
         self.distill.validate()
         if self.eval.k < 1:
             raise ValueError(f"eval.k must be >= 1, got {self.eval.k}")
+        if self.eval.revise_feedback not in FEEDBACK:
+            raise ValueError(f"eval.revise_feedback must be one of {', '.join(FEEDBACK)}, "
+                             f"got {self.eval.revise_feedback!r}")
         for name in ("n_phase1", "n_phase2"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
