@@ -13,6 +13,10 @@ $(VENV)/.installed: pyproject.toml
 	command -v bwrap >/dev/null || apt-get install -y -q bubblewrap || \
 		(apt-get update -q && apt-get install -y -q bubblewrap) || \
 		echo "WARNING: could not install bubblewrap; code rewards will refuse to run model code"
+	@# chromium loads the `sdzero inspect` page in the test suite (skipped, with the reason, without it)
+	command -v chromium >/dev/null || apt-get install -y -q chromium || \
+		(apt-get update -q && apt-get install -y -q chromium) || \
+		echo "WARNING: could not install chromium; the browser check of the inspect page will be skipped"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"

@@ -5,6 +5,10 @@ import copy
 import html
 import json
 import random
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,8 +135,11 @@ def test_localization_on_hand_made_signals():
     assert result["right"] == {"n": 1, "kl_mean": pytest.approx(0.5)}
 
 
-def test_inspect_run_writes_a_self_contained_report(tmp_path, lab_model_and_tokenizer):
+@pytest.fixture(scope="module")
+def inspected(tmp_path_factory, lab_model_and_tokenizer):
+    """`sdzero inspect` on a tiny run directory: the eval rows, the output folder and the summary."""
     model, tokenizer = lab_model_and_tokenizer
+    tmp_path = tmp_path_factory.mktemp("inspect")
     run = tmp_path / "run"
     for stage in ("srt", "sdzero"):
         model.save_pretrained(run / stage)
@@ -151,6 +158,11 @@ def test_inspect_run_writes_a_self_contained_report(tmp_path, lab_model_and_toke
 
     out = tmp_path / "report"
     summary = inspect_run(run, out, n=8, progress=False)
+    return rows, out, summary
+
+
+def test_inspect_run_writes_a_self_contained_report(inspected):
+    rows, out, summary = inspected
     page = (out / "index.html").read_text()
     signals = [json.loads(line) for line in (out / "signals.jsonl").read_text().splitlines()]
     assert len(signals) == summary["n"] == 8
@@ -159,7 +171,9 @@ def test_inspect_run_writes_a_self_contained_report(tmp_path, lab_model_and_toke
         assert len(s["tokens"]) == len(s["divergence"]) == len(s["token_kl_reward"]) == len(s["ids"])
         for piece in s["tokens"]:
             assert html.escape(piece) in page
-    assert "http" not in page.lower() and "<script" not in page and "src=" not in page
+    # nothing is fetched from elsewhere, and model text cannot open a script: the page's own is the only one
+    assert "http" not in page.lower() and "src=" not in page and page.count("<script") == 1
+    assert "<script>alert" not in page
     assert "&lt;" in page and "&amp;" in page
     assert 'class="t fw"' in page  # a first wrong step is underlined
 
@@ -173,3 +187,55 @@ def test_inspect_run_writes_a_self_contained_report(tmp_path, lab_model_and_toke
     assert sum(summary["buckets"]["wrong"]) == pytest.approx(1.0)
     text = format_summary(summary)
     assert f"{n_wrong} wrong" in text and "chance" in text and len(text.splitlines()) <= 6
+
+
+def chromium_binary():
+    """Debian's chromium (installed by `make setup`), or a skip saying why the browser check cannot run."""
+    for name in ("chromium", "chromium-browser"):
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.skip("chromium is not installed and could not be (make setup runs: apt-get install -y chromium); "
+                "the page is still checked as text by test_inspect_run_writes_a_self_contained_report")
+
+
+def load_in_chromium(page: Path, fragment: str = "") -> tuple[str, list[str]]:
+    """The DOM after the page's script ran, and every console message the page produced."""
+    result = subprocess.run(
+        [chromium_binary(), "--headless", "--disable-gpu", "--no-sandbox", "--enable-logging=stderr", "--v=0",
+         "--virtual-time-budget=2000", "--dump-dom", page.resolve().as_uri() + fragment],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    console = [line for line in result.stderr.splitlines() if ":CONSOLE" in line]
+    return result.stdout, console
+
+
+def test_report_page_loads_in_a_real_browser_and_shows_the_tokens(inspected, tmp_path):
+    rows, out, summary = inspected
+    dom, console = load_in_chromium(out / "index.html")
+    assert console == [], f"the page logged to the console: {console}"
+    signals = [json.loads(line) for line in (out / "signals.jsonl").read_text().splitlines()]
+    n_tokens = sum(len(s["tokens"]) for s in signals)
+    # the status line is written by the page's script: it ran to the end and counted every token
+    assert f'<span id="status">{n_tokens} tokens in {len(signals)} responses</span>' in dom
+    assert len(re.findall(r'class="t[ "]', dom)) == n_tokens
+    for s in signals:
+        for piece in s["tokens"]:
+            assert html.escape(piece, quote=False) in dom
+    assert "Wrong answers (r = 0)" in dom and "Right answers (r = 1)" in dom
+
+    # "#reward" recolours by the token KL reward: negative rewards turn blue, the others red
+    dom_reward, console = load_in_chromium(out / "index.html", "#reward")
+    assert console == []
+    painted = re.findall(r'<span class="t[^"]*" style="background: ?(rgba?\(\d+, ?\d+, ?\d+)[^"]*" '
+                         r'data-d="[^"]+" data-r="([^"]+)"', dom_reward)
+    assert len(painted) == n_tokens
+    blue = [colour.replace(" ", "").endswith("(31,79,209") for colour, _ in painted]
+    assert blue == [float(r) < 0 for _, r in painted] and any(blue)
+    assert "31, 79, 209" not in dom  # opened without "#reward": coloured by divergence only
+
+    # the check itself catches a broken page
+    broken = tmp_path / "broken.html"
+    broken.write_text((out / "index.html").read_text().replace("const n = document", "const n = documen"))
+    _, console = load_in_chromium(broken)
+    assert any("Uncaught" in line for line in console)

@@ -301,6 +301,7 @@ body{font-family:system-ui,sans-serif;margin:2em;max-width:70em;color:#222}
 .text{font-family:ui-monospace,monospace;white-space:pre-wrap;line-height:1.7}
 .t{border-radius:2px}
 .fw{text-decoration:underline 2px #1f4fd1;text-underline-offset:3px}
+.top{outline:1px solid #000}
 .end{font-size:.75em;color:#777;border:1px solid #bbb;padding:0 2px}
 .legend span{display:inline-block;width:2.2em;text-align:center;font-size:.8em}
 .charts{display:flex;gap:2em;flex-wrap:wrap}
@@ -328,20 +329,44 @@ def _chart(title: str, shares: list[float], top: float) -> str:
 
 def _response(index: int, row_id, signal: TokenSignal, span, scale: float) -> str:
     step = set(signal.tokens_in_span(*span)) if span else set()
+    top = max(range(len(signal.divergence)), key=signal.divergence.__getitem__) if signal.divergence else None
     spans = []
     for t, (piece, tid, div, kl_reward) in enumerate(zip(signal.tokens, signal.ids, signal.divergence,
                                                         signal.token_kl_reward)):
         title = f"token {t} (id {tid}) {piece!r}\ndivergence {div:.4g}\ntoken KL reward {kl_reward:+.4g}"
-        classes = "t fw" if t in step else "t"
+        classes = "t" + (" fw" if t in step else "") + (" top" if t == top else "")
         shown = html.escape(piece) if piece else '<span class="end">end</span>'
-        spans.append(f'<span class="{classes}" style="background:{_colour(div, scale)}" '
-                     f'title="{html.escape(title)}">{shown}</span>')
+        spans.append(f'<span class="{classes}" style="background:{_colour(div, scale)}" data-d="{div:.6g}" '
+                     f'data-r="{kl_reward:.6g}" title="{html.escape(title)}">{shown}</span>')
     mean = sum(signal.divergence) / len(signal.divergence) if signal.divergence else 0.0
     meta = (f"#{index} · {html.escape(str(row_id))} · reward {signal.reward:g} · "
             f"P_r: <q>{html.escape(signal.phrase)}</q> · {len(signal.ids)} tokens · mean divergence {mean:.3g}"
             + (" · first wrong step underlined" if step else ""))
     return (f'<div class="resp"><div class="meta">{meta}</div>'
             f'<div class="meta">{html.escape(signal.prompt)}</div><div class="text">{"".join(spans)}</div></div>')
+
+
+# Recolours the tokens by the chosen signal (the page is coloured by divergence without it), and
+# says how many tokens the page shows. "#reward" in the address opens the page on the token KL reward.
+_SCRIPT = """
+const tokens = Array.from(document.querySelectorAll('.t'));
+function scaleOf(values) {
+  const sorted = values.map(Math.abs).sort((a, b) => a - b);
+  return sorted.length ? sorted[Math.floor(0.99 * (sorted.length - 1))] || 1 : 1;
+}
+const scales = {d: scaleOf(tokens.map(t => +t.dataset.d)), r: scaleOf(tokens.map(t => +t.dataset.r))};
+function paint(mode) {
+  for (const t of tokens) {
+    const v = +t.dataset[mode], a = Math.min(1, Math.abs(v) / scales[mode]).toFixed(3);
+    t.style.background = v >= 0 ? `rgba(214,39,40,${a})` : `rgba(31,79,209,${a})`;
+  }
+  document.getElementById('mode-' + mode).checked = true;
+}
+for (const mode of ['d', 'r']) document.getElementById('mode-' + mode).addEventListener('change', () => paint(mode));
+if (location.hash === '#reward') paint('r');
+const n = document.querySelectorAll('.resp').length;
+document.getElementById('status').textContent = `${tokens.length} tokens in ${n} responses`;
+"""
 
 
 def _page(entries: list[tuple], summary: dict) -> str:
@@ -369,7 +394,11 @@ def _page(entries: list[tuple], summary: dict) -> str:
 <p>Student <code>{html.escape(summary['student'])}</code>, teacher <code>{html.escape(summary['teacher'])}</code>,
 {html.escape(str(summary['divergence']))} divergence on the teacher's top-{html.escape(str(summary['top_k']))} tokens.
 Each token is coloured by its Phase 2 loss term; hover for the numbers (divergence, and the token KL
-reward log p_S(y_t) - log p_T(y_t)). On lab problems the first wrong step of a wrong answer is underlined.</p>
+reward log p_S(y_t) - log p_T(y_t)). On lab problems the first wrong step of a wrong answer is underlined;
+each response's highest-divergence token is outlined.</p>
+<p>Colour by: <label><input type="radio" name="mode" id="mode-d" checked> divergence</label>
+<label><input type="radio" name="mode" id="mode-r"> token KL reward (red: the student likes the token more
+than the teacher; blue: less)</label> · <span id="status"></span></p>
 <p class="legend">divergence: {legend} (and above)</p>
 <h2>How concentrated is the divergence?</h2>
 <p>Tokens sorted by divergence and cut into {len(shares['wrong'] or shares['right'])} equal-count buckets;
@@ -377,5 +406,6 @@ each bar is a bucket's share of the total divergence.</p>
 <div class="charts">{charts}</div>
 <p>Highest-divergence token inside the first wrong step: {rate}.</p>
 {"".join(sections)}
+<script>{_SCRIPT}</script>
 </body></html>
 """
