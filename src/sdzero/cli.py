@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                                description="Base model -> Phase 1 (collect, SRT) -> Phase 2 (self-distillation) -> "
                                            "avg@k of base, SRT and SD-Zero on held-out lab problems.")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory (default: %(default)s)")
+    demo.add_argument("--self-evolve", action="store_true",
+                      help="Phase 2 from OUT/srt twice, frozen teacher vs teacher sync (settings: evolve.*); "
+                           "writes OUT/evolve/report.json and self_evolution.png (runs the demo first if needed)")
     _common(demo)
 
     collect = commands.add_parser("collect", help="Phase 1 data: first answers, revisions, verified tuples",
@@ -131,6 +134,15 @@ def cmd_demo(args) -> None:
 
     cfg = _run_config(args)
     torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))
+    if args.self_evolve:
+        from sdzero.evolve import self_evolution
+
+        report = self_evolution(cfg, args.out, progress=not args.quiet)
+        print(f"\n{'teacher':<8} {report['metric']:>8} {'length':>8}  syncs")
+        for name, run in report["runs"].items():
+            print(f"{name:<8} {run['accuracy']:>8.3f} {run['mean_length']:>8.1f}  {run['syncs'] or '-'}")
+        print(f"wrote {args.out / 'evolve' / 'report.json'} and {args.out / 'evolve' / 'self_evolution.png'}")
+        return
     report = run_pipeline(cfg, args.out, progress=not args.quiet)
     _print_table(report)
     print(f"wrote {args.out / 'report.json'}" + (f" and {args.out / 'learning_curve.png'}"

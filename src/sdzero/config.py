@@ -44,6 +44,22 @@ class EvalConfig:
 
 
 @dataclass
+class EvolveConfig:
+    """Self-evolution (`sdzero demo --self-evolve`): Phase 2 from the SRT model twice, with the same
+    seed, once with a frozen teacher and once with the teacher synchronised to the student."""
+
+    max_steps: int = 80
+    """Phase 2 steps of each run (the demo's Phase 2 is shorter; the synced run needs room past the plateau)."""
+    sync_every: int | None = None
+    """Synced run: copy the student into the teacher every N steps (None: only on a plateau)."""
+    sync_patience: int | None = 2
+    """Synced run: copy the student into the teacher when the tracked accuracy has not improved for this
+    many evaluations (None: only every sync_every steps)."""
+    eval_every: int = 10
+    """Steps between evaluations of the tracked accuracy (avg@eval.curve_k on eval.curve_problems)."""
+
+
+@dataclass
 class RunConfig:
     """A whole SD-Zero run: base model -> Phase 1 -> SRT -> Phase 2 -> evaluation."""
 
@@ -68,6 +84,7 @@ class RunConfig:
     srt: SRTConfig = field(default_factory=SRTConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    evolve: EvolveConfig = field(default_factory=EvolveConfig)
 
     def phrases(self) -> ControlPhrases:
         preset = ControlPhrases.preset(self.control_preset)
@@ -81,6 +98,10 @@ class RunConfig:
         if self.eval.revise_feedback not in FEEDBACK:
             raise ValueError(f"eval.revise_feedback must be one of {', '.join(FEEDBACK)}, "
                              f"got {self.eval.revise_feedback!r}")
+        if self.evolve.sync_every is None and self.evolve.sync_patience is None:
+            raise ValueError("evolve needs evolve.sync_every or evolve.sync_patience: the synced run must sync")
+        if self.evolve.eval_every < 1 or self.evolve.max_steps < 1:
+            raise ValueError("evolve.eval_every and evolve.max_steps must be >= 1")
         for name in ("n_phase1", "n_phase2"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
