@@ -134,6 +134,23 @@ def test_localization_on_hand_made_signals():
     assert result["wrong"]["kl_mean"] == pytest.approx((sum(hit) + sum(miss) + sum(late_hit)) / (3 * n))
     assert result["right"] == {"n": 1, "kl_mean": pytest.approx(0.5)}
 
+    # apart by attempts: a right answer that started over, and a wrong one that did, are multi-attempt
+    phrases = ControlPhrases()
+    restart = WRONG + "\n\n" + phrases.wrong + "\n\n" + RIGHT
+    twice_wrong = WRONG + "\n\n" + phrases.wrong + "\n\n" + WRONG
+    multi_right = [1.0] * len(restart)
+    multi_wrong = [0.1] * len(twice_wrong)
+    multi_wrong[len(twice_wrong) - 3] = 9.0  # the top token sits in the second attempt
+    signals += [signal(restart, multi_right, 1.0), signal(twice_wrong, multi_wrong, 0.0)]
+    split = localization(signals, [PROBLEM] * 4 + [None] + [PROBLEM] * 2, phrases)
+    assert split["single_attempt"]["wrong"]["n"] == 3 and split["single_attempt"]["right"]["n"] == 1
+    assert split["single_attempt"]["wrong"]["ratio"] == pytest.approx(result["wrong"]["ratio"])
+    assert split["multi_attempt"]["right"] == {"n": 1, "kl_mean": pytest.approx(1.0)}
+    multi = split["multi_attempt"]["wrong"]
+    assert multi["n"] == 1 and multi["top_kl_in_first_wrong_step"] == 0.0
+    assert multi["chance"] == pytest.approx(8 / len(twice_wrong))
+    assert split["wrong"]["n"] == 4 and split["right"]["n"] == 2
+
 
 @pytest.fixture(scope="module")
 def inspected(tmp_path_factory, lab_model_and_tokenizer):
@@ -157,7 +174,7 @@ def inspected(tmp_path_factory, lab_model_and_tokenizer):
     (run / "eval" / "sdzero.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     out = tmp_path / "report"
-    summary = inspect_run(run, out, n=8, progress=False)
+    summary = inspect_run(run, out, n=8, student="sdzero", progress=False)
     return rows, out, summary
 
 
@@ -186,7 +203,8 @@ def test_inspect_run_writes_a_self_contained_report(inspected):
     assert summary["n_wrong"] == n_wrong and summary["localization"] == loc
     assert sum(summary["buckets"]["wrong"]) == pytest.approx(1.0)
     text = format_summary(summary)
-    assert f"{n_wrong} wrong" in text and "chance" in text and len(text.splitlines()) <= 6
+    assert f"{n_wrong} wrong" in text and "chance" in text and len(text.splitlines()) <= 7
+    assert f"single-attempt answers ({n_wrong} wrong, {8 - n_wrong} right)" in text  # none revises itself
 
 
 def chromium_binary():

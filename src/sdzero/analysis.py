@@ -154,13 +154,24 @@ def _kl_mean(signals: list[TokenSignal]) -> float | None:
     return sum(sum(s.divergence) for s in signals) / n if n else None
 
 
-def localization(signals: list[TokenSignal], problems_by_response: list[Problem | None]) -> dict:
+def revises_itself(signal: TokenSignal, phrases: ControlPhrases) -> bool:
+    """True when the response already holds a control phrase: several attempts in one answer (as
+    SRT models write), judged by its last attempt, with twice as long a teacher context."""
+    return phrases.correct in signal.text or phrases.wrong in signal.text
+
+
+def localization(signals: list[TokenSignal], problems_by_response: list[Problem | None],
+                 phrases: ControlPhrases | None = None) -> dict:
     """Does the largest divergence of a wrong lab answer fall on its first wrong step?
 
     `problems_by_response[i]` is the lab `Problem` that `signals[i]` answers (None: not a lab
     problem, skipped). Wrong answers count when their first attempt has a first wrong step. The rate
     is how often the highest-divergence token overlaps that step; chance is the step's share of the
     response's tokens, averaged; ratio = rate / chance. Right answers report their mean divergence.
+
+    With `phrases`, the same figures are added for single-attempt and multi-attempt responses
+    (`revises_itself`) apart: a multi-attempt "right" answer usually holds a wrong first attempt,
+    and its long teacher context is where a small teacher may stop being reliable.
     """
     if len(problems_by_response) != len(signals):
         raise ValueError(f"{len(signals)} signals but {len(problems_by_response)} problems")
@@ -181,11 +192,16 @@ def localization(signals: list[TokenSignal], problems_by_response: list[Problem 
         chances.append(len(step) / len(signal.divergence))
     rate = sum(hits) / len(hits) if hits else None
     chance = sum(chances) / len(chances) if chances else None
-    return {
+    result = {
         "wrong": {"n": len(wrong), "top_kl_in_first_wrong_step": rate, "chance": chance,
                   "ratio": rate / chance if chances and chance > 0 else None, "kl_mean": _kl_mean(wrong)},
         "right": {"n": len(right), "kl_mean": _kl_mean(right)},
     }
+    if phrases is not None:
+        for name, multi in (("single_attempt", False), ("multi_attempt", True)):
+            keep = [i for i, signal in enumerate(signals) if revises_itself(signal, phrases) == multi]
+            result[name] = localization([signals[i] for i in keep], [problems_by_response[i] for i in keep])
+    return result
 
 
 def lab_problem(row: dict) -> Problem | None:
@@ -208,9 +224,13 @@ def _mix(rows: list[dict], n: int) -> list[dict]:
     return mixed[:n]
 
 
-def inspect_run(run_dir: str | Path, out_dir: str | Path, *, n: int = 200, student: str = "sdzero",
+def inspect_run(run_dir: str | Path, out_dir: str | Path, *, n: int = 200, student: str = "srt",
                 teacher: str = "srt", device: str | None = None, progress: bool = True) -> dict:
     """Token-level report of a run: index.html, localization.json and signals.jsonl in `out_dir`.
+
+    The default pair, the SRT model as both student and teacher on its own answers, is the Phase 2
+    signal at its first step: the one whose localisation the method relies on. student="sdzero"
+    shows what is left of it after Phase 2 (a frozen teacher's residual, not a fresh signal).
 
     Loads run_dir/<student> and run_dir/<teacher> (the student's folder when the teacher's is
     missing), takes up to `n` responses of run_dir/eval/<student>.jsonl, alternating wrong and right
@@ -248,7 +268,7 @@ def inspect_run(run_dir: str | Path, out_dir: str | Path, *, n: int = 200, stude
 
     wrong = [s for s in signals if s.reward < 1.0]
     right = [s for s in signals if s.reward >= 1.0]
-    loc = localization(signals, problems)
+    loc = localization(signals, problems, cfg.phrases())
     spans = [first_wrong_step(s.text, p) if p is not None and s.reward < 1.0 else None
              for s, p in zip(signals, problems)]
     summary = {
@@ -276,9 +296,18 @@ def format_summary(summary: dict) -> str:
     def top(shares):
         return "n/a" if not shares else f"{shares[0]:.1%}"
 
+    def split(name):
+        part = summary["localization"].get(name)
+        if part is None:
+            return None
+        w = part["wrong"]
+        return (f"{name.replace('_', '-')} answers ({w['n']} wrong, {part['right']['n']} right): divergence wrong "
+                f"{num(w['kl_mean'])}, right {num(part['right']['kl_mean'])}; top token in the first wrong step "
+                f"{num(w['top_kl_in_first_wrong_step'], '.1%')} vs chance {num(w['chance'], '.1%')}")
+
     n_buckets = len(summary["buckets"]["wrong"] or summary["buckets"]["right"]) or 20
     wrong = summary["localization"]["wrong"]
-    return "\n".join([
+    return "\n".join(line for line in [
         f"{summary['n']} responses ({summary['n_wrong']} wrong, {summary['n_right']} right): "
         f"student {summary['student']} vs teacher {summary['teacher']}",
         f"mean per-token {summary['divergence']} divergence: wrong {num(summary['kl_mean_wrong'])}, "
@@ -287,8 +316,9 @@ def format_summary(summary: dict) -> str:
         f"answers, {top(summary['buckets']['right'])} on right ones",
         f"top-divergence token in the first wrong step: {num(wrong['top_kl_in_first_wrong_step'], '.1%')} vs "
         f"chance {num(wrong['chance'], '.1%')} (ratio {num(wrong['ratio'], '.2f')}, n={wrong['n']})",
+        split("single_attempt"), split("multi_attempt"),
         f"report: {Path(summary['out_dir']) / 'index.html'}",
-    ])
+    ] if line)
 
 
 # ------------------------------------------------------------------------------------------

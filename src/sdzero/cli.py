@@ -73,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--run", type=Path, required=True, help="run directory (with srt/, sdzero/, eval/)")
     inspect.add_argument("--out", type=Path, help="output folder (default: RUN/inspect)")
     inspect.add_argument("--n", type=int, default=200, help="responses to analyse (default: %(default)s)")
-    inspect.add_argument("--student", default="sdzero", help="student stage folder in the run (default: %(default)s)")
+    inspect.add_argument("--student", default="srt",
+                         help="student stage folder in the run; its eval/<student>.jsonl answers are scored "
+                              "(default: %(default)s, with the default teacher: the Phase 2 signal at step 0)")
     inspect.add_argument("--teacher", default="srt", help="teacher stage folder in the run (default: %(default)s)")
     inspect.add_argument("--quiet", action="store_true")
 
