@@ -16,11 +16,15 @@ from pathlib import Path
 import yaml
 
 from sdzero.collect import CollectConfig
+from sdzero.data import DataConfig
 from sdzero.distill import DistillConfig
 from sdzero.evaluate import FEEDBACK
 from sdzero.generation import SamplingConfig
+from sdzero.modeling import DTYPES, LoraConfig
 from sdzero.prompts import ControlPhrases
 from sdzero.srt import SRTConfig
+from sdzero.training import LogConfig
+from sdzero.verifiers import get_verifier
 
 
 @dataclass
@@ -30,7 +34,7 @@ class EvalConfig:
     k: int = 8
     """Samples per problem for avg@k (paper: 8)."""
     n_problems: int = 200
-    """Held-out problems evaluated (lab task)."""
+    """Held-out problems evaluated (the same ones for every run seed)."""
     curve_problems: int = 100
     """Held-out problems used for the Phase 2 learning curve (avg@curve_k)."""
     curve_k: int = 2
@@ -64,9 +68,17 @@ class RunConfig:
     """A whole SD-Zero run: base model -> Phase 1 -> SRT -> Phase 2 -> evaluation."""
 
     model: str = "lab"
-    """Base model: "lab" (the built-in lab model), a local folder or a hub id."""
+    """Base model: "lab" (the built-in lab model), a local folder or a hub id (any causal LM whose tokenizer
+    has a chat template)."""
     task: str = "lab"
-    """Problem source and verifier; "lab" is the built-in task."""
+    """Verifier: "lab" (the built-in task), "math" (math-verify on the last \\boxed{}), "code" (tests run in the
+    sandbox), or "package.module:function" for your own reward function (completion, row) -> float."""
+    dtype: str = "auto"
+    """Weights dtype: "auto" (fp32 weights; training computes in bf16 autocast on a GPU that supports it),
+    "float32", "bfloat16" or "float16" (half-precision weights: half the memory, but updates smaller than
+    their rounding step are lost)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
     seed: int = 0
     control_preset: str = "paper"
     """Control phrases P_r: "paper", "qwen" or "olmo"."""
@@ -79,11 +91,14 @@ class RunConfig:
     """Problems for Phase 1 (N1; paper: 6K)."""
     n_phase2: int = 9000
     """Problems for Phase 2 (N2, disjoint from N1; paper: 9K)."""
+    data: DataConfig = field(default_factory=DataConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     collect: CollectConfig = field(default_factory=CollectConfig)
     srt: SRTConfig = field(default_factory=SRTConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     evolve: EvolveConfig = field(default_factory=EvolveConfig)
 
     def phrases(self) -> ControlPhrases:
@@ -92,7 +107,11 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         self.phrases()
+        self.sampling.validate()
         self.distill.validate()
+        get_verifier(self.task)
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose auto, {', '.join(DTYPES)}")
         if self.eval.k < 1:
             raise ValueError(f"eval.k must be >= 1, got {self.eval.k}")
         if self.eval.revise_feedback not in FEEDBACK:

@@ -12,21 +12,24 @@ by the current student every N steps, or when the tracked accuracy stops improvi
 
 from __future__ import annotations
 
-import copy
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
+from accelerate.utils import DistributedType, broadcast_object_list
 from tqdm.auto import tqdm
 
-from sdzero.generation import Generator, SamplingConfig
+from sdzero.generation import SamplingConfig, make_generator
 from sdzero.losses import DIVERGENCES, per_token_divergence, teacher_topk
 from sdzero.prompts import (ControlPhrases, DistillLayout, bridge_ids, distill_layout, end_of_turn_ids,
                             generator_prompt_ids)
-from sdzero.training import MetricsLog, make_optimizer, make_schedule, model_device, pad_right
+from sdzero.modeling import Teacher
+from sdzero.training import (LogConfig, MetricsLog, finish_trackers, load_checkpoint, logits_at, make_accelerator,
+                             make_optimizer, make_schedule, pad_right, save_checkpoint)
 from sdzero.verifiers import Verifier
 
 
@@ -61,6 +64,8 @@ class DistillConfig:
     for this many evaluations (needs eval_every)."""
     eval_every: int | None = None
     """Evaluate the student every N steps (the learning curve and the plateau rule use it)."""
+    save_every: int | None = 50
+    """Write a checkpoint to resume from (model, optimiser, scheduler, RNG, step, teacher) every N steps."""
 
     def validate(self) -> None:
         if self.divergence not in DIVERGENCES:
@@ -74,18 +79,6 @@ class DistillConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-def frozen_copy(model):
-    teacher = copy.deepcopy(model)
-    teacher.eval()
-    teacher.requires_grad_(False)
-    return teacher
-
-
-def gather_positions(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """logits [B, L, V] at positions [B, T] -> [B, T, V]."""
-    return logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, logits.size(-1)))
-
-
 def micro_batch_tensors(layouts: list[DistillLayout], pad_id: int, device):
     """Right-padded student and teacher inputs, their target positions, and the target mask."""
     student_ids = pad_right([l.student_ids for l in layouts], pad_id)
@@ -97,125 +90,203 @@ def micro_batch_tensors(layouts: list[DistillLayout], pad_id: int, device):
     mask = pad_right([[1] * l.n_targets for l in layouts], 0).bool()
     tensors = (student_ids, student_attention, teacher_ids, teacher_attention, student_positions,
                teacher_positions, mask)
-    return tuple(t.to(device) for t in tensors)
+    return tuple(t.to(device, non_blocking=True) for t in tensors)
 
 
 def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrases: ControlPhrases,
             sampling: SamplingConfig, cfg: DistillConfig, *, teacher=None, out_dir: str | Path | None = None,
             seed: int = 0, evaluate_fn: Callable[[object], float] | None = None,
-            system_prompt: str | None = None, progress: bool = True) -> dict:
-    """Train `student` in place. Without `teacher`, the teacher is a frozen copy of the starting student.
+            system_prompt: str | None = None, progress: bool = True, resume: bool = False,
+            log_config: LogConfig | None = None, generator=None) -> dict:
+    """Train `student` in place. Without `teacher`, the teacher is a frozen copy of the starting student
+    (or, for a LoRA student, the student with its adapter switched off).
 
-    `evaluate_fn(model) -> accuracy` is called every `cfg.eval_every` steps. Returns a summary with the
-    evaluation history and the steps at which the teacher was synchronised.
+    Runs in every process of `accelerate launch`: each process samples its share of the step's
+    prompts, and gradients are averaged across processes. `evaluate_fn(model) -> accuracy` is called
+    every `cfg.eval_every` steps (on the main process). With `out_dir`, metrics go to
+    out_dir/metrics.jsonl and a checkpoint to out_dir/checkpoint every `cfg.save_every` steps;
+    `resume=True` continues from that checkpoint. `generator` (default: one made from `sampling`) draws
+    the rollouts; it is refreshed with the student's weights after every optimiser step. Returns a
+    summary with the evaluation history and the steps at which the teacher was synchronised.
     """
     cfg.validate()
     if not problems:
         raise ValueError("Phase 2 needs at least one prompt; the problem set is empty")
-    teacher = teacher if teacher is not None else frozen_copy(student)
-    teacher.eval()
-    teacher.requires_grad_(False)
-    device = model_device(student)
-    pad_id = tokenizer.pad_token_id
-    eot = end_of_turn_ids(tokenizer)
-    generator = Generator(student, tokenizer, sampling)
+    teacher = teacher if isinstance(teacher, Teacher) else Teacher(student, teacher)
+    accelerator = make_accelerator(out_dir, log_config)
+    rank, world = accelerator.process_index, accelerator.num_processes
     optimizer = make_optimizer(student, cfg.lr)
     schedule = make_schedule(optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps, kind="constant")
-    log = MetricsLog(Path(out_dir) / "metrics.jsonl") if out_dir else None
+    model, optimizer = accelerator.prepare(student, optimizer)  # model: student, or its distributed wrapper
+    accelerator.register_for_checkpointing(schedule)
+    if teacher.model is not None:
+        teacher.model.to(accelerator.device)
+    device = accelerator.device
+    pad_id = tokenizer.pad_token_id
+    eot = end_of_turn_ids(tokenizer)
+    sharded = world > 1 and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if generator is None:
+        generator = make_generator(student, tokenizer, sampling)
+    # Sharded models decode in lockstep: every process runs each decoding step until all are done.
+    generator.synced_gpus = sharded
+    log = MetricsLog(Path(out_dir) / "metrics.jsonl", accelerator) if out_dir else None
+    checkpoint_dir = Path(out_dir) / "checkpoint" if out_dir else None
     bridges = {r: bridge_ids(tokenizer, phrases, r) for r in (0.0, 1.0)}
+    # Every process draws the same prompt order and takes its own slice of each step's prompts.
     rng = random.Random(seed)
-    queue: list[dict] = []
-    teacher_version, syncs, history = 0, [], []
-    best, evals_since_best = float("-inf"), 0
+    queue: list[int] = []
+    progress_state = {"step": 0, "teacher_version": 0, "syncs": [], "history": [], "best": None,
+                      "evals_since_best": 0}
+    if resume:
+        if checkpoint_dir is None:
+            raise ValueError("resume needs out_dir, where the checkpoint lives")
+        state = load_checkpoint(accelerator, checkpoint_dir)
+        if state is None:
+            accelerator.print(f"no checkpoint in {checkpoint_dir}: Phase 2 starts from step 0")
+        else:
+            progress_state.update({k: state[k] for k in progress_state})
+            queue = state["queue"]
+            rng.setstate((state["rng"][0], tuple(state["rng"][1]), state["rng"][2]))
+            if state["teacher_version"] > 0:
+                teacher.model.load_state_dict(torch.load(Path(state["folder"]) / "teacher.pt", map_location=device))
+            if log:
+                log.drop_after(progress_state["step"])
+    elif log and log.main and log.path.exists():
+        log.path.unlink()  # a fresh run starts a fresh log
+    syncs, history = progress_state["syncs"], progress_state["history"]
+    generator.refresh(student)  # the starting (or resumed) weights
     start = time.time()
 
     def track(step: int) -> None:
-        nonlocal best, evals_since_best, teacher_version
-        accuracy = evaluate_fn(student)
-        history.append({"step": step, "accuracy": accuracy, "teacher_version": teacher_version})
+        # Sharded weights are gathered layer by layer as the model runs, so every process must take part.
+        accuracy = evaluate_fn(student) if accelerator.is_main_process or sharded else None
+        accuracy = broadcast_object_list([accuracy])[0]
+        history.append({"step": step, "accuracy": accuracy, "teacher_version": progress_state["teacher_version"]})
         if log:
             log.write({"stage": "distill", "step": step, "eval/accuracy": accuracy})
-        if accuracy > best:
-            best, evals_since_best = accuracy, 0
+        if progress_state["best"] is None or accuracy > progress_state["best"]:
+            progress_state["best"], progress_state["evals_since_best"] = accuracy, 0
         else:
-            evals_since_best += 1
-        if cfg.sync_patience is not None and evals_since_best >= cfg.sync_patience:
+            progress_state["evals_since_best"] += 1
+        if cfg.sync_patience is not None and progress_state["evals_since_best"] >= cfg.sync_patience:
             sync(step)
-            evals_since_best = 0
+            progress_state["evals_since_best"] = 0
 
     def sync(step: int) -> None:
-        nonlocal teacher_version
-        teacher.load_state_dict(student.state_dict())
-        teacher_version += 1
+        # The student's full weights: under FSDP / ZeRO-3 they are gathered from the shards (on every process).
+        teacher.load(accelerator.get_state_dict(model), from_main_process=sharded)
+        progress_state["teacher_version"] += 1
         syncs.append(step)
 
-    if evaluate_fn and cfg.eval_every:
+    def save(step: int) -> None:
+        state = dict(progress_state, step=step, queue=queue, rng=list(rng.getstate()))
+        tensors = {"teacher": teacher.state_dict()} if progress_state["teacher_version"] > 0 else None
+        save_checkpoint(accelerator, checkpoint_dir, state, tensors)
+
+    if evaluate_fn and cfg.eval_every and progress_state["step"] == 0:
         track(0)
-    bar = tqdm(range(1, cfg.max_steps + 1), desc="distill", disable=not progress)
+    first_step = progress_state["step"] + 1
+    bar = tqdm(range(first_step, cfg.max_steps + 1), desc="distill", initial=first_step - 1, total=cfg.max_steps,
+               disable=not progress or not accelerator.is_main_process)
     for step in bar:
         # Walk through N2 in a fresh random order each epoch.
         batch = []
         while len(batch) < cfg.prompts_per_step:
             if not queue:
-                queue = rng.sample(problems, len(problems))
-            batch.append(queue.pop())
+                queue = rng.sample(range(len(problems)), len(problems))
+            batch.append(problems[queue.pop()])
+        batch = batch[rank::world]
         prompts = [generator_prompt_ids(tokenizer, p["problem"], system_prompt) for p in batch]
         rollouts = [samples[0] for samples in generator.sample(prompts, 1, progress=False)]
         rewards = [verifier(y.text, p) for y, p in zip(rollouts, batch)]
         layouts = [distill_layout(prompt, y.ids, bridges[r], eot, cfg.teacher_max_length)
                    for prompt, y, r in zip(prompts, rollouts, rewards)]
         kept = [(layout, r) for layout, r in zip(layouts, rewards) if layout is not None and layout.n_targets]
-        n_tokens = sum(layout.n_targets for layout, _ in kept)
+        # Similar lengths share a micro-batch, so less of each padded batch is padding.
+        kept.sort(key=lambda item: len(item[0].teacher_ids))
+        # The loss is the mean over every target token of the step, across all processes.
+        n_tokens = accelerator.reduce(torch.tensor(float(sum(l.n_targets for l, _ in kept)), device=device)).item()
 
-        student.train()
+        model.train()
         optimizer.zero_grad(set_to_none=True)
-        token_kl = {0.0: [0.0, 0], 1.0: [0.0, 0]}  # reward -> [sum of per-token KL, tokens]
-        total_loss = 0.0
-        for i in range(0, len(kept), cfg.micro_batch_size):
-            micro = kept[i:i + cfg.micro_batch_size]
-            (s_ids, s_att, t_ids, t_att, s_pos, t_pos, mask) = micro_batch_tensors([m[0] for m in micro], pad_id,
-                                                                                  device)
-            with torch.no_grad():
-                teacher_logits = gather_positions(teacher(input_ids=t_ids, attention_mask=t_att).logits, t_pos)
-                teacher_logprobs, teacher_indices = teacher_topk(teacher_logits, cfg.top_k)
-                del teacher_logits
-            student_logits = gather_positions(student(input_ids=s_ids, attention_mask=s_att).logits, s_pos)
-            per_token = per_token_divergence(student_logits, teacher_logprobs, teacher_indices,
-                                             divergence=cfg.divergence, mixed_weight=cfg.mixed_weight,
-                                             tail_bucket=cfg.tail_bucket)
-            per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
-            # Divide by the step's token count so the accumulated gradient is the mean over all its tokens.
-            loss = per_token.sum() / n_tokens
-            loss.backward()
-            total_loss += loss.item()
-            per_sample = per_token.detach().sum(1).tolist()
-            for (layout, r), kl in zip(micro, per_sample):
-                token_kl[r][0] += kl
-                token_kl[r][1] += layout.n_targets
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip).item() if kept else 0.0
-        if kept:
+        stats = torch.zeros(STATS, device=device)
+        if n_tokens:
+            # Every process runs the same number of backward passes, so gradient averaging stays in step.
+            per_process = -(-cfg.prompts_per_step // world)
+            n_micro = -(-per_process // cfg.micro_batch_size)
+            for i in range(n_micro):
+                micro = kept[i * cfg.micro_batch_size:(i + 1) * cfg.micro_batch_size]
+                with nullcontext() if i == n_micro - 1 else accelerator.no_sync(model):
+                    if not micro:  # this process has fewer samples: join the gradient average with zero
+                        accelerator.backward(model(input_ids=torch.tensor([[pad_id]], device=device)).logits.sum() * 0)
+                        continue
+                    per_token = micro_batch_divergence(model, teacher, micro, pad_id, device, cfg)
+                    accelerator.backward(per_token.sum() / n_tokens * world)
+                    per_sample = per_token.detach().sum(1)
+                    wrong = torch.tensor([r < 1.0 for _, r in micro], device=device)
+                    lengths = torch.tensor([float(l.n_targets) for l, _ in micro], device=device)
+                    stats[KL_WRONG] += per_sample[wrong].sum()
+                    stats[TOKENS_WRONG] += lengths[wrong].sum()
+                    stats[KL_RIGHT] += per_sample[~wrong].sum()
+                    stats[TOKENS_RIGHT] += lengths[~wrong].sum()
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
             optimizer.step()
+            generator.refresh(student)
+        else:
+            grad_norm = 0.0
         schedule.step()
 
+        stats[REWARD] = sum(rewards)
+        stats[ROLLOUTS] = len(rollouts)
+        stats[LENGTH] = sum(len(y.ids) for y in rollouts)
+        stats[TRUNCATED] = sum(1 for l in layouts if l is not None and l.truncated)
+        stats[MASKED] = sum(1 for l in layouts if l is None)
+        stats = accelerator.reduce(stats).tolist()
+        kl = (stats[KL_WRONG] + stats[KL_RIGHT]) / max(1.0, n_tokens)
         record = {
-            "stage": "distill", "step": step, "loss": total_loss,
-            "sdzero/reward": sum(rewards) / len(rewards),
-            "sdzero/kl": total_loss,
-            "sdzero/kl_wrong": token_kl[0.0][0] / max(1, token_kl[0.0][1]),
-            "sdzero/kl_right": token_kl[1.0][0] / max(1, token_kl[1.0][1]),
-            "sdzero/response_len": sum(len(y.ids) for y in rollouts) / len(rollouts),
-            "sdzero/truncated": sum(1 for l in layouts if l is not None and l.truncated),
-            "sdzero/masked_out": sum(1 for l in layouts if l is None),
-            "sdzero/teacher_version": teacher_version,
+            "stage": "distill", "step": step, "loss": kl,
+            "sdzero/reward": stats[REWARD] / stats[ROLLOUTS],
+            "sdzero/kl": kl,
+            "sdzero/kl_wrong": stats[KL_WRONG] / max(1.0, stats[TOKENS_WRONG]),
+            "sdzero/kl_right": stats[KL_RIGHT] / max(1.0, stats[TOKENS_RIGHT]),
+            "sdzero/response_len": stats[LENGTH] / stats[ROLLOUTS],
+            "sdzero/truncated": int(stats[TRUNCATED]),
+            "sdzero/masked_out": int(stats[MASKED]),
+            "sdzero/teacher_version": progress_state["teacher_version"],
             "sdzero/grad_norm": grad_norm, "lr": schedule.get_last_lr()[0], "seconds": time.time() - start,
         }
         if log:
             log.write(record)
-        bar.set_postfix(reward=f"{record['sdzero/reward']:.2f}", kl=f"{total_loss:.4f}")
+        bar.set_postfix(reward=f"{record['sdzero/reward']:.2f}", kl=f"{kl:.4f}")
         if cfg.sync_every and step % cfg.sync_every == 0:
             sync(step)
         if evaluate_fn and cfg.eval_every and step % cfg.eval_every == 0:
             track(step)
+        progress_state["step"] = step
+        if checkpoint_dir and cfg.save_every and step % cfg.save_every == 0:
+            save(step)
     student.eval()
-    return {"steps": cfg.max_steps, "history": history, "syncs": syncs, "teacher_version": teacher_version,
-            "seconds": time.time() - start}
+    finish_trackers(accelerator)
+    return {"steps": cfg.max_steps, "history": history, "syncs": syncs,
+            "teacher_version": progress_state["teacher_version"], "seconds": time.time() - start}
+
+
+# Per-step counters summed across processes (indices into one tensor, so one reduction per step).
+STATS = 9
+REWARD, ROLLOUTS, LENGTH, TRUNCATED, MASKED, KL_WRONG, TOKENS_WRONG, KL_RIGHT, TOKENS_RIGHT = range(9)
+
+
+def micro_batch_divergence(model, teacher: Teacher, micro: list[tuple[DistillLayout, float]], pad_id: int, device,
+                           cfg: DistillConfig) -> torch.Tensor:
+    """Per-token divergence [B, T] (zero past each sample's end) between student and teacher on one micro-batch.
+
+    Both models project onto the vocabulary only at the target positions, and the teacher keeps only its
+    top-k log-probs."""
+    (s_ids, s_att, t_ids, t_att, s_pos, t_pos, mask) = micro_batch_tensors([m[0] for m in micro], pad_id, device)
+    with torch.no_grad():
+        teacher_logprobs, teacher_indices = teacher_topk(logits_at(teacher, t_ids, t_att, t_pos), cfg.top_k)
+    student_logits = logits_at(model, s_ids, s_att, s_pos)
+    per_token = per_token_divergence(student_logits, teacher_logprobs, teacher_indices,
+                                     divergence=cfg.divergence, mixed_weight=cfg.mixed_weight,
+                                     tail_bucket=cfg.tail_bucket)
+    return torch.where(mask, per_token, torch.zeros_like(per_token))

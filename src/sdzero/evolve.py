@@ -18,26 +18,24 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from sdzero import lab
 from sdzero.config import RunConfig
 from sdzero.distill import distill
 from sdzero.evaluate import evaluate
-from sdzero.generation import Generator
+from sdzero.generation import make_generator
+from sdzero.pipeline import load_run_model, problem_sets, run_pipeline, trainable
 from sdzero.training import seed_everything
 from sdzero.verifiers import get_verifier
 
 
 def self_evolution(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, log=print) -> dict:
-    """Frozen vs synced Phase 2 from run_dir/srt (the demo is run first when it is missing)."""
-    from sdzero.pipeline import load_model, run_pipeline
-
+    """Frozen vs synced Phase 2 from run_dir/srt (the whole pipeline is run first when it is missing)."""
     cfg.validate()
     run_dir = Path(run_dir)
     if not (run_dir / "srt" / "config.json").exists():
-        log(f"no SRT model in {run_dir}: running the demo first")
+        log(f"no SRT model in {run_dir}: running the pipeline first")
         run_pipeline(cfg, run_dir, progress=progress, log=log)
     verifier = get_verifier(cfg.task)
-    _, n2, held_out = lab.problem_sets(cfg.n_phase1, cfg.n_phase2, cfg.eval.n_problems, cfg.seed)
+    _, n2, held_out = problem_sets(cfg, log=log)
     curve_problems = held_out[:cfg.eval.curve_problems]
     e = cfg.evolve
     runs = {"frozen": replace(cfg.distill, max_steps=e.max_steps, eval_every=e.eval_every, sync_every=None,
@@ -47,20 +45,24 @@ def self_evolution(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True
     report = {"seed": cfg.seed, "metric": f"avg@{cfg.eval.k}", "curve_metric": f"avg@{cfg.eval.curve_k}",
               "curve_problems": len(curve_problems), "evolve": asdict(e), "runs": {}}
     for name, distill_cfg in runs.items():
-        model, tokenizer = load_model(str(run_dir / "srt"))
+        model, tokenizer = load_run_model(cfg, str(run_dir / "srt"))
         seed_everything(cfg.seed)
+        model = trainable(model, cfg)
+        generator = make_generator(model, tokenizer, cfg.sampling)
 
-        def curve(student) -> float:
-            return evaluate(Generator(student, tokenizer, cfg.sampling), curve_problems, verifier,
-                            k=cfg.eval.curve_k, system_prompt=cfg.system_prompt, progress=False)["accuracy"]
+        def curve(student) -> float:  # the generator samples from the student's current weights
+            return evaluate(generator, curve_problems, verifier, k=cfg.eval.curve_k,
+                            system_prompt=cfg.system_prompt, progress=False)["accuracy"]
 
         log(f"self-evolution: Phase 2 with a {name} teacher, {e.max_steps} steps")
         summary = distill(model, tokenizer, n2, verifier, cfg.phrases(), cfg.sampling, distill_cfg,
                           out_dir=run_dir / "evolve" / name, seed=cfg.seed, evaluate_fn=curve,
-                          system_prompt=cfg.system_prompt, progress=progress)
-        final = evaluate(Generator(model, tokenizer, cfg.sampling), held_out, verifier, k=cfg.eval.k,
-                         system_prompt=cfg.system_prompt, samples_path=run_dir / "evolve" / name / "eval.jsonl",
-                         desc=f"evaluate {name}", progress=progress)
+                          system_prompt=cfg.system_prompt, progress=progress, log_config=cfg.log,
+                          generator=generator)
+        generator.refresh(model)
+        final = evaluate(generator, held_out, verifier, k=cfg.eval.k, system_prompt=cfg.system_prompt,
+                         samples_path=run_dir / "evolve" / name / "eval.jsonl", desc=f"evaluate {name}",
+                         progress=progress)
         report["runs"][name] = {"accuracy": final["accuracy"], "mean_length": final["mean_length"],
                                 "history": summary["history"], "syncs": summary["syncs"]}
         log(f"[{name}] avg@{cfg.eval.k} = {final['accuracy']:.3f} after {e.max_steps} steps, "
@@ -86,7 +88,7 @@ def plot_self_evolution(path: Path, report: dict) -> None:
             ax.axvline(step, color=colour, linestyle="--", alpha=0.5, label="teacher sync" if i == 0 else None)
     ax.set_xlabel("Phase 2 step")
     ax.set_ylabel(f"held-out accuracy ({report['curve_metric']}, {report['curve_problems']} problems)")
-    ax.set_title(f"Self-evolution on the lab task (seed {report['seed']})")
+    ax.set_title(f"Self-evolution: frozen vs synced teacher (seed {report['seed']})")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

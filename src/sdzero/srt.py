@@ -18,7 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from sdzero.prompts import ControlPhrases, bridge_ids, end_of_turn_ids, generator_prompt_ids, strip_end_of_turn
-from sdzero.training import MetricsLog, make_optimizer, make_schedule, sft_step_loss
+from sdzero.training import (LogConfig, MetricsLog, finish_trackers, load_checkpoint, make_accelerator,
+                             make_optimizer, make_schedule, save_checkpoint, sft_step_loss)
 
 SCHEDULES = ("joint", "two_stage")
 
@@ -38,6 +39,8 @@ class SRTConfig:
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    save_every: int | None = 100
+    """Write a checkpoint to resume from (model, optimiser, scheduler, RNG, step) every N steps."""
 
 
 def revision_example(tokenizer, row: dict, phrases: ControlPhrases, system_prompt: str | None = None):
@@ -52,8 +55,13 @@ def revision_example(tokenizer, row: dict, phrases: ControlPhrases, system_promp
 
 def train_srt(model, tokenizer, rows: list[dict], phrases: ControlPhrases, cfg: SRTConfig, *,
               out_dir: str | Path | None = None, seed: int = 0, system_prompt: str | None = None,
-              progress: bool = True) -> dict:
-    """Train `model` in place on the kept revision tuples; returns a summary."""
+              progress: bool = True, resume: bool = False, log_config: LogConfig | None = None) -> dict:
+    """Train `model` in place on the kept revision tuples; returns a summary.
+
+    Runs in every process of `accelerate launch` (each takes its slice of every batch). With `out_dir`,
+    metrics go to out_dir/metrics.jsonl and a checkpoint to out_dir/checkpoint every `cfg.save_every`
+    steps; `resume=True` continues from it.
+    """
     if cfg.schedule not in SCHEDULES:
         raise ValueError(f"unknown SRT schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if not rows:
@@ -64,42 +72,73 @@ def train_srt(model, tokenizer, rows: list[dict], phrases: ControlPhrases, cfg: 
     else:
         stages = [("generation", [e for e, row in zip(examples, rows) if row["init_reward"] < 1.0]),
                   ("revision", examples)]
-    log = MetricsLog(Path(out_dir) / "metrics.jsonl") if out_dir else None
+    checkpoint_dir = Path(out_dir) / "checkpoint" if out_dir else None
     pad_id = tokenizer.pad_token_id
-    rng = random.Random(seed)
-    start, step = time.time(), 0
-    model.train()
-    for stage, stage_examples in stages:
+    start, step, resumed = time.time(), 0, None
+    for stage_index, (stage, stage_examples) in enumerate(stages):
         if not stage_examples:
             continue
+        # A fresh runtime per stage: each stage has its own optimiser and schedule (two_stage).
+        accelerator = make_accelerator(out_dir, log_config)
+        rank, world = accelerator.process_index, accelerator.num_processes
+        log = MetricsLog(Path(out_dir) / "metrics.jsonl", accelerator) if out_dir else None
         steps_per_epoch = -(-len(stage_examples) // cfg.batch_size)
         total = steps_per_epoch * cfg.epochs
         optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
         schedule = make_schedule(optimizer, warmup_steps=max(1, int(cfg.warmup_ratio * total)), total_steps=total)
-        bar = tqdm(total=total, desc=f"srt ({stage})", disable=not progress)
+        wrapped, optimizer = accelerator.prepare(model, optimizer)
+        accelerator.register_for_checkpointing(schedule)
+        stage_step = 0
+        if resume and resumed is None:
+            state = load_checkpoint(accelerator, checkpoint_dir) if checkpoint_dir else None
+            resumed = state or {"stage_index": -1}
+            if state is None:
+                accelerator.print(f"no checkpoint in {checkpoint_dir}: SRT starts from step 0")
+            elif state["stage_index"] > stage_index:
+                continue  # this stage was finished before the checkpoint (its weights are in the checkpoint)
+            else:
+                step, stage_step = state["step"], state["stage_step"]
+                if log:
+                    log.drop_after(step)
+        elif not resume and stage_index == 0 and log and log.main and log.path.exists():
+            log.path.unlink()  # a fresh run starts a fresh log
+        # The data order is replayed from the seed, so a resumed run sees the batches it would have seen.
+        rng = random.Random(seed + stage_index)
+        wrapped.train()
+        bar = tqdm(total=total, initial=stage_step, desc=f"srt ({stage})",
+                   disable=not progress or not accelerator.is_main_process)
         for epoch in range(cfg.epochs):
             order = list(range(len(stage_examples)))
             rng.shuffle(order)
             for i in range(0, len(order), cfg.batch_size):
-                batch = [stage_examples[j] for j in order[i:i + cfg.batch_size]]
+                if epoch * steps_per_epoch + i // cfg.batch_size < stage_step:
+                    continue
+                # This process's slice of the batch (a process left without one repeats the batch's first).
+                indices = order[i:i + cfg.batch_size][rank::world] or order[i:i + 1]
+                batch = [stage_examples[j] for j in indices]
                 revision, generation = [b[0] for b in batch], [b[1] for b in batch]
                 if stage == "joint":
-                    loss = sft_step_loss(model, revision, pad_id) + sft_step_loss(model, generation, pad_id)
+                    loss = sum(sft_step_loss(wrapped, [revision, generation], pad_id))
                 elif stage == "generation":
-                    loss = sft_step_loss(model, generation, pad_id)
+                    loss = sft_step_loss(wrapped, [generation], pad_id)[0]
                 else:
-                    loss = sft_step_loss(model, revision, pad_id)
+                    loss = sft_step_loss(wrapped, [revision], pad_id)[0]
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                accelerator.backward(loss)
+                accelerator.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip)
                 optimizer.step()
                 schedule.step()
-                step += 1
+                step, stage_step = step + 1, stage_step + 1
                 if log:
-                    log.write({"stage": f"srt/{stage}", "step": step, "epoch": epoch, "loss": loss.item(),
+                    log.write({"stage": f"srt/{stage}", "step": step, "epoch": epoch,
+                               "loss": accelerator.reduce(loss.detach(), "mean").item(),
                                "lr": schedule.get_last_lr()[0], "seconds": time.time() - start})
+                if checkpoint_dir and cfg.save_every and step % cfg.save_every == 0:
+                    save_checkpoint(accelerator, checkpoint_dir,
+                                    {"stage_index": stage_index, "step": step, "stage_step": stage_step})
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
         bar.close()
+        finish_trackers(accelerator)
     model.eval()
     return {"tuples": len(rows), "steps": step, "seconds": time.time() - start}

@@ -1,10 +1,14 @@
-"""Small pieces shared by every training loop: padding, SFT steps, optimiser and schedule, logging."""
+"""Small pieces shared by every training loop: padding, SFT steps, optimiser and schedule, the
+accelerate runtime, logging, and checkpoints to resume from."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,10 +27,48 @@ def model_device(model) -> torch.device:
 
 def pad_right(rows: list[list[int]], pad_value: int) -> torch.Tensor:
     width = max(map(len, rows))
-    out = torch.full((len(rows), width), pad_value, dtype=torch.long)
-    for i, row in enumerate(rows):
-        out[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-    return out
+    # one tensor built from padded lists: a per-row torch.tensor costs more than the padding itself
+    return torch.tensor([list(row) + [pad_value] * (width - len(row)) for row in rows], dtype=torch.long)
+
+
+def gather_positions(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """values [B, L, D] at positions [B, T] -> [B, T, D]."""
+    return values.gather(1, positions.unsqueeze(-1).expand(-1, -1, values.size(-1)))
+
+
+def unwrap(model):
+    """The model inside DDP / FSDP style wrappers (they keep it in `.module`)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def logits_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Next-token logits at `positions` [B, T] only: [B, T, V], as `gather_positions(model(...).logits, positions)`.
+
+    The vocabulary projection is the widest matmul of a forward pass and its output the largest tensor;
+    the loss reads only a few of its rows. A pre-hook on the LM head gathers the hidden states at
+    `positions` before the projection, so the model's own forward runs otherwise unchanged (peft and DDP
+    wrappers, logit post-processing such as soft-capping). Where the head is not called as a module on
+    [B, L, H] hidden states, the full logits are computed and gathered instead.
+    """
+    head = unwrap(model).get_output_embeddings()
+    hooked = []
+
+    def gather_hidden(_module, args):
+        hidden = args[0]
+        if hidden.dim() != 3 or hidden.shape[:2] != input_ids.shape:
+            return None
+        hooked.append(True)
+        return (gather_positions(hidden, positions), *args[1:])
+
+    handle = head.register_forward_pre_hook(gather_hidden) if head is not None else None
+    try:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    return logits if hooked else gather_positions(logits, positions)
 
 
 def sft_batch(examples: list[tuple[list[int], list[int]]], pad_id: int):
@@ -40,12 +82,20 @@ def sft_batch(examples: list[tuple[list[int], list[int]]], pad_id: int):
     return input_ids, attention_mask, labels[:, 1:]
 
 
-def sft_step_loss(model, examples: list[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
-    """Mean NLL of the targets given their contexts (one forward pass)."""
+def sft_step_loss(model, groups: list[list[tuple[list[int], list[int]]]], pad_id: int) -> list[torch.Tensor]:
+    """For each group of (context, target) pairs, the mean NLL of its targets given their contexts.
+
+    All groups go through one forward pass: distributed training wants one forward per backward.
+    """
     device = model_device(model)
-    input_ids, attention_mask, labels = sft_batch(examples, pad_id)
-    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-    return sft_loss(logits[:, :-1], labels.to(device))
+    input_ids, attention_mask, labels = sft_batch([e for group in groups for e in group], pad_id)
+    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits[:, :-1]
+    labels = labels.to(device)
+    losses, start = [], 0
+    for group in groups:
+        losses.append(sft_loss(logits[start:start + len(group)], labels[start:start + len(group)]))
+        start += len(group)
+    return losses
 
 
 def make_optimizer(model, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
@@ -69,31 +119,138 @@ def make_schedule(optimizer, *, warmup_steps: int, total_steps: int, kind: str =
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-class MetricsLog:
-    """Appends one JSON object per line to metrics.jsonl; stops the run on a NaN or inf loss."""
+@dataclass
+class LogConfig:
+    """Where training metrics go besides metrics.jsonl (always written)."""
 
-    def __init__(self, path: str | Path):
+    tensorboard: bool = True
+    """TensorBoard event files in each stage's folder (`tensorboard --logdir RUN`)."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs `pip install 'sdzero[wandb]'` and a login)."""
+    wandb_project: str = "sdzero"
+
+
+def make_accelerator(out_dir: str | Path | None = None, log: LogConfig | None = None):
+    """One accelerate runtime per training stage: devices and processes come from `accelerate launch`
+    (or a single process on the GPU / CPU), trackers from `log`."""
+    from accelerate import Accelerator
+
+    trackers = []
+    if out_dir is not None and log is not None:
+        trackers += ["tensorboard"] if log.tensorboard else []
+        if log.wandb:
+            try:
+                import wandb  # noqa: F401
+            except ImportError:
+                raise ValueError("log.wandb is on but wandb is not installed: pip install 'sdzero[wandb]'") from None
+            trackers.append("wandb")
+    # Mixed precision: what `accelerate launch` / `accelerate config` chose, else bf16 autocast on a GPU
+    # that has it (fp32 weights, bf16 compute), else none.
+    on_gpu = torch.cuda.is_available()
+    mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION") or (
+        "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "no")
+    # The learning-rate schedule counts optimiser steps, whatever the number of processes.
+    accelerator = Accelerator(cpu=not on_gpu, mixed_precision=mixed_precision, log_with=trackers or None,
+                              project_dir=str(out_dir) if out_dir is not None else None,
+                              step_scheduler_with_optimizer=False)
+    if trackers:
+        accelerator.init_trackers(log.wandb_project if log.wandb else "tensorboard")
+    return accelerator
+
+
+def finish_trackers(accelerator) -> None:
+    """Flush and close a stage's trackers, keeping the process group for the stages that follow."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.trackers = []
+
+
+class MetricsLog:
+    """Appends one JSON object per line to metrics.jsonl (and sends numbers to the accelerate trackers);
+    stops the run on a NaN or inf loss. Only the main process writes."""
+
+    def __init__(self, path: str | Path, accelerator=None):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.accelerator = accelerator
+        self.main = accelerator is None or accelerator.is_main_process
+        if self.main:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: dict) -> None:
         loss = record.get("loss")
         if loss is not None and not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at {record.get('stage', 'training')} step {record.get('step')}; "
                                      "try a lower learning rate")
+        if not self.main:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.accelerator is not None and self.accelerator.trackers:
+            numbers = {key if "/" in key else f"{record.get('stage', 'train')}/{key}": value
+                       for key, value in record.items()
+                       if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step"}
+            self.accelerator.log(numbers, step=record.get("step"))
+
+    def drop_after(self, step: int) -> None:
+        """Forget records written after `step` (a resumed run redoes those steps)."""
+        if not self.main or not self.path.exists():
+            return
+        kept = [row for row in read_jsonl(self.path, repair=True) if row.get("step", 0) <= step]
+        self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
+def save_checkpoint(accelerator, folder: str | Path, state: dict, tensors: dict[str, dict] | None = None) -> None:
+    """Everything a stage needs to resume: model, optimiser, scheduler and RNG states (accelerate), and
+    `state` (step, data order, ...), and named state dicts in `tensors` (e.g. a synchronised teacher). Written beside the previous checkpoint, then swapped in, so a run
+    killed while saving keeps the previous one."""
+    folder = Path(folder)
+    partial = folder.with_name(folder.name + ".partial")
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial / "accelerate"))
+    if accelerator.is_main_process:
+        (partial / "state.json").write_text(json.dumps(state))
+        for name, tensor_dict in (tensors or {}).items():
+            torch.save(tensor_dict, partial / f"{name}.pt")
+        old = folder.with_name(folder.name + ".old")
+        if folder.exists():
+            folder.rename(old)
+        partial.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(accelerator, folder: str | Path) -> dict | None:
+    """Restore a checkpoint written by `save_checkpoint` into the prepared objects; returns its state."""
+    folder = Path(folder)
+    if not (folder / "state.json").exists():
+        old = folder.with_name(folder.name + ".old")  # killed between the two renames
+        if not (old / "state.json").exists():
+            return None
+        folder = old
+    accelerator.load_state(str(folder / "accelerate"))
+    state = json.loads((folder / "state.json").read_text())
+    state["folder"] = str(folder)
+    return state
+
+
+def read_jsonl(path: str | Path, *, repair: bool = False) -> list[dict]:
+    """Rows of a JSONL file; a bad line is an error naming the file and line.
+
+    With `repair`, a last line cut short (a run killed while writing it) is dropped from the file.
+    """
     path = Path(path)
+    text = path.read_text()
+    if repair and text and not text.endswith("\n"):
+        text = text[:text.rfind("\n") + 1]
+        path.write_text(text)
     rows = []
-    with path.open() as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
     return rows

@@ -311,6 +311,19 @@ VERIFIERS: dict[str, Verifier] = {
 
 
 def get_verifier(name: str) -> Verifier:
-    if name not in VERIFIERS:
-        raise ValueError(f"unknown verifier {name!r}; choose one of {sorted(VERIFIERS)}")
-    return VERIFIERS[name]
+    """A built-in verifier by name, or your own reward function as "package.module:function"."""
+    if name in VERIFIERS:
+        return VERIFIERS[name]
+    module_name, sep, function_name = name.partition(":")
+    if not sep:
+        raise ValueError(f"unknown verifier {name!r}; choose one of {sorted(VERIFIERS)} "
+                         "or name your own function as package.module:function")
+    import importlib
+
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot load the reward function {name!r}: {err}") from None
+    if not callable(function):
+        raise ValueError(f"the reward function {name!r} is not callable")
+    return function

@@ -143,7 +143,7 @@ def pretrain(out_dir: str | Path, cfg: PretrainConfig | None = None, *, progress
     loss_log = []
     for step in bar:
         batch = [examples[rng.randrange(len(examples))] for _ in range(cfg.batch_size)]
-        loss = sft_step_loss(model, batch, tokenizer.pad_token_id)
+        loss = sft_step_loss(model, [batch], tokenizer.pad_token_id)[0]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -1,0 +1,390 @@
+"""Problem sets: read math or code problems from a local file or a Hugging Face dataset, validate
+every row, and split them into disjoint N1 (Phase 1), N2 (Phase 2) and held-out evaluation sets.
+
+A math problem is `{"id", "problem", "answer"}`, a code problem `{"id", "problem", "tests"}` with
+tests `[{"input": str, "output": str}, ...]`. Malformed rows stop the run with one error naming
+the file, the line or row, and the field. Math rows without a usable gold answer are skipped,
+and counted in the summary that `load_problem_sets` returns and records in split.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sdzero.verifiers import last_boxed
+
+MATH_INSTRUCTION = "Solve the problem step by step, then give the final answer in \\boxed{}."
+CODE_INSTRUCTION = (
+    "Write a complete Python program that reads the input from standard input and writes the "
+    "answer to standard output. Give the whole program in one ```python code block."
+)
+DEFAULT_INSTRUCTIONS = {"math": MATH_INSTRUCTION, "code": CODE_INSTRUCTION, "lab": ""}
+PROBLEM_FIELDS = ("problem", "question", "prompt")
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+EVAL_SHUFFLE_SEED = 0
+"""The held-out set is drawn with this fixed seed, so every run seed is evaluated on the same problems."""
+SPLIT_RULE = (
+    f"held_out = the first n_eval problems of the pool shuffled with seed {EVAL_SHUFFLE_SEED} (the same "
+    "for every run seed; the whole eval set is shuffled instead when an eval file is given); "
+    "n_phase1 = the first n_phase1 of the remaining problems shuffled with the run seed, "
+    "n_phase2 = the next n_phase2. Too few problems is an error."
+)
+
+
+@dataclass
+class DataConfig:
+    """Where the problems come from and which fields hold what."""
+
+    path: str | None = None
+    """A hub dataset id, a local folder of data files, or a local .jsonl / .json / .parquet file.
+    None = the task's built-in problems (only the "lab" task has them)."""
+    name: str | None = None
+    """Hub dataset config (subset); hub ids and folders only."""
+    split: str = "train"
+    """Dataset split read for N1 and N2; hub ids and folders only (a file is one split)."""
+    eval_path: str | None = None
+    """Held-out evaluation set, same forms as `path`. None = carve the held-out problems from the
+    training pool (disjoint from N1 and N2), or read `eval_split` of `path` when that is set."""
+    eval_name: str | None = None
+    """Hub config of the evaluation set (default: `name` when the evaluation set is read from `path`)."""
+    eval_split: str | None = None
+    """Split of the evaluation set (default "test" when `eval_path` is a hub id or folder)."""
+    problem_field: str | None = None
+    """Column with the problem text (default: the first present of problem, question, prompt)."""
+    answer_field: str | None = None
+    """Math: column with the gold answer (default: `answer`; without it, `solution`, whose LAST
+    \\boxed{...} is the answer). An answer containing \\boxed{...} is reduced to its last box."""
+    tests_field: str | None = None
+    """Code: column with the tests (default `tests`): a list of {"input", "output"} strings, that
+    list JSON-encoded, or {"input": [...], "output": [...]} columns."""
+    id_field: str | None = None
+    """Column with a unique problem id (default `id` when present, else the row's 1-based position)."""
+    instruction: str | None = None
+    """Appended to every problem after a blank line. None = the task's default (math: reason step
+    by step, final answer in \\boxed{}; code: one ```python program using stdin/stdout; lab: none);
+    "" = no instruction."""
+
+
+@dataclass
+class ProblemSets:
+    """The problems of one run, and what was left out of them."""
+
+    n1: list[dict]
+    n2: list[dict]
+    held_out: list[dict]
+    skipped: dict = field(default_factory=dict)
+    """{"train": summary, "eval": summary}, each {"count", "reasons": {reason: count}, "rows": first 5}."""
+
+
+# ------------------------------------------------------------------------------------------
+# Reading rows: a list of (where, row) with `where` = "FILE:LINE" or "SOURCE row N".
+
+
+def read_rows(path: str, name: str | None = None, split: str = "train") -> tuple[list[tuple[str, dict]], list]:
+    """The rows of a local file or folder, or of a hub dataset, and the column names."""
+    local = Path(path).expanduser()
+    if local.is_file():
+        suffix = local.suffix.lower()
+        if suffix == ".jsonl":
+            rows = _read_jsonl(local)
+        elif suffix == ".json":
+            rows = _read_json(local)
+        elif suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            rows = [(f"{local} row {i}", row) for i, row in enumerate(pq.read_table(local).to_pylist(), 1)]
+        else:
+            supported = ", ".join(FILE_SUFFIXES)
+            raise ValueError(f"{local}: unsupported file type {suffix!r}; use one of {supported}")
+    elif local.exists() or path.lower().endswith(FILE_SUFFIXES) or path.startswith((".", "/", "~")):
+        if not local.is_dir():
+            raise FileNotFoundError(f"data file not found: {path}")
+        rows = _read_hub(path, name, split)  # a folder of data files: datasets reads it like a hub dataset
+    else:
+        rows = _read_hub(path, name, split)
+    columns = list(dict.fromkeys(key for _, row in rows for key in row))
+    return rows, columns
+
+
+def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
+            rows.append((f"{path}:{line_no}", row))
+    return rows
+
+
+def _read_json(path: Path) -> list[tuple[str, dict]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
+    for i, row in enumerate(data, 1):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path} row {i}: expected a JSON object, got {type(row).__name__}")
+    return [(f"{path} row {i}", row) for i, row in enumerate(data, 1)]
+
+
+def _read_hub(path: str, name: str | None, split: str) -> list[tuple[str, dict]]:
+    import datasets
+
+    label = path + (f" ({name})" if name else "") + f" [{split}]"
+    try:
+        ds = datasets.load_dataset(path, name, split=split)
+    except Exception as err:  # the library's many error types all mean "could not read it"
+        raise ValueError(f"could not load dataset {label}: {type(err).__name__}: {err}") from err
+    return [(f"{label} row {i}", row) for i, row in enumerate(ds, 1)]
+
+
+# ------------------------------------------------------------------------------------------
+# Validation: rows -> problem dicts
+
+
+def _pick_fields(data: DataConfig, task: str, columns: list[str], source: str) -> dict:
+    """The column used for each role; a mapped or required column absent from the data is an error."""
+
+    def require(role: str, mapped: str | None, defaults: tuple[str, ...]) -> str:
+        if mapped is not None:
+            if mapped not in columns:
+                raise ValueError(f"{source}: {role} {mapped!r} is not a column; available columns: {columns}")
+            return mapped
+        for name in defaults:
+            if name in columns:
+                return name
+        wanted = " or ".join(repr(n) for n in defaults)
+        raise ValueError(f"{source}: no {wanted} column (set data.{role}); available columns: {columns}")
+
+    fields = {"problem": require("problem_field", data.problem_field, PROBLEM_FIELDS)}
+    if data.id_field is not None:
+        fields["id"] = require("id_field", data.id_field, ())
+    else:
+        fields["id"] = "id" if "id" in columns else None
+    if task == "code":
+        fields["tests"] = require("tests_field", data.tests_field, ("tests",))
+    else:
+        fields["answer"] = require("answer_field", data.answer_field, ("answer", "solution"))
+        # Without an explicit mapping, `solution` backs up rows whose answer is missing or empty,
+        # and only its last \boxed{...} counts.
+        fields["solution"] = "solution" if data.answer_field is None and "solution" in columns else None
+    return fields
+
+
+def _text(where: str, row: dict, name: str) -> str:
+    value = row.get(name)
+    if value is None:
+        raise ValueError(f"{where}: field {name!r} is missing")
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"{where}: field {name!r} is empty")
+    return value
+
+
+def _row_id(where: str, row: dict, name: str) -> str:
+    value = row.get(name)
+    if value is None or isinstance(value, bool) or not isinstance(value, (str, int)):
+        what = "missing" if value is None else f"a {type(value).__name__}"
+        raise ValueError(f"{where}: field {name!r} must be a string or an integer, got {what}")
+    if not str(value).strip():
+        raise ValueError(f"{where}: field {name!r} is empty")
+    return str(value)
+
+
+def gold_answer(where: str, row: dict, answer_field: str, solution_field: str | None) -> tuple[str | None, str]:
+    """(answer, "") or (None, why it was skipped). A value holding \\boxed{...} gives its last box;
+    a value from `solution_field` must hold one (a whole solution is never an answer)."""
+    value = row.get(answer_field)
+    if isinstance(value, bool) or not isinstance(value, (str, int, float, type(None))):
+        got = type(value).__name__
+        raise ValueError(f"{where}: field {answer_field!r} must be a string or a number, got {got}")
+    if isinstance(value, float) and math.isnan(value):  # NaN: how pandas-written files mark a missing value
+        value = None
+    source = answer_field
+    blank = value is None or not str(value).strip()
+    if blank and solution_field and isinstance(row.get(solution_field), str):
+        value, source = row[solution_field], solution_field
+    if value is None or not str(value).strip():
+        return None, f"no {answer_field!r}" + (f" and no {solution_field!r}" if solution_field else "")
+    text = str(value)
+    if "\\boxed" in text or source == solution_field:
+        boxed = last_boxed(text)
+        if boxed is None or not boxed.strip():
+            return None, f"no complete \\boxed{{...}} in {source!r}"
+        return boxed.strip(), ""
+    return text.strip(), ""
+
+
+def parse_tests(where: str, value, name: str) -> list[dict]:
+    """Tests as [{"input": str, "output": str}, ...], from a list, its JSON string, or two columns."""
+    if value is None:
+        raise ValueError(f"{where}: field {name!r} is missing")
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: field {name!r} is a string but not valid JSON ({err.msg})") from None
+    if isinstance(value, dict):  # column style: {"input": [...], "output": [...]} (or inputs/outputs)
+        ins, outs = value.get("input", value.get("inputs")), value.get("output", value.get("outputs"))
+        if not isinstance(ins, list) or not isinstance(outs, list) or len(ins) != len(outs):
+            expected = "{'input': [...], 'output': [...]} lists of equal length"
+            raise ValueError(f"{where}: field {name!r}: expected {expected}")
+        value = [{"input": i, "output": o} for i, o in zip(ins, outs)]
+    if not isinstance(value, list):
+        raise ValueError(f"{where}: field {name!r} must be a list of tests, got {type(value).__name__}")
+    if not value:
+        raise ValueError(f"{where}: field {name!r} is empty")
+    tests = []
+    for i, test in enumerate(value):
+        if not isinstance(test, dict):
+            raise ValueError(f"{where}: field {name}[{i}] must be an object with 'input' and 'output'")
+        for key in ("input", "output"):
+            if not isinstance(test.get(key), str):
+                got = "missing" if test.get(key) is None else type(test[key]).__name__
+                raise ValueError(f"{where}: field {name}[{i}].{key} must be a string, got {got}")
+        tests.append({"input": test["input"], "output": test["output"]})
+    return tests
+
+
+def validate_rows(
+    rows: list[tuple[str, dict]], columns: list, data: DataConfig, task: str, source: str
+) -> tuple[list[dict], dict]:
+    """Problem dicts from raw rows, and the summary of the rows skipped for lack of a gold answer."""
+    fields = _pick_fields(data, task, columns, source)
+    instruction = DEFAULT_INSTRUCTIONS.get(task, "") if data.instruction is None else data.instruction
+    problems, reasons, skipped_rows, first_seen = [], Counter(), [], {}
+    for n, (where, row) in enumerate(rows, 1):
+        text = _text(where, row, fields["problem"])
+        problem_id = _row_id(where, row, fields["id"]) if fields["id"] else str(n)
+        if problem_id in first_seen:
+            first = first_seen[problem_id]
+            raise ValueError(f"{where}: field {fields['id']!r}: duplicate id {problem_id!r} (first at {first})")
+        first_seen[problem_id] = where
+        problem = {"id": problem_id, "problem": text + ("\n\n" + instruction if instruction else "")}
+        if task == "code":
+            problem["tests"] = parse_tests(where, row.get(fields["tests"]), fields["tests"])
+        else:
+            answer, why = gold_answer(where, row, fields["answer"], fields["solution"])
+            if answer is None:
+                reasons[why] += 1
+                skipped_rows.append(where)
+                continue
+            problem["answer"] = answer
+        problems.append(problem)
+    return problems, {"count": sum(reasons.values()), "reasons": dict(reasons), "rows": skipped_rows[:5]}
+
+
+def load_problems(
+    path: str, data: DataConfig, task: str, *, name: str | None = None, split: str = "train"
+) -> tuple[list[dict], dict]:
+    """Validated problems of one source, and the skipped-rows summary."""
+    rows, columns = read_rows(path, name, split)
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return validate_rows(rows, columns, data, task, path)
+
+
+# ------------------------------------------------------------------------------------------
+# Splitting
+
+
+def _shuffled(problems: list[dict], seed: int) -> list[dict]:
+    order = list(problems)
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def split_problems(
+    problems: list[dict], n_phase1: int, n_phase2: int, n_eval: int, seed: int
+) -> tuple[list[dict], list[dict], list[dict]]:
+    """Disjoint N1, N2 and held-out problems by SPLIT_RULE; an error when the pool is too small."""
+    wanted = n_phase1 + n_phase2 + n_eval
+    if min(n_phase1, n_phase2, n_eval) < 0 or wanted > len(problems):
+        raise ValueError(
+            f"the problem pool has {len(problems)} problems; requested n_phase1={n_phase1} + "
+            f"n_phase2={n_phase2} + n_eval={n_eval} = {wanted}"
+        )
+    held_out = _shuffled(problems, EVAL_SHUFFLE_SEED)[:n_eval]
+    held_ids = {p["id"] for p in held_out}
+    train = _shuffled([p for p in problems if p["id"] not in held_ids], seed)
+    return train[:n_phase1], train[n_phase1 : n_phase1 + n_phase2], held_out
+
+
+def eval_source(data: DataConfig) -> dict | None:
+    """Where the held-out set is read from: {"path", "name", "split"}, or None = carved from the pool."""
+    if data.eval_path is not None:
+        return {"path": data.eval_path, "name": data.eval_name, "split": data.eval_split or "test"}
+    if data.eval_split is None:
+        return None
+    if Path(data.path).expanduser().is_file():
+        raise ValueError(f"data.eval_split needs data.eval_path: {data.path} is a single file, with no splits")
+    return {"path": data.path, "name": data.eval_name or data.name, "split": data.eval_split}
+
+
+def load_problem_sets(
+    data: DataConfig,
+    task: str,
+    n_phase1: int,
+    n_phase2: int,
+    n_eval: int,
+    seed: int,
+    record_dir: str | Path | None = None,
+) -> ProblemSets:
+    """N1, N2 and held-out problems for a run; writes record_dir/split.json when record_dir is given."""
+    if task not in DEFAULT_INSTRUCTIONS and ":" not in task:  # "module:function" rows read like math rows
+        raise ValueError(f"unknown task {task!r}; choose one of {sorted(DEFAULT_INSTRUCTIONS)} "
+                         "or a reward function as package.module:function")
+    source, held_source = {"path": data.path, "name": data.name, "split": data.split}, None
+    if data.path is None:
+        if task != "lab":
+            raise ValueError(f"data.path is required for task {task!r} (only the lab task has built-in problems)")
+        from sdzero import lab
+
+        sets = ProblemSets(*lab.problem_sets(n_phase1, n_phase2, n_eval, seed))
+        source = {"builtin": "lab"}
+        rule = "sdzero.lab.problem_sets (N1, N2 by the run seed; held-out by a fixed seed)"
+    else:
+        rule = SPLIT_RULE
+        pool, skipped = load_problems(data.path, data, task, name=data.name, split=data.split)
+        held_source = eval_source(data)
+        if held_source is None:
+            sets = ProblemSets(*split_problems(pool, n_phase1, n_phase2, n_eval, seed), skipped={"train": skipped})
+        else:
+            evals, eval_skipped = load_problems(**held_source, data=data, task=task)
+            if n_eval > len(evals):
+                raise ValueError(f"{held_source['path']}: the evaluation set has {len(evals)} problems; "
+                                 f"requested n_eval={n_eval}")  # fmt: skip
+            # A training problem with the same text as an evaluation problem would leak it: leave it out.
+            eval_texts = {p["problem"] for p in evals}
+            leaked = [p["id"] for p in pool if p["problem"] in eval_texts]
+            if leaked:
+                skipped["count"] += len(leaked)
+                skipped["reasons"]["same text as an evaluation problem"] = len(leaked)
+                skipped["rows"] = (skipped["rows"] + [f"id {i}" for i in leaked])[:5]
+                pool = [p for p in pool if p["problem"] not in eval_texts]
+            n1, n2, _ = split_problems(pool, n_phase1, n_phase2, 0, seed)
+            held_out = _shuffled(evals, EVAL_SHUFFLE_SEED)[:n_eval]
+            sets = ProblemSets(n1, n2, held_out, skipped={"train": skipped, "eval": eval_skipped})
+    if record_dir is not None:
+        record = {
+            "task": task, "source": source, "eval_source": held_source, "seed": seed, "rule": rule,
+            "n_phase1": [p["id"] for p in sets.n1], "n_phase2": [p["id"] for p in sets.n2],
+            "held_out": [p["id"] for p in sets.held_out], "skipped": sets.skipped,
+        }  # fmt: skip
+        Path(record_dir).mkdir(parents=True, exist_ok=True)
+        (Path(record_dir) / "split.json").write_text(json.dumps(record, indent=1) + "\n")
+    return sets

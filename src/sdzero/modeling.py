@@ -1,0 +1,173 @@
+"""Models for every stage: loading (any causal LM with a chat template), dtype, gradient
+checkpointing, LoRA adapters, and the Phase 2 teacher.
+
+The teacher is a frozen copy of the starting student, or, when the student trains a LoRA adapter,
+the student itself with its adapter switched off: the base weights are the starting point, so no
+second copy of the weights is needed.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sdzero import lab
+from sdzero.training import unwrap
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters (peft) for SRT and Phase 2; the base weights stay frozen."""
+
+    enabled: bool = False
+    """Train LoRA adapters instead of all weights."""
+    r: int = 16
+    """Adapter rank."""
+    alpha: int = 32
+    """Adapter scaling numerator (the update is scaled by alpha / r)."""
+    dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"
+    """Modules that get adapters: "all-linear" or a list of module names (e.g. [q_proj, v_proj])."""
+
+
+def resolve_model_path(name: str) -> str:
+    """"lab" -> the shipped lab model; a local folder (checked); anything else is taken as a hub id."""
+    if name == "lab":
+        if not (lab.BASE_MODEL_DIR / "config.json").exists():
+            raise FileNotFoundError(f"the lab base model is missing from {lab.BASE_MODEL_DIR}; "
+                                    f"rebuild it with: sdzero lab pretrain --out {lab.BASE_MODEL_DIR}")
+        return str(lab.BASE_MODEL_DIR)
+    path = Path(name)
+    looks_local = name.startswith((".", "/", "~")) or path.exists()
+    if looks_local and not (path.expanduser() / "config.json").exists():
+        raise FileNotFoundError(f"model folder not found or has no config.json: {name}")
+    return str(path.expanduser()) if looks_local else name
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """"auto" = fp32 weights: on a GPU the training stages compute in bf16 autocast (see
+    `sdzero.training.make_accelerator`), while the weights and optimiser keep full precision, so
+    small updates (lr 5e-6) are not lost to bf16 rounding."""
+    if name == "auto":
+        return torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_model(name: str, device: str | None = None, dtype: str = "auto"):
+    """A causal LM and its tokenizer from "lab", a local save_pretrained folder or a hub id.
+
+    A saved LoRA adapter folder (adapter_config.json) loads as its base model with the adapter merged.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or default_device()
+    path = resolve_model_path(name) if not (Path(name) / "adapter_config.json").exists() else name
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.chat_template is None:
+        raise ValueError(f"the tokenizer of {name} has no chat template; SD-Zero needs one to lay out turns")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    torch_dtype = resolve_dtype(dtype)
+    if (Path(path) / "adapter_config.json").exists():
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch_dtype).merge_and_unload()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    return model.to(device).eval(), tokenizer
+
+
+def prepare_for_training(model, *, gradient_checkpointing: bool = False, lora: LoraConfig | None = None):
+    """The model a stage trains: with gradient checkpointing and/or LoRA adapters when asked."""
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False  # generation turns it back on per call
+    if lora is not None and lora.enabled and not is_lora(model):
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        model = get_peft_model(model, PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                     target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+    return model
+
+
+def is_lora(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def merged_for_saving(model):
+    """A plain transformers model to save: LoRA adapters merged into a copy of the base weights."""
+    if not is_lora(model):
+        return model
+    return copy.deepcopy(model).merge_and_unload()
+
+
+def frozen_copy(model):
+    """A copy of `model` in eval mode that never receives gradients."""
+    teacher = copy.deepcopy(model)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+class Teacher:
+    """The Phase 2 teacher: forward passes without gradients, and synchronisation with the student.
+
+    Without a given model it is a frozen copy of the student, or, for a LoRA student, the student
+    with its adapter switched off (the starting weights, without a second copy).
+    """
+
+    def __init__(self, student, model=None):
+        self.student = student
+        self.adapter_off = model is None and is_lora(student)
+        if self.adapter_off:
+            self.model = None
+        else:
+            self.model = frozen_copy(student) if model is None else model.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def __call__(self, **inputs):
+        if self.adapter_off:
+            was_training = self.student.training
+            self.student.eval()
+            with self.student.disable_adapter():
+                output = self.student(**inputs)
+            self.student.train(was_training)
+            return output
+        return self.model(**inputs)
+
+    def get_output_embeddings(self):
+        """The LM head of the model that runs the teacher's forward (`training.logits_at` hooks it)."""
+        return unwrap(self.student if self.adapter_off else self.model).get_output_embeddings()
+
+    def sync(self, student) -> None:
+        """teacher <- current student (self-evolution)."""
+        self.load(student.state_dict())
+
+    def load(self, state_dict: dict, *, from_main_process: bool = False) -> None:
+        """teacher <- these weights; with `from_main_process`, only the main process's state dict counts
+        (sharded training gathers the full weights there) and the others receive it."""
+        if self.adapter_off:
+            raise ValueError("teacher synchronisation is not available with a LoRA student whose teacher is the "
+                             "adapter-free base model; train all weights (lora.enabled=false) or pass --teacher")
+        if from_main_process:
+            from accelerate.utils import broadcast
+
+            own = self.model.state_dict()
+            state_dict = {name: broadcast(state_dict[name].to(own[name]) if state_dict else own[name].clone())
+                          for name in own}
+        self.model.load_state_dict(state_dict)
+
+    def state_dict(self) -> dict | None:
+        return None if self.adapter_off else self.model.state_dict()
