@@ -80,9 +80,13 @@ def plot_self_evolution(path: Path, report: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for (name, run), colour in zip(report["runs"].items(), ("tab:gray", "tab:red")):
+    # the runs coincide up to the first sync: the frozen one is drawn dashed with hollow markers on top
+    styles = {"frozen": dict(color="tab:gray", linestyle="--", marker="s", markerfacecolor="none", zorder=3),
+              "synced": dict(color="tab:red", linestyle="-", marker="o", zorder=2)}
+    for name, run in report["runs"].items():
         history = run["history"]
-        ax.plot([h["step"] for h in history], [h["accuracy"] for h in history], marker="o", color=colour,
+        colour = styles[name]["color"]
+        ax.plot([h["step"] for h in history], [h["accuracy"] for h in history], **styles[name],
                 label=f"{name} teacher (final {report['metric']} = {run['accuracy']:.3f})")
         for i, step in enumerate(run["syncs"]):
             ax.axvline(step, color=colour, linestyle="--", alpha=0.5, label="teacher sync" if i == 0 else None)
