@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN = $(VENV)/bin
 
-.PHONY: setup demo test
+.PHONY: setup browser demo test
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -22,5 +22,11 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/sdzero demo $(ARGS)
 
-test: setup
+# chromium loads the `sdzero inspect` page in the test suite (skipped, with the reason, without it)
+browser:
+	command -v chromium >/dev/null || apt-get install -y -q chromium || \
+		(apt-get update -q && apt-get install -y -q chromium) || \
+		echo "WARNING: could not install chromium; the browser check of the inspect page will be skipped"
+
+test: setup browser
 	$(BIN)/python -m pytest -q $(ARGS)

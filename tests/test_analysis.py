@@ -5,6 +5,10 @@ import copy
 import html
 import json
 import random
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,9 +134,29 @@ def test_localization_on_hand_made_signals():
     assert result["wrong"]["kl_mean"] == pytest.approx((sum(hit) + sum(miss) + sum(late_hit)) / (3 * n))
     assert result["right"] == {"n": 1, "kl_mean": pytest.approx(0.5)}
 
+    # apart by attempts: a right answer that started over, and a wrong one that did, are multi-attempt
+    phrases = ControlPhrases()
+    restart = WRONG + "\n\n" + phrases.wrong + "\n\n" + RIGHT
+    twice_wrong = WRONG + "\n\n" + phrases.wrong + "\n\n" + WRONG
+    multi_right = [1.0] * len(restart)
+    multi_wrong = [0.1] * len(twice_wrong)
+    multi_wrong[len(twice_wrong) - 3] = 9.0  # the top token sits in the second attempt
+    signals += [signal(restart, multi_right, 1.0), signal(twice_wrong, multi_wrong, 0.0)]
+    split = localization(signals, [PROBLEM] * 4 + [None] + [PROBLEM] * 2, phrases)
+    assert split["single_attempt"]["wrong"]["n"] == 3 and split["single_attempt"]["right"]["n"] == 1
+    assert split["single_attempt"]["wrong"]["ratio"] == pytest.approx(result["wrong"]["ratio"])
+    assert split["multi_attempt"]["right"] == {"n": 1, "kl_mean": pytest.approx(1.0)}
+    multi = split["multi_attempt"]["wrong"]
+    assert multi["n"] == 1 and multi["top_kl_in_first_wrong_step"] == 0.0
+    assert multi["chance"] == pytest.approx(8 / len(twice_wrong))
+    assert split["wrong"]["n"] == 4 and split["right"]["n"] == 2
 
-def test_inspect_run_writes_a_self_contained_report(tmp_path, lab_model_and_tokenizer):
+
+@pytest.fixture(scope="module")
+def inspected(tmp_path_factory, lab_model_and_tokenizer):
+    """`sdzero inspect` on a tiny run directory: the eval rows, the output folder and the summary."""
     model, tokenizer = lab_model_and_tokenizer
+    tmp_path = tmp_path_factory.mktemp("inspect")
     run = tmp_path / "run"
     for stage in ("srt", "sdzero"):
         model.save_pretrained(run / stage)
@@ -150,7 +174,12 @@ def test_inspect_run_writes_a_self_contained_report(tmp_path, lab_model_and_toke
     (run / "eval" / "sdzero.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     out = tmp_path / "report"
-    summary = inspect_run(run, out, n=8, progress=False)
+    summary = inspect_run(run, out, n=8, student="sdzero", progress=False)
+    return rows, out, summary
+
+
+def test_inspect_run_writes_a_self_contained_report(inspected):
+    rows, out, summary = inspected
     page = (out / "index.html").read_text()
     signals = [json.loads(line) for line in (out / "signals.jsonl").read_text().splitlines()]
     assert len(signals) == summary["n"] == 8
@@ -159,7 +188,9 @@ def test_inspect_run_writes_a_self_contained_report(tmp_path, lab_model_and_toke
         assert len(s["tokens"]) == len(s["divergence"]) == len(s["token_kl_reward"]) == len(s["ids"])
         for piece in s["tokens"]:
             assert html.escape(piece) in page
-    assert "http" not in page.lower() and "<script" not in page and "src=" not in page
+    # nothing is fetched from elsewhere, and model text cannot open a script: the page's own is the only one
+    assert "http" not in page.lower() and "src=" not in page and page.count("<script") == 1
+    assert "<script>alert" not in page
     assert "&lt;" in page and "&amp;" in page
     assert 'class="t fw"' in page  # a first wrong step is underlined
 
@@ -172,4 +203,57 @@ def test_inspect_run_writes_a_self_contained_report(tmp_path, lab_model_and_toke
     assert summary["n_wrong"] == n_wrong and summary["localization"] == loc
     assert sum(summary["buckets"]["wrong"]) == pytest.approx(1.0)
     text = format_summary(summary)
-    assert f"{n_wrong} wrong" in text and "chance" in text and len(text.splitlines()) <= 6
+    assert f"{n_wrong} wrong" in text and "chance" in text and len(text.splitlines()) <= 7
+    assert f"single-attempt answers ({n_wrong} wrong, {8 - n_wrong} right)" in text  # none revises itself
+
+
+def chromium_binary():
+    """Debian's chromium (installed by `make setup`), or a skip saying why the browser check cannot run."""
+    for name in ("chromium", "chromium-browser"):
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.skip("chromium is not installed and could not be (make setup runs: apt-get install -y chromium); "
+                "the page is still checked as text by test_inspect_run_writes_a_self_contained_report")
+
+
+def load_in_chromium(page: Path, fragment: str = "") -> tuple[str, list[str]]:
+    """The DOM after the page's script ran, and every console message the page produced."""
+    result = subprocess.run(
+        [chromium_binary(), "--headless", "--disable-gpu", "--no-sandbox", "--enable-logging=stderr", "--v=0",
+         "--virtual-time-budget=2000", "--dump-dom", page.resolve().as_uri() + fragment],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    console = [line for line in result.stderr.splitlines() if ":CONSOLE" in line]
+    return result.stdout, console
+
+
+def test_report_page_loads_in_a_real_browser_and_shows_the_tokens(inspected, tmp_path):
+    rows, out, summary = inspected
+    dom, console = load_in_chromium(out / "index.html")
+    assert console == [], f"the page logged to the console: {console}"
+    signals = [json.loads(line) for line in (out / "signals.jsonl").read_text().splitlines()]
+    n_tokens = sum(len(s["tokens"]) for s in signals)
+    # the status line is written by the page's script: it ran to the end and counted every token
+    assert f'<span id="status">{n_tokens} tokens in {len(signals)} responses</span>' in dom
+    assert len(re.findall(r'class="t[ "]', dom)) == n_tokens
+    for s in signals:
+        for piece in s["tokens"]:
+            assert html.escape(piece, quote=False) in dom
+    assert "Wrong answers (r = 0)" in dom and "Right answers (r = 1)" in dom
+
+    # "#reward" recolours by the token KL reward: negative rewards turn blue, the others red
+    dom_reward, console = load_in_chromium(out / "index.html", "#reward")
+    assert console == []
+    painted = re.findall(r'<span class="t[^"]*" style="background: ?(rgba?\(\d+, ?\d+, ?\d+)[^"]*" '
+                         r'data-d="[^"]+" data-r="([^"]+)"', dom_reward)
+    assert len(painted) == n_tokens
+    blue = [colour.replace(" ", "").endswith("(31,79,209") for colour, _ in painted]
+    assert blue == [float(r) < 0 for _, r in painted] and any(blue)
+    assert "31, 79, 209" not in dom  # opened without "#reward": coloured by divergence only
+
+    # the check itself catches a broken page
+    broken = tmp_path / "broken.html"
+    broken.write_text((out / "index.html").read_text().replace("const n = document", "const n = documen"))
+    _, console = load_in_chromium(broken)
+    assert any("Uncaught" in line for line in console)

@@ -26,6 +26,10 @@ def test_pipeline_runs_end_to_end_and_saves_loadable_models(tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["accuracy"] == report["accuracy"]
     assert (tmp_path / "learning_curve.png").stat().st_size > 1000
     assert [h["step"] for h in report["phase2_curve"]] == [0, 1, 2]
+    # generate-then-revise on the held-out problems: 8 problems x eval.revise_k first answers per stage
+    assert set(report["revise"]) == {"base", "srt", "sdzero"}
+    assert all(r["n_answers"] == 8 * cfg.eval.revise_k for r in report["revise"].values())
+    assert (tmp_path / "eval" / "sdzero_revise.jsonl").read_text().count("\n") == 8 * cfg.eval.revise_k
 
     metrics = [json.loads(line) for line in (tmp_path / "sdzero" / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if "loss" in m]

@@ -153,13 +153,24 @@ def _kl_mean(signals: list[TokenSignal]) -> float | None:
     return sum(sum(s.divergence) for s in signals) / n if n else None
 
 
-def localization(signals: list[TokenSignal], problems_by_response: list[Problem | None]) -> dict:
+def revises_itself(signal: TokenSignal, phrases: ControlPhrases) -> bool:
+    """True when the response already holds a control phrase: several attempts in one answer (as
+    SRT models write), judged by its last attempt, with twice as long a teacher context."""
+    return phrases.correct in signal.text or phrases.wrong in signal.text
+
+
+def localization(signals: list[TokenSignal], problems_by_response: list[Problem | None],
+                 phrases: ControlPhrases | None = None) -> dict:
     """Does the largest divergence of a wrong lab answer fall on its first wrong step?
 
     `problems_by_response[i]` is the lab `Problem` that `signals[i]` answers (None: not a lab
     problem, skipped). Wrong answers count when their first attempt has a first wrong step. The rate
     is how often the highest-divergence token overlaps that step; chance is the step's share of the
     response's tokens, averaged; ratio = rate / chance. Right answers report their mean divergence.
+
+    With `phrases`, the same figures are added for single-attempt and multi-attempt responses
+    (`revises_itself`) apart: a multi-attempt "right" answer usually holds a wrong first attempt,
+    and its long teacher context is where a small teacher may stop being reliable.
     """
     if len(problems_by_response) != len(signals):
         raise ValueError(f"{len(signals)} signals but {len(problems_by_response)} problems")
@@ -180,11 +191,16 @@ def localization(signals: list[TokenSignal], problems_by_response: list[Problem 
         chances.append(len(step) / len(signal.divergence))
     rate = sum(hits) / len(hits) if hits else None
     chance = sum(chances) / len(chances) if chances else None
-    return {
+    result = {
         "wrong": {"n": len(wrong), "top_kl_in_first_wrong_step": rate, "chance": chance,
                   "ratio": rate / chance if chances and chance > 0 else None, "kl_mean": _kl_mean(wrong)},
         "right": {"n": len(right), "kl_mean": _kl_mean(right)},
     }
+    if phrases is not None:
+        for name, multi in (("single_attempt", False), ("multi_attempt", True)):
+            keep = [i for i, signal in enumerate(signals) if revises_itself(signal, phrases) == multi]
+            result[name] = localization([signals[i] for i in keep], [problems_by_response[i] for i in keep])
+    return result
 
 
 def lab_problem(row: dict) -> Problem | None:
@@ -207,9 +223,13 @@ def _mix(rows: list[dict], n: int) -> list[dict]:
     return mixed[:n]
 
 
-def inspect_run(run_dir: str | Path, out_dir: str | Path, *, n: int = 200, student: str = "sdzero",
+def inspect_run(run_dir: str | Path, out_dir: str | Path, *, n: int = 200, student: str = "srt",
                 teacher: str = "srt", device: str | None = None, progress: bool = True) -> dict:
     """Token-level report of a run: index.html, localization.json and signals.jsonl in `out_dir`.
+
+    The default pair, the SRT model as both student and teacher on its own answers, is the Phase 2
+    signal at its first step: the one whose localisation the method relies on. student="sdzero"
+    shows what is left of it after Phase 2 (a frozen teacher's residual, not a fresh signal).
 
     Loads run_dir/<student> and run_dir/<teacher> (the student's folder when the teacher's is
     missing), takes up to `n` responses of run_dir/eval/<student>.jsonl, alternating wrong and right
@@ -247,7 +267,7 @@ def inspect_run(run_dir: str | Path, out_dir: str | Path, *, n: int = 200, stude
 
     wrong = [s for s in signals if s.reward < 1.0]
     right = [s for s in signals if s.reward >= 1.0]
-    loc = localization(signals, problems)
+    loc = localization(signals, problems, cfg.phrases())
     spans = [first_wrong_step(s.text, p) if p is not None and s.reward < 1.0 else None
              for s, p in zip(signals, problems)]
     summary = {
@@ -275,9 +295,18 @@ def format_summary(summary: dict) -> str:
     def top(shares):
         return "n/a" if not shares else f"{shares[0]:.1%}"
 
+    def split(name):
+        part = summary["localization"].get(name)
+        if part is None:
+            return None
+        w = part["wrong"]
+        return (f"{name.replace('_', '-')} answers ({w['n']} wrong, {part['right']['n']} right): divergence wrong "
+                f"{num(w['kl_mean'])}, right {num(part['right']['kl_mean'])}; top token in the first wrong step "
+                f"{num(w['top_kl_in_first_wrong_step'], '.1%')} vs chance {num(w['chance'], '.1%')}")
+
     n_buckets = len(summary["buckets"]["wrong"] or summary["buckets"]["right"]) or 20
     wrong = summary["localization"]["wrong"]
-    return "\n".join([
+    return "\n".join(line for line in [
         f"{summary['n']} responses ({summary['n_wrong']} wrong, {summary['n_right']} right): "
         f"student {summary['student']} vs teacher {summary['teacher']}",
         f"mean per-token {summary['divergence']} divergence: wrong {num(summary['kl_mean_wrong'])}, "
@@ -286,8 +315,9 @@ def format_summary(summary: dict) -> str:
         f"answers, {top(summary['buckets']['right'])} on right ones",
         f"top-divergence token in the first wrong step: {num(wrong['top_kl_in_first_wrong_step'], '.1%')} vs "
         f"chance {num(wrong['chance'], '.1%')} (ratio {num(wrong['ratio'], '.2f')}, n={wrong['n']})",
+        split("single_attempt"), split("multi_attempt"),
         f"report: {Path(summary['out_dir']) / 'index.html'}",
-    ])
+    ] if line)
 
 
 # ------------------------------------------------------------------------------------------
@@ -300,6 +330,7 @@ body{font-family:system-ui,sans-serif;margin:2em;max-width:70em;color:#222}
 .text{font-family:ui-monospace,monospace;white-space:pre-wrap;line-height:1.7}
 .t{border-radius:2px}
 .fw{text-decoration:underline 2px #1f4fd1;text-underline-offset:3px}
+.top{outline:1px solid #000}
 .end{font-size:.75em;color:#777;border:1px solid #bbb;padding:0 2px}
 .legend span{display:inline-block;width:2.2em;text-align:center;font-size:.8em}
 .charts{display:flex;gap:2em;flex-wrap:wrap}
@@ -327,20 +358,44 @@ def _chart(title: str, shares: list[float], top: float) -> str:
 
 def _response(index: int, row_id, signal: TokenSignal, span, scale: float) -> str:
     step = set(signal.tokens_in_span(*span)) if span else set()
+    top = max(range(len(signal.divergence)), key=signal.divergence.__getitem__) if signal.divergence else None
     spans = []
     for t, (piece, tid, div, kl_reward) in enumerate(zip(signal.tokens, signal.ids, signal.divergence,
                                                         signal.token_kl_reward)):
         title = f"token {t} (id {tid}) {piece!r}\ndivergence {div:.4g}\ntoken KL reward {kl_reward:+.4g}"
-        classes = "t fw" if t in step else "t"
+        classes = "t" + (" fw" if t in step else "") + (" top" if t == top else "")
         shown = html.escape(piece) if piece else '<span class="end">end</span>'
-        spans.append(f'<span class="{classes}" style="background:{_colour(div, scale)}" '
-                     f'title="{html.escape(title)}">{shown}</span>')
+        spans.append(f'<span class="{classes}" style="background:{_colour(div, scale)}" data-d="{div:.6g}" '
+                     f'data-r="{kl_reward:.6g}" title="{html.escape(title)}">{shown}</span>')
     mean = sum(signal.divergence) / len(signal.divergence) if signal.divergence else 0.0
     meta = (f"#{index} · {html.escape(str(row_id))} · reward {signal.reward:g} · "
             f"P_r: <q>{html.escape(signal.phrase)}</q> · {len(signal.ids)} tokens · mean divergence {mean:.3g}"
             + (" · first wrong step underlined" if step else ""))
     return (f'<div class="resp"><div class="meta">{meta}</div>'
             f'<div class="meta">{html.escape(signal.prompt)}</div><div class="text">{"".join(spans)}</div></div>')
+
+
+# Recolours the tokens by the chosen signal (the page is coloured by divergence without it), and
+# says how many tokens the page shows. "#reward" in the address opens the page on the token KL reward.
+_SCRIPT = """
+const tokens = Array.from(document.querySelectorAll('.t'));
+function scaleOf(values) {
+  const sorted = values.map(Math.abs).sort((a, b) => a - b);
+  return sorted.length ? sorted[Math.floor(0.99 * (sorted.length - 1))] || 1 : 1;
+}
+const scales = {d: scaleOf(tokens.map(t => +t.dataset.d)), r: scaleOf(tokens.map(t => +t.dataset.r))};
+function paint(mode) {
+  for (const t of tokens) {
+    const v = +t.dataset[mode], a = Math.min(1, Math.abs(v) / scales[mode]).toFixed(3);
+    t.style.background = v >= 0 ? `rgba(214,39,40,${a})` : `rgba(31,79,209,${a})`;
+  }
+  document.getElementById('mode-' + mode).checked = true;
+}
+for (const mode of ['d', 'r']) document.getElementById('mode-' + mode).addEventListener('change', () => paint(mode));
+if (location.hash === '#reward') paint('r');
+const n = document.querySelectorAll('.resp').length;
+document.getElementById('status').textContent = `${tokens.length} tokens in ${n} responses`;
+"""
 
 
 def _page(entries: list[tuple], summary: dict) -> str:
@@ -368,7 +423,11 @@ def _page(entries: list[tuple], summary: dict) -> str:
 <p>Student <code>{html.escape(summary['student'])}</code>, teacher <code>{html.escape(summary['teacher'])}</code>,
 {html.escape(str(summary['divergence']))} divergence on the teacher's top-{html.escape(str(summary['top_k']))} tokens.
 Each token is coloured by its Phase 2 loss term; hover for the numbers (divergence, and the token KL
-reward log p_S(y_t) - log p_T(y_t)). On lab problems the first wrong step of a wrong answer is underlined.</p>
+reward log p_S(y_t) - log p_T(y_t)). On lab problems the first wrong step of a wrong answer is underlined;
+each response's highest-divergence token is outlined.</p>
+<p>Colour by: <label><input type="radio" name="mode" id="mode-d" checked> divergence</label>
+<label><input type="radio" name="mode" id="mode-r"> token KL reward (red: the student likes the token more
+than the teacher; blue: less)</label> · <span id="status"></span></p>
 <p class="legend">divergence: {legend} (and above)</p>
 <h2>How concentrated is the divergence?</h2>
 <p>Tokens sorted by divergence and cut into {len(shares['wrong'] or shares['right'])} equal-count buckets;
@@ -376,5 +435,6 @@ each bar is a bucket's share of the total divergence.</p>
 <div class="charts">{charts}</div>
 <p>Highest-divergence token inside the first wrong step: {rate}.</p>
 {"".join(sections)}
+<script>{_SCRIPT}</script>
 </body></html>
 """

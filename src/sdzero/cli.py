@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                                description="Base model -> Phase 1 (collect, SRT) -> Phase 2 (self-distillation) -> "
                                            "avg@k of base, SRT and SD-Zero on held-out lab problems.")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory (default: %(default)s)")
+    demo.add_argument("--self-evolve", action="store_true",
+                      help="Phase 2 from OUT/srt twice, frozen teacher vs teacher sync (settings: evolve.*); "
+                           "writes OUT/evolve/report.json and self_evolution.png (runs the demo first if needed)")
     _common(demo)
 
     run = commands.add_parser("run", help="the whole method on any model and data, from a config",
@@ -69,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--k", type=int, help="samples per problem (default: the config's eval.k)")
     evaluate.add_argument("--n", type=int, help="held-out problems (default: the config's eval.n_problems)")
     evaluate.add_argument("--out", type=Path, help="write the report and the samples here")
+    evaluate.add_argument("--revise", action="store_true",
+                          help="also generate-then-revise: revise each first answer after the control phrase and "
+                               "report initial and revised accuracy, correction rate and lengths "
+                               "(settings: eval.revise_k, eval.revise_feedback)")
     _common(evaluate)
 
     inspect = commands.add_parser("inspect", help="per-token teacher-student signal of a run, as HTML and text",
@@ -76,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--run", type=Path, required=True, help="run directory (with srt/, sdzero/, eval/)")
     inspect.add_argument("--out", type=Path, help="output folder (default: RUN/inspect)")
     inspect.add_argument("--n", type=int, default=200, help="responses to analyse (default: %(default)s)")
-    inspect.add_argument("--student", default="sdzero", help="student stage folder in the run (default: %(default)s)")
+    inspect.add_argument("--student", default="srt",
+                         help="student stage folder in the run; its eval/<student>.jsonl answers are scored "
+                              "(default: %(default)s, with the default teacher: the Phase 2 signal at step 0)")
     inspect.add_argument("--teacher", default="srt", help="teacher stage folder in the run (default: %(default)s)")
     inspect.add_argument("--quiet", action="store_true")
 
@@ -126,6 +135,15 @@ def _print_table(report: dict) -> None:
     for name in names:
         passk = report["pass@k"][name].get(f"pass@{report['k']}", float("nan"))
         print(f"{name:<8} {report['accuracy'][name]:>8.3f} {passk:>8.3f} {report['mean_length'][name]:>8.1f}")
+    revise = report.get("revise", {})
+    if revise:
+        print(f"\ngenerate-then-revise ({next(iter(revise.values()))['n_answers']} first answers each)")
+        print(f"{'model':<8} {'initial':>8} {'revised':>8} {'correct':>8} {'len y':>8} {'len rev':>8}")
+        for name in (n for n in names if n in revise):
+            r = revise[name]
+            rate = float("nan") if r["correction_rate"] is None else r["correction_rate"]
+            print(f"{name:<8} {r['initial_accuracy']:>8.3f} {r['revised_accuracy']:>8.3f} {rate:>8.1%} "
+                  f"{r['initial_length']:>8.1f} {r['revised_length']:>8.1f}")
     print(f"\n{report['n_eval_problems']} held-out problems, {report['wall_seconds']:.0f} s in all")
 
 
@@ -136,6 +154,15 @@ def cmd_demo(args) -> None:
 
     cfg = _run_config(args)
     torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))
+    if args.self_evolve:
+        from sdzero.evolve import self_evolution
+
+        report = self_evolution(cfg, args.out, progress=not args.quiet)
+        print(f"\n{'teacher':<8} {report['metric']:>8} {'length':>8}  syncs")
+        for name, run in report["runs"].items():
+            print(f"{name:<8} {run['accuracy']:>8.3f} {run['mean_length']:>8.1f}  {run['syncs'] or '-'}")
+        print(f"wrote {args.out / 'evolve' / 'report.json'} and {args.out / 'evolve' / 'self_evolution.png'}")
+        return
     report = run_pipeline(cfg, args.out, progress=not args.quiet)
     _print_table(report)
     print(f"wrote {args.out / 'report.json'}" + (f" and {args.out / 'learning_curve.png'}"
@@ -201,7 +228,7 @@ def cmd_distill(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from sdzero.evaluate import evaluate
+    from sdzero.evaluate import evaluate, evaluate_revision
     from sdzero.generation import make_generator
     from sdzero.pipeline import load_run_model, problem_sets
     from sdzero.verifiers import get_verifier
@@ -210,9 +237,14 @@ def cmd_eval(args) -> None:
     cfg.n_phase1 = cfg.n_phase2 = 0  # only the held-out problems are needed
     _, _, held_out = problem_sets(cfg)
     model, tokenizer = load_run_model(cfg)
-    report = evaluate(make_generator(model, tokenizer, cfg.sampling), held_out, get_verifier(cfg.task),
-                      k=cfg.eval.k, system_prompt=cfg.system_prompt,
+    generator, verifier = make_generator(model, tokenizer, cfg.sampling), get_verifier(cfg.task)
+    report = evaluate(generator, held_out, verifier, k=cfg.eval.k, system_prompt=cfg.system_prompt,
                       samples_path=args.out / "samples.jsonl" if args.out else None, progress=not args.quiet)
+    if args.revise:
+        report["revise"] = evaluate_revision(
+            generator, held_out, verifier, cfg.phrases(), k=cfg.eval.revise_k, feedback=cfg.eval.revise_feedback,
+            system_prompt=cfg.system_prompt, samples_path=args.out / "revise.jsonl" if args.out else None,
+            progress=not args.quiet)
     print(json.dumps(report, indent=2))
     if args.out:
         (args.out / "report.json").write_text(json.dumps(report, indent=2))

@@ -18,6 +18,7 @@ import yaml
 from sdzero.collect import CollectConfig
 from sdzero.data import DataConfig
 from sdzero.distill import DistillConfig
+from sdzero.evaluate import FEEDBACK
 from sdzero.generation import SamplingConfig
 from sdzero.modeling import DTYPES, LoraConfig
 from sdzero.prompts import ControlPhrases
@@ -38,6 +39,29 @@ class EvalConfig:
     """Held-out problems used for the Phase 2 learning curve (avg@curve_k)."""
     curve_k: int = 2
     """Samples per problem for the learning curve."""
+    revise_problems: int = 100
+    """Generate-then-revise in the demo on the first N held-out problems (0: skip it)."""
+    revise_k: int = 2
+    """First answers per problem for generate-then-revise; each is revised once."""
+    revise_feedback: str = "reward"
+    """Phrase before the revision: "reward" = P_r of the verifier's reward (as in Phase 1), "wrong" =
+    always the wrong-answer phrase (no verifier consulted before revising)."""
+
+
+@dataclass
+class EvolveConfig:
+    """Self-evolution (`sdzero demo --self-evolve`): Phase 2 from the SRT model twice, with the same
+    seed, once with a frozen teacher and once with the teacher synchronised to the student."""
+
+    max_steps: int = 80
+    """Phase 2 steps of each run (the demo's Phase 2 is shorter; the synced run needs room past the plateau)."""
+    sync_every: int | None = None
+    """Synced run: copy the student into the teacher every N steps (None: only on a plateau)."""
+    sync_patience: int | None = 2
+    """Synced run: copy the student into the teacher when the tracked accuracy has not improved for this
+    many evaluations (None: only every sync_every steps)."""
+    eval_every: int = 10
+    """Steps between evaluations of the tracked accuracy (avg@eval.curve_k on eval.curve_problems)."""
 
 
 @dataclass
@@ -78,6 +102,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    evolve: EvolveConfig = field(default_factory=EvolveConfig)
 
     def phrases(self) -> ControlPhrases:
         preset = ControlPhrases.preset(self.control_preset)
@@ -92,6 +117,13 @@ class RunConfig:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose auto, {', '.join(DTYPES)}")
         if self.eval.k < 1:
             raise ValueError(f"eval.k must be >= 1, got {self.eval.k}")
+        if self.eval.revise_feedback not in FEEDBACK:
+            raise ValueError(f"eval.revise_feedback must be one of {', '.join(FEEDBACK)}, "
+                             f"got {self.eval.revise_feedback!r}")
+        if self.evolve.sync_every is None and self.evolve.sync_patience is None:
+            raise ValueError("evolve needs evolve.sync_every or evolve.sync_patience: the synced run must sync")
+        if self.evolve.eval_every < 1 or self.evolve.max_steps < 1:
+            raise ValueError("evolve.eval_every and evolve.max_steps must be >= 1")
         for name in ("n_phase1", "n_phase2"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

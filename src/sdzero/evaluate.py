@@ -1,7 +1,11 @@
-"""Evaluation: avg@k, the unbiased pass@k, and answer lengths on held-out problems.
+"""Evaluation: avg@k, the unbiased pass@k, answer lengths, and generate-then-revise.
 
 avg@k samples k answers per problem at T > 0 and averages (#correct / k) over problems. pass@j is
 estimated from the same n = k samples with the unbiased estimator 1 - C(n - c, j) / C(n, j).
+
+Generate-then-revise (`evaluate_revision`) samples a first answer, then lets the same model revise
+it in the same assistant turn after the control phrase, laid out exactly as in Phase 1
+(`sdzero.prompts.reviser_context_ids`), and reports how often a wrong answer becomes right.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from math import comb
 from pathlib import Path
 
 from sdzero.generation import Generator
-from sdzero.prompts import generator_prompt_ids
+from sdzero.prompts import ControlPhrases, bridge_ids, end_of_turn_ids, generator_prompt_ids, reviser_context_ids
 from sdzero.verifiers import Verifier
 
 
@@ -42,10 +46,7 @@ def evaluate(generator: Generator, problems: list[dict], verifier: Verifier, *, 
         lengths.extend(len(a.ids) for a in answers)
         rows.extend({"id": problem["id"], "response": a.text, "reward": r, "tokens": len(a.ids)}
                     for a, r in zip(answers, rewards))
-    if samples_path:
-        Path(samples_path).parent.mkdir(parents=True, exist_ok=True)
-        with open(samples_path, "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
+    _write_rows(samples_path, rows)
     report = {
         "metric": f"avg@{k}", "k": k, "n_problems": len(problems),
         "accuracy": sum(c / k for c in correct_counts) / len(problems),
@@ -54,3 +55,64 @@ def evaluate(generator: Generator, problems: list[dict], verifier: Verifier, *, 
     for j in sorted({2 ** i for i in range(k.bit_length()) if 2 ** i <= k} | {k}):
         report[f"pass@{j}"] = sum(pass_at_k(k, c, j) for c in correct_counts) / len(problems)
     return report
+
+
+def _write_rows(path: str | Path | None, rows: list[dict]) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+FEEDBACK = ("reward", "wrong")
+
+
+def evaluate_revision(generator: Generator, problems: list[dict], verifier: Verifier, phrases: ControlPhrases, *,
+                      k: int = 1, feedback: str = "reward", system_prompt: str | None = None,
+                      samples_path: str | Path | None = None, desc: str = "revise",
+                      progress: bool = True) -> dict:
+    """Generate-then-revise: k first answers per problem, one revision of each.
+
+    The reviser reads prompt(x) + y + sep + P + sep in the same assistant turn, as in Phase 1. With
+    feedback "reward", P is P_r for the verifier's reward r of y (the right-answer phrase after a
+    right answer, the wrong-answer phrase after a wrong one); with "wrong", every answer is followed
+    by the wrong-answer phrase, so the verifier is not consulted before revising. Reports the first
+    and revised accuracy, the correction rate (share of wrong first answers whose revision is right),
+    the spoil rate (share of right first answers whose revision is wrong) and both mean lengths.
+    """
+    if feedback not in FEEDBACK:
+        raise ValueError(f"unknown revision feedback {feedback!r}; choose one of {', '.join(FEEDBACK)}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if not problems:
+        raise ValueError("evaluation needs at least one problem; the evaluation set is empty")
+    tokenizer = generator.tokenizer
+    eot = end_of_turn_ids(tokenizer)
+    prompts = [generator_prompt_ids(tokenizer, p["problem"], system_prompt) for p in problems]
+    firsts = generator.sample(prompts, k, desc=f"{desc}: first answers", progress=progress)
+    pairs = [(i, answer, verifier(answer.text, problem))
+             for i, (problem, answers) in enumerate(zip(problems, firsts)) for answer in answers]
+    bridges = {r: bridge_ids(tokenizer, phrases, r) for r in (0.0, 1.0)}
+    contexts = [reviser_context_ids(prompts[i], answer.ids, bridges[r if feedback == "reward" else 0.0], eot)
+                for i, answer, r in pairs]
+    revisions = [samples[0] for samples in generator.sample(contexts, 1, desc=f"{desc}: revisions",
+                                                            progress=progress)]
+    rows = []
+    for (i, answer, r), revision in zip(pairs, revisions):
+        rows.append({"id": problems[i]["id"], "response": answer.text, "reward": r, "tokens": len(answer.ids),
+                     "phrase": phrases.for_reward(r if feedback == "reward" else 0.0),
+                     "revision": revision.text, "revision_reward": verifier(revision.text, problems[i]),
+                     "revision_tokens": len(revision.ids)})
+    _write_rows(samples_path, rows)
+    wrong = [row for row in rows if row["reward"] < 1.0]
+    right = [row for row in rows if row["reward"] >= 1.0]
+    return {
+        "k": k, "feedback": feedback, "n_problems": len(problems), "n_answers": len(rows),
+        "initial_accuracy": len(right) / len(rows),
+        "revised_accuracy": sum(row["revision_reward"] for row in rows) / len(rows),
+        "correction_rate": sum(row["revision_reward"] for row in wrong) / len(wrong) if wrong else None,
+        "spoil_rate": sum(1.0 - row["revision_reward"] for row in right) / len(right) if right else None,
+        "n_wrong": len(wrong),
+        "initial_length": sum(row["tokens"] for row in rows) / len(rows),
+        "revised_length": sum(row["revision_tokens"] for row in rows) / len(rows),
+    }

@@ -23,7 +23,7 @@ from sdzero.collect import collect
 from sdzero.config import RunConfig, config_to_yaml
 from sdzero.data import load_problem_sets
 from sdzero.distill import distill
-from sdzero.evaluate import evaluate
+from sdzero.evaluate import evaluate, evaluate_revision
 from sdzero.generation import make_generator
 from sdzero.modeling import is_lora, load_model, merged_for_saving, prepare_for_training, resolve_model_path  # noqa: F401
 from sdzero.srt import train_srt
@@ -90,6 +90,13 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True, 
                                  progress=progress)
         log(f"[{name}] avg@{cfg.eval.k} = {results[name]['accuracy']:.3f}  "
             f"(mean length {results[name]['mean_length']:.1f} tokens)")
+        if cfg.eval.revise_problems:
+            revise = results[name]["revise"] = evaluate_revision(
+                generator, held_out[:cfg.eval.revise_problems], verifier, phrases, k=cfg.eval.revise_k,
+                feedback=cfg.eval.revise_feedback, system_prompt=cfg.system_prompt,
+                samples_path=out / "eval" / f"{name}_revise.jsonl", desc=f"revise {name}", progress=progress)
+            log(f"[{name}] generate-then-revise: {revise['initial_accuracy']:.3f} -> {revise['revised_accuracy']:.3f}, "
+                f"correction rate {_pct(revise['correction_rate'])} of {revise['n_wrong']} wrong answers")
 
     evaluate_stage("base")
 
@@ -134,6 +141,7 @@ def _write_report(out: Path, cfg: RunConfig, results: dict, collection: dict, tr
         "accuracy": {name: r["accuracy"] for name, r in results.items()},
         "mean_length": {name: r["mean_length"] for name, r in results.items()},
         "pass@k": {name: {key: v for key, v in r.items() if key.startswith("pass@")} for name, r in results.items()},
+        "revise": {name: r["revise"] for name, r in results.items() if "revise" in r},
         "metric": f"avg@{cfg.eval.k}", "k": cfg.eval.k, "n_eval_problems": cfg.eval.n_problems,
         "seed": cfg.seed, "phase1": collection,
         "phase2_curve": training.get("distill", {}).get("history", []),
@@ -142,6 +150,10 @@ def _write_report(out: Path, cfg: RunConfig, results: dict, collection: dict, tr
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
 
 
 def plot_learning_curve(path: Path, distill_summary: dict, results: dict, cfg: RunConfig) -> None:
