@@ -6,16 +6,20 @@ Four measurements, each printed as ``name: value`` lines (see benchmarks/README.
    backward, gradient clipping, AdamW step) and a Phase 2 step without generation (the body of the
    ``sdzero.distill.distill`` loop, built from the same functions the trainer calls: teacher forward under
    ``no_grad`` on prompt + y + bridge + y, student forward and backward, top-k divergence, clipping, AdamW
-   step) run interleaved, A, B, A, B, ..., and their medians are compared.
+   step) run interleaved, A, B, A, B, ..., and their medians are compared, in wall time and in the process's
+   CPU time (the steadier of the two on a shared machine).
 2. Peak memory of the same two steps, each in a fresh child process (multiprocessing "spawn"): the peak of
    live tensor bytes from torch's allocator records, and the rise of the process's peak RSS (see the README).
 3. End-to-end Phase 2 samples per second, generation included: ``sdzero.distill.distill`` against TRL's
-   ``GRPOTrainer`` on the same model, the same prompts, the same number of generated samples per step.
+   ``GRPOTrainer`` on the same model, the same prompts, the same number of generated samples per step and
+   the same micro-batch size, in rounds that alternate between the two.
 4. Step time and memory again with a larger random lab-architecture model and long synthetic multi-attempt
    responses, then step time alone at other response lengths on that model.
 
-``--what-if`` adds, beside the trainer's step, a variant that is not the trainer's code (the LM head applied
-only at the target positions), to size that change before anyone makes it in ``sdzero.distill``.
+``--plain`` adds, beside the trainer's step, the step as it was before its fast path (full-vocabulary logits at
+every position, a full log-softmax before the top-k, a host copy in every micro-batch): before and after, side by
+side in one run. ``--micro-batch N`` also times the step in micro-batches of N samples, sorted by length as the
+trainer cuts them and in sampling order.
 
 Run ``python benchmarks/phase2_step.py --help`` for the options; ``--quick`` is a smoke run.
 """
@@ -49,22 +53,22 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 
 from sdzero import lab  # noqa: E402
-from sdzero.distill import DistillConfig, gather_positions, micro_batch_tensors  # noqa: E402
-from sdzero.modeling import frozen_copy  # noqa: E402
+from sdzero.distill import DistillConfig, micro_batch_divergence, micro_batch_tensors  # noqa: E402
+from sdzero.modeling import Teacher  # noqa: E402
 from sdzero.lab.task import sample_problems, write_solution  # noqa: E402
 from sdzero.losses import per_token_divergence, teacher_topk  # noqa: E402
 from sdzero.prompts import (SEPARATOR, ControlPhrases, bridge_ids, distill_layout, end_of_turn_ids,  # noqa: E402
                             generator_prompt_ids)
-from sdzero.training import make_optimizer, sft_step_loss  # noqa: E402
+from sdzero.training import gather_positions, logits_at, make_optimizer, sft_step_loss  # noqa: E402
 from sdzero.verifiers import lab_reward  # noqa: E402
 
 MB = 1024 * 1024
 
 # Defaults of a full run, and of a --quick smoke run. An option given on the command line wins over both.
 FULL = dict(reps=5, warmup=1, batch=32, max_new_tokens=160, long_batch=8, long_response_tokens=300,
-            e2e_steps=3, e2e_prompts=32, grpo_generations=2, memory_steps=2)
+            e2e_steps=3, e2e_rounds=3, e2e_prompts=32, e2e_micro_batch=8, grpo_generations=2, memory_steps=2)
 QUICK = dict(reps=2, warmup=1, batch=8, max_new_tokens=48, long_batch=2, long_response_tokens=120,
-             e2e_steps=2, e2e_prompts=8, grpo_generations=2, memory_steps=1)
+             e2e_steps=2, e2e_rounds=1, e2e_prompts=8, e2e_micro_batch=4, grpo_generations=2, memory_steps=1)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -91,8 +95,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                                     "comparison, end-of-turn token included")
     sized("--e2e-steps", "optimiser steps of each end-to-end trainer; the first one is a warm-up and is not "
                          "counted, so at least 2")
+    sized("--e2e-rounds", "rounds of both end-to-end trainers, alternating, each with its own sampling seed")
     sized("--e2e-prompts", "sdzero prompts per step (one rollout each) = generated samples per step for "
                            "both trainers")
+    sized("--e2e-micro-batch", "samples per forward/backward pass in both end-to-end trainers (sdzero "
+                               "micro_batch_size, TRL per_device_train_batch_size with gradient accumulation "
+                               "over the step's samples); --e2e-prompts gives one pass per step")
     sized("--grpo-generations", "GRPO rollouts per prompt; GRPO gets e2e-prompts / grpo-generations prompts "
                                 "per step")
     sized("--memory-steps", "training steps run in each memory-measurement child process")
@@ -108,9 +116,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sweep-response-tokens", default=None,
                    help="comma-separated extra response lengths timed (steps only, compact output) on the larger "
                         "model, beside --long-response-tokens; '' to skip (full run: 100,200, --quick: 60)")
-    p.add_argument("--what-if", action="store_true",
-                   help="also time a third, interleaved variant that is NOT the trainer's code: the Phase 2 step "
-                        "with the LM head applied only at target positions (teacher and student)")
+    p.add_argument("--plain", action="store_true",
+                   help="also time and measure a third, interleaved variant: the Phase 2 step as it was before its "
+                        "fast path (full-vocabulary logits at every position, gathered afterwards)")
+    p.add_argument("--micro-batch", type=int, default=0,
+                   help="also time the Phase 2 step in micro-batches of this many samples, cut from the samples "
+                        "sorted by length (as distill does) and in sampling order (default: %(default)s = off)")
     p.add_argument("--top-k", type=int, default=64, help="teacher top-k support of the Phase 2 loss, 0 = full "
                                                          "vocabulary (default: %(default)s, as DistillConfig)")
     p.add_argument("--lr", type=float, default=5e-6,
@@ -146,6 +157,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--e2e-steps must be at least 2 (the first step is a warm-up)")
     if args.grpo_generations < 2 or args.e2e_prompts % args.grpo_generations:
         p.error("--grpo-generations must be >= 2 and divide --e2e-prompts")
+    if args.e2e_micro_batch < 1 or args.e2e_prompts % args.e2e_micro_batch:
+        p.error("--e2e-micro-batch must be >= 1 and divide --e2e-prompts")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda asked for, but torch sees no CUDA device")
     return args
@@ -303,18 +316,21 @@ def synthetic_batch(tokenizer, size: int, response_tokens: int, seed: int) -> Ba
 
 
 class Marks:
-    """Optional wall-clock marks inside a step (for the breakdown); synchronises CUDA at each mark."""
+    """Optional marks inside a step (for the breakdown). On CPU they read the process's CPU time, which other
+    processes on a shared machine disturb far less than the wall clock; on CUDA the wall clock, synchronised
+    at each mark."""
 
     def __init__(self, device: str):
         self.device, self.times, self.last = device, {}, None
+        self.clock = time.perf_counter if device == "cuda" else time.process_time
 
     def start(self) -> None:
         self._sync()
-        self.last = time.perf_counter()
+        self.last = self.clock()
 
     def mark(self, name: str) -> None:
         self._sync()
-        now = time.perf_counter()
+        now = self.clock()
         self.times[name] = self.times.get(name, 0.0) + now - self.last
         self.last = now
 
@@ -342,79 +358,74 @@ def sft_step(model, optimizer, batch: Batch, grad_clip: float = 1.0, marks: Mark
     return loss.item()
 
 
-def logits_at(model, input_ids, attention_mask, positions):
-    """What-if only (not what distill() does): run the transformer body, gather the hidden states at
-    `positions`, and apply the LM head to those rows alone, instead of to every position."""
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    return model.get_output_embeddings()(gather_positions(hidden, positions))
-
-
 def phase2_step(student, teacher, optimizer, batch: Batch, cfg: DistillConfig, device,
-                marks: Marks | None = None, head_at_targets: bool = False) -> float:
-    """The body of one distill() step after generation and scoring, with the trainer's own functions and
-    in the trainer's order (micro-batches, teacher top-k under no_grad, student loss, backward, clip, step).
+                marks: Marks | None = None, plain: bool = False, sort: bool = True) -> float:
+    """The body of one distill() step after generation and scoring: kept samples sorted by length, one
+    `sdzero.distill.micro_batch_divergence` and backward per micro-batch, one host copy of the KL sums, clipping
+    and the optimiser step.
 
-    `head_at_targets=True` is the --what-if variant: the same step with the LM head applied only at the
-    target positions (see `logits_at`); everything else is unchanged."""
+    `marks` times the parts of the step (the breakdown); it runs `micro_batch_divergence`'s statements one by
+    one instead of calling it. `plain=True` (--plain) is the step as it was before the fast path: full
+    logits at every position gathered afterwards, a full-vocabulary log-softmax before the top-k, and
+    `.item()` / `.tolist()` in every micro-batch. `sort=False` keeps the samples in sampling order."""
     kept = [(layout, r) for layout, r in zip(batch.layouts, batch.rewards) if layout is not None and layout.n_targets]
+    if sort and not plain:
+        kept.sort(key=lambda item: len(item[0].teacher_ids))
     n_tokens = sum(layout.n_targets for layout, _ in kept)
     student.train()
     if marks:
         marks.start()
     optimizer.zero_grad(set_to_none=True)
-    total_loss = 0.0
-    token_kl = {0.0: [0.0, 0], 1.0: [0.0, 0]}
+    micro_kl, plain_kl = [], []
     for i in range(0, len(kept), cfg.micro_batch_size):
-        micro = kept[i:i + cfg.micro_batch_size]
-        (s_ids, s_att, t_ids, t_att, s_pos, t_pos, mask) = micro_batch_tensors([m[0] for m in micro],
-                                                                              batch.pad_id, device)
-        if marks:
+        items = kept[i:i + cfg.micro_batch_size]
+        micro = [layout for layout, _ in items]
+        if plain:
+            s_ids, s_att, t_ids, t_att, s_pos, t_pos, mask = micro_batch_tensors(micro, batch.pad_id, device)
+            with torch.no_grad():
+                teacher_logits = gather_positions(teacher(input_ids=t_ids, attention_mask=t_att).logits, t_pos)
+                logprobs = torch.log_softmax(teacher_logits.float(), dim=-1)
+                teacher_logprobs, teacher_indices = logprobs.topk(cfg.top_k, dim=-1) if cfg.top_k else (
+                    logprobs, torch.arange(logprobs.size(-1), device=logprobs.device).expand(logprobs.shape))
+                del teacher_logits, logprobs
+            student_logits = gather_positions(student(input_ids=s_ids, attention_mask=s_att).logits, s_pos)
+            per_token = per_token_divergence(student_logits, teacher_logprobs, teacher_indices,
+                                             divergence=cfg.divergence, mixed_weight=cfg.mixed_weight,
+                                             tail_bucket=cfg.tail_bucket)
+            loss = torch.where(mask, per_token, torch.zeros_like(per_token)).sum() / n_tokens
+            loss.backward()
+            loss.item()
+            plain_kl += per_token.detach().masked_fill(~mask, 0).sum(1).tolist()
+        elif marks is None:
+            per_token = micro_batch_divergence(student, teacher, items, batch.pad_id, device, cfg)
+            (per_token.sum() / n_tokens).backward()
+            micro_kl.append(per_token.detach().sum(1))
+        else:  # micro_batch_divergence, statement by statement, with a mark after each part
+            s_ids, s_att, t_ids, t_att, s_pos, t_pos, mask = micro_batch_tensors(micro, batch.pad_id, device)
             marks.mark("tensors")
-        with torch.no_grad():
-            if head_at_targets:
+            with torch.no_grad():
                 teacher_logits = logits_at(teacher, t_ids, t_att, t_pos)
-                if marks:
-                    marks.mark("teacher_forward")
-            else:
-                teacher_out = teacher(input_ids=t_ids, attention_mask=t_att).logits
-                if marks:
-                    marks.mark("teacher_forward")
-                teacher_logits = gather_positions(teacher_out, t_pos)
-                del teacher_out
-            teacher_logprobs, teacher_indices = teacher_topk(teacher_logits, cfg.top_k)
-            del teacher_logits
-            if marks:
-                marks.mark("teacher_gather_topk")
-        if head_at_targets:
+                marks.mark("teacher_forward")
+                teacher_logprobs, teacher_indices = teacher_topk(teacher_logits, cfg.top_k)
+                del teacher_logits
+                marks.mark("teacher_topk")
             student_logits = logits_at(student, s_ids, s_att, s_pos)
-            if marks:
-                marks.mark("student_forward")
-        else:
-            student_out = student(input_ids=s_ids, attention_mask=s_att).logits
-            if marks:
-                marks.mark("student_forward")
-            student_logits = gather_positions(student_out, s_pos)
-            del student_out
-        per_token = per_token_divergence(student_logits, teacher_logprobs, teacher_indices,
-                                         divergence=cfg.divergence, mixed_weight=cfg.mixed_weight,
-                                         tail_bucket=cfg.tail_bucket)
-        per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
-        loss = per_token.sum() / n_tokens
-        if marks:
-            marks.mark("student_gather_loss")
-        loss.backward()
-        if marks:
+            marks.mark("student_forward")
+            per_token = per_token_divergence(student_logits, teacher_logprobs, teacher_indices,
+                                             divergence=cfg.divergence, mixed_weight=cfg.mixed_weight,
+                                             tail_bucket=cfg.tail_bucket)
+            per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
+            loss = per_token.sum() / n_tokens
+            marks.mark("student_loss")
+            loss.backward()
             marks.mark("backward")
-        total_loss += loss.item()
-        per_sample = per_token.detach().sum(1).tolist()
-        for (layout, r), kl in zip(micro, per_sample):
-            token_kl[r][0] += kl
-            token_kl[r][1] += layout.n_targets
+            micro_kl.append(per_token.detach().sum(1))
+    sample_kl = torch.cat(micro_kl).tolist() if micro_kl else plain_kl
     torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
     optimizer.step()
     if marks:
         marks.mark("clip_and_optimizer")
-    return total_loss
+    return sum(sample_kl) / n_tokens
 
 
 def phase2_config(batch: Batch, top_k: int) -> DistillConfig:
@@ -427,7 +438,7 @@ def phase2_config(batch: Batch, top_k: int) -> DistillConfig:
 
 def time_steps(spec: ModelSpec, batch: Batch, args, prefix: str, detail: bool = True) -> None:
     model, _ = build(spec, args.device)
-    teacher = frozen_copy(model)
+    teacher = Teacher(model)  # a frozen copy, as distill() makes it
     optimizer = make_optimizer(model, args.lr)
     cfg = phase2_config(batch, args.top_k)
     rows = len(batch.layouts)
@@ -455,29 +466,46 @@ def time_steps(spec: ModelSpec, batch: Batch, args, prefix: str, detail: bool = 
         "sft": lambda: sft_step(model, optimizer, batch),
         "phase2": lambda: phase2_step(model, teacher, optimizer, batch, cfg, args.device),
     }
-    if args.what_if:
-        variants["whatif_head_at_targets"] = lambda: phase2_step(model, teacher, optimizer, batch, cfg,
-                                                                 args.device, head_at_targets=True)
+    if args.plain:
+        variants["phase2_plain"] = lambda: phase2_step(model, teacher, optimizer, batch, cfg, args.device,
+                                                       plain=True)
+    if args.micro_batch and detail:
+        small = DistillConfig(micro_batch_size=args.micro_batch, top_k=cfg.top_k)
+        variants[f"phase2_micro{args.micro_batch}"] = lambda: phase2_step(model, teacher, optimizer, batch, small,
+                                                                         args.device)
+        variants[f"phase2_micro{args.micro_batch}_unsorted"] = lambda: phase2_step(
+            model, teacher, optimizer, batch, small, args.device, sort=False)
+    # Wall time and the process's CPU time (all its threads) of every step. CPU time is what the step
+    # computes; on a shared machine it is far less disturbed by other processes than the wall clock.
     times = {name: [] for name in variants}
+    cpu_times = {name: [] for name in variants}
     for rep in range(args.warmup + args.reps):
         for name, step in variants.items():
             sync()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             step()
             sync()
             if rep >= args.warmup:
                 times[name].append(time.perf_counter() - start)
+                cpu_times[name].append(time.process_time() - cpu_start)
     sft_s, phase2_s = median(times["sft"]), median(times["phase2"])
     report(f"{prefix}sft_step_s", sft_s)
     report(f"{prefix}phase2_step_s", phase2_s)
     report(f"{prefix}phase2_over_sft_step_ratio", phase2_s / sft_s)
-    if args.what_if:
-        whatif_s = median(times["whatif_head_at_targets"])
-        report(f"{prefix}whatif_head_at_targets_step_s", whatif_s)
-        report(f"{prefix}whatif_head_at_targets_over_sft_step_ratio", whatif_s / sft_s)
+    for name in variants:
+        report(f"{prefix}{name}_step_cpu_s", median(cpu_times[name]))
+    for name in variants:
+        if name != "sft":
+            report(f"{prefix}{name}_over_sft_step_cpu_ratio", median(cpu_times[name]) / median(cpu_times["sft"]))
+    if args.plain:
+        plain_s = median(times["phase2_plain"])
+        report(f"{prefix}phase2_plain_step_s", plain_s)
+        report(f"{prefix}phase2_plain_over_sft_step_ratio", plain_s / sft_s)
     if detail:
         for name, values in times.items():
             report(f"{prefix}{name}_step_s_all", " ".join(f"{t:.3f}" for t in values))
+        for name, values in cpu_times.items():
+            report(f"{prefix}{name}_step_cpu_s_all", " ".join(f"{t:.3f}" for t in values))
         targets = sum(len(t) for _, t in batch.examples)
         report(f"{prefix}sft_target_tokens_per_s", targets / sft_s)
         report(f"{prefix}phase2_target_tokens_per_s", targets / phase2_s)
@@ -616,11 +644,11 @@ def _memory_child(spec: ModelSpec, batch: Batch, variant: str, method: str, top_
                 for _ in range(steps):
                     sft_step(model, optimizer, batch)
             else:
-                teacher = frozen_copy(model)
+                teacher = Teacher(model)
                 cfg = phase2_config(batch, top_k)
                 for _ in range(steps):
                     phase2_step(model, teacher, optimizer, batch, cfg, device,
-                                head_at_targets=variant == "whatif_head_at_targets")
+                                plain=variant == "phase2_plain")
 
         if method == "tensors":
             with TensorPeak(device) as peak:
@@ -654,7 +682,7 @@ def peak_memory(spec: ModelSpec, batch: Batch, args, prefix: str) -> None:
         methods["rss"] = "peak_rss_mb"
     for method, suffix in methods.items():
         results = {}
-        for variant in ("sft", "phase2") + (("whatif_head_at_targets",) if args.what_if else ()):
+        for variant in ("sft", "phase2") + (("phase2_plain",) if args.plain else ()):
             value, why = _in_child(spec, batch, variant, method, args.top_k, args.lr, args.memory_steps,
                                    args.threads, args.device)
             results[variant] = value if value is not None else f"unavailable ({why})"
@@ -678,46 +706,60 @@ def e2e_problems(n: int, seed: int) -> list[dict]:
     return rows
 
 
-def run_sdzero(args) -> dict:
-    """distill() for e2e_steps steps; per-step times come from its own metrics.jsonl clock."""
+def run_sdzero(args, seed: int) -> dict:
+    """distill() for e2e_steps steps; per-step wall times come from its own metrics.jsonl clock, per-step CPU
+    times from the process's CPU clock read whenever distill() writes a step's record."""
     import json
 
     import sdzero.distill as distill_module
     from sdzero.generation import Generator, SamplingConfig
+    from sdzero.training import MetricsLog
 
-    generation_seconds = []
+    generation_seconds, generation_cpu_seconds, cpu_ends, longest = [], [], [], []
 
-    class TimedGenerator(Generator):  # times the rollouts without touching distill()
+    class TimedGenerator(Generator):  # the transformers backend, timed, in place of distill()'s make_generator
         def sample(self, *a, **k):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             out = super().sample(*a, **k)
             generation_seconds.append(time.perf_counter() - start)
+            generation_cpu_seconds.append(time.process_time() - cpu_start)
+            longest.append(max(len(sample.ids) for samples in out for sample in samples))
             return out
+
+    class CpuClockLog(MetricsLog):  # reads the CPU clock at the end of each step, as distill() logs it
+        def write(self, record):
+            if "loss" in record:
+                cpu_ends.append(time.process_time())
+            super().write(record)
 
     model, tokenizer = build(ModelSpec("lab"), args.device)
     rows = e2e_problems(args.e2e_prompts * args.e2e_steps, args.seed)
     sampling = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=args.max_new_tokens,
                               batch_size=args.e2e_prompts)
-    cfg = DistillConfig(prompts_per_step=args.e2e_prompts, micro_batch_size=args.e2e_prompts,
+    cfg = DistillConfig(prompts_per_step=args.e2e_prompts, micro_batch_size=args.e2e_micro_batch,
                         max_steps=args.e2e_steps, lr=args.lr, warmup_steps=0, top_k=args.top_k or None)
-    torch.manual_seed(args.seed)
-    original = distill_module.Generator
-    distill_module.Generator = TimedGenerator
+    torch.manual_seed(seed)
+    originals = distill_module.make_generator, distill_module.MetricsLog
+    distill_module.make_generator, distill_module.MetricsLog = TimedGenerator, CpuClockLog
     try:
         with tempfile.TemporaryDirectory() as out:
+            cpu_ends.append(time.process_time())
             distill_module.distill(model, tokenizer, rows, lab_reward, ControlPhrases(), sampling, cfg,
-                                   out_dir=out, seed=args.seed, progress=False)
+                                   out_dir=out, seed=seed, progress=False)
             records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     finally:
-        distill_module.Generator = original
+        distill_module.make_generator, distill_module.MetricsLog = originals
+    records = [r for r in records if "loss" in r]
     ends = [r["seconds"] for r in records]
     step_s = [b - a for a, b in zip([0.0] + ends, ends)]
+    step_cpu_s = [b - a for a, b in zip(cpu_ends, cpu_ends[1:])]
     return {"step_s": step_s[1:], "generation_s": generation_seconds[1:],
-            "response_len": statistics.mean(r["sdzero/response_len"] for r in records[1:]),
+            "step_cpu_s": step_cpu_s[1:], "generation_cpu_s": generation_cpu_seconds[1:],
+            "response_len": [r["sdzero/response_len"] for r in records[1:]], "longest": longest[1:],
             "samples_per_step": args.e2e_prompts, "prompts_per_step": args.e2e_prompts}
 
 
-def run_trl_grpo(args) -> dict:
+def run_trl_grpo(args, seed: int) -> dict:
     """GRPOTrainer on the same model and prompts: e2e_prompts / G prompts x G rollouts per step."""
     from datasets import Dataset
     from transformers import PrinterCallback, ProgressCallback, TrainerCallback
@@ -734,28 +776,32 @@ def run_trl_grpo(args) -> dict:
         return [lab_reward(c[0]["content"] if isinstance(c, list) else c, {"answer": a})
                 for c, a in zip(completions, answer)]
 
-    step_ends, lengths, generation_seconds = [], [], []
+    step_ends, cpu_ends, lengths, longest, generation_seconds, generation_cpu_seconds = [], [], [], [], [], []
 
     class Clock(TrainerCallback):
         def on_train_begin(self, *_, **__):
             torch.set_num_threads(args.threads)
             step_ends.append(time.perf_counter())
+            cpu_ends.append(time.process_time())
 
         def on_step_end(self, *_, **__):
             step_ends.append(time.perf_counter())
+            cpu_ends.append(time.process_time())
 
         def on_log(self, _args, _state, _control, logs=None, **__):
             if logs and "completions/mean_length" in logs:
                 lengths.append(logs["completions/mean_length"])
+                longest.append(logs["completions/max_length"])
 
     with tempfile.TemporaryDirectory() as out:
         config = GRPOConfig(
             output_dir=out, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
-            max_steps=args.e2e_steps, per_device_train_batch_size=args.e2e_prompts, gradient_accumulation_steps=1,
+            max_steps=args.e2e_steps, per_device_train_batch_size=args.e2e_micro_batch,
+            gradient_accumulation_steps=args.e2e_prompts // args.e2e_micro_batch,  # one generation round per step
             num_generations=group, max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0,
             learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
             beta=args.grpo_beta, num_iterations=1, use_cpu=args.device == "cpu", bf16=False, fp16=False,
-            gradient_checkpointing=args.grpo_gradient_checkpointing, dataloader_num_workers=0, seed=args.seed,
+            gradient_checkpointing=args.grpo_gradient_checkpointing, dataloader_num_workers=0, seed=seed,
             log_completions=False,
         )
         trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=dataset,
@@ -765,17 +811,20 @@ def run_trl_grpo(args) -> dict:
         original = trainer._generate
 
         def timed_generate(*a, **k):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             out_ = original(*a, **k)
             generation_seconds.append(time.perf_counter() - start)
+            generation_cpu_seconds.append(time.process_time() - cpu_start)
             return out_
 
         trainer._generate = timed_generate
         torch.set_num_threads(args.threads)
         trainer.train()
     step_s = [b - a for a, b in zip(step_ends, step_ends[1:])]
+    step_cpu_s = [b - a for a, b in zip(cpu_ends, cpu_ends[1:])]
     return {"step_s": step_s[1:], "generation_s": generation_seconds[1:],
-            "response_len": statistics.mean(lengths[1:]) if len(lengths) > 1 else float("nan"),
+            "step_cpu_s": step_cpu_s[1:], "generation_cpu_s": generation_cpu_seconds[1:],
+            "response_len": lengths[1:], "longest": longest[1:],
             "samples_per_step": prompts_per_step * group, "prompts_per_step": prompts_per_step}
 
 
@@ -783,34 +832,56 @@ def end_to_end(args) -> None:
     report("e2e_model", ModelSpec("lab").describe())
     report("e2e_samples_per_step", args.e2e_prompts)
     report("e2e_sdzero_layout", f"{args.e2e_prompts} prompts x 1 rollout")
+    report("e2e_micro_batch", args.e2e_micro_batch)
     report("e2e_max_new_tokens", args.max_new_tokens)
     report("e2e_temperature", 1.0)
-    report("e2e_steps_timed", f"{args.e2e_steps - 1} (step 1 is a warm-up)")
-    sd = run_sdzero(args)
-    _e2e_report("sdzero", sd)
-    if args.skip_trl:
-        report("sdzero_over_trl_grpo_samples_per_s", "unavailable (--skip-trl)")
-        return
-    try:
-        import trl
+    report("e2e_rounds", f"{args.e2e_rounds} (sdzero, then GRPO, sampling seed {args.seed} + round)")
+    report("e2e_steps_timed", f"{args.e2e_steps - 1} per round (step 1 is a warm-up)")
+    trl_missing = "--skip-trl" if args.skip_trl else None
+    if not trl_missing:
+        try:
+            import trl
 
-        report("trl_version", trl.__version__)
-        reference = f"beta {args.grpo_beta:g}" + (" (no reference model)" if args.grpo_beta == 0 else "")
-        checkpointing = "gradient checkpointing" if args.grpo_gradient_checkpointing else "no gradient checkpointing"
-        report("e2e_trl_grpo_layout", f"{args.e2e_prompts // args.grpo_generations} prompts x "
-                                      f"{args.grpo_generations} rollouts, {reference}, {checkpointing}, fp32")
-        grpo = run_trl_grpo(args)
-    except Exception as err:  # the comparison is optional; say why it is missing
-        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:200]
-        report("trl_grpo_samples_per_s", f"unavailable ({reason})")
-        report("sdzero_over_trl_grpo_samples_per_s", f"unavailable ({reason})")
+            report("trl_version", trl.__version__)
+            reference = f"beta {args.grpo_beta:g}" + (" (no reference model)" if args.grpo_beta == 0 else "")
+            checkpointing = ("gradient checkpointing" if args.grpo_gradient_checkpointing
+                             else "no gradient checkpointing")
+            report("e2e_trl_grpo_layout", f"{args.e2e_prompts // args.grpo_generations} prompts x "
+                                          f"{args.grpo_generations} rollouts, {reference}, {checkpointing}, fp32")
+        except ImportError as err:
+            trl_missing = str(err)
+    # Rounds alternate between the trainers, so a change in machine load hits both, and each round samples
+    # with another seed, so neither trainer keeps a lucky set of short rollouts.
+    sd_rounds, grpo_rounds = [], []
+    for r in range(args.e2e_rounds):
+        sd_rounds.append(run_sdzero(args, args.seed + r))
+        if trl_missing:
+            continue
+        try:
+            grpo_rounds.append(run_trl_grpo(args, args.seed + r))
+        except Exception as err:  # the comparison is optional; say why it is missing
+            trl_missing = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:200]
+    sd = _pool(sd_rounds)
+    _e2e_report("sdzero", sd)
+    if trl_missing:
+        report("trl_grpo_samples_per_s", f"unavailable ({trl_missing})")
+        report("sdzero_over_trl_grpo_samples_per_s", f"unavailable ({trl_missing})")
         return
+    grpo = _pool(grpo_rounds)
     _e2e_report("trl_grpo", grpo)
     sd_rate = sd["samples_per_step"] / median(sd["step_s"])
     grpo_rate = grpo["samples_per_step"] / median(grpo["step_s"])
     report("sdzero_over_trl_grpo_samples_per_s", sd_rate / grpo_rate)
+    report("sdzero_over_trl_grpo_samples_per_cpu_s", (sd["samples_per_step"] / median(sd["step_cpu_s"]))
+           / (grpo["samples_per_step"] / median(grpo["step_cpu_s"])))
     report("sdzero_over_trl_grpo_prompts_per_s", (sd["prompts_per_step"] / median(sd["step_s"]))
            / (grpo["prompts_per_step"] / median(grpo["step_s"])))
+
+
+def _pool(results: list[dict]) -> dict:
+    """The timed steps of every round, together."""
+    return {key: [x for r in results for x in r[key]] if isinstance(results[0][key], list) else results[0][key]
+            for key in results[0]}
 
 
 def _e2e_report(name: str, result: dict) -> None:
@@ -820,11 +891,19 @@ def _e2e_report(name: str, result: dict) -> None:
     report(f"{name}_step_s_all", " ".join(f"{t:.2f}" for t in result["step_s"]))
     report(f"{name}_generation_s", generation)
     report(f"{name}_generation_share", generation / step)
-    report(f"{name}_mean_response_tokens", result["response_len"])
+    report(f"{name}_mean_response_tokens", statistics.mean(result["response_len"]))
+    # Decoding runs until the longest rollout of the batch ends: the main source of chance in generation time.
+    report(f"{name}_longest_response_tokens_all", " ".join(f"{n:.0f}" for n in result["longest"]))
     report(f"{name}_samples_per_s", result["samples_per_step"] / step)
     report(f"{name}_s_per_sample", step / result["samples_per_step"])
     report(f"{name}_train_s_per_sample", (step - generation) / result["samples_per_step"])
     report(f"{name}_prompts_per_s", result["prompts_per_step"] / step)
+    step_cpu, generation_cpu = median(result["step_cpu_s"]), median(result["generation_cpu_s"])
+    report(f"{name}_step_cpu_s", step_cpu)
+    report(f"{name}_step_cpu_s_all", " ".join(f"{t:.2f}" for t in result["step_cpu_s"]))
+    report(f"{name}_generation_cpu_s", generation_cpu)
+    report(f"{name}_samples_per_cpu_s", result["samples_per_step"] / step_cpu)
+    report(f"{name}_train_cpu_s_per_sample", (step_cpu - generation_cpu) / result["samples_per_step"])
 
 
 # ----------------------------------------------------------------------------------------------------------

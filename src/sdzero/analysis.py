@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sdzero.distill import gather_positions, micro_batch_tensors
+from sdzero.distill import micro_batch_tensors
 from sdzero.lab.task import PROBLEM_PREFIX, Problem, first_wrong_step
 from sdzero.losses import per_token_divergence, teacher_topk
 from sdzero.prompts import ControlPhrases, bridge_ids, distill_layout, end_of_turn_ids, generator_prompt_ids
-from sdzero.training import model_device
+from sdzero.training import logits_at, model_device
 
 
 @dataclass
@@ -103,9 +103,8 @@ def token_signal(student, teacher, tokenizer, items, phrases: ControlPhrases, *,
         layouts = [rows[i][3] for i in chunk]
         s_ids, s_att, t_ids, t_att, s_pos, t_pos, mask = micro_batch_tensors(layouts, pad_id, device)
         t_device = next(teacher.parameters()).device
-        teacher_out = teacher(input_ids=t_ids.to(t_device), attention_mask=t_att.to(t_device))
-        teacher_logits = gather_positions(teacher_out.logits.to(device), t_pos)
-        student_logits = gather_positions(student(input_ids=s_ids, attention_mask=s_att).logits, s_pos)
+        teacher_logits = logits_at(teacher, t_ids.to(t_device), t_att.to(t_device), t_pos.to(t_device)).to(device)
+        student_logits = logits_at(student, s_ids, s_att, s_pos)
         t_logprobs, t_indices = teacher_topk(teacher_logits, top_k)
         per_token = per_token_divergence(student_logits, t_logprobs, t_indices, divergence=divergence,
                                          mixed_weight=mixed_weight, tail_bucket=tail_bucket)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -18,8 +19,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="override one configuration field, e.g. --set distill.lr=1e-4 (repeatable)")
     parser.add_argument("--seed", type=int, help="run seed (problem split, sampling, training order)")
     parser.add_argument("--model", help='base model: "lab", a save_pretrained folder, or a hub id')
+    parser.add_argument("--data", help="problems: a hub dataset id or a local .jsonl / .json / .parquet file "
+                                       "(sets data.path)")
+    parser.add_argument("--task", help='the verifier: "math", "code", "lab", or package.module:function')
     parser.add_argument("--max-new-tokens", type=int, help="longest sampled response")
-    parser.add_argument("--limit", type=int, help="use only the first N problems of each set")
+    parser.add_argument("--limit", type=int, help="use at most N problems in each set (N1, N2, held-out)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -34,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory (default: %(default)s)")
     _common(demo)
 
+    run = commands.add_parser("run", help="the whole method on any model and data, from a config",
+                              description="Base model -> Phase 1 (collect, SRT) -> Phase 2 -> evaluation, "
+                                          "as `demo` does, for the model, data and settings of --config.")
+    run.add_argument("--out", type=Path, required=True, help="run directory")
+    _common(run)
+
     collect = commands.add_parser("collect", help="Phase 1 data: first answers, revisions, verified tuples",
                                   description="Writes OUT/phase1/revisions.jsonl; re-running skips problems done.")
     collect.add_argument("--out", type=Path, required=True, help="run directory")
@@ -42,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     srt = commands.add_parser("srt", help="Phase 1 training (Self-Revision Training) on OUT/phase1/revisions.jsonl",
                               description="Trains the base model on the kept tuples; saves OUT/srt.")
     srt.add_argument("--out", type=Path, required=True, help="run directory (reads phase1/, writes srt/)")
+    srt.add_argument("--resume", action="store_true", help="continue from OUT/srt/checkpoint")
     _common(srt)
 
     distill = commands.add_parser("distill", help="Phase 2 on-policy self-distillation",
@@ -50,16 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--out", type=Path, required=True, help="run directory (writes sdzero/)")
     distill.add_argument("--teacher", help="teacher checkpoint (default: a frozen copy of the student)")
     distill.add_argument("--max-steps", type=int, help="Phase 2 optimiser steps")
+    distill.add_argument("--resume", action="store_true", help="continue from OUT/sdzero/checkpoint")
     _common(distill)
 
-    evaluate = commands.add_parser("eval", help="avg@k and pass@k of a model on held-out lab problems")
-    evaluate.add_argument("--model", required=True, help='"lab", a save_pretrained folder or a hub id')
-    evaluate.add_argument("--k", type=int, default=8, help="samples per problem (default: %(default)s)")
-    evaluate.add_argument("--n", type=int, default=200, help="held-out problems (default: %(default)s)")
+    evaluate = commands.add_parser("eval", help="avg@k and pass@k of a model on the held-out problems",
+                                   description="The held-out problems are the config's (the same for every seed).")
+    evaluate.add_argument("--k", type=int, help="samples per problem (default: the config's eval.k)")
+    evaluate.add_argument("--n", type=int, help="held-out problems (default: the config's eval.n_problems)")
     evaluate.add_argument("--out", type=Path, help="write the report and the samples here")
-    evaluate.add_argument("--config", type=Path, default=DEMO_CONFIG, help="sampling settings (default: %(default)s)")
-    evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
-    evaluate.add_argument("--quiet", action="store_true")
+    _common(evaluate)
 
     inspect = commands.add_parser("inspect", help="per-token teacher-student signal of a run, as HTML and text",
                                   description="Writes OUT/index.html, OUT/localization.json and OUT/signals.jsonl.")
@@ -89,18 +99,24 @@ def _run_config(args):
     from sdzero.config import load_config
 
     overrides = list(args.overrides)
-    for flag, key in (("seed", "seed"), ("model", "model"), ("max_new_tokens", "sampling.max_new_tokens"),
-                      ("max_steps", "distill.max_steps")):
+    for flag, key in (("seed", "seed"), ("model", "model"), ("data", "data.path"), ("task", "task"),
+                      ("max_new_tokens", "sampling.max_new_tokens"), ("max_steps", "distill.max_steps"),
+                      ("k", "eval.k"), ("n", "eval.n_problems")):
         value = getattr(args, flag, None)
         if value is not None:
             overrides.append(f"{key}={value}")
     cfg = load_config(args.config, overrides)
+    if cfg.eval.n_problems < 1:
+        raise ValueError(f"the number of held-out problems must be >= 1, got {cfg.eval.n_problems}")
     limit = getattr(args, "limit", None)
     if limit is not None:
         if limit < 1:
             raise ValueError(f"--limit must be >= 1, got {limit}")
         cfg.n_phase1, cfg.n_phase2 = min(cfg.n_phase1, limit), min(cfg.n_phase2, limit)
         cfg.eval.n_problems = min(cfg.eval.n_problems, limit)
+    from sdzero.training import seed_everything
+
+    seed_everything(cfg.seed)
     return cfg
 
 
@@ -127,16 +143,15 @@ def cmd_demo(args) -> None:
 
 
 def cmd_collect(args) -> None:
-    from sdzero import lab
     from sdzero.collect import collect
-    from sdzero.generation import Generator
-    from sdzero.pipeline import load_model
+    from sdzero.generation import make_generator
+    from sdzero.pipeline import load_run_model, problem_sets
     from sdzero.verifiers import get_verifier
 
     cfg = _run_config(args)
-    model, tokenizer = load_model(cfg.model)
-    n1, _, _ = lab.problem_sets(cfg.n_phase1, cfg.n_phase2, 1, cfg.seed)
-    summary = collect(Generator(model, tokenizer, cfg.sampling), n1, get_verifier(cfg.task), cfg.phrases(),
+    n1, _, _ = problem_sets(cfg, record_dir=args.out)
+    model, tokenizer = load_run_model(cfg)
+    summary = collect(make_generator(model, tokenizer, cfg.sampling), n1, get_verifier(cfg.task), cfg.phrases(),
                       args.out / "phase1", cfg.collect, system_prompt=cfg.system_prompt, progress=not args.quiet)
     print(json.dumps(summary, indent=2))
     if summary["kept"] == 0:
@@ -144,7 +159,7 @@ def cmd_collect(args) -> None:
 
 
 def cmd_srt(args) -> None:
-    from sdzero.pipeline import load_model, save_stage
+    from sdzero.pipeline import load_run_model, save_stage, trainable
     from sdzero.srt import train_srt
     from sdzero.training import read_jsonl
 
@@ -152,53 +167,52 @@ def cmd_srt(args) -> None:
     path = args.out / "phase1" / "revisions.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found; run `sdzero collect --out {args.out}` first")
-    rows = read_jsonl(path)
+    rows = read_jsonl(path, repair=True)
     if not rows:
         print(f"{path} holds no verified revision: nothing to train on")
         return
-    model, tokenizer = load_model(cfg.model)
+    model, tokenizer = load_run_model(cfg)
+    model = trainable(model, cfg)
     summary = train_srt(model, tokenizer, rows, cfg.phrases(), cfg.srt, out_dir=args.out / "srt", seed=cfg.seed,
-                        system_prompt=cfg.system_prompt, progress=not args.quiet)
-    save_stage(model, tokenizer, args.out / "srt")
+                        system_prompt=cfg.system_prompt, progress=not args.quiet, resume=args.resume,
+                        log_config=cfg.log)
+    save_stage(model, tokenizer, args.out / "srt", cfg, "srt")
     print(json.dumps(summary, indent=2))
     print(f"saved {args.out / 'srt'}")
 
 
 def cmd_distill(args) -> None:
-    from sdzero import lab
     from sdzero.distill import distill
-    from sdzero.pipeline import load_model, save_stage
+    from sdzero.pipeline import load_run_model, problem_sets, save_stage, trainable
     from sdzero.verifiers import get_verifier
 
     if args.model is None:
         args.model = str(args.out / "srt")
     cfg = _run_config(args)
-    model, tokenizer = load_model(cfg.model)
-    teacher = load_model(args.teacher)[0] if args.teacher else None
-    _, n2, _ = lab.problem_sets(cfg.n_phase1, cfg.n_phase2, 1, cfg.seed)
+    _, n2, _ = problem_sets(cfg, record_dir=args.out)
+    model, tokenizer = load_run_model(cfg)
+    teacher = load_run_model(cfg, args.teacher)[0] if args.teacher else None
+    model = trainable(model, cfg)
     summary = distill(model, tokenizer, n2, get_verifier(cfg.task), cfg.phrases(), cfg.sampling, cfg.distill,
-                      teacher=teacher, out_dir=args.out / "sdzero", seed=cfg.seed,
-                      system_prompt=cfg.system_prompt, progress=not args.quiet)
-    save_stage(model, tokenizer, args.out / "sdzero")
+                      teacher=teacher, out_dir=args.out / "sdzero", seed=cfg.seed, system_prompt=cfg.system_prompt,
+                      progress=not args.quiet, resume=args.resume, log_config=cfg.log)
+    save_stage(model, tokenizer, args.out / "sdzero", cfg, "sdzero")
     print(f"{summary['steps']} steps in {summary['seconds']:.0f} s; saved {args.out / 'sdzero'}")
 
 
 def cmd_eval(args) -> None:
-    from sdzero import lab
-    from sdzero.config import load_config
     from sdzero.evaluate import evaluate
-    from sdzero.generation import Generator
-    from sdzero.pipeline import load_model
+    from sdzero.generation import make_generator
+    from sdzero.pipeline import load_run_model, problem_sets
     from sdzero.verifiers import get_verifier
 
-    cfg = load_config(args.config, args.overrides)
-    if args.n < 1:
-        raise ValueError(f"--n must be >= 1, got {args.n}")
-    model, tokenizer = load_model(args.model)
-    _, _, held_out = lab.problem_sets(1, 1, args.n, 0)
-    report = evaluate(Generator(model, tokenizer, cfg.sampling), held_out, get_verifier(cfg.task), k=args.k,
-                      system_prompt=cfg.system_prompt, samples_path=args.out / "samples.jsonl" if args.out else None,
-                      progress=not args.quiet)
+    cfg = _run_config(args)
+    cfg.n_phase1 = cfg.n_phase2 = 0  # only the held-out problems are needed
+    _, _, held_out = problem_sets(cfg)
+    model, tokenizer = load_run_model(cfg)
+    report = evaluate(make_generator(model, tokenizer, cfg.sampling), held_out, get_verifier(cfg.task),
+                      k=cfg.eval.k, system_prompt=cfg.system_prompt,
+                      samples_path=args.out / "samples.jsonl" if args.out else None, progress=not args.quiet)
     print(json.dumps(report, indent=2))
     if args.out:
         (args.out / "report.json").write_text(json.dumps(report, indent=2))
@@ -270,12 +284,17 @@ def cmd_compare(args) -> None:
     print(f"wrote {args.out / 'report.json'}, {args.out / 'report.md'} and {args.out / 'sample_efficiency.png'}")
 
 
-COMMANDS = {"demo": cmd_demo, "collect": cmd_collect, "srt": cmd_srt, "distill": cmd_distill, "eval": cmd_eval,
-            "inspect": cmd_inspect, "lab": cmd_lab, "compare": cmd_compare}
+COMMANDS = {"demo": cmd_demo, "run": cmd_demo, "collect": cmd_collect, "srt": cmd_srt, "distill": cmd_distill,
+            "eval": cmd_eval, "inspect": cmd_inspect, "lab": cmd_lab, "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.getLogger("accelerate").setLevel(logging.ERROR)  # its notes on tied weights are expected here
+    if getattr(args, "quiet", False):
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     try:
         COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, FloatingPointError) as err:

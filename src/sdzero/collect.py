@@ -67,8 +67,7 @@ def collect(generator: Generator, problems: list[dict], verifier: Verifier, phra
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     attempts_path, revisions_path = out_dir / "attempts.jsonl", out_dir / "revisions.jsonl"
-    done = {row["id"] for row in read_jsonl(attempts_path)} if attempts_path.exists() else set()
-    seen = {(r["id"], tuple(r["revised_ids"])) for r in read_jsonl(revisions_path)} if revisions_path.exists() else set()
+    done, seen = resume_state(attempts_path, revisions_path)
     todo = [p for p in problems if p["id"] not in done]
     tokenizer = generator.tokenizer
     eot = end_of_turn_ids(tokenizer)
@@ -91,36 +90,50 @@ def collect(generator: Generator, problems: list[dict], verifier: Verifier, phra
                     for i, answer, reward in to_revise]
         revisions = generator.sample(contexts, cfg.revisions_per_answer, progress=False)
 
-        kept_per_problem = [0] * len(chunk)
+        kept_rows: list[list[dict]] = [[] for _ in chunk]
         # Budget: every sampled response of a problem (first answers and revisions) and its tokens.
         sampled_tokens = [sum(len(a.ids) for a in answers) for answers in first_answers]
         generations = [len(answers) for answers in first_answers]
         for (i, _, _), revised in zip(to_revise, revisions):
             sampled_tokens[i] += sum(len(s.ids) for s in revised)
             generations[i] += len(revised)
-        with revisions_path.open("a") as out:
-            for (i, answer, reward), revised in zip(to_revise, revisions):
-                problem = chunk[i]
-                for sample in revised:
-                    key = (problem["id"], tuple(sample.ids))
-                    if key in seen or not keep_revision(sample.text, verifier(sample.text, problem), cfg):
-                        continue
-                    seen.add(key)
-                    kept_per_problem[i] += 1
-                    out.write(json.dumps({
-                        "id": problem["id"], "problem": problem["problem"], "answer": problem["answer"],
-                        "init_reward": reward, "control_phrase": phrases.for_reward(reward),
-                        "init_text": answer.text, "init_ids": answer.ids,
-                        "revised_text": sample.text, "revised_ids": sample.ids,
-                    }) + "\n")
-        with attempts_path.open("a") as out:
-            for problem, rewards, kept, n, tokens in zip(chunk, first_rewards, kept_per_problem, generations,
-                                                         sampled_tokens):
-                out.write(json.dumps({"id": problem["id"], "rewards": rewards, "kept": kept, "generations": n,
-                                      "sampled_tokens": tokens}) + "\n")
+        for (i, answer, reward), revised in zip(to_revise, revisions):
+            problem = chunk[i]
+            for sample in revised:
+                key = (problem["id"], tuple(sample.ids))
+                if key in seen or not keep_revision(sample.text, verifier(sample.text, problem), cfg):
+                    continue
+                seen.add(key)
+                kept_rows[i].append({
+                    "id": problem["id"], "problem": problem["problem"], "answer": problem.get("answer"),
+                    "init_reward": reward, "control_phrase": phrases.for_reward(reward),
+                    "init_text": answer.text, "init_ids": answer.ids,
+                    "revised_text": sample.text, "revised_ids": sample.ids,
+                })
+        # Per problem: its revisions, then its attempts line, which marks it done.
+        with revisions_path.open("a") as revisions_out, attempts_path.open("a") as attempts_out:
+            for problem, rewards, rows, n, tokens in zip(chunk, first_rewards, kept_rows, generations, sampled_tokens):
+                revisions_out.writelines(json.dumps(row) + "\n" for row in rows)
+                revisions_out.flush()
+                attempts_out.write(json.dumps({"id": problem["id"], "rewards": rewards, "kept": len(rows),
+                                               "generations": n, "sampled_tokens": tokens}) + "\n")
+                attempts_out.flush()
         bar.update(len(chunk))
     bar.close()
     return collection_summary(out_dir, cfg)
+
+
+def resume_state(attempts_path: Path, revisions_path: Path) -> tuple[set, set]:
+    """Problems already done and revisions already kept, after tidying what a killed run left behind:
+    a line cut short, and revisions of a problem whose attempts line was never written."""
+    attempts = read_jsonl(attempts_path, repair=True) if attempts_path.exists() else []
+    revisions = read_jsonl(revisions_path, repair=True) if revisions_path.exists() else []
+    done = {row["id"] for row in attempts}
+    orphans = [r for r in revisions if r["id"] not in done]
+    if orphans:
+        revisions = [r for r in revisions if r["id"] in done]
+        revisions_path.write_text("".join(json.dumps(r) + "\n" for r in revisions))
+    return done, {(r["id"], tuple(r["revised_ids"])) for r in revisions}
 
 
 def collection_summary(out_dir: Path, cfg: CollectConfig) -> dict:

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from sdzero.collect import CollectConfig
+from sdzero.data import DataConfig
 from sdzero.distill import DistillConfig
 from sdzero.generation import SamplingConfig
 from sdzero.modeling import DTYPES, LoraConfig
@@ -32,10 +33,11 @@ class EvalConfig:
     k: int = 8
     """Samples per problem for avg@k (paper: 8)."""
     n_problems: int = 200
-    """Held-out problems evaluated (lab task)."""
+    """Held-out problems evaluated (the same ones for every run seed)."""
     curve_problems: int = 100
     """Held-out problems used for the Phase 2 learning curve (avg@curve_k)."""
     curve_k: int = 2
+    """Samples per problem for the learning curve."""
 
 
 @dataclass
@@ -49,10 +51,13 @@ class RunConfig:
     """Verifier: "lab" (the built-in task), "math" (math-verify on the last \\boxed{}), "code" (tests run in the
     sandbox), or "package.module:function" for your own reward function (completion, row) -> float."""
     dtype: str = "auto"
-    """Weights dtype: "auto" (bf16 on a GPU that supports it, else fp32), "float32", "bfloat16" or "float16"."""
+    """Weights dtype: "auto" (fp32 weights; training computes in bf16 autocast on a GPU that supports it),
+    "float32", "bfloat16" or "float16" (half-precision weights: half the memory, but updates smaller than
+    their rounding step are lost)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     seed: int = 0
+    """Seed of the problem split, sampling and training order."""
     control_preset: str = "paper"
     """Control phrases P_r: "paper", "qwen" or "olmo"."""
     control_correct: str | None = None
@@ -60,10 +65,12 @@ class RunConfig:
     control_wrong: str | None = None
     """Overrides the preset's phrase after a wrong answer."""
     system_prompt: str | None = None
+    """System message put before every problem (None: no system turn)."""
     n_phase1: int = 6000
     """Problems for Phase 1 (N1; paper: 6K)."""
     n_phase2: int = 9000
     """Problems for Phase 2 (N2, disjoint from N1; paper: 9K)."""
+    data: DataConfig = field(default_factory=DataConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     collect: CollectConfig = field(default_factory=CollectConfig)
     srt: SRTConfig = field(default_factory=SRTConfig)
@@ -78,6 +85,7 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         self.phrases()
+        self.sampling.validate()
         self.distill.validate()
         get_verifier(self.task)
         if self.dtype != "auto" and self.dtype not in DTYPES:

@@ -345,8 +345,9 @@ def load_problem_sets(
     record_dir: str | Path | None = None,
 ) -> ProblemSets:
     """N1, N2 and held-out problems for a run; writes record_dir/split.json when record_dir is given."""
-    if task not in DEFAULT_INSTRUCTIONS:
-        raise ValueError(f"unknown task {task!r}; choose one of {sorted(DEFAULT_INSTRUCTIONS)}")
+    if task not in DEFAULT_INSTRUCTIONS and ":" not in task:  # "module:function" rows read like math rows
+        raise ValueError(f"unknown task {task!r}; choose one of {sorted(DEFAULT_INSTRUCTIONS)} "
+                         "or a reward function as package.module:function")
     source, held_source = {"path": data.path, "name": data.name, "split": data.split}, None
     if data.path is None:
         if task != "lab":

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import DistributedType, broadcast_object_list
 from tqdm.auto import tqdm
 
 from sdzero.generation import SamplingConfig, make_generator
@@ -28,8 +28,8 @@ from sdzero.losses import DIVERGENCES, per_token_divergence, teacher_topk
 from sdzero.prompts import (ControlPhrases, DistillLayout, bridge_ids, distill_layout, end_of_turn_ids,
                             generator_prompt_ids)
 from sdzero.modeling import Teacher
-from sdzero.training import (LogConfig, MetricsLog, load_checkpoint, make_accelerator, make_optimizer, make_schedule,
-                             pad_right, save_checkpoint)
+from sdzero.training import (LogConfig, MetricsLog, finish_trackers, load_checkpoint, logits_at, make_accelerator,
+                             make_optimizer, make_schedule, pad_right, save_checkpoint)
 from sdzero.verifiers import Verifier
 
 
@@ -46,7 +46,9 @@ class DistillConfig:
     lr: float = 5e-6
     """Learning rate after warm-up (official: 5e-6, constant)."""
     warmup_steps: int = 20
+    """Linear warm-up steps, then a constant learning rate (official: 20)."""
     grad_clip: float = 1.0
+    """Gradient norm clipping (official: 1.0)."""
     divergence: str = "reverse"
     """"reverse" = KL(student || teacher) (paper), "forward" = KL(teacher || student), or "mixed"."""
     mixed_weight: float = 0.5
@@ -79,11 +81,6 @@ class DistillConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-def gather_positions(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """logits [B, L, V] at positions [B, T] -> [B, T, V]."""
-    return logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, logits.size(-1)))
-
-
 def micro_batch_tensors(layouts: list[DistillLayout], pad_id: int, device):
     """Right-padded student and teacher inputs, their target positions, and the target mask."""
     student_ids = pad_right([l.student_ids for l in layouts], pad_id)
@@ -95,14 +92,14 @@ def micro_batch_tensors(layouts: list[DistillLayout], pad_id: int, device):
     mask = pad_right([[1] * l.n_targets for l in layouts], 0).bool()
     tensors = (student_ids, student_attention, teacher_ids, teacher_attention, student_positions,
                teacher_positions, mask)
-    return tuple(t.to(device) for t in tensors)
+    return tuple(t.to(device, non_blocking=True) for t in tensors)
 
 
 def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrases: ControlPhrases,
             sampling: SamplingConfig, cfg: DistillConfig, *, teacher=None, out_dir: str | Path | None = None,
             seed: int = 0, evaluate_fn: Callable[[object], float] | None = None,
             system_prompt: str | None = None, progress: bool = True, resume: bool = False,
-            log_config: LogConfig | None = None) -> dict:
+            log_config: LogConfig | None = None, generator=None) -> dict:
     """Train `student` in place. Without `teacher`, the teacher is a frozen copy of the starting student
     (or, for a LoRA student, the student with its adapter switched off).
 
@@ -110,8 +107,9 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
     prompts, and gradients are averaged across processes. `evaluate_fn(model) -> accuracy` is called
     every `cfg.eval_every` steps (on the main process). With `out_dir`, metrics go to
     out_dir/metrics.jsonl and a checkpoint to out_dir/checkpoint every `cfg.save_every` steps;
-    `resume=True` continues from that checkpoint. Returns a summary with the evaluation history and
-    the steps at which the teacher was synchronised.
+    `resume=True` continues from that checkpoint. `generator` (default: one made from `sampling`) draws
+    the rollouts; it is refreshed with the student's weights after every optimiser step. Returns a
+    summary with the evaluation history and the steps at which the teacher was synchronised.
     """
     cfg.validate()
     if not problems:
@@ -128,7 +126,11 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
     device = accelerator.device
     pad_id = tokenizer.pad_token_id
     eot = end_of_turn_ids(tokenizer)
-    generator = make_generator(student, tokenizer, sampling)
+    sharded = world > 1 and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if generator is None:
+        generator = make_generator(student, tokenizer, sampling)
+    # Sharded models decode in lockstep: every process runs each decoding step until all are done.
+    generator.synced_gpus = sharded
     log = MetricsLog(Path(out_dir) / "metrics.jsonl", accelerator) if out_dir else None
     checkpoint_dir = Path(out_dir) / "checkpoint" if out_dir else None
     bridges = {r: bridge_ids(tokenizer, phrases, r) for r in (0.0, 1.0)}
@@ -154,10 +156,12 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
     elif log and log.main and log.path.exists():
         log.path.unlink()  # a fresh run starts a fresh log
     syncs, history = progress_state["syncs"], progress_state["history"]
+    generator.refresh(student)  # the starting (or resumed) weights
     start = time.time()
 
     def track(step: int) -> None:
-        accuracy = evaluate_fn(student) if accelerator.is_main_process else None
+        # Sharded weights are gathered layer by layer as the model runs, so every process must take part.
+        accuracy = evaluate_fn(student) if accelerator.is_main_process or sharded else None
         accuracy = broadcast_object_list([accuracy])[0]
         history.append({"step": step, "accuracy": accuracy, "teacher_version": progress_state["teacher_version"]})
         if log:
@@ -171,7 +175,8 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
             progress_state["evals_since_best"] = 0
 
     def sync(step: int) -> None:
-        teacher.sync(student)
+        # The student's full weights: under FSDP / ZeRO-3 they are gathered from the shards (on every process).
+        teacher.load(accelerator.get_state_dict(model), from_main_process=sharded)
         progress_state["teacher_version"] += 1
         syncs.append(step)
 
@@ -199,6 +204,8 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
         layouts = [distill_layout(prompt, y.ids, bridges[r], eot, cfg.teacher_max_length)
                    for prompt, y, r in zip(prompts, rollouts, rewards)]
         kept = [(layout, r) for layout, r in zip(layouts, rewards) if layout is not None and layout.n_targets]
+        # Similar lengths share a micro-batch, so less of each padded batch is padding.
+        kept.sort(key=lambda item: len(item[0].teacher_ids))
         # The loss is the mean over every target token of the step, across all processes.
         n_tokens = accelerator.reduce(torch.tensor(float(sum(l.n_targets for l, _ in kept)), device=device)).item()
 
@@ -267,7 +274,7 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
         if checkpoint_dir and cfg.save_every and step % cfg.save_every == 0:
             save(step)
     student.eval()
-    accelerator.end_training()
+    finish_trackers(accelerator)
     return {"steps": cfg.max_steps, "history": history, "syncs": syncs,
             "teacher_version": progress_state["teacher_version"], "seconds": time.time() - start,
             **progress_state["budget"]}
@@ -280,13 +287,14 @@ REWARD, ROLLOUTS, LENGTH, TRUNCATED, MASKED, KL_WRONG, TOKENS_WRONG, KL_RIGHT, T
 
 def micro_batch_divergence(model, teacher: Teacher, micro: list[tuple[DistillLayout, float]], pad_id: int, device,
                            cfg: DistillConfig) -> torch.Tensor:
-    """Per-token divergence [B, T] (zero past each sample's end) between student and teacher on one micro-batch."""
+    """Per-token divergence [B, T] (zero past each sample's end) between student and teacher on one micro-batch.
+
+    Both models project onto the vocabulary only at the target positions, and the teacher keeps only its
+    top-k log-probs."""
     (s_ids, s_att, t_ids, t_att, s_pos, t_pos, mask) = micro_batch_tensors([m[0] for m in micro], pad_id, device)
     with torch.no_grad():
-        teacher_logits = gather_positions(teacher(input_ids=t_ids, attention_mask=t_att).logits, t_pos)
-        teacher_logprobs, teacher_indices = teacher_topk(teacher_logits, cfg.top_k)
-        del teacher_logits
-    student_logits = gather_positions(model(input_ids=s_ids, attention_mask=s_att).logits, s_pos)
+        teacher_logprobs, teacher_indices = teacher_topk(logits_at(teacher, t_ids, t_att, t_pos), cfg.top_k)
+    student_logits = logits_at(model, s_ids, s_att, s_pos)
     per_token = per_token_divergence(student_logits, teacher_logprobs, teacher_indices,
                                      divergence=cfg.divergence, mixed_weight=cfg.mixed_weight,
                                      tail_bucket=cfg.tail_bucket)

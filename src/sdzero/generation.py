@@ -1,12 +1,22 @@
 """Sampling from a causal LM given token-id contexts.
 
-One interface, `Generator.sample(contexts, n, ...)`, used by collection, Phase 2 rollouts and
-evaluation alike, so every stage samples with the same settings. The transformers backend batches
-left-padded contexts and decodes with the KV cache.
+One interface, `sample(contexts, n, ...)`, used by collection, Phase 2 rollouts and evaluation alike,
+so every stage samples with the same settings, behind two backends:
+
+* `Generator`: transformers `generate` on left-padded batches with the KV cache (CPU or GPU). It samples
+  from the live model, so it always sees the latest weights.
+* `VLLMGenerator`: a vLLM engine in the same process (optional extra `sdzero[vllm]`, one CUDA GPU). It
+  holds its own copy of the weights; `refresh(model)` copies the trained weights into it.
+
+Both have `refresh(model)`, so a training loop calls `generator.refresh(student)` after each optimiser
+step whatever the backend. `make_generator` picks the backend from `SamplingConfig.backend`.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -22,9 +32,33 @@ class SamplingConfig:
     temperature: float = 1.0
     """Sampling temperature (official code 1.0; the paper 0.7)."""
     top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1.0 = all)."""
     max_new_tokens: int = 256
+    """Longest response; a response cut here is not finished."""
     batch_size: int = 256
-    """Contexts decoded together."""
+    """Contexts decoded together (transformers backend; vLLM schedules its own batches)."""
+    backend: str = "auto"
+    """"transformers": HF generate; "vllm": vLLM, needs `pip install 'sdzero[vllm]'` and a CUDA GPU;
+    "auto": vLLM when it is importable and CUDA is available, else transformers."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """Share of the GPU's memory vLLM may take for its weights and KV cache; the rest stays free for
+    training, which runs on the same GPU."""
+
+    def validate(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown sampling backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        for name in ("max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
+
+
+BACKENDS = ("auto", "transformers", "vllm")
 
 
 @dataclass
@@ -34,6 +68,7 @@ class Sample:
     text: str
     """The decoded response without special tokens."""
     finished: bool
+    """True when the response ended with an end-of-turn token."""
 
 
 class Generator:
@@ -41,6 +76,8 @@ class Generator:
 
     def __init__(self, model, tokenizer, sampling: SamplingConfig):
         self.model, self.tokenizer, self.sampling = model, tokenizer, sampling
+        self.synced_gpus = False
+        """Keep decoding until every process is done (sharded models need all processes in each forward)."""
         self.eot_ids = end_of_turn_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -66,7 +103,7 @@ class Generator:
         return [results[i * n:(i + 1) * n] for i in range(len(contexts))]
 
     def refresh(self, model) -> None:
-        """Sample from `model` from now on (this backend reads the live weights: nothing to copy)."""
+        """Sample from `model` from now on. No copy is needed: this backend reads the live weights."""
         self.model = model
 
     def _sample_batch(self, contexts: list[list[int]]) -> list[Sample]:
@@ -83,7 +120,7 @@ class Generator:
             do_sample=s.temperature > 0, temperature=s.temperature if s.temperature > 0 else None,
             top_p=s.top_p if s.temperature > 0 else None, top_k=None,
             max_new_tokens=s.max_new_tokens, pad_token_id=self.pad_id,
-            eos_token_id=sorted(self.eot_ids), use_cache=True,
+            eos_token_id=sorted(self.eot_ids), use_cache=True, synced_gpus=self.synced_gpus,
         )
         samples = []
         for row in output[:, width:].tolist():
@@ -98,5 +135,137 @@ class Generator:
         return samples
 
 
-def make_generator(model, tokenizer, sampling: SamplingConfig) -> Generator:
-    return Generator(model, tokenizer, sampling)
+# ----------------------------------------------------------------------------------------------------------
+# vLLM backend
+
+
+def plain_model(model):
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def checkpoint_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs of `model` under the names its plain `save_pretrained` checkpoint uses.
+
+    These are the names vLLM's `load_weights` expects. LoRA layers (peft) give their merged weight,
+    base + scaled B @ A, computed on the side: the model itself is not touched, so merging and unmerging
+    never round the base weights. Tied weights appear once, as in `named_parameters`. Assumes the
+    in-memory names are the checkpoint names, as in dense decoders (Llama, Qwen, Mistral...); models
+    that transformers re-lays out on load (fused MoE experts) would need the reverse mapping.
+    """
+    base = plain_model(model)
+    merged = {}
+    for module_name, module in base.named_modules():
+        if not (hasattr(module, "base_layer") and hasattr(module, "get_delta_weight")) or module.merged:
+            continue
+        adapters = [a for a in module.active_adapters if a in module.lora_A or a in module.lora_embedding_A]
+        if any(module.use_dora.get(a) for a in adapters):
+            raise NotImplementedError("pushing DoRA adapters into vLLM is not supported; use plain LoRA")
+        weight = module.base_layer.weight.detach()
+        for adapter in adapters:
+            weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
+        merged[f"{module_name}.base_layer.weight"] = weight
+    adapter_names = list(getattr(model, "peft_config", {}))
+    for name, param in base.named_parameters():
+        if ".lora_" in name or ".original_module." in name:
+            continue  # adapter factors are folded in above; modules_to_save keeps its trained copy
+        tensor = merged.get(name, param.detach())
+        name = name.replace(".base_layer.", ".")
+        for adapter in adapter_names:
+            name = name.replace(f".modules_to_save.{adapter}.", ".")
+        yield name, tensor
+
+
+def vllm_importable() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class VLLMGenerator:
+    """vLLM on the same GPU as training, with the same `sample` contract as `Generator`.
+
+    vLLM builds its engine from a model folder, so the starting weights are written once to a temporary
+    folder (or `model_path` is used as it is); afterwards `refresh(model)` copies the trained weights into
+    the running engine without touching the disk.
+
+    The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so the weight push hands vLLM
+    the training tensors directly: `LLM.apply_model(fn)` runs `fn` on vLLM's own `nn.Module`, whose
+    `load_weights` takes (checkpoint name, tensor) pairs, maps them onto its fused layers and casts
+    them to the engine's dtype. Written against the V1 engine of vLLM 0.10 and later (`LLM.apply_model`,
+    `LLM.reset_prefix_cache`). One process, one GPU: tensor parallelism would need sharded pushes.
+    """
+
+    def __init__(self, model, tokenizer, sampling: SamplingConfig, *, model_path: str | None = None):
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # before the engine exists: keep it in-process
+        from vllm import LLM
+
+        self.tokenizer, self.sampling = tokenizer, sampling
+        self.eot_ids = end_of_turn_ids(tokenizer)
+        self._folder = None
+        if model_path is None:
+            self._folder = tempfile.TemporaryDirectory(prefix="sdzero-vllm-")
+            model_path = self._folder.name
+            plain_model(model).save_pretrained(model_path, state_dict=dict(checkpoint_weights(model)))
+            tokenizer.save_pretrained(model_path)
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        self.llm = LLM(model=model_path, tokenizer=model_path, dtype=dtype,
+                       gpu_memory_utilization=sampling.vllm_gpu_memory_utilization)
+
+    def sample(self, contexts: list[list[int]], n: int = 1, *, desc: str | None = None,
+               progress: bool = True) -> list[list[Sample]]:
+        """`n` samples for each context, as a list (one entry per context) of lists of samples."""
+        from vllm import SamplingParams
+
+        s = self.sampling
+        greedy = s.temperature == 0
+        params = SamplingParams(
+            # Greedy answers to one context are all the same: decode one and repeat it.
+            n=1 if greedy else n, temperature=s.temperature, top_p=1.0 if greedy else s.top_p,
+            max_tokens=s.max_new_tokens, stop_token_ids=sorted(self.eot_ids),
+            # Stop exactly where the transformers backend stops: on the end-of-turn ids only, not on
+            # extra EOS ids vLLM would read from the model's generation_config.
+            ignore_eos=True,
+        )
+        prompts = [{"prompt_token_ids": list(ids)} for ids in contexts]
+        outputs = self.llm.generate(prompts, params, use_tqdm=progress and bool(desc))
+        samples = [[self._to_sample(c) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs]
+        if greedy:
+            samples = [[Sample(list(first.ids), first.text, first.finished) for _ in range(n)] for [first] in samples]
+        return samples
+
+    def _to_sample(self, completion) -> Sample:
+        ids = list(completion.token_ids)
+        # The stop token belongs to the response (Phase 2 trains on it); add it if vLLM left it out.
+        stop = completion.stop_reason
+        if completion.finish_reason == "stop" and stop in self.eot_ids and ids[-1:] != [stop]:
+            ids.append(stop)
+        finished = bool(ids) and ids[-1] in self.eot_ids
+        return Sample(ids=ids, text=self.tokenizer.decode(ids, skip_special_tokens=True), finished=finished)
+
+    @torch.no_grad()
+    def refresh(self, model) -> None:
+        """Copy `model`'s current weights (LoRA merged in) into the engine; call after each optimiser step."""
+        weights = list(checkpoint_weights(model))
+        self.llm.apply_model(lambda vllm_model: vllm_model.load_weights(weights))
+        # Cached prompt prefixes hold keys and values computed with the old weights.
+        self.llm.reset_prefix_cache()
+
+
+def make_generator(model, tokenizer, sampling: SamplingConfig) -> Generator | VLLMGenerator:
+    """The sampling backend `sampling.backend` asks for ("auto": vLLM if importable and on CUDA)."""
+    sampling.validate()
+    backend = sampling.backend
+    if backend == "auto":
+        backend = "vllm" if torch.cuda.is_available() and vllm_importable() else "transformers"
+    if backend == "transformers":
+        return Generator(model, tokenizer, sampling)
+    if not vllm_importable():
+        raise ImportError("sampling.backend='vllm' needs vLLM, which is not installed: "
+                          "pip install 'sdzero[vllm]' (or set sampling.backend='transformers')")
+    if not torch.cuda.is_available():
+        raise RuntimeError("sampling.backend='vllm' needs a CUDA GPU and none is available; "
+                           "set sampling.backend='transformers'")
+    return VLLMGenerator(model, tokenizer, sampling)

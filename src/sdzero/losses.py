@@ -77,14 +77,17 @@ def teacher_topk(teacher_logits: Tensor, top_k: int | None) -> tuple[Tensor, Ten
     """
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-    logprobs = torch.log_softmax(teacher_logits.detach().float(), dim=-1)
-    vocab = logprobs.size(-1)
+    logits = teacher_logits.detach().float()
+    vocab = logits.size(-1)
     if top_k is None or top_k >= vocab:
         # order does not matter for the divergence, so skip the full-vocabulary sort
+        logprobs = torch.log_softmax(logits, dim=-1)
         indices = torch.arange(vocab, device=logprobs.device).expand(logprobs.shape)
         return logprobs, indices
-    values, indices = logprobs.topk(top_k, dim=-1)
-    return values, indices
+    # log_softmax is monotonic: take the top-k of the logits and normalise only those k values, instead of
+    # building a second full-vocabulary tensor of log-probs
+    values, indices = logits.topk(top_k, dim=-1)
+    return values - logits.logsumexp(dim=-1, keepdim=True), indices
 
 
 def _append_tail(logp: Tensor) -> Tensor:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from sdzero import lab
+from sdzero.training import unwrap
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -30,6 +31,7 @@ class LoraConfig:
     alpha: int = 32
     """Adapter scaling numerator (the update is scaled by alpha / r)."""
     dropout: float = 0.05
+    """Dropout on the adapter input."""
     target_modules: str | list[str] = "all-linear"
     """Modules that get adapters: "all-linear" or a list of module names (e.g. [q_proj, v_proj])."""
 
@@ -52,17 +54,18 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
-    """"auto" = bf16 on a GPU that supports it, fp32 elsewhere (CPU bf16 matmuls are slow)."""
+def resolve_dtype(name: str) -> torch.dtype:
+    """"auto" = fp32 weights: on a GPU the training stages compute in bf16 autocast (see
+    `sdzero.training.make_accelerator`), while the weights and optimiser keep full precision, so
+    small updates (lr 5e-6) are not lost to bf16 rounding."""
     if name == "auto":
-        on_gpu = torch.device(device).type == "cuda"
-        return torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
+        return torch.float32
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; choose auto, {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
-def load_model(name: str, device: str | None = None, dtype: str = "float32"):
+def load_model(name: str, device: str | None = None, dtype: str = "auto"):
     """A causal LM and its tokenizer from "lab", a local save_pretrained folder or a hub id.
 
     A saved LoRA adapter folder (adapter_config.json) loads as its base model with the adapter merged.
@@ -76,7 +79,7 @@ def load_model(name: str, device: str | None = None, dtype: str = "float32"):
         raise ValueError(f"the tokenizer of {name} has no chat template; SD-Zero needs one to lay out turns")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    torch_dtype = resolve_dtype(dtype, device)
+    torch_dtype = resolve_dtype(dtype)
     if (Path(path) / "adapter_config.json").exists():
         from peft import AutoPeftModelForCausalLM
 
@@ -145,12 +148,27 @@ class Teacher:
             return output
         return self.model(**inputs)
 
+    def get_output_embeddings(self):
+        """The LM head of the model that runs the teacher's forward (`training.logits_at` hooks it)."""
+        return unwrap(self.student if self.adapter_off else self.model).get_output_embeddings()
+
     def sync(self, student) -> None:
         """teacher <- current student (self-evolution)."""
+        self.load(student.state_dict())
+
+    def load(self, state_dict: dict, *, from_main_process: bool = False) -> None:
+        """teacher <- these weights; with `from_main_process`, only the main process's state dict counts
+        (sharded training gathers the full weights there) and the others receive it."""
         if self.adapter_off:
             raise ValueError("teacher synchronisation is not available with a LoRA student whose teacher is the "
                              "adapter-free base model; train all weights (lora.enabled=false) or pass --teacher")
-        self.model.load_state_dict(student.state_dict())
+        if from_main_process:
+            from accelerate.utils import broadcast
+
+            own = self.model.state_dict()
+            state_dict = {name: broadcast(state_dict[name].to(own[name]) if state_dict else own[name].clone())
+                          for name in own}
+        self.model.load_state_dict(state_dict)
 
     def state_dict(self) -> dict | None:
         return None if self.adapter_off else self.model.state_dict()

@@ -18,16 +18,28 @@ import json
 import time
 from pathlib import Path
 
-from sdzero import lab
+from sdzero.cards import evaluation_figures, run_card_fields, write_model_card
 from sdzero.collect import collect
 from sdzero.config import RunConfig, config_to_yaml
+from sdzero.data import load_problem_sets
 from sdzero.distill import distill
 from sdzero.evaluate import evaluate
-from sdzero.generation import Generator
+from sdzero.generation import make_generator
 from sdzero.modeling import is_lora, load_model, merged_for_saving, prepare_for_training, resolve_model_path  # noqa: F401
 from sdzero.srt import train_srt
 from sdzero.training import read_jsonl, seed_everything
 from sdzero.verifiers import get_verifier
+
+
+def problem_sets(cfg: RunConfig, record_dir: str | Path | None = None, log=print):
+    """N1, N2 and the held-out problems of the run (recorded in record_dir/split.json)."""
+    sets = load_problem_sets(cfg.data, cfg.task, cfg.n_phase1, cfg.n_phase2, cfg.eval.n_problems, cfg.seed,
+                             record_dir=record_dir)
+    for part, skipped in sets.skipped.items():
+        if skipped["count"]:
+            log(f"skipped {skipped['count']} {part} rows without a usable gold answer: {skipped['reasons']} "
+                f"(first: {', '.join(skipped['rows'])})")
+    return sets.n1, sets.n2, sets.held_out
 
 
 def load_run_model(cfg: RunConfig, name: str | None = None):
@@ -46,18 +58,19 @@ def trainable(model, cfg: RunConfig):
     return prepare_for_training(model, gradient_checkpointing=cfg.gradient_checkpointing, lora=cfg.lora)
 
 
-def save_stage(model, tokenizer, path: str | Path) -> None:
+def save_stage(model, tokenizer, path: str | Path, cfg: RunConfig, stage: str, evaluation: dict | None = None) -> None:
     """A stage's model as a plain save_pretrained folder (loads in transformers or vLLM as it is;
-    LoRA adapters are merged into the weights)."""
+    LoRA adapters are merged into the weights), with a README.md model card; `evaluation` is an
+    `evaluate()` report of this model, when there is one."""
     merged_for_saving(model).save_pretrained(path)
     tokenizer.save_pretrained(path)
+    write_model_card(path, base_model=cfg.model, stage=stage, **run_card_fields(cfg, stage),
+                     evaluation=evaluation_figures(evaluation) if evaluation else None)
 
 
 def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True, log=print) -> dict:
-    """Run the whole method on the lab task and write the run directory; returns report.json's content."""
+    """Run the whole method and write the run directory; returns report.json's content."""
     cfg.validate()
-    if cfg.task != "lab":
-        raise ValueError(f"run_pipeline runs the built-in lab task; got task={cfg.task!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(config_to_yaml(cfg))
@@ -65,10 +78,10 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True, 
     seed_everything(cfg.seed)
     verifier = get_verifier(cfg.task)
     phrases = cfg.phrases()
-    n1, n2, held_out = lab.problem_sets(cfg.n_phase1, cfg.n_phase2, cfg.eval.n_problems, cfg.seed)
+    n1, n2, held_out = problem_sets(cfg, record_dir=out, log=log)
     curve_problems = held_out[:cfg.eval.curve_problems]
     model, tokenizer = load_run_model(cfg)
-    generator = Generator(model, tokenizer, cfg.sampling)
+    generator = make_generator(model, tokenizer, cfg.sampling)
     results: dict[str, dict] = {}
 
     def evaluate_stage(name: str) -> None:
@@ -94,22 +107,23 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True, 
     model = trainable(model, cfg)
     srt_summary = train_srt(model, tokenizer, tuples, phrases, cfg.srt, out_dir=out / "srt", seed=cfg.seed,
                             system_prompt=cfg.system_prompt, progress=progress, log_config=cfg.log)
-    save_stage(model, tokenizer, out / "srt")
     generator.refresh(model)
     evaluate_stage("srt")
+    save_stage(model, tokenizer, out / "srt", cfg, "srt", results["srt"])
 
-    def curve(student) -> float:
-        return evaluate(Generator(student, tokenizer, cfg.sampling), curve_problems, verifier, k=cfg.eval.curve_k,
+    def curve(student) -> float:  # the generator already samples from the student's current weights
+        return evaluate(generator, curve_problems, verifier, k=cfg.eval.curve_k,
                         system_prompt=cfg.system_prompt, progress=False)["accuracy"]
 
     log(f"Phase 2: self-distillation on {len(n2)} problems, {cfg.distill.max_steps} steps")
     model = trainable(model, cfg)
     distill_summary = distill(model, tokenizer, n2, verifier, phrases, cfg.sampling, cfg.distill,
                               out_dir=out / "sdzero", seed=cfg.seed, evaluate_fn=curve,
-                              system_prompt=cfg.system_prompt, progress=progress, log_config=cfg.log)
-    save_stage(model, tokenizer, out / "sdzero")
+                              system_prompt=cfg.system_prompt, progress=progress, log_config=cfg.log,
+                              generator=generator)
     generator.refresh(model)
     evaluate_stage("sdzero")
+    save_stage(model, tokenizer, out / "sdzero", cfg, "sdzero", results["sdzero"])
     report = _write_report(out, cfg, results, collection, {"srt": srt_summary, "distill": distill_summary}, start)
     plot_learning_curve(out / "learning_curve.png", distill_summary, results, cfg)
     return report
@@ -149,7 +163,7 @@ def plot_learning_curve(path: Path, distill_summary: dict, results: dict, cfg: R
         ax.axvline(step, color="tab:red", alpha=0.3)
     ax.set_xlabel("Phase 2 step")
     ax.set_ylabel("held-out accuracy")
-    ax.set_title("SD-Zero on the lab task")
+    ax.set_title(f"SD-Zero on {cfg.data.path or cfg.task}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

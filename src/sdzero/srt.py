@@ -18,8 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from sdzero.prompts import ControlPhrases, bridge_ids, end_of_turn_ids, generator_prompt_ids, strip_end_of_turn
-from sdzero.training import (LogConfig, MetricsLog, load_checkpoint, make_accelerator, make_optimizer, make_schedule,
-                             save_checkpoint, sft_step_loss)
+from sdzero.training import (LogConfig, MetricsLog, finish_trackers, load_checkpoint, make_accelerator,
+                             make_optimizer, make_schedule, save_checkpoint, sft_step_loss)
 
 SCHEDULES = ("joint", "two_stage")
 
@@ -37,8 +37,11 @@ class SRTConfig:
     batch_size: int = 16
     """Tuples per optimiser step."""
     warmup_ratio: float = 0.05
+    """Share of the steps with a linear warm-up, before the cosine decay."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     grad_clip: float = 1.0
+    """Gradient norm clipping."""
     save_every: int | None = 100
     """Write a checkpoint to resume from (model, optimiser, scheduler, RNG, step) every N steps."""
 
@@ -145,6 +148,6 @@ def train_srt(model, tokenizer, rows: list[dict], phrases: ControlPhrases, cfg: 
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
         bar.close()
-        accelerator.end_training()
+        finish_trackers(accelerator)
     model.eval()
     return {"tuples": len(rows), "steps": step, "seconds": time.time() - start, "trained_tokens": trained_tokens}

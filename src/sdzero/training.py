@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 from dataclasses import dataclass
@@ -26,10 +27,48 @@ def model_device(model) -> torch.device:
 
 def pad_right(rows: list[list[int]], pad_value: int) -> torch.Tensor:
     width = max(map(len, rows))
-    out = torch.full((len(rows), width), pad_value, dtype=torch.long)
-    for i, row in enumerate(rows):
-        out[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-    return out
+    # one tensor built from padded lists: a per-row torch.tensor costs more than the padding itself
+    return torch.tensor([list(row) + [pad_value] * (width - len(row)) for row in rows], dtype=torch.long)
+
+
+def gather_positions(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """values [B, L, D] at positions [B, T] -> [B, T, D]."""
+    return values.gather(1, positions.unsqueeze(-1).expand(-1, -1, values.size(-1)))
+
+
+def unwrap(model):
+    """The model inside DDP / FSDP style wrappers (they keep it in `.module`)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def logits_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Next-token logits at `positions` [B, T] only: [B, T, V], as `gather_positions(model(...).logits, positions)`.
+
+    The vocabulary projection is the widest matmul of a forward pass and its output the largest tensor;
+    the loss reads only a few of its rows. A pre-hook on the LM head gathers the hidden states at
+    `positions` before the projection, so the model's own forward runs otherwise unchanged (peft and DDP
+    wrappers, logit post-processing such as soft-capping). Where the head is not called as a module on
+    [B, L, H] hidden states, the full logits are computed and gathered instead.
+    """
+    head = unwrap(model).get_output_embeddings()
+    hooked = []
+
+    def gather_hidden(_module, args):
+        hidden = args[0]
+        if hidden.dim() != 3 or hidden.shape[:2] != input_ids.shape:
+            return None
+        hooked.append(True)
+        return (gather_positions(hidden, positions), *args[1:])
+
+    handle = head.register_forward_pre_hook(gather_hidden) if head is not None else None
+    try:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    return logits if hooked else gather_positions(logits, positions)
 
 
 def sft_batch(examples: list[tuple[list[int], list[int]]], pad_id: int):
@@ -89,6 +128,7 @@ class LogConfig:
     wandb: bool = False
     """Also log to Weights & Biases (needs `pip install 'sdzero[wandb]'` and a login)."""
     wandb_project: str = "sdzero"
+    """Weights & Biases project name."""
 
 
 def make_accelerator(out_dir: str | Path | None = None, log: LogConfig | None = None):
@@ -105,13 +145,25 @@ def make_accelerator(out_dir: str | Path | None = None, log: LogConfig | None = 
             except ImportError:
                 raise ValueError("log.wandb is on but wandb is not installed: pip install 'sdzero[wandb]'") from None
             trackers.append("wandb")
+    # Mixed precision: what `accelerate launch` / `accelerate config` chose, else bf16 autocast on a GPU
+    # that has it (fp32 weights, bf16 compute), else none.
+    on_gpu = torch.cuda.is_available()
+    mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION") or (
+        "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "no")
     # The learning-rate schedule counts optimiser steps, whatever the number of processes.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers or None,
+    accelerator = Accelerator(cpu=not on_gpu, mixed_precision=mixed_precision, log_with=trackers or None,
                               project_dir=str(out_dir) if out_dir is not None else None,
                               step_scheduler_with_optimizer=False)
     if trackers:
         accelerator.init_trackers(log.wandb_project if log.wandb else "tensorboard")
     return accelerator
+
+
+def finish_trackers(accelerator) -> None:
+    """Flush and close a stage's trackers, keeping the process group for the stages that follow."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.trackers = []
 
 
 class MetricsLog:

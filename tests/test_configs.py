@@ -1,0 +1,95 @@
+"""Every shipped config loads and validates on the CPU without downloading anything: run recipes through
+`sdzero.config.load_config` (unknown keys and wrong types fail there), accelerate configs through
+accelerate's own config loader."""
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sdzero.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "accelerate" not in p.parts) + \
+    [ROOT / "src" / "sdzero" / "lab" / "demo.yaml"]
+ACCELERATE_CONFIGS = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_reference(where: str, value: str | None) -> None:
+    """A model or dataset reference is "lab", a hub id owner/name, or a local path that exists."""
+    if value is None or value == "lab":
+        return
+    if value.startswith((".", "/", "~")) or "/" not in value or value.count("/") > 1:
+        path = Path(value).expanduser()
+        path = path if path.is_absolute() else ROOT / path
+        assert path.exists(), f"{where}: local path {value!r} does not exist"
+    else:
+        assert HUB_ID.match(value), f"{where}: {value!r} is not a hub id of the form owner/name"
+
+
+def test_there_are_recipes_for_the_papers_models_and_one_gpu():
+    names = {p.stem for p in (ROOT / "configs" / "recipes").glob("*.yaml")}
+    assert {"qwen3-4b-math", "qwen3-4b-code", "olmo3-7b-math", "olmo3-7b-code", "qwen3-0.6b-math"} <= names
+    assert {"1gpu", "4gpu-ddp", "8gpu-ddp", "4gpu-fsdp", "8gpu-fsdp"} <= {p.stem for p in ACCELERATE_CONFIGS}
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_run_config_loads_validates_and_names_well_formed_references(path):
+    cfg = load_config(path)  # refuses unknown keys and values of the wrong type
+    where = str(path.relative_to(ROOT))
+    check_reference(f"{where}: model", cfg.model)
+    data = getattr(cfg, "data", None)
+    if data is not None:
+        check_reference(f"{where}: data.path", data.path)
+        check_reference(f"{where}: data.eval_path", data.eval_path)
+    if cfg.task != "lab":
+        assert data is not None and data.path, f"{where}: task {cfg.task!r} needs data.path"
+    # Every key written in the file is a field (load_config checked), and the file sets what the header
+    # promises: nothing is left silently at a default that differs from the recipe's intent.
+    raw = yaml.safe_load(path.read_text())
+    assert raw["model"] == cfg.model and raw["task"] == cfg.task
+
+
+@pytest.mark.parametrize("path", [p for p in RUN_CONFIGS if p.parent.name == "recipes"], ids=lambda p: p.stem)
+def test_recipes_follow_the_papers_structure_and_state_their_estimates(path):
+    cfg = load_config(path)
+    text = path.read_text()
+    assert "ESTIMATES" in text and "nothing below was measured" in text
+    assert re.search(r"\d+(\.\d+)? GB", text) and re.search(r"\d+(-\d+)? (s|min|h)\b", text)
+    assert cfg.collect.answers_per_problem == 1 and cfg.collect.revisions_per_answer == 3
+    assert cfg.distill.top_k == 64 and cfg.srt.epochs == 3
+    assert cfg.n_phase1 * 3 == cfg.n_phase2 * 2, "the paper's 6K/9K split (2:3)"
+    family = "olmo" if "olmo" in cfg.model.lower() else "qwen"
+    assert cfg.control_preset == family
+    if "0.6b" not in path.stem:
+        assert (cfg.srt.lr, cfg.distill.lr, cfg.distill.prompts_per_step, cfg.eval.k) == (5e-6, 5e-6, 128, 8)
+    if cfg.task == "math" and "0.6b" not in path.stem:
+        assert (cfg.n_phase1, cfg.n_phase2) == (6000, 9000)
+    if cfg.task == "code":  # codeforces-cots has about 9.5K distinct problems (solutions_py: one row each)
+        assert cfg.data.name == "solutions_py" and cfg.n_phase1 + cfg.n_phase2 + cfg.eval.n_problems <= 9500
+    # The teacher reads prompt + y + phrase + y: its limit must hold two full answers.
+    assert cfg.distill.teacher_max_length >= 2 * cfg.sampling.max_new_tokens
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.stem)
+def test_accelerate_config_is_one_accelerate_reads(path):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(path)  # unknown keys and unknown distributed types fail here
+    gpus = int(re.match(r"(\d+)gpu", path.stem).group(1))
+    assert config.num_processes == gpus and config.num_machines == 1
+    expected = {"ddp": "MULTI_GPU", "fsdp": "FSDP", "zero3": "DEEPSPEED"}.get(path.stem.partition("-")[2], "NO")
+    assert config.distributed_type.value == expected
+    # "no" would turn off the bf16 autocast sdzero otherwise uses on GPUs (training.make_accelerator).
+    assert config.mixed_precision == "bf16"
+    if expected == "FSDP":
+        assert set(config.fsdp_config) <= {
+            "fsdp_version", "fsdp_auto_wrap_policy", "fsdp_reshard_after_forward", "fsdp_offload_params",
+            "fsdp_cpu_ram_efficient_loading", "fsdp_state_dict_type", "fsdp_activation_checkpointing",
+            "fsdp_transformer_layer_cls_to_wrap", "fsdp_min_num_params"}
+        assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT", \
+            "stage folders are plain save_pretrained folders"
+    if expected == "DEEPSPEED":
+        assert config.deepspeed_config["zero_stage"] == 3 and config.deepspeed_config["zero3_save_16bit_model"]

@@ -1,0 +1,238 @@
+"""Any Hugging Face causal LM with a chat template, on local data: a tiny Llama with its own BPE
+tokenizer (built here), a JSONL of problems, a reward function named by import path, LoRA,
+resuming after SIGKILL, and two processes under `accelerate launch`."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from sdzero.cli import main
+from sdzero.config import load_config
+from sdzero.pipeline import run_pipeline
+from tiny import build_tiny_model, write_problems
+
+TESTS = Path(__file__).parent
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+           OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def tiny_settings(model: Path, data: Path, **extra) -> dict:
+    settings = {
+        "model": str(model), "task": "tiny:even_length", "data": {"path": str(data)},
+        "n_phase1": 6, "n_phase2": 8,
+        "sampling": {"max_new_tokens": 12},
+        "srt": {"epochs": 1, "batch_size": 4, "lr": 1e-3},
+        "distill": {"prompts_per_step": 4, "micro_batch_size": 2, "max_steps": 2, "lr": 1e-3, "warmup_steps": 1},
+        "eval": {"k": 2, "n_problems": 4, "curve_problems": 2, "curve_k": 1},
+    }
+    for key, value in extra.items():
+        settings.setdefault(key, {}).update(value) if isinstance(value, dict) else settings.update({key: value})
+    return settings
+
+
+def write_config(path: Path, settings: dict) -> Path:
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+def flat_weights(model) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_whole_method_on_a_local_model_and_jsonl(tmp_path, tiny_model):
+    data = write_problems(tmp_path / "problems.jsonl", 30)
+    cfg = load_config(write_config(tmp_path / "run.yaml", tiny_settings(tiny_model, data)))
+    report = run_pipeline(cfg, tmp_path / "run", progress=False, log=lambda *_: None)
+    run = tmp_path / "run"
+    assert set(report["accuracy"]) == {"base", "srt", "sdzero"}
+    assert report["phase1"]["kept"] > 0
+
+    split = json.loads((run / "split.json").read_text())
+    parts = [set(split[name]) for name in ("n_phase1", "n_phase2", "held_out")]
+    assert [len(p) for p in parts] == [6, 8, 4]
+    assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    assert split["source"]["path"] == str(data)
+
+    start = AutoModelForCausalLM.from_pretrained(tiny_model)
+    for stage in ("srt", "sdzero"):
+        loaded = AutoModelForCausalLM.from_pretrained(run / stage)
+        assert type(loaded).__name__ == "LlamaForCausalLM"
+        assert not torch.equal(flat_weights(loaded), flat_weights(start)), f"{stage} did not train"
+        assert list((run / stage / "tensorboard").rglob("events.out.tfevents.*")), f"{stage}: no tensorboard events"
+    metrics = [json.loads(line) for line in (run / "sdzero" / "metrics.jsonl").read_text().splitlines()]
+    names = {"sdzero/reward", "sdzero/kl", "sdzero/kl_wrong", "sdzero/kl_right", "sdzero/response_len",
+             "sdzero/teacher_version", "sdzero/truncated", "sdzero/masked_out"}
+    assert all(names <= set(m) for m in metrics if "loss" in m)
+
+
+def test_lora_trains_adapters_only_and_the_teacher_is_the_adapter_free_model(tmp_path, tiny_model):
+    from sdzero.distill import DistillConfig, distill
+    from sdzero.generation import SamplingConfig
+    from sdzero.modeling import LoraConfig, Teacher, load_model, prepare_for_training
+    from sdzero.config import RunConfig
+    from sdzero.pipeline import save_stage
+    from sdzero.prompts import ControlPhrases
+    from tiny import even_length
+
+    base, tokenizer = load_model(str(tiny_model), device="cpu")
+    start = flat_weights(base).clone()
+    student = prepare_for_training(base, lora=LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0))
+    teacher = Teacher(student)
+    assert teacher.model is None  # no second copy of the weights
+    probe = torch.tensor([[5, 6, 7, 8]])
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model)
+    problems = [{"id": str(i), "problem": f"What is {i}?", "answer": str(i)} for i in range(8)]
+    distill(student, tokenizer, problems, even_length, ControlPhrases(), SamplingConfig(max_new_tokens=10),
+            DistillConfig(prompts_per_step=4, micro_batch_size=4, max_steps=2, lr=5e-2, warmup_steps=1),
+            teacher=teacher, progress=False)
+
+    base_weights = {n: p for n, p in student.named_parameters() if "lora_" not in n}
+    assert all(not p.requires_grad for p in base_weights.values())
+    assert torch.equal(torch.cat([p.detach().flatten() for p in base_weights.values()]), start)
+    lora_b = [p for n, p in student.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b), "the adapters did not train"
+    # the teacher is the starting model exactly; the student is not
+    assert torch.allclose(teacher(input_ids=probe).logits, reference(input_ids=probe).logits, atol=1e-6)
+    assert not torch.allclose(student(input_ids=probe).logits, reference(input_ids=probe).logits, atol=1e-6)
+    with pytest.raises(ValueError, match="not available with a LoRA student"):
+        teacher.sync(student)
+
+    save_stage(student, tokenizer, tmp_path / "saved", RunConfig(model=str(tiny_model)), "sdzero")
+    assert not (tmp_path / "saved" / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    assert torch.allclose(merged(input_ids=probe).logits, student(input_ids=probe).logits, atol=1e-5)
+
+
+def distill_command(run: Path, config: Path, steps: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "sdzero.cli", "distill", "--out", str(run), "--config", str(config),
+            "--max-steps", str(steps), "--quiet", *extra]
+
+
+def test_phase2_killed_mid_run_resumes_to_the_same_result(tmp_path, tiny_model):
+    data = write_problems(tmp_path / "problems.jsonl", 40)
+    settings = tiny_settings(tiny_model, data, distill={"save_every": 1, "max_steps": 30}, log={"tensorboard": False})
+    config = write_config(tmp_path / "run.yaml", settings)
+    model = ["--model", str(tiny_model)]
+
+    straight = tmp_path / "straight"
+    subprocess.run(distill_command(straight, config, 12, *model), env=ENV, check=True, capture_output=True)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(distill_command(killed, config, 12, *model), env=ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    state = killed / "sdzero" / "checkpoint" / "state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if state.exists() and json.loads(state.read_text())["step"] >= 3:
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    done_before = json.loads(state.read_text())["step"]
+    assert done_before < 12
+
+    subprocess.run(distill_command(killed, config, 12, *model, "--resume"), env=ENV, check=True, capture_output=True)
+    steps = [json.loads(line)["step"] for line in (killed / "sdzero" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13)), "each step must be logged exactly once"
+    a = AutoModelForCausalLM.from_pretrained(straight / "sdzero")
+    b = AutoModelForCausalLM.from_pretrained(killed / "sdzero")
+    assert torch.allclose(flat_weights(a), flat_weights(b), atol=1e-6)
+    rewards = lambda run: [json.loads(line)["sdzero/reward"]  # noqa: E731
+                           for line in (run / "sdzero" / "metrics.jsonl").read_text().splitlines()]
+    assert rewards(killed) == rewards(straight)
+
+
+def test_collection_killed_mid_run_resumes_without_duplicates(tmp_path, tiny_model):
+    data = write_problems(tmp_path / "problems.jsonl", 60)
+    settings = tiny_settings(tiny_model, data, n_phase1=40, collect={"chunk_size": 4})
+    config = write_config(tmp_path / "run.yaml", settings)
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "sdzero.cli", "collect", "--out", str(run), "--config", str(config), "--quiet"]
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    attempts = run / "phase1" / "attempts.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if attempts.exists() and len(attempts.read_text().splitlines()) >= 8:
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    assert process.wait() == -signal.SIGKILL, "the collection ended before it could be killed"
+    subprocess.run(command, env=ENV, check=True, capture_output=True)
+
+    ids = [json.loads(line)["id"] for line in attempts.read_text().splitlines()]
+    split = json.loads((run / "split.json").read_text())
+    assert sorted(ids) == sorted(split["n_phase1"]), "every N1 problem exactly once"
+    revisions = [json.loads(line) for line in (run / "phase1" / "revisions.jsonl").read_text().splitlines()]
+    assert {r["id"] for r in revisions} <= set(ids)
+    keys = [(r["id"], tuple(r["revised_ids"])) for r in revisions]
+    assert len(keys) == len(set(keys))
+    kept = {row["id"]: row["kept"] for row in map(json.loads, attempts.read_text().splitlines())}
+    assert sum(kept.values()) == len(revisions)
+
+
+def test_two_processes_stay_in_step(tmp_path, tiny_model):
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", "29517", str(TESTS / "distributed_run.py"), str(tiny_model), str(tmp_path)]
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    start = flat_weights(AutoModelForCausalLM.from_pretrained(tiny_model))
+    for stage in ("srt", "distill"):
+        assert torch.equal(ranks[0][stage], ranks[1][stage]), f"the processes drifted apart after {stage}"
+    assert not torch.equal(ranks[0]["srt"], start) and not torch.equal(ranks[0]["distill"], ranks[0]["srt"])
+    metrics = [json.loads(line) for line in (tmp_path / "sdzero" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]  # one writer
+
+
+def test_stages_with_nothing_to_show_say_so_and_exit_0(tmp_path, tiny_model, capsys):
+    data = write_problems(tmp_path / "problems.jsonl", 20)
+    # math-verify never accepts a random model's text: no first answer is right, no revision is kept
+    config = write_config(tmp_path / "run.yaml", tiny_settings(tiny_model, data, task="math"))
+    run = str(tmp_path / "run")
+    assert main(["collect", "--out", run, "--config", str(config), "--quiet"]) == 0
+    assert "no verified revision was kept" in capsys.readouterr().out
+    assert main(["srt", "--out", run, "--config", str(config), "--quiet"]) == 0
+    assert "nothing to train on" in capsys.readouterr().out
+
+
+def test_bad_data_is_refused_naming_file_line_and_field(tmp_path, tiny_model, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "question": "1 + 1?", "answer": "2"}\n{"id": "b", "question": "", "answer": "3"}\n')
+    config = write_config(tmp_path / "run.yaml", tiny_settings(tiny_model, bad, task="math"))
+    assert main(["collect", "--out", str(tmp_path / "run"), "--config", str(config), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:2" in err and "'question'" in err and "empty" in err
+
+
+@pytest.mark.parametrize("dtype, checkpointing", [("bfloat16", False), ("float32", True)])
+def test_phase2_step_in_bf16_and_with_gradient_checkpointing(tiny_model, dtype, checkpointing):
+    from sdzero.distill import DistillConfig, distill
+    from sdzero.generation import SamplingConfig
+    from sdzero.modeling import load_model, prepare_for_training
+    from sdzero.prompts import ControlPhrases
+    from tiny import even_length
+
+    model, tokenizer = load_model(str(tiny_model), device="cpu", dtype=dtype)
+    model = prepare_for_training(model, gradient_checkpointing=checkpointing)
+    assert model.dtype == getattr(torch, dtype) and model.is_gradient_checkpointing == checkpointing
+    start = flat_weights(model).clone()
+    problems = [{"id": str(i), "problem": f"What is {i}?", "answer": str(i)} for i in range(4)]
+    distill(model, tokenizer, problems, even_length, ControlPhrases(), SamplingConfig(max_new_tokens=8),
+            DistillConfig(prompts_per_step=4, micro_batch_size=2, max_steps=1, lr=1e-2, warmup_steps=1),
+            progress=False)
+    assert torch.isfinite(flat_weights(model).float()).all() and not torch.equal(flat_weights(model), start)

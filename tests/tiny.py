@@ -1,0 +1,58 @@
+"""A tiny Hugging Face causal LM built on the spot: a byte-level BPE trained with `tokenizers`, wrapped
+as a fast tokenizer with its own chat template, and a random Llama. Nothing is downloaded.
+
+Also the reward function the tests name by import path (`tiny:even_length`): an arbitrary but
+deterministic verdict, so a random model gets both rewards and Phase 1 keeps revisions.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|user|>' if message['role'] != 'assistant' else '<|assistant|>' }}{{ message['content'] }}{{ '<|end|>' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|assistant|>' }}{%- endif -%}"
+)
+SPECIALS = ["<|pad|>", "<|user|>", "<|assistant|>", "<|end|>"]
+CORPUS = ["What is 2 + 3? The answer is \\boxed{5}.", "Wait, this response is not correct, let me start over.",
+          "Let me rephrase the above solution.", "Compute 7 times 6 and give the result: 42."]
+
+
+def build_tiny_model(path: Path, *, vocab_size: int = 300, hidden_size: int = 32, layers: int = 2) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(CORPUS * 20, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<|pad|>", eos_token="<|end|>",
+                                        additional_special_tokens=SPECIALS[1:3])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
+    import torch
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_problems(path: Path, n: int) -> Path:
+    """A JSONL of simple math rows in the field names of common datasets (question / solution)."""
+    with path.open("w") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": f"q{i}", "question": f"What is {i} + {i + 1}?",
+                                "solution": f"Add them: \\boxed{{{2 * i + 1}}}"}) + "\n")
+    return path
+
+
+def even_length(completion: str, row: dict) -> float:
+    return 1.0 if len(completion) % 2 == 0 else 0.0
