@@ -111,9 +111,9 @@ def test_budget_counts_like_a_plain_tally():
         budget.sampled(["a", "b"], [1])
 
 
-def test_generations_to_reach_interpolates_the_mean_curve():
+def test_generations_to_reach_is_the_first_measured_point_at_the_level():
     curve = [{"generations": 0, "accuracy_mean": 0.5}, {"generations": 100, "accuracy_mean": 0.6},
-             {"generations": 300, "accuracy_mean": 0.8}]
+             {"generations": 300, "accuracy_mean": 0.8}, {"generations": 400, "accuracy_mean": 0.7}]
     assert generations_to_reach(curve, 0.5) == 0
-    assert generations_to_reach(curve, 0.7) == pytest.approx(100 + 0.5 * 200)
+    assert generations_to_reach(curve, 0.7) == 300
     assert generations_to_reach(curve, 0.9) is None

@@ -14,8 +14,8 @@ Budget matching (per seed), counted in generations (sampled responses):
     shows every method's actual budget.
 Sample-efficiency curves are measured on the first eval.curve_problems held-out problems at
 avg@eval.curve_k (the base model at 0 generations, then along each run, always at its final budget);
-those evaluations are not billed to any method. "Generations to reach GRPO" is read off the
-seed-mean curves, interpolating linearly between measured points.
+those evaluations are not billed to any method. "Generations to reach GRPO" is the budget of the
+first point of a method's seed-mean curve at or above GRPO's final seed-mean curve accuracy.
 
 The run directory:
     config.yaml               the resolved configuration
@@ -326,16 +326,12 @@ def mean_curve(rows: list[dict], base_rows: dict) -> list[dict]:
 
 
 def generations_to_reach(curve: list[dict], level: float) -> float | None:
-    """First budget at which the (linearly interpolated) mean curve reaches `level`; None if it never does."""
-    for i, point in enumerate(curve):
-        if point["accuracy_mean"] >= level:
-            if i == 0:
-                return point["generations"]
-            prev = curve[i - 1]
-            rise = point["accuracy_mean"] - prev["accuracy_mean"]
-            frac = (level - prev["accuracy_mean"]) / rise if rise > 0 else 1.0
-            return prev["generations"] + frac * (point["generations"] - prev["generations"])
-    return None
+    """Budget of the first measured point of the mean curve at or above `level`; None if none is.
+
+    No interpolation: between two measured points a method may have no model at all (SD-Zero has
+    none before SRT ends), so only measured points count.
+    """
+    return next((point["generations"] for point in curve if point["accuracy_mean"] >= level), None)
 
 
 def write_report(out: Path, cfg: RunConfig, ccfg: CompareConfig, rows: list[dict]) -> dict:
