@@ -118,7 +118,7 @@ class Generator:
         output = self.model.generate(
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
             do_sample=s.temperature > 0, temperature=s.temperature if s.temperature > 0 else None,
-            top_p=s.top_p if s.temperature > 0 else None, top_k=None,
+            top_p=s.top_p if s.temperature > 0 else None, top_k=0,  # no top-k cut (None would mean 50)
             max_new_tokens=s.max_new_tokens, pad_token_id=self.pad_id,
             eos_token_id=sorted(self.eot_ids), use_cache=True, synced_gpus=self.synced_gpus,
         )
