@@ -11,12 +11,12 @@ from sdzero.pipeline import save_stage
 
 def test_frozen_and_synced_runs_match_until_the_first_sync_then_differ(tmp_path, lab_model_and_tokenizer):
     model, tokenizer = lab_model_and_tokenizer
-    save_stage(model, tokenizer, tmp_path / "srt")  # the lab model stands in for the SRT model
     cfg = load_config(overrides=[
         "task=lab", "n_phase1=4", "n_phase2=16", "sampling.max_new_tokens=40", "sampling.batch_size=64",
         "distill.prompts_per_step=4", "distill.micro_batch_size=4", "distill.warmup_steps=0", "distill.lr=1e-3",
         "eval.k=1", "eval.n_problems=4", "eval.curve_problems=4", "eval.curve_k=1",
         "evolve.max_steps=3", "evolve.eval_every=1", "evolve.sync_every=1", "evolve.sync_patience=null"])
+    save_stage(model, tokenizer, tmp_path / "srt", cfg, "srt")  # the lab model stands in for the SRT model
     logs = []
     report = self_evolution(cfg, tmp_path, progress=False, log=logs.append)
 
