@@ -40,7 +40,7 @@ from sdzero.baselines import (GRPOBaselineConfig, RFTConfig, SDFTBaselineConfig,
                               train_sdft)
 from sdzero.budget import Budget, relative_gap
 from sdzero.collect import collect
-from sdzero.config import RunConfig, _merge, config_to_yaml, from_dict
+from sdzero.config import RunConfig, _merge, config_to_yaml, from_dict, override_dict, read_yaml
 from sdzero.data import DataConfig, load_problem_sets
 from sdzero.distill import distill
 from sdzero.evaluate import evaluate
@@ -90,29 +90,13 @@ class CompareConfig:
 
 def load_compare_config(path: str | Path | None, overrides: list[str] = ()) -> tuple[RunConfig, CompareConfig]:
     """A run configuration (the usual keys) with a `compare:` section; "compare.x=v" overrides go there."""
-    data = {}
-    if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path}: not valid YAML ({err})") from None
+    data = dict(read_yaml(path)) if path is not None else {}
     where = str(path) if path else "config"
     run_data, compare_data = dataclasses.asdict(RunConfig()), dataclasses.asdict(CompareConfig())
-    data = dict(data)
     _merge(compare_data, data.pop("compare", {}) or {}, where)
     _merge(run_data, data, where)
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} must look like section.field=value")
-        nested: dict = {}
-        cursor = nested
-        for part in key.strip().split(".")[:-1]:
-            cursor = cursor.setdefault(part, {})
-        cursor[key.strip().split(".")[-1]] = yaml.safe_load(raw)
+        nested = override_dict(item)
         target = compare_data if "compare" in nested else run_data
         _merge(target, nested.get("compare", nested), f"override {item!r}")
     run = from_dict(RunConfig, run_data, where).validate()

@@ -175,29 +175,38 @@ def from_dict(cls, data: dict, where: str):
     return cls(**kwargs)
 
 
+def read_yaml(path: str | Path) -> dict:
+    """The mapping in a YAML config file, with the file named in any error."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({err})") from None
+
+
+def override_dict(item: str) -> dict:
+    """"a.b=value" -> {"a": {"b": value}}, the value read as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep:
+        raise ValueError(f"override {item!r} must look like section.field=value")
+    nested: dict = {}
+    cursor = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        cursor = cursor.setdefault(part, {})
+    cursor[parts[-1]] = yaml.safe_load(raw)
+    return nested
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = (), base: RunConfig | None = None) -> RunConfig:
     """Base config (or defaults), updated by the YAML file at `path`, then by "a.b=value" overrides."""
     data = dataclasses.asdict(base or RunConfig())
     if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path}: not valid YAML ({err})") from None
-        _merge(data, loaded, str(path))
+        _merge(data, read_yaml(path), str(path))
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} must look like section.field=value")
-        nested: dict = {}
-        cursor = nested
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            cursor = cursor.setdefault(part, {})
-        cursor[parts[-1]] = yaml.safe_load(raw)
-        _merge(data, nested, f"override {item!r}")
+        _merge(data, override_dict(item), f"override {item!r}")
     return from_dict(RunConfig, data, str(path) if path else "config").validate()
 
 
