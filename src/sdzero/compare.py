@@ -41,7 +41,7 @@ from sdzero.baselines import (GRPOBaselineConfig, RFTConfig, SDFTBaselineConfig,
 from sdzero.budget import Budget, relative_gap
 from sdzero.collect import collect
 from sdzero.config import RunConfig, _merge, config_to_yaml, from_dict, override_dict, read_yaml
-from sdzero.data import DataConfig, load_problem_sets
+from sdzero.data import load_problem_sets
 from sdzero.distill import distill
 from sdzero.evaluate import evaluate
 from sdzero.generation import Generator
@@ -203,8 +203,7 @@ def run_method(method: str, cfg: RunConfig, ccfg: CompareConfig, seed: int, out:
     """Train one method from the base model for one seed; returns its results row."""
     seed_everything(seed)
     verifier = get_verifier(cfg.task)
-    data = getattr(cfg, "data", None) or DataConfig()  # the built-in lab problems unless data.path is set
-    sets = load_problem_sets(data, cfg.task, cfg.n_phase1, cfg.n_phase2, cfg.eval.n_problems, seed)
+    sets = load_problem_sets(cfg.data, cfg.task, cfg.n_phase1, cfg.n_phase2, cfg.eval.n_problems, seed)
     n1, n2, held_out = sets.n1, sets.n2, sets.held_out
     curve_problems = held_out[:cfg.eval.curve_problems]
     model, tokenizer = load_run_model(cfg)

@@ -281,8 +281,8 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
 
 
 # Per-step counters summed across processes (indices into one tensor, so one reduction per step).
-STATS = 10
 REWARD, ROLLOUTS, LENGTH, TRUNCATED, MASKED, KL_WRONG, TOKENS_WRONG, KL_RIGHT, TOKENS_RIGHT, TRAINED = range(10)
+STATS = TRAINED + 1
 
 
 def micro_batch_divergence(model, teacher: Teacher, micro: list[tuple[DistillLayout, float]], pad_id: int, device,

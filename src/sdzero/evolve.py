@@ -22,7 +22,7 @@ from sdzero.config import RunConfig
 from sdzero.distill import distill
 from sdzero.evaluate import evaluate
 from sdzero.generation import make_generator
-from sdzero.pipeline import load_run_model, problem_sets, run_pipeline, trainable
+from sdzero.pipeline import curve_accuracy, load_run_model, problem_sets, run_pipeline, trainable
 from sdzero.training import seed_everything
 from sdzero.verifiers import get_verifier
 
@@ -50,13 +50,10 @@ def self_evolution(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True
         model = trainable(model, cfg)
         generator = make_generator(model, tokenizer, cfg.sampling)
 
-        def curve(student) -> float:  # the generator samples from the student's current weights
-            return evaluate(generator, curve_problems, verifier, k=cfg.eval.curve_k,
-                            system_prompt=cfg.system_prompt, progress=False)["accuracy"]
-
         log(f"self-evolution: Phase 2 with a {name} teacher, {e.max_steps} steps")
         summary = distill(model, tokenizer, n2, verifier, cfg.phrases(), cfg.sampling, distill_cfg,
-                          out_dir=run_dir / "evolve" / name, seed=cfg.seed, evaluate_fn=curve,
+                          out_dir=run_dir / "evolve" / name, seed=cfg.seed,
+                          evaluate_fn=curve_accuracy(cfg, generator, curve_problems, verifier),
                           system_prompt=cfg.system_prompt, progress=progress, log_config=cfg.log,
                           generator=generator)
         generator.refresh(model)

@@ -73,14 +73,15 @@ def load_model(name: str, device: str | None = None, dtype: str = "auto"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = device or default_device()
-    path = resolve_model_path(name) if not (Path(name) / "adapter_config.json").exists() else name
+    adapter = (Path(name) / "adapter_config.json").exists()
+    path = name if adapter else resolve_model_path(name)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.chat_template is None:
         raise ValueError(f"the tokenizer of {name} has no chat template; SD-Zero needs one to lay out turns")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     torch_dtype = resolve_dtype(dtype)
-    if (Path(path) / "adapter_config.json").exists():
+    if adapter:
         from peft import AutoPeftModelForCausalLM
 
         model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch_dtype).merge_and_unload()

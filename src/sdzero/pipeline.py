@@ -25,7 +25,7 @@ from sdzero.data import load_problem_sets
 from sdzero.distill import distill
 from sdzero.evaluate import evaluate, evaluate_revision
 from sdzero.generation import make_generator
-from sdzero.modeling import is_lora, load_model, merged_for_saving, prepare_for_training, resolve_model_path  # noqa: F401
+from sdzero.modeling import is_lora, load_model, merged_for_saving, prepare_for_training
 from sdzero.srt import train_srt
 from sdzero.training import read_jsonl, seed_everything
 from sdzero.verifiers import get_verifier
@@ -40,6 +40,15 @@ def problem_sets(cfg: RunConfig, record_dir: str | Path | None = None, log=print
             log(f"skipped {skipped['count']} {part} rows without a usable gold answer: {skipped['reasons']} "
                 f"(first: {', '.join(skipped['rows'])})")
     return sets.n1, sets.n2, sets.held_out
+
+
+def curve_accuracy(cfg: RunConfig, generator, problems: list[dict], verifier):
+    """Phase 2's `evaluate_fn`: avg@curve_k on `problems` of the weights the generator samples from
+    (Phase 2 refreshes it with the student's after every step)."""
+    def accuracy(student) -> float:
+        return evaluate(generator, problems, verifier, k=cfg.eval.curve_k, system_prompt=cfg.system_prompt,
+                        progress=False)["accuracy"]
+    return accuracy
 
 
 def load_run_model(cfg: RunConfig, name: str | None = None):
@@ -118,14 +127,11 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True, 
     evaluate_stage("srt")
     save_stage(model, tokenizer, out / "srt", cfg, "srt", results["srt"])
 
-    def curve(student) -> float:  # the generator already samples from the student's current weights
-        return evaluate(generator, curve_problems, verifier, k=cfg.eval.curve_k,
-                        system_prompt=cfg.system_prompt, progress=False)["accuracy"]
-
     log(f"Phase 2: self-distillation on {len(n2)} problems, {cfg.distill.max_steps} steps")
     model = trainable(model, cfg)
     distill_summary = distill(model, tokenizer, n2, verifier, phrases, cfg.sampling, cfg.distill,
-                              out_dir=out / "sdzero", seed=cfg.seed, evaluate_fn=curve,
+                              out_dir=out / "sdzero", seed=cfg.seed,
+                              evaluate_fn=curve_accuracy(cfg, generator, curve_problems, verifier),
                               system_prompt=cfg.system_prompt, progress=progress, log_config=cfg.log,
                               generator=generator)
     generator.refresh(model)

@@ -59,11 +59,17 @@ def end_of_turn_ids(tokenizer) -> set[int]:
     return ids
 
 
-def generator_prompt_ids(tokenizer, problem: str, system_prompt: str | None = None) -> list[int]:
+def chat_messages(problem: str, system_prompt: str | None = None) -> list[dict]:
+    """The generator's conversation: an optional system turn, then the problem as the user's turn."""
     messages = [{"role": "user", "content": problem}]
     if system_prompt:
         messages.insert(0, {"role": "system", "content": system_prompt})
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return messages
+
+
+def generator_prompt_ids(tokenizer, problem: str, system_prompt: str | None = None) -> list[int]:
+    ids = tokenizer.apply_chat_template(chat_messages(problem, system_prompt), add_generation_prompt=True,
+                                        tokenize=True)
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # some versions return a BatchEncoding
         ids = ids["input_ids"]
     return list(ids)

@@ -10,22 +10,16 @@ from transformers import TrainerCallback
 
 from sdzero.budget import Budget, LearningCurve
 from sdzero.generation import SamplingConfig
+from sdzero.prompts import chat_messages
 from sdzero.training import MetricsLog
-
-
-def conversation(problem: str, system_prompt: str | None) -> list[dict]:
-    """The generator's prompt as chat messages (TRL applies the chat template as `generator_prompt_ids` does)."""
-    messages = [{"role": "user", "content": problem}]
-    if system_prompt:
-        messages.insert(0, {"role": "system", "content": system_prompt})
-    return messages
 
 
 def question_dataset(questions: list[dict], system_prompt: str | None, **columns) -> Dataset:
     """One row per question: its prompt, its index into `questions` (so any field reaches the verifier),
     and extra columns given as functions of the question."""
     return Dataset.from_list([
-        {"prompt": conversation(q["problem"], system_prompt), "question_index": i,
+        # TRL applies the chat template to these messages, as `generator_prompt_ids` does
+        {"prompt": chat_messages(q["problem"], system_prompt), "question_index": i,
          **{name: fn(q) for name, fn in columns.items()}}
         for i, q in enumerate(questions)])
 
