@@ -403,7 +403,8 @@ def plot_curves(path: Path, report: dict) -> None:
     ax.set_xlabel("generations sampled")
     ax.set_ylabel(f"held-out accuracy ({report['curve_metric'].split(' on ')[0]})")
     ax.set_title(f"Sample efficiency (mean ± std over {len(report['seeds'])} seed(s))")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # nothing to label before the first method has finished
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
