@@ -53,8 +53,9 @@ class EvolveConfig:
     """Self-evolution (`sdzero demo --self-evolve`): Phase 2 from the SRT model twice, with the same
     seed, once with a frozen teacher and once with the teacher synchronised to the student."""
 
-    max_steps: int = 80
-    """Phase 2 steps of each run (the demo's Phase 2 is shorter; the synced run needs room past the plateau)."""
+    max_steps: int = 200
+    """Phase 2 steps of each run (the demo's Phase 2 is shorter; the comparison needs room past the frozen run's
+    peak, which came after 60 to 150 steps on the lab task)."""
     sync_every: int | None = None
     """Synced run: copy the student into the teacher every N steps (None: only on a plateau)."""
     sync_patience: int | None = 2
