@@ -1,9 +1,12 @@
+import json
 from random import Random
 
 import pytest
 
 from sdzero import lab
-from sdzero.lab.task import Problem, extract_answer, first_wrong_step, reward, sample_problems, write_solution
+from sdzero.cli import main
+from sdzero.lab.task import (Problem, error_counts, extract_answer, first_error_kind, first_wrong_step, reward,
+                             sample_problems, write_solution)
 
 
 def test_gold_solution_is_right_and_checked_exactly():
@@ -73,3 +76,43 @@ def test_pretrain_builds_a_loadable_model_with_a_chat_template(tmp_path):
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     # digits are single tokens, so every step of a solution is visible to the model digit by digit
     assert tokenizer.tokenize("a=12")[-2:] == ["1", "2"]
+
+
+FOUR = Problem((3, 5, 2, 8))  # b: 3+5=8, c: 8+2=0, d: 0+8=8. Answer: 8
+
+
+@pytest.mark.parametrize("completion, kind", [
+    ("b: 3+5=8, c: 8+2=0, d: 0+8=8. Answer: 8", None),
+    ("b: 3+6=9, c: 9+2=1, d: 1+8=9. Answer: 9", "operand"),        # 6 is not b's digit
+    ("b: 3+5=8, c: 7+2=9, d: 9+8=7. Answer: 7", "carry"),          # 7 is not the running sum 8
+    ("b: 3+5=9, c: 9+2=1, d: 1+8=9. Answer: 9", "sum"),            # 3+5 is not 9
+    ("b: 3+5=8, c: 8+2=0, d: 0+8=8, e: 8+1=9. Answer: 9", "extra step"),
+    ("b: 3+5=8, c: 8+2=0. Answer: 0", "ending"),                    # a step is missing
+    ("b: 3+5=8, c: 8+2=0, d: 0+8=8. Answer: 7", "ending"),
+    # only the first attempt counts: a right revision after a wrong first attempt keeps its error
+    ("b: 3+5=9, c: 9+2=1, d: 1+8=9. Answer: 9\n\nWait, this response is not correct, let me start over.\n\n"
+     "b: 3+5=8, c: 8+2=0, d: 0+8=8. Answer: 8", "sum"),
+])
+def test_first_error_kind(completion, kind):
+    assert first_error_kind(completion, FOUR) == kind
+
+
+def test_lab_errors_counts_the_wrong_answers_of_a_samples_file(tmp_path, capsys):
+    rows = [("b: 3+6=9, c: 9+2=1, d: 1+8=9. Answer: 9", 0.0),
+            ("b: 3+5=9, c: 9+2=1, d: 1+8=9. Answer: 9", 0.0),
+            ("b: 3+5=9, c: 9+2=1, d: 1+8=9. Answer: 9\n\nLet me start over.\n\nb: 3+5=8, c: 8+2=0, d: 0+8=8. Answer: 8",
+             1.0),
+            ("b: 3+5=8, c: 8+2=0, d: 0+8=8. Answer: 8\n\nLet me rephrase.\n\nb: 3+5=8, c: 8+2=1. Answer: 1", 0.0)]
+    path = tmp_path / "sdzero.jsonl"
+    path.write_text("".join(json.dumps({"id": FOUR.id, "response": r, "reward": w}) + "\n" for r, w in rows))
+    counts = error_counts(path)
+    assert counts["answers"] == 4 and counts["wrong"] == 3
+    assert counts["kinds"] == {"operand": 1, "carry": 0, "sum": 1, "extra step": 0, "ending": 0,
+                               "first attempt right": 1}
+    assert main(["lab", "errors", str(path)]) == 0
+    assert "4 answers, 3 wrong" in capsys.readouterr().out
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(path.read_text().splitlines()[0] + "\n" + json.dumps({"id": "gsm8k-3", "response": ""}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl, line 2: not a lab evaluation sample"):
+        error_counts(bad)

@@ -101,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     show = lab_commands.add_parser("problems", help="print lab problems with their worked solutions")
     show.add_argument("--n", type=int, default=5)
     show.add_argument("--split", choices=["train", "eval"], default="eval")
+    errors = lab_commands.add_parser("errors", help="what the first error of each wrong lab answer is",
+                                     description="For the wrong answers (reward 0) in evaluation samples (JSONL rows "
+                                                 "with id, response, reward, e.g. RUN/eval/sdzero.jsonl), counts the "
+                                                 "kind of the first error in the first attempt.")
+    errors.add_argument("files", nargs="+", type=Path, metavar="FILE")
     return parser
 
 
@@ -272,6 +277,14 @@ def cmd_lab(args) -> None:
             cfg.steps = args.steps
         path = pretrain(args.out, cfg, progress=not args.quiet)
         print(f"saved the lab base model to {path}")
+    elif args.lab_command == "errors":
+        from sdzero.lab.task import error_counts
+
+        for path in args.files:
+            counts = error_counts(path)
+            kinds = ", ".join(f"{kind} {n}" for kind, n in counts["kinds"].items())
+            print(f"{path}: {counts['answers']} answers, {counts['wrong']} wrong; first error of their first "
+                  f"attempt: {kinds}")
     else:
         from sdzero.lab.task import sample_problems, write_solution
 

@@ -22,9 +22,12 @@ so errors sit at identifiable places, as they do in real worked solutions.
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 PROBLEM_PREFIX = "Running sum mod 10 of "
 STEP_RE = re.compile(r"[a-z]: (\d)\+(\d)=(\d)")
@@ -53,6 +56,12 @@ class Problem:
 
     def to_row(self) -> dict:
         return {"id": self.id, "problem": self.text, "answer": self.answer}
+
+    @classmethod
+    def from_id(cls, problem_id: str) -> "Problem":
+        if not (problem_id.startswith("lab-") and problem_id[4:].isdigit()):
+            raise ValueError(f"not a lab problem id: {problem_id!r}")
+        return cls(tuple(int(d) for d in problem_id[4:]))
 
     @classmethod
     def from_row(cls, row: dict) -> "Problem":
@@ -96,6 +105,51 @@ def gold_steps(problem: Problem) -> list[tuple[int, int, int]]:
         steps.append((total, d, (total + d) % 10))
         total = (total + d) % 10
     return steps
+
+
+ERROR_KINDS = ("operand", "carry", "sum", "extra step", "ending")
+"""What the first attempt's first error is: an operand that is not the problem's digit, a running sum
+not carried from the previous step, a wrong sum of the written operands, a step past the last digit,
+or (every written step right) missing steps or a wrong final answer."""
+
+
+def first_error_kind(completion: str, problem: Problem) -> str | None:
+    """The kind (one of ERROR_KINDS) of the first error in the first attempt; None if it is right."""
+    attempt = completion.split("\n\n", 1)[0]
+    gold = gold_steps(problem)
+    steps = [tuple(int(x) for x in step) for step in STEP_RE.findall(attempt)]
+    for i, (running, operand, total) in enumerate(steps):
+        if i >= len(gold):
+            return "extra step"
+        if operand != gold[i][1]:
+            return "operand"
+        if running != gold[i][0]:
+            return "carry"
+        if total != (running + operand) % 10:
+            return "sum"
+    answer = ANSWER_RE.search(attempt)
+    if len(steps) == len(gold) and answer is not None and answer.group(1) == problem.answer:
+        return None
+    return "ending"
+
+
+def error_counts(samples_path: str | Path) -> dict:
+    """Counts of first_error_kind over the wrong answers (reward 0) of an evaluation samples file
+    ("first attempt right" where a later attempt went wrong)."""
+    answers = wrong = 0
+    kinds = Counter({kind: 0 for kind in (*ERROR_KINDS, "first attempt right")})
+    with open(samples_path) as f:
+        for line_number, line in enumerate(f, 1):
+            try:
+                row = json.loads(line)
+                problem, response, right = Problem.from_id(row["id"]), row["response"], row["reward"] > 0
+            except (ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"{samples_path}, line {line_number}: not a lab evaluation sample ({err})") from None
+            answers += 1
+            if not right:
+                wrong += 1
+                kinds[first_error_kind(response, problem) or "first attempt right"] += 1
+    return {"answers": answers, "wrong": wrong, "kinds": dict(kinds)}
 
 
 def write_solution(problem: Problem, rng: random.Random | None = None, slip_rate: float = 0.0) -> str:
