@@ -25,7 +25,6 @@ import hashlib
 import json
 import random
 import re
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,7 +136,7 @@ def error_counts(samples_path: str | Path) -> dict:
     """Counts of first_error_kind over the wrong answers (reward 0) of an evaluation samples file
     ("first attempt right" where a later attempt went wrong)."""
     answers = wrong = 0
-    kinds = Counter({kind: 0 for kind in (*ERROR_KINDS, "first attempt right")})
+    kinds = dict.fromkeys((*ERROR_KINDS, "first attempt right"), 0)
     with open(samples_path) as f:
         for line_number, line in enumerate(f, 1):
             try:
@@ -149,7 +148,7 @@ def error_counts(samples_path: str | Path) -> dict:
             if not right:
                 wrong += 1
                 kinds[first_error_kind(response, problem) or "first attempt right"] += 1
-    return {"answers": answers, "wrong": wrong, "kinds": dict(kinds)}
+    return {"answers": answers, "wrong": wrong, "kinds": kinds}
 
 
 def write_solution(problem: Problem, rng: random.Random | None = None, slip_rate: float = 0.0) -> str:
