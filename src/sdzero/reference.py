@@ -22,23 +22,27 @@ from pathlib import Path
 HELP_WIDTH = 100
 
 
+def _class_bodies(cls) -> list[list[ast.stmt]]:
+    """The source statements of a dataclass and of its dataclass bases, bases first."""
+    return [ast.parse(textwrap.dedent(inspect.getsource(c))).body[0].body
+            for c in reversed(cls.__mro__) if dataclasses.is_dataclass(c)]
+
+
 def field_docstrings(cls) -> dict[str, str]:
     """{field name: the string literal written right under the field} for a dataclass, from its source."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
     docs = {}
-    for node, after in zip(body, body[1:] + [None]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) \
-                    and isinstance(after.value.value, str):
-                docs[node.target.id] = inspect.cleandoc(after.value.value)
+    for body in _class_bodies(cls):
+        for node, after in zip(body, body[1:] + [None]):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) \
+                        and isinstance(after.value.value, str):
+                    docs[node.target.id] = inspect.cleandoc(after.value.value)
     return docs
 
 
 def _annotations(cls) -> dict[str, str]:
     """Field annotations as written in the source (e.g. "int | None")."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    return {node.target.id: ast.unparse(node.annotation) for node in tree.body[0].body
+    return {node.target.id: ast.unparse(node.annotation) for body in _class_bodies(cls) for node in body
             if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)}
 
 

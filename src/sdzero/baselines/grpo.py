@@ -13,7 +13,7 @@ from pathlib import Path
 
 from transformers import PrinterCallback
 
-from sdzero.baselines.trl_common import BudgetCallback, question_dataset, trl_arguments
+from sdzero.baselines.trl_common import BudgetCallback, TRLBaselineConfig, question_dataset, trl_arguments
 from sdzero.budget import Budget, LearningCurve
 from sdzero.generation import SamplingConfig
 from sdzero.prompts import generator_prompt_ids
@@ -22,19 +22,9 @@ from sdzero.verifiers import Verifier
 
 
 @dataclass
-class GRPOBaselineConfig:
+class GRPOBaselineConfig(TRLBaselineConfig):
     """GRPO through TRL (DAPO-style loss, binary reward, one epoch)."""
 
-    num_generations: int = 4
-    """Rollouts G per prompt (paper: 4)."""
-    prompts_per_step: int = 32
-    """Prompts per optimiser step; the step trains on prompts_per_step x G completions."""
-    micro_batch_size: int = 32
-    """Completions per forward/backward pass (TRL's per_device_train_batch_size)."""
-    lr: float = 1e-6
-    """Learning rate after warm-up (constant)."""
-    warmup_steps: int = 0
-    """Optimiser steps of linear warm-up."""
     beta: float = 0.0
     """KL coefficient to the starting model (TRL's default 0: no reference model)."""
     loss_type: str = "dapo"
@@ -45,8 +35,6 @@ class GRPOBaselineConfig:
     """Upper clipping range (DAPO's clip-higher: 0.28)."""
     scale_rewards: str = "group"
     """Advantage scaling: "group" (GRPO), "batch" or "none" (Dr. GRPO)."""
-    eval_every: int | None = None
-    """Measure the learning curve every N optimiser steps."""
 
 
 def train_grpo(model, tokenizer, questions: list[dict], verifier: Verifier, sampling: SamplingConfig,
@@ -67,10 +55,8 @@ def train_grpo(model, tokenizer, questions: list[dict], verifier: Verifier, samp
         return [verifier(text, questions[i]) for text, i in zip(texts, question_index)]
 
     verifier_reward.__name__ = "verifier"
-    args = trl_arguments(GRPOConfig, out_dir=out_dir, sampling=sampling, num_generations=cfg.num_generations,
-                         prompts_per_step=cfg.prompts_per_step, micro_batch_size=cfg.micro_batch_size, lr=cfg.lr,
-                         warmup_steps=cfg.warmup_steps, seed=seed, progress=progress, beta=cfg.beta,
-                         loss_type=cfg.loss_type, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
+    args = trl_arguments(GRPOConfig, cfg, out_dir=out_dir, sampling=sampling, seed=seed, progress=progress,
+                         beta=cfg.beta, loss_type=cfg.loss_type, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
                          scale_rewards=cfg.scale_rewards, num_iterations=1)
     curve = LearningCurve(budget, evaluate_fn)
     callback = BudgetCallback("grpo", budget, curve, MetricsLog(out_dir / "metrics.jsonl"), cfg.eval_every)

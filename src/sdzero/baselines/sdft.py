@@ -18,7 +18,7 @@ from pathlib import Path
 
 from transformers import PrinterCallback
 
-from sdzero.baselines.trl_common import BudgetCallback, question_dataset, trl_arguments
+from sdzero.baselines.trl_common import BudgetCallback, TRLBaselineConfig, question_dataset, trl_arguments
 from sdzero.budget import Budget, LearningCurve
 from sdzero.generation import SamplingConfig
 from sdzero.prompts import generator_prompt_ids
@@ -26,19 +26,9 @@ from sdzero.training import MetricsLog
 
 
 @dataclass
-class SDFTBaselineConfig:
+class SDFTBaselineConfig(TRLBaselineConfig):
     """SDFT through TRL's experimental SDFTTrainer."""
 
-    num_generations: int = 4
-    """On-policy answers per question (the same G as the other baselines)."""
-    prompts_per_step: int = 32
-    """Questions per optimiser step."""
-    micro_batch_size: int = 32
-    """Completions per forward/backward pass."""
-    lr: float = 1e-6
-    """Learning rate after warm-up (constant)."""
-    warmup_steps: int = 0
-    """Optimiser steps of linear warm-up."""
     demonstration: str = "The correct final answer is {answer}."
     """The teacher's privileged context, formatted with the question's fields (here: only the answer)."""
     teacher: str = "base"
@@ -49,8 +39,6 @@ class SDFTBaselineConfig:
     """Teacher top-k support of the distillation loss (TRL's default)."""
     alpha: float = 0.5
     """TRL distillation_alpha: interpolation between forward and reverse KL (TRL's default 0.5)."""
-    eval_every: int | None = None
-    """Measure the learning curve every N optimiser steps."""
 
 
 def train_sdft(model, tokenizer, questions: list[dict], sampling: SamplingConfig, cfg: SDFTBaselineConfig,
@@ -81,9 +69,7 @@ def train_sdft(model, tokenizer, questions: list[dict], sampling: SamplingConfig
         except KeyError as err:
             raise ValueError(f"sdft.demonstration names the field {err} that question {q.get('id')!r} lacks") from None
 
-    args = trl_arguments(SDFTConfig, out_dir=out_dir, sampling=sampling, num_generations=cfg.num_generations,
-                         prompts_per_step=cfg.prompts_per_step, micro_batch_size=cfg.micro_batch_size, lr=cfg.lr,
-                         warmup_steps=cfg.warmup_steps, seed=seed, progress=progress,
+    args = trl_arguments(SDFTConfig, cfg, out_dir=out_dir, sampling=sampling, seed=seed, progress=progress,
                          teacher_model_kind=cfg.teacher, teacher_update_rate=cfg.teacher_update_rate,
                          distillation_topk=cfg.top_k, distillation_alpha=cfg.alpha,
                          max_prompt_length=None)

@@ -3,6 +3,7 @@ sampling settings, and a callback that logs the budget and measures the learning
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from datasets import Dataset
@@ -24,22 +25,39 @@ def question_dataset(questions: list[dict], system_prompt: str | None, **columns
         for i, q in enumerate(questions)])
 
 
-def trl_arguments(config_class, *, out_dir: Path, sampling: SamplingConfig, num_generations: int,
-                  prompts_per_step: int, micro_batch_size: int, lr: float, warmup_steps: int, seed: int,
+@dataclass
+class TRLBaselineConfig:
+    """What the TRL baselines (GRPO, SDFT) share: G on-policy completions per question, one pass."""
+
+    num_generations: int = 4
+    """On-policy completions G per question (paper: 4)."""
+    prompts_per_step: int = 32
+    """Questions per optimiser step; the step trains on prompts_per_step x G completions."""
+    micro_batch_size: int = 32
+    """Completions per forward/backward pass (TRL's per_device_train_batch_size)."""
+    lr: float = 1e-6
+    """Learning rate after warm-up (constant)."""
+    warmup_steps: int = 0
+    """Optimiser steps of linear warm-up."""
+    eval_every: int | None = None
+    """Measure the learning curve every N optimiser steps."""
+
+
+def trl_arguments(config_class, cfg: TRLBaselineConfig, *, out_dir: Path, sampling: SamplingConfig, seed: int,
                   progress: bool, **extra):
     """TRL config for one pass over the questions: `prompts_per_step` x G completions per optimiser step,
     our temperature / top_p / max_new_tokens, plain fp32 without gradient checkpointing, no checkpoints."""
-    completions_per_step = prompts_per_step * num_generations
-    if completions_per_step % micro_batch_size:
+    completions_per_step = cfg.prompts_per_step * cfg.num_generations
+    if completions_per_step % cfg.micro_batch_size:
         raise ValueError(f"prompts_per_step x num_generations ({completions_per_step}) must be a multiple of "
-                         f"micro_batch_size ({micro_batch_size})")
+                         f"micro_batch_size ({cfg.micro_batch_size})")
     return config_class(
         output_dir=str(out_dir / "trl"), num_train_epochs=1, seed=seed, data_seed=seed,
-        per_device_train_batch_size=micro_batch_size,
-        gradient_accumulation_steps=completions_per_step // micro_batch_size,
-        num_generations=num_generations, max_completion_length=sampling.max_new_tokens,
+        per_device_train_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=completions_per_step // cfg.micro_batch_size,
+        num_generations=cfg.num_generations, max_completion_length=sampling.max_new_tokens,
         temperature=sampling.temperature, top_p=sampling.top_p, top_k=0,
-        learning_rate=lr, lr_scheduler_type="constant_with_warmup", warmup_steps=warmup_steps,
+        learning_rate=cfg.lr, lr_scheduler_type="constant_with_warmup", warmup_steps=cfg.warmup_steps,
         logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=not progress,
         gradient_checkpointing=False, bf16=False, fp16=False, **extra)
 
