@@ -397,7 +397,7 @@ def phase2_step(student, teacher, optimizer, batch: Batch, cfg: DistillConfig, d
             loss.item()
             plain_kl += per_token.detach().masked_fill(~mask, 0).sum(1).tolist()
         elif marks is None:
-            per_token = micro_batch_divergence(student, teacher, items, batch.pad_id, device, cfg)
+            per_token, _ = micro_batch_divergence(student, teacher, micro, batch.pad_id, device, cfg)
             (per_token.sum() / n_tokens).backward()
             micro_kl.append(per_token.detach().sum(1))
         else:  # micro_batch_divergence, statement by statement, with a mark after each part

@@ -4,20 +4,36 @@ import json
 
 from sdzero import lab
 from sdzero.collect import CollectConfig, collect, is_degenerate, keep_revision
-from sdzero.generation import Generator, SamplingConfig
+from sdzero.generation import Generator, Sample, SamplingConfig
 from sdzero.prompts import ControlPhrases
 from sdzero.training import read_jsonl
 from sdzero.verifiers import lab_reward
 
 
 def test_keep_revision_filters():
-    cfg = CollectConfig()
-    assert keep_revision("1+2=3. Answer: 3", 1.0, cfg)
-    assert not keep_revision("1+2=3. Answer: 3", 0.0, cfg)
-    assert not keep_revision("You're absolutely right! 1+2=3. Answer: 3", 1.0, cfg)
-    assert keep_revision("You're absolutely right! 1+2=3. Answer: 3", 1.0, CollectConfig(drop_sycophantic=False))
-    assert not keep_revision("Answer: 3" + " 3 3" * 30, 1.0, cfg)
+    cfg, phrases = CollectConfig(), ControlPhrases()
+
+    def keep(text, reward=1.0, *, first_finished=True, finished=True, config=cfg):
+        first = Sample(ids=[1, 2], text="b: 1+2=3. Answer: 3", finished=first_finished)
+        return keep_revision(first, Sample(ids=[3], text=text, finished=finished), reward, phrases, config)
+
+    assert keep("1+2=3. Answer: 3")
+    assert not keep("1+2=3. Answer: 3", 0.0)
+    assert not keep("You're absolutely right! 1+2=3. Answer: 3")
+    assert keep("You're absolutely right! 1+2=3. Answer: 3", config=CollectConfig(drop_sycophantic=False))
+    assert not keep("Answer: 3" + " 3 3" * 30)
     assert is_degenerate("ab" * 20) and not is_degenerate("1+2=3, 3+4=7, 7+1=8. Answer: 8")
+    # a revision (or a first answer) cut by the token cap is not kept, whatever its last "Answer:" says
+    assert not keep("1+2=3. Answer: 3", finished=False)
+    assert not keep("1+2=3. Answer: 3", first_finished=False)
+    # a control phrase inside the revision (or the first answer) makes SRT's target a chain of attempts
+    once = f"1+2=4. Answer: 4\n\n{phrases.wrong}\n\n1+2=3. Answer: 3"
+    chain = f"1+2=3. Answer: 3\n\n{phrases.correct}\n\n1+2=3. Answer: 3\n\n{phrases.correct}\n\n1+2=3. Answer: 3"
+    assert not keep(once) and not keep(chain)
+    assert keep(once, config=CollectConfig(max_control_phrases=1))
+    assert not keep(chain, config=CollectConfig(max_control_phrases=1))
+    restarted = Sample(ids=[1], text=once, finished=True)
+    assert not keep_revision(restarted, Sample(ids=[3], text="1+2=3. Answer: 3", finished=True), 1.0, phrases, cfg)
 
 
 def _collect(tmp_path, model_and_tokenizer, cfg, problems):

@@ -36,7 +36,7 @@ def plain_step_loss(student, teacher, layouts, pad_id, cfg):
 
 def micro_batch_loss(student, teacher, layouts, n_tokens, pad_id, cfg):
     """As distill() uses `micro_batch_divergence`: the micro-batch's share of the step's mean, and per-sample sums."""
-    per_token = micro_batch_divergence(student, teacher, [(l, 0.0) for l in layouts], pad_id, "cpu", cfg)
+    per_token, _ = micro_batch_divergence(student, teacher, layouts, pad_id, "cpu", cfg)
     return per_token.sum() / n_tokens, per_token.detach().sum(1)
 
 

@@ -4,8 +4,9 @@ from itertools import combinations
 import pytest
 import torch
 
-from sdzero.evaluate import evaluate_revision, pass_at_k
-from sdzero.generation import Generator, SamplingConfig
+from sdzero import lab
+from sdzero.evaluate import evaluate, evaluate_revision, pass_at_k
+from sdzero.generation import Generator, Sample, SamplingConfig, score
 from sdzero.lab.task import sample_problems
 from sdzero.prompts import ControlPhrases, end_of_turn_ids, strip_end_of_turn
 from sdzero.verifiers import lab_reward
@@ -58,14 +59,14 @@ def test_generate_then_revise_lays_out_phase1_contexts_and_counts_corrections(tm
     for row, problem_context, answer, context, revision in zip(
             rows, [c for c in first_contexts for _ in range(2)], answers, revise_contexts, revisions):
         problem = next(p for p in problems if p["id"] == row["id"])
-        assert row["response"] == answer.text and row["reward"] == lab_reward(answer.text, problem)
+        assert row["response"] == answer.text and row["reward"] == score(lab_reward, answer, problem, generator.sampling)
         phrase = phrases.for_reward(row["reward"]) if feedback == "reward" else phrases.wrong
         assert row["phrase"] == phrase
         # Phase 1's layout: the same assistant turn, the answer without its end, then sep + P + sep
         assert context == problem_context + strip_end_of_turn(answer.ids, eot) + \
             tokenizer.encode("\n\n" + phrase + "\n\n", add_special_tokens=False)
         assert row["revision"] == revision[0].text
-        assert row["revision_reward"] == lab_reward(revision[0].text, problem)
+        assert row["revision_reward"] == score(lab_reward, revision[0], problem, generator.sampling)
 
     wrong = [r for r in rows if r["reward"] < 1]
     right = [r for r in rows if r["reward"] >= 1]
@@ -86,3 +87,21 @@ def test_generate_then_revise_refuses_unknown_feedback(lab_model_and_tokenizer):
     with pytest.raises(ValueError, match="unknown revision feedback"):
         evaluate_revision(Generator(model, tokenizer, SamplingConfig()), [{"id": "x", "problem": "p", "answer": "1"}],
                           lab_reward, ControlPhrases(), feedback="maybe")
+
+
+def test_answers_cut_by_the_token_cap_score_by_the_configured_rule(lab_model_and_tokenizer):
+    model, tokenizer = lab_model_and_tokenizer
+    problems, _, _ = lab.problem_sets(1, 1, 1, seed=0)
+    problem = problems[0]
+    # a right answer that never reached its end-of-turn token
+    cut = Sample(ids=[1], text=f"b: 1+1=2. Answer: {problem['answer']}", finished=False)
+    assert score(lab_reward, cut, problem, SamplingConfig(unfinished_reward="zero")) == 0.0
+    assert score(lab_reward, cut, problem, SamplingConfig(unfinished_reward="score")) == 1.0
+    finished = Sample(ids=[1], text=cut.text, finished=True)
+    assert score(lab_reward, finished, problem, SamplingConfig(unfinished_reward="zero")) == 1.0
+    with pytest.raises(ValueError, match="unfinished_reward"):
+        SamplingConfig(unfinished_reward="half").validate()
+    # evaluation reports the share cut by the cap
+    report = evaluate(Generator(model, tokenizer, SamplingConfig(max_new_tokens=4)), problems[:1], lab_reward, k=2,
+                      progress=False)
+    assert report["unfinished"] == 1.0 and report["accuracy"] == 0.0

@@ -80,18 +80,25 @@ def test_layout_matches_a_real_forward_pass(lab_model_and_tokenizer):
     assert teacher_lp.mean() > student_lp.mean()
 
 
-def test_truncation_keeps_targets_aligned_and_masks_what_cannot_fit():
+def test_overflow_cuts_only_the_second_copy_and_masks_what_cannot_fit():
     eot = {99}
     prompt, bridge = [1, 2, 3], [7, 8]
-    response = list(range(10, 30)) + [99]
-    layout = distill_layout(prompt, response, bridge, eot, max_length=3 + 2 + 2 * 6)
+    response = list(range(10, 30)) + [99]  # 20 tokens and the end of turn
+    first_copy = list(range(10, 30))
+    layout = distill_layout(prompt, response, bridge, eot, max_length=3 + 20 + 2 + 6)
+    # the teacher reads the whole first answer, as the reviser did in Phase 1; only the loss positions are cut
     assert layout.truncated and layout.n_targets == 6
-    assert layout.teacher_ids == prompt + list(range(10, 16)) + bridge + list(range(10, 16))
-    assert len(layout.teacher_ids) <= 17
+    assert layout.teacher_ids == prompt + first_copy + bridge + list(range(10, 16))
+    assert layout.student_ids == prompt + list(range(10, 16))
     for t in range(6):
         assert layout.teacher_ids[layout.teacher_positions[t] + 1] == layout.student_ids[layout.student_positions[t] + 1]
-    assert distill_layout(prompt, response, bridge, eot, max_length=6) is None
-    assert not distill_layout(prompt, response, bridge, eot, max_length=100).truncated
+    assert distill_layout(prompt, response, bridge, eot, max_length=3 + 20 + 2 + 6, overflow="mask") is None
+    # the first copy alone leaves no room for a target
+    assert distill_layout(prompt, response, bridge, eot, max_length=3 + 20 + 2) is None
+    whole = distill_layout(prompt, response, bridge, eot, max_length=3 + 20 + 2 + 21)
+    assert not whole.truncated and whole.n_targets == 21
+    with pytest.raises(ValueError, match="overflow"):
+        distill_layout(prompt, response, bridge, eot, overflow="cut")
 
 
 def test_strip_end_of_turn_drops_everything_after_the_end():

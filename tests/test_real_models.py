@@ -156,6 +156,64 @@ def test_phase2_killed_mid_run_resumes_to_the_same_result(tmp_path, tiny_model):
     assert rewards(killed) == rewards(straight)
 
 
+def srt_command(run: Path, config: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "sdzero.cli", "srt", "--out", str(run), "--config", str(config), "--quiet",
+            "--set", "srt.schedule=two_stage", *extra]
+
+
+def test_two_stage_srt_killed_in_stage_2_resumes_to_the_same_result(tmp_path, tiny_model):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    rows = [{"problem": f"What is {i} + {i}?", "init_reward": float(i % 2), "init_ids": tokenizer.encode(f"It is {i}"),
+             "revised_ids": tokenizer.encode(str(2 * i)) + [tokenizer.eos_token_id]} for i in range(24)]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    for run in (straight, killed):
+        (run / "phase1").mkdir(parents=True)
+        (run / "phase1" / "revisions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    # steps an epoch: 3 in stage 1 (generation, on the 12 wrong-answer tuples), 6 in stage 2 (revision, all 24)
+    epochs = 6
+    stage_1, stage_2 = 3 * epochs, 6 * epochs
+    settings = tiny_settings(tiny_model, write_problems(tmp_path / "problems.jsonl", 4),
+                             srt={"epochs": epochs, "batch_size": 4, "save_every": 3}, log={"tensorboard": False})
+    config = write_config(tmp_path / "run.yaml", settings)
+
+    subprocess.run(srt_command(straight, config), env=ENV, check=True, capture_output=True)
+
+    process = subprocess.Popen(srt_command(killed, config), env=ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    state, metrics = killed / "srt" / "checkpoint" / "state.json", killed / "srt" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        try:
+            saved = json.loads(state.read_text())
+            logged = [json.loads(line) for line in metrics.read_text().splitlines()]
+        except (OSError, ValueError):  # not written yet, or caught mid-write
+            saved, logged = None, []
+        if saved and saved["stage_index"] == 1 and any(
+                m["stage"] == "srt/revision" and m["step"] > saved["step"] for m in logged):
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    saved = json.loads(state.read_text())
+    assert saved["stage_index"] == 1 and stage_1 < saved["step"] < stage_1 + stage_2
+    assert saved["stage_step"] == saved["step"] - stage_1
+
+    subprocess.run(srt_command(killed, config, "--resume"), env=ENV, check=True, capture_output=True)
+    logs = {run: [json.loads(line) for line in (run / "srt" / "metrics.jsonl").read_text().splitlines()]
+            for run in (straight, killed)}
+    steps = [m["step"] for m in logs[killed]]
+    assert steps == list(range(1, stage_1 + stage_2 + 1)), "each step must be logged exactly once"
+    assert [m["stage"] for m in logs[killed]] == ["srt/generation"] * stage_1 + ["srt/revision"] * stage_2
+    # same losses, learning rates and token budget at every step (stage 2 went on, it did not start over)
+    without_time = lambda run: [{k: v for k, v in m.items() if k != "seconds"} for m in logs[run]]  # noqa: E731
+    assert without_time(killed) == without_time(straight)
+    a = AutoModelForCausalLM.from_pretrained(straight / "srt").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(killed / "srt").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
 def test_collection_killed_mid_run_resumes_without_duplicates(tmp_path, tiny_model):
     data = write_problems(tmp_path / "problems.jsonl", 60)
     settings = tiny_settings(tiny_model, data, n_phase1=40, collect={"chunk_size": 4})

@@ -40,7 +40,12 @@ def build_tiny_model(path: Path, *, vocab_size: int = 300, hidden_size: int = 32
     import torch
 
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
+    model = LlamaForCausalLM(config)
+    # A random model almost never samples its end-of-turn token; a trained one ends its answers. This
+    # raises the end token's score after a few tokens (saved with the model), so most answers finish
+    # and Phase 1, which keeps only finished answers, has revisions to keep.
+    model.generation_config.exponential_decay_length_penalty = (2, 3.0)
+    model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

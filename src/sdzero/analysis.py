@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 from sdzero.distill import micro_batch_tensors
 from sdzero.lab.task import PROBLEM_PREFIX, Problem, first_wrong_step
 from sdzero.losses import per_token_divergence, teacher_topk
-from sdzero.prompts import ControlPhrases, bridge_ids, distill_layout, end_of_turn_ids, generator_prompt_ids
+from sdzero.prompts import (ControlPhrases, bridge_ids, distill_layout, end_of_turn_ids, generator_prompt_ids,
+                            token_pieces)
 from sdzero.training import logits_at, model_device
 
 
@@ -54,22 +55,6 @@ class TokenSignal:
     def tokens_in_span(self, start: int, end: int) -> list[int]:
         """Indices of the tokens that overlap the character span [start, end)."""
         return [t for t, (a, b) in enumerate(self.offsets) if a < end and b > start]
-
-
-def token_pieces(tokenizer, ids: list[int]) -> tuple[str, list[str], list[tuple[int, int]]]:
-    """The decoded text (special tokens skipped), each token's piece of it, and its character range.
-
-    Pieces come from decoding growing prefixes, not single tokens, so that tokens which only make
-    sense together (a character split over several byte tokens) still tile the text exactly.
-    """
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    offsets, start = [], 0
-    for t in range(len(ids)):
-        prefix = tokenizer.decode(ids[:t + 1], skip_special_tokens=True)
-        end = min(len(text), max(start, len(prefix)))
-        offsets.append((start, end))
-        start = end
-    return text, [text[a:b] for a, b in offsets], offsets
 
 
 @torch.no_grad()

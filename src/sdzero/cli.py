@@ -215,21 +215,29 @@ def cmd_srt(args) -> None:
 
 def cmd_distill(args) -> None:
     from sdzero.distill import distill
-    from sdzero.pipeline import load_run_model, problem_sets, save_stage, trainable
+    from sdzero.generation import make_generator
+    from sdzero.pipeline import curve_accuracy, load_run_model, problem_sets, save_stage, trainable
     from sdzero.verifiers import get_verifier
 
     if args.model is None:
         args.model = str(args.out / "srt")
     cfg = _run_config(args)
-    _, n2, _ = problem_sets(cfg, record_dir=args.out)
+    _, n2, held_out = problem_sets(cfg, record_dir=args.out)
     model, tokenizer = load_run_model(cfg)
     teacher = load_run_model(cfg, args.teacher)[0] if args.teacher else None
     model = trainable(model, cfg)
-    summary = distill(model, tokenizer, n2, get_verifier(cfg.task), cfg.phrases(), cfg.sampling, cfg.distill,
-                      teacher=teacher, out_dir=args.out / "sdzero", seed=cfg.seed, system_prompt=cfg.system_prompt,
-                      progress=not args.quiet, resume=args.resume, log_config=cfg.log)
+    verifier = get_verifier(cfg.task)
+    # The held-out curve, as `run` tracks it: eval_every, keep-best and the refresh rules depend on it.
+    generator = make_generator(model, tokenizer, cfg.sampling)
+    curve = curve_accuracy(cfg, generator, held_out[:cfg.eval.curve_problems], verifier)
+    summary = distill(model, tokenizer, n2, verifier, cfg.phrases(), cfg.sampling, cfg.distill,
+                      teacher=teacher, out_dir=args.out / "sdzero", seed=cfg.seed, evaluate_fn=curve,
+                      system_prompt=cfg.system_prompt, progress=not args.quiet, resume=args.resume,
+                      log_config=cfg.log, generator=generator)
     save_stage(model, tokenizer, args.out / "sdzero", cfg, "sdzero")
-    print(f"{summary['steps']} steps in {summary['seconds']:.0f} s; saved {args.out / 'sdzero'}")
+    best = (f"; kept the best tracked student, step {summary['best_step']} ({summary['best_accuracy']:.3f})"
+            if cfg.distill.keep_best and summary["best_step"] is not None else "")
+    print(f"{summary['steps']} steps in {summary['seconds']:.0f} s{best}; saved {args.out / 'sdzero'}")
 
 
 def cmd_eval(args) -> None:

@@ -3,7 +3,9 @@
 For each problem of N1 the generator samples `answers_per_problem` first answers; each is scored,
 the reviser reads it followed by the control phrase its reward selects, and samples
 `revisions_per_answer` revisions in the same assistant turn. Revisions that the verifier accepts
-are kept (de-duplicated) in revisions.jsonl. Progress is written per chunk of problems to
+are kept (de-duplicated) in revisions.jsonl, when both the first answer and the revision finished
+(ended with the end-of-turn token: SRT's generation loss trains on both) and the revision is not a
+degenerate loop (a repeated tail, or a chain of control phrases). Progress is written per chunk of problems to
 attempts.jsonl, and a restarted collection skips the problems already recorded there.
 """
 
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from sdzero.generation import Generator
+from sdzero.generation import Generator, Sample, score
 from sdzero.prompts import (ControlPhrases, bridge_ids, end_of_turn_ids, generator_prompt_ids,
                             reviser_context_ids)
 from sdzero.training import read_jsonl
@@ -39,6 +41,11 @@ class CollectConfig:
     """Also revise correct answers with the "rephrase" phrase (paper); the official code revises only wrong ones."""
     drop_sycophantic: bool = True
     """Drop revisions that open by flattering the feedback ("You're absolutely right", ...)."""
+    max_control_phrases: int = 0
+    """Drop tuples whose first answer and revision together write more control phrases than this.
+    SRT's generation target is y_init + P_r + y_revised: with 0 it is one answer, one phrase and one
+    revision; every phrase more teaches the generator a longer chain of attempts ("... Let me rephrase
+    the above solution. ... Let me rephrase ..."), which on the lab runs into the token cap."""
     chunk_size: int = 256
     """Problems per incremental write."""
 
@@ -53,10 +60,19 @@ def is_degenerate(text: str, min_repeats: int = 8) -> bool:
     return False
 
 
-def keep_revision(text: str, reward: float, cfg: CollectConfig) -> bool:
-    if reward < 1.0 or is_degenerate(text):
+def keep_revision(first: Sample, revision: Sample, reward: float, phrases: ControlPhrases,
+                  cfg: CollectConfig) -> bool:
+    """A verified, finished revision of a finished first answer, with no chain of attempts, loop or flattery."""
+    if reward < 1.0 or not (first.finished and revision.finished) or is_degenerate(revision.text):
         return False
-    return not (cfg.drop_sycophantic and SYCOPHANTIC_OPENERS.match(text))
+    phrases_written = control_phrase_count(first.text, phrases) + control_phrase_count(revision.text, phrases)
+    if phrases_written > cfg.max_control_phrases:
+        return False
+    return not (cfg.drop_sycophantic and SYCOPHANTIC_OPENERS.match(revision.text))
+
+
+def control_phrase_count(text: str, phrases: ControlPhrases) -> int:
+    return text.count(phrases.correct) + text.count(phrases.wrong)
 
 
 def collect(generator: Generator, problems: list[dict], verifier: Verifier, phrases: ControlPhrases,
@@ -79,7 +95,7 @@ def collect(generator: Generator, problems: list[dict], verifier: Verifier, phra
         first_answers = generator.sample(prompts, cfg.answers_per_problem, progress=False)
 
         # Everything to revise in this chunk, revised in one batched call.
-        first_rewards = [[verifier(a.text, p) for a in answers] for p, answers in zip(chunk, first_answers)]
+        first_rewards = [[score(verifier, a, p, generator.sampling) for a in answers] for p, answers in zip(chunk, first_answers)]
         to_revise = []  # (problem index, first answer, reward)
         for i, (answers, rewards) in enumerate(zip(first_answers, first_rewards)):
             for answer, reward in zip(answers, rewards):
@@ -101,7 +117,8 @@ def collect(generator: Generator, problems: list[dict], verifier: Verifier, phra
             problem = chunk[i]
             for sample in revised:
                 key = (problem["id"], tuple(sample.ids))
-                if key in seen or not keep_revision(sample.text, verifier(sample.text, problem), cfg):
+                verified = score(verifier, sample, problem, generator.sampling)
+                if key in seen or not keep_revision(answer, sample, verified, phrases, cfg):
                     continue
                 seen.add(key)
                 kept_rows[i].append({

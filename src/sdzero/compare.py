@@ -142,7 +142,8 @@ def run_sdzero(model, tokenizer, cfg: RunConfig, n1, n2, verifier, budget: Budge
     budget.question_ids.update(p["id"] for p in n1)
     budget.generations += collection["generations"]
     budget.sampled_tokens += collection["sampled_tokens"]
-    distill_cfg = dataclasses.replace(cfg.distill)
+    # Every method is judged on its final weights: no method picks its best point on the curve.
+    distill_cfg = dataclasses.replace(cfg.distill, keep_best=False)
     if target is not None:
         steps = round((target - collection["generations"]) / distill_cfg.prompts_per_step)
         if steps < 1:

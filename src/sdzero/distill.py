@@ -23,13 +23,14 @@ import torch
 from accelerate.utils import DistributedType, broadcast_object_list
 from tqdm.auto import tqdm
 
-from sdzero.generation import SamplingConfig, make_generator
+from sdzero.generation import Sample, SamplingConfig, make_generator, score
+from sdzero.lab.task import PROBLEM_PREFIX, Problem, gold_digits
 from sdzero.losses import DIVERGENCES, per_token_divergence, teacher_topk
-from sdzero.prompts import (ControlPhrases, DistillLayout, bridge_ids, distill_layout, end_of_turn_ids,
-                            generator_prompt_ids)
+from sdzero.prompts import (OVERFLOW, ControlPhrases, DistillLayout, bridge_ids, distill_layout, end_of_turn_ids,
+                            generator_prompt_ids, token_pieces)
 from sdzero.modeling import Teacher
 from sdzero.training import (LogConfig, MetricsLog, finish_trackers, load_checkpoint, logits_at, make_accelerator,
-                             make_optimizer, make_schedule, pad_right, save_checkpoint)
+                             make_optimizer, make_schedule, pad_right, save_checkpoint, unwrap)
 from sdzero.verifiers import Verifier
 
 
@@ -58,14 +59,28 @@ class DistillConfig:
     tail_bucket: bool = False
     """Add one bucket per side for the probability mass outside the top-k."""
     teacher_max_length: int | None = None
-    """Longest teacher context; longer samples have y truncated, samples whose prompt alone overflows are masked."""
+    """Longest teacher context (prompt + y + bridge + y). The first copy of y is never cut; see `overflow`."""
+    overflow: str = "truncate"
+    """A sample longer than teacher_max_length: "truncate" trains on the prefix of y that fits in the
+    second copy, "mask" leaves the sample out. Either way it is counted (sdzero/truncated, sdzero/masked_out)."""
+    eval_every: int | None = None
+    """Evaluate the student every N steps and after the last one (learning curve, keep-best, refresh rules)."""
+    keep_best: bool = True
+    """With eval_every: the stage's result is the student of the best tracked evaluation, not the last one
+    (the official release keeps its best checkpoints by validation accuracy)."""
     sync_every: int | None = None
     """Self-evolution: copy the student into the teacher every N steps (None: frozen teacher)."""
     sync_patience: int | None = None
     """Self-evolution: copy the student into the teacher when the tracked accuracy has not improved
     for this many evaluations (needs eval_every)."""
-    eval_every: int | None = None
-    """Evaluate the student every N steps (the learning curve and the plateau rule use it)."""
+    refresh_margin: float | None = None
+    """Gated refresh: copy the student into the teacher at an evaluation where the tracked accuracy beats
+    the accuracy at the last refresh (or at step 0) by at least this much and the response-length tail has
+    not grown (needs eval_every; None: off)."""
+    refresh_tail_growth: float = 0.1
+    """Gated refresh: the tail (90th percentile of rollout lengths since the last evaluation) may be at most
+    this fraction longer than the tail of the teacher's own answers (the rollouts of the first step after
+    the last refresh)."""
     save_every: int | None = 50
     """Write a checkpoint to resume from (model, optimiser, scheduler, RNG, step, teacher) every N steps."""
 
@@ -74,8 +89,12 @@ class DistillConfig:
             raise ValueError(f"unknown divergence {self.divergence!r}; choose one of {', '.join(DIVERGENCES)}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be >= 1 or None (full vocabulary), got {self.top_k}")
+        if self.overflow not in OVERFLOW:
+            raise ValueError(f"unknown overflow rule {self.overflow!r}; choose one of {', '.join(OVERFLOW)}")
         if self.sync_patience is not None and not self.eval_every:
             raise ValueError("sync_patience needs eval_every: the plateau is judged on the evaluations")
+        if self.refresh_margin is not None and not self.eval_every:
+            raise ValueError("refresh_margin needs eval_every: the gate is judged on the evaluations")
         for name in ("prompts_per_step", "micro_batch_size", "max_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -105,11 +124,12 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
 
     Runs in every process of `accelerate launch`: each process samples its share of the step's
     prompts, and gradients are averaged across processes. `evaluate_fn(model) -> accuracy` is called
-    every `cfg.eval_every` steps (on the main process). With `out_dir`, metrics go to
+    every `cfg.eval_every` steps and after the last (on the main process); with `cfg.keep_best` the
+    student ends with the weights of its best evaluation. With `out_dir`, metrics go to
     out_dir/metrics.jsonl and a checkpoint to out_dir/checkpoint every `cfg.save_every` steps;
     `resume=True` continues from that checkpoint. `generator` (default: one made from `sampling`) draws
     the rollouts; it is refreshed with the student's weights after every optimiser step. Returns a
-    summary with the evaluation history and the steps at which the teacher was synchronised.
+    summary with the evaluation history, the best step and the steps at which the teacher was refreshed.
     """
     cfg.validate()
     if not problems:
@@ -137,8 +157,10 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
     # Every process draws the same prompt order and takes its own slice of each step's prompts.
     rng = random.Random(seed)
     queue: list[int] = []
-    progress_state = {"step": 0, "teacher_version": 0, "syncs": [], "history": [], "best": None,
-                      "evals_since_best": 0, "budget": {"generations": 0, "sampled_tokens": 0, "trained_tokens": 0}}
+    progress_state = {"step": 0, "teacher_version": 0, "syncs": [], "history": [], "best": None, "best_step": None,
+                      "evals_since_best": 0, "refresh": {"accuracy": None, "tail": None, "lengths": []},
+                      "budget": {"generations": 0, "sampled_tokens": 0, "trained_tokens": 0}}
+    best_weights = None  # the trainable weights of the best tracked evaluation (keep-best)
     if resume:
         if checkpoint_dir is None:
             raise ValueError("resume needs out_dir, where the checkpoint lives")
@@ -149,17 +171,21 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
             progress_state.update({k: state[k] for k in progress_state if k in state})
             queue = state["queue"]
             rng.setstate((state["rng"][0], tuple(state["rng"][1]), state["rng"][2]))
+            folder = Path(state["folder"])
             if state["teacher_version"] > 0:
-                teacher.model.load_state_dict(torch.load(Path(state["folder"]) / "teacher.pt", map_location=device))
+                teacher.model.load_state_dict(torch.load(folder / "teacher.pt", map_location=device))
+            if (folder / "best.pt").exists():
+                best_weights = torch.load(folder / "best.pt")
             if log:
                 log.drop_after(progress_state["step"])
     elif log and log.main and log.path.exists():
         log.path.unlink()  # a fresh run starts a fresh log
-    syncs, history = progress_state["syncs"], progress_state["history"]
+    syncs, history, refresh = progress_state["syncs"], progress_state["history"], progress_state["refresh"]
     generator.refresh(student)  # the starting (or resumed) weights
     start = time.time()
 
     def track(step: int) -> None:
+        nonlocal best_weights
         # Sharded weights are gathered layer by layer as the model runs, so every process must take part.
         accuracy = evaluate_fn(student) if accelerator.is_main_process or sharded else None
         accuracy = broadcast_object_list([accuracy])[0]
@@ -167,25 +193,38 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
         if log:
             log.write({"stage": "distill", "step": step, "eval/accuracy": accuracy})
         if progress_state["best"] is None or accuracy > progress_state["best"]:
-            progress_state["best"], progress_state["evals_since_best"] = accuracy, 0
+            progress_state.update(best=accuracy, best_step=step, evals_since_best=0)
+            if cfg.keep_best:
+                best_weights = trainable_weights(accelerator, model, sharded)
         else:
             progress_state["evals_since_best"] += 1
         if cfg.sync_patience is not None and progress_state["evals_since_best"] >= cfg.sync_patience:
             sync(step)
             progress_state["evals_since_best"] = 0
+        if cfg.refresh_margin is not None:
+            if refresh["accuracy"] is None:
+                refresh["accuracy"] = accuracy  # the teacher's own accuracy, at step 0
+            elif refresh_gate_open(accuracy, refresh, cfg):
+                sync(step)
+                refresh["accuracy"] = accuracy
+            refresh["lengths"] = []
 
     def sync(step: int) -> None:
         # The student's full weights: under FSDP / ZeRO-3 they are gathered from the shards (on every process).
         teacher.load(accelerator.get_state_dict(model), from_main_process=sharded)
         progress_state["teacher_version"] += 1
         syncs.append(step)
+        refresh["tail"] = None  # measured again on the new teacher's answers
 
     def save(step: int) -> None:
         state = dict(progress_state, step=step, queue=queue, rng=list(rng.getstate()))
-        tensors = {"teacher": teacher.state_dict()} if progress_state["teacher_version"] > 0 else None
+        tensors = {"teacher": teacher.state_dict()} if progress_state["teacher_version"] > 0 else {}
+        if best_weights is not None:
+            tensors["best"] = best_weights
         save_checkpoint(accelerator, checkpoint_dir, state, tensors)
 
-    if evaluate_fn and cfg.eval_every and progress_state["step"] == 0:
+    tracking = bool(evaluate_fn and cfg.eval_every)
+    if tracking and progress_state["step"] == 0:
         track(0)
     first_step = progress_state["step"] + 1
     bar = tqdm(range(first_step, cfg.max_steps + 1), desc="distill", initial=first_step - 1, total=cfg.max_steps,
@@ -197,105 +236,228 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
             if not queue:
                 queue = rng.sample(range(len(problems)), len(problems))
             batch.append(problems[queue.pop()])
-        batch = batch[rank::world]
-        prompts = [generator_prompt_ids(tokenizer, p["problem"], system_prompt) for p in batch]
-        rollouts = [samples[0] for samples in generator.sample(prompts, 1, progress=False)]
-        rewards = [verifier(y.text, p) for y, p in zip(rollouts, batch)]
-        layouts = [distill_layout(prompt, y.ids, bridges[r], eot, cfg.teacher_max_length)
-                   for prompt, y, r in zip(prompts, rollouts, rewards)]
-        kept = [(layout, r) for layout, r in zip(layouts, rewards) if layout is not None and layout.n_targets]
-        # Similar lengths share a micro-batch, so less of each padded batch is padding.
-        kept.sort(key=lambda item: len(item[0].teacher_ids))
-        # The loss is the mean over every target token of the step, across all processes.
-        n_tokens = accelerator.reduce(torch.tensor(float(sum(l.n_targets for l, _ in kept)), device=device)).item()
-
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
-        stats = torch.zeros(STATS, device=device)
-        if n_tokens:
-            # Every process runs the same number of backward passes, so gradient averaging stays in step.
-            per_process = -(-cfg.prompts_per_step // world)
-            n_micro = -(-per_process // cfg.micro_batch_size)
-            for i in range(n_micro):
-                micro = kept[i * cfg.micro_batch_size:(i + 1) * cfg.micro_batch_size]
-                with nullcontext() if i == n_micro - 1 else accelerator.no_sync(model):
-                    if not micro:  # this process has fewer samples: join the gradient average with zero
-                        accelerator.backward(model(input_ids=torch.tensor([[pad_id]], device=device)).logits.sum() * 0)
-                        continue
-                    per_token = micro_batch_divergence(model, teacher, micro, pad_id, device, cfg)
-                    accelerator.backward(per_token.sum() / n_tokens * world)
-                    per_sample = per_token.detach().sum(1)
-                    wrong = torch.tensor([r < 1.0 for _, r in micro], device=device)
-                    lengths = torch.tensor([float(l.n_targets) for l, _ in micro], device=device)
-                    stats[KL_WRONG] += per_sample[wrong].sum()
-                    stats[TOKENS_WRONG] += lengths[wrong].sum()
-                    stats[KL_RIGHT] += per_sample[~wrong].sum()
-                    stats[TOKENS_RIGHT] += lengths[~wrong].sum()
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
-            optimizer.step()
+        rollouts = sample_rollouts(generator, tokenizer, batch[rank::world], verifier, bridges, eot, cfg,
+                                   system_prompt)
+        stats, grad_norm = train_step(model, teacher, optimizer, accelerator, rollouts, pad_id, cfg, world)
+        if stats[TOKENS]:
             generator.refresh(student)
-        else:
-            grad_norm = 0.0
         schedule.step()
 
-        stats[REWARD] = sum(rewards)
-        stats[ROLLOUTS] = len(rollouts)
-        stats[LENGTH] = sum(len(y.ids) for y in rollouts)
-        stats[TRUNCATED] = sum(1 for l in layouts if l is not None and l.truncated)
-        stats[MASKED] = sum(1 for l in layouts if l is None)
-        stats[TRAINED] = sum(len(l.student_ids) for l, _ in kept) if n_tokens else 0
-        stats = accelerator.reduce(stats).tolist()
         budget = progress_state["budget"]  # Phase 2's sample budget, cumulative
         budget["generations"] += int(stats[ROLLOUTS])
         budget["sampled_tokens"] += int(stats[LENGTH])
         budget["trained_tokens"] += int(stats[TRAINED])
-        kl = (stats[KL_WRONG] + stats[KL_RIGHT]) / max(1.0, n_tokens)
-        record = {
-            "stage": "distill", "step": step, "loss": kl,
-            "sdzero/reward": stats[REWARD] / stats[ROLLOUTS],
-            "sdzero/kl": kl,
-            "sdzero/kl_wrong": stats[KL_WRONG] / max(1.0, stats[TOKENS_WRONG]),
-            "sdzero/kl_right": stats[KL_RIGHT] / max(1.0, stats[TOKENS_RIGHT]),
-            "sdzero/response_len": stats[LENGTH] / stats[ROLLOUTS],
-            "sdzero/truncated": int(stats[TRUNCATED]),
-            "sdzero/masked_out": int(stats[MASKED]),
-            "sdzero/teacher_version": progress_state["teacher_version"],
-            "sdzero/grad_norm": grad_norm, "lr": schedule.get_last_lr()[0], "seconds": time.time() - start,
-            **{f"budget/{key}": value for key, value in budget.items()},
-        }
+        lengths = [len(y.ids) for y in rollouts.samples]
+        refresh["lengths"] += lengths
+        if refresh["tail"] is None:
+            refresh["tail"] = length_tail(lengths)
+        record = {"stage": "distill", "step": step, **step_metrics(stats), "sdzero/grad_norm": grad_norm,
+                  "sdzero/teacher_version": progress_state["teacher_version"], "lr": schedule.get_last_lr()[0],
+                  "seconds": time.time() - start, **{f"budget/{key}": value for key, value in budget.items()}}
         if log:
             log.write(record)
-        bar.set_postfix(reward=f"{record['sdzero/reward']:.2f}", kl=f"{kl:.4f}")
+        bar.set_postfix(reward=f"{record['sdzero/reward']:.2f}", kl=f"{record['sdzero/kl']:.4f}")
         if cfg.sync_every and step % cfg.sync_every == 0:
             sync(step)
-        if evaluate_fn and cfg.eval_every and step % cfg.eval_every == 0:
+        if tracking and (step % cfg.eval_every == 0 or step == cfg.max_steps):
             track(step)
         progress_state["step"] = step
         if checkpoint_dir and cfg.save_every and step % cfg.save_every == 0:
             save(step)
+    if cfg.keep_best and best_weights is not None and progress_state["best_step"] != progress_state["step"]:
+        load_trainable_weights(accelerator, model, best_weights, sharded)
+        generator.refresh(student)
+        accelerator.print(f"keep-best: the result is the student of step {progress_state['best_step']} "
+                          f"(tracked accuracy {progress_state['best']:.3f})")
     student.eval()
     finish_trackers(accelerator)
-    return {"steps": cfg.max_steps, "history": history, "syncs": syncs,
-            "teacher_version": progress_state["teacher_version"], "seconds": time.time() - start,
-            **progress_state["budget"]}
+    return {"steps": cfg.max_steps, "history": history, "syncs": syncs, "best_step": progress_state["best_step"],
+            "best_accuracy": progress_state["best"], "teacher_version": progress_state["teacher_version"],
+            "seconds": time.time() - start, **progress_state["budget"]}
+
+
+@dataclass
+class Rollouts:
+    """One step's rollouts on this process: the answers, their rewards and their Phase 2 layouts."""
+
+    problems: list[dict]
+    samples: list[Sample]
+    rewards: list[float]
+    layouts: list[DistillLayout | None]
+    """None where the sample is masked out (it does not fit the teacher's context)."""
+    gold: list[list[tuple[int, int]]]
+    """Lab task only: (target index, token id of the correct digit) for the digits of each answer."""
+
+
+def sample_rollouts(generator, tokenizer, problems: list[dict], verifier: Verifier, bridges: dict, eot: set[int],
+                    cfg: DistillConfig, system_prompt: str | None) -> Rollouts:
+    """One answer per prompt from the current student, its reward, and the teacher's context: P_r follows
+    from the reward, so right and wrong answers differ only in the phrase the teacher reads."""
+    prompts = [generator_prompt_ids(tokenizer, p["problem"], system_prompt) for p in problems]
+    samples = [answers[0] for answers in generator.sample(prompts, 1, progress=False)]
+    rewards = [score(verifier, y, p, generator.sampling) for y, p in zip(samples, problems)]
+    layouts = [distill_layout(prompt, y.ids, bridges[r], eot, cfg.teacher_max_length, cfg.overflow)
+               for prompt, y, r in zip(prompts, samples, rewards)]
+    gold = [lab_gold_tokens(tokenizer, y, p) if layout else [] for y, p, layout in zip(samples, problems, layouts)]
+    return Rollouts(problems, samples, rewards, layouts, gold)
+
+
+def lab_gold_tokens(tokenizer, sample: Sample, problem: dict) -> list[tuple[int, int]]:
+    """For a lab problem, (index in y, token id) of the correct digit at every step digit of y; else []."""
+    if not str(problem.get("problem", "")).startswith(PROBLEM_PREFIX):
+        return []
+    _, _, offsets = token_pieces(tokenizer, sample.ids)
+    token_at = {start: t for t, (start, end) in enumerate(offsets) if end == start + 1}  # one-character tokens
+    digit_ids = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
+    return [(token_at[char], digit_ids[digit]) for char, digit in gold_digits(sample.text, Problem.from_row(problem))
+            if char in token_at]
+
+
+def train_step(model, teacher: Teacher, optimizer, accelerator, rollouts: Rollouts, pad_id: int, cfg: DistillConfig,
+               world: int) -> tuple[list[float], float]:
+    """One optimiser step of L = mean over the step's target tokens of D(student || teacher); returns the
+    step's counters (summed over processes) and the gradient norm."""
+    device = accelerator.device
+    kept = [i for i, layout in enumerate(rollouts.layouts) if layout is not None]
+    # Similar lengths share a micro-batch, so less of each padded batch is padding.
+    kept.sort(key=lambda i: len(rollouts.layouts[i].teacher_ids))
+    # The loss is the mean over every target token of the step, across all processes.
+    n_tokens = accelerator.reduce(torch.tensor(float(sum(rollouts.layouts[i].n_targets for i in kept)),
+                                               device=device)).item()
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    stats = torch.zeros(STATS, device=device)
+    grad_norm = 0.0
+    if n_tokens:
+        # Every process runs the same number of backward passes, so gradient averaging stays in step.
+        per_process = -(-cfg.prompts_per_step // world)
+        n_micro = -(-per_process // cfg.micro_batch_size)
+        for m in range(n_micro):
+            micro = kept[m * cfg.micro_batch_size:(m + 1) * cfg.micro_batch_size]
+            with nullcontext() if m == n_micro - 1 else accelerator.no_sync(model):
+                if not micro:  # this process has fewer samples: join the gradient average with zero
+                    accelerator.backward(model(input_ids=torch.tensor([[pad_id]], device=device)).logits.sum() * 0)
+                    continue
+                layouts = [rollouts.layouts[i] for i in micro]
+                per_token, diagnostics = micro_batch_divergence(model, teacher, layouts, pad_id, device, cfg,
+                                                                autocast=accelerator.autocast)
+                accelerator.backward(per_token.sum() / n_tokens * world)
+                add_micro_batch_stats(stats, per_token.detach(), diagnostics, layouts,
+                                      [rollouts.rewards[i] for i in micro], [rollouts.gold[i] for i in micro])
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        optimizer.step()
+    stats[REWARD] = sum(rollouts.rewards)
+    stats[ROLLOUTS] = len(rollouts.samples)
+    stats[UNFINISHED] = sum(not y.finished for y in rollouts.samples)
+    stats[LENGTH] = sum(len(y.ids) for y in rollouts.samples)
+    stats[TRUNCATED] = sum(1 for l in rollouts.layouts if l is not None and l.truncated)
+    stats[MASKED] = sum(1 for l in rollouts.layouts if l is None)
+    stats[TRAINED] = sum(len(rollouts.layouts[i].student_ids) for i in kept) if n_tokens else 0
+    return accelerator.reduce(stats).tolist(), grad_norm
 
 
 # Per-step counters summed across processes (indices into one tensor, so one reduction per step).
-REWARD, ROLLOUTS, LENGTH, TRUNCATED, MASKED, KL_WRONG, TOKENS_WRONG, KL_RIGHT, TOKENS_RIGHT, TRAINED = range(10)
-STATS = TRAINED + 1
+(REWARD, ROLLOUTS, UNFINISHED, LENGTH, TRUNCATED, MASKED, TRAINED, TOKENS, KL_WRONG, TOKENS_WRONG, KL_RIGHT,
+ TOKENS_RIGHT, ENTROPY, TOPK_MASS, GOLD_HITS, GOLD_DIGITS) = range(16)
+STATS = GOLD_DIGITS + 1
 
 
-def micro_batch_divergence(model, teacher: Teacher, micro: list[tuple[DistillLayout, float]], pad_id: int, device,
-                           cfg: DistillConfig) -> torch.Tensor:
-    """Per-token divergence [B, T] (zero past each sample's end) between student and teacher on one micro-batch.
+def add_micro_batch_stats(stats: torch.Tensor, per_token: torch.Tensor, diagnostics: dict, layouts, rewards,
+                          gold) -> None:
+    mask = diagnostics["mask"]
+    per_sample = per_token.sum(1)
+    wrong = torch.tensor([r < 1.0 for r in rewards], device=per_token.device)
+    lengths = mask.sum(1).float()
+    stats[TOKENS] += lengths.sum()
+    stats[KL_WRONG] += per_sample[wrong].sum()
+    stats[TOKENS_WRONG] += lengths[wrong].sum()
+    stats[KL_RIGHT] += per_sample[~wrong].sum()
+    stats[TOKENS_RIGHT] += lengths[~wrong].sum()
+    stats[ENTROPY] += diagnostics["entropy"][mask].sum()
+    stats[TOPK_MASS] += diagnostics["topk_mass"][mask].sum()
+    teacher_top = diagnostics["teacher_top"].tolist()
+    for row, (layout, digits) in enumerate(zip(layouts, gold)):
+        in_targets = [(t, token) for t, token in digits if t < layout.n_targets]
+        stats[GOLD_HITS] += sum(teacher_top[row][t] == token for t, token in in_targets)
+        stats[GOLD_DIGITS] += len(in_targets)
+
+
+def step_metrics(stats: list[float]) -> dict:
+    """metrics.jsonl's per-step figures from the step's counters."""
+    tokens = max(1.0, stats[TOKENS])
+    kl = (stats[KL_WRONG] + stats[KL_RIGHT]) / tokens
+    metrics = {
+        "loss": kl, "sdzero/kl": kl,
+        "sdzero/reward": stats[REWARD] / stats[ROLLOUTS],
+        "sdzero/kl_wrong": stats[KL_WRONG] / max(1.0, stats[TOKENS_WRONG]),
+        "sdzero/kl_right": stats[KL_RIGHT] / max(1.0, stats[TOKENS_RIGHT]),
+        "sdzero/response_len": stats[LENGTH] / stats[ROLLOUTS],
+        "sdzero/unfinished": stats[UNFINISHED] / stats[ROLLOUTS],
+        "sdzero/truncated": int(stats[TRUNCATED]),
+        "sdzero/masked_out": int(stats[MASKED]),
+        "sdzero/entropy": stats[ENTROPY] / tokens,
+        # the renormalised top-k loss cannot see the student's mass outside the teacher's top-k
+        "sdzero/student_topk_mass": stats[TOPK_MASS] / tokens,
+    }
+    if stats[GOLD_DIGITS]:
+        metrics["sdzero/teacher_gold_agreement"] = stats[GOLD_HITS] / stats[GOLD_DIGITS]
+    return metrics
+
+
+def length_tail(lengths: list[int]) -> float:
+    """The 90th percentile of response lengths: the part of the distribution that runs away first."""
+    ordered = sorted(lengths)
+    return float(ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]) if ordered else 0.0
+
+
+def refresh_gate_open(accuracy: float, refresh: dict, cfg: DistillConfig) -> bool:
+    """Gated teacher refresh: the student has consolidated a real gain since the last refresh, and its
+    answers are not running long (a drifting student copied into the teacher cannot be undone)."""
+    gained = accuracy >= refresh["accuracy"] + cfg.refresh_margin
+    tail_held = length_tail(refresh["lengths"]) <= (1.0 + cfg.refresh_tail_growth) * refresh["tail"]
+    return gained and tail_held
+
+
+def trainable_weights(accelerator, model, sharded: bool) -> dict:
+    """A CPU copy of the weights training changes (all of them for a sharded model, gathered on the main process)."""
+    if sharded:
+        return {name: tensor.cpu() for name, tensor in accelerator.get_state_dict(model).items()}
+    return {name: p.detach().to("cpu", copy=True) for name, p in unwrap(model).named_parameters() if p.requires_grad}
+
+
+def load_trainable_weights(accelerator, model, weights: dict, sharded: bool) -> None:
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        return
+    missing = unwrap(model).load_state_dict(weights, strict=False).unexpected_keys
+    if missing:
+        raise ValueError(f"keep-best: weights not in the model: {missing[:3]}")
+
+
+def micro_batch_divergence(model, teacher: Teacher, layouts: list[DistillLayout], pad_id: int, device,
+                           cfg: DistillConfig, autocast=nullcontext) -> tuple[torch.Tensor, dict]:
+    """Per-token divergence [B, T] (zero past each sample's end) between student and teacher on one
+    micro-batch, and per-token diagnostics (no gradient): the student's entropy, its mass on the
+    teacher's top-k, the teacher's most likely token, and the target mask.
 
     Both models project onto the vocabulary only at the target positions, and the teacher keeps only its
-    top-k log-probs."""
-    (s_ids, s_att, t_ids, t_att, s_pos, t_pos, mask) = micro_batch_tensors([m[0] for m in micro], pad_id, device)
-    with torch.no_grad():
+    top-k log-probs. `autocast` is the student's (accelerate's): the teacher computes at the same
+    precision, so teacher = student gives zero divergence on the same context."""
+    (s_ids, s_att, t_ids, t_att, s_pos, t_pos, mask) = micro_batch_tensors(layouts, pad_id, device)
+    with torch.no_grad(), autocast():
         teacher_logprobs, teacher_indices = teacher_topk(logits_at(teacher, t_ids, t_att, t_pos), cfg.top_k)
     student_logits = logits_at(model, s_ids, s_att, s_pos)
     per_token = per_token_divergence(student_logits, teacher_logprobs, teacher_indices,
                                      divergence=cfg.divergence, mixed_weight=cfg.mixed_weight,
                                      tail_bucket=cfg.tail_bucket)
-    return torch.where(mask, per_token, torch.zeros_like(per_token))
+    with torch.no_grad():
+        student_logprobs = torch.log_softmax(student_logits.detach().float(), dim=-1)
+        diagnostics = {
+            "mask": mask,
+            "entropy": -(student_logprobs.exp() * student_logprobs).sum(-1),
+            "topk_mass": student_logprobs.gather(-1, teacher_indices).exp().sum(-1),
+            "teacher_top": teacher_indices.gather(-1, teacher_logprobs.argmax(-1, keepdim=True)).squeeze(-1),
+        }
+    return torch.where(mask, per_token, torch.zeros_like(per_token)), diagnostics

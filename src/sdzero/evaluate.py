@@ -14,7 +14,7 @@ import json
 from math import comb
 from pathlib import Path
 
-from sdzero.generation import Generator
+from sdzero.generation import Generator, score
 from sdzero.prompts import ControlPhrases, bridge_ids, end_of_turn_ids, generator_prompt_ids, reviser_context_ids
 from sdzero.verifiers import Verifier
 
@@ -41,16 +41,19 @@ def evaluate(generator: Generator, problems: list[dict], verifier: Verifier, *, 
     samples = generator.sample(prompts, k, desc=desc, progress=progress)
     correct_counts, lengths, rows = [], [], []
     for problem, answers in zip(problems, samples):
-        rewards = [verifier(a.text, problem) for a in answers]
+        rewards = [score(verifier, a, problem, generator.sampling) for a in answers]
         correct_counts.append(int(sum(rewards)))
         lengths.extend(len(a.ids) for a in answers)
-        rows.extend({"id": problem["id"], "response": a.text, "reward": r, "tokens": len(a.ids)}
+        rows.extend({"id": problem["id"], "response": a.text, "reward": r, "tokens": len(a.ids),
+                     "finished": a.finished}
                     for a, r in zip(answers, rewards))
     _write_rows(samples_path, rows)
     report = {
         "metric": f"avg@{k}", "k": k, "n_problems": len(problems),
         "accuracy": sum(c / k for c in correct_counts) / len(problems),
         "mean_length": sum(lengths) / len(lengths),
+        # answers cut by the token cap (scored by sampling.unfinished_reward)
+        "unfinished": sum(not row["finished"] for row in rows) / len(rows),
     }
     for j in sorted({2 ** i for i in range(k.bit_length()) if 2 ** i <= k} | {k}):
         report[f"pass@{j}"] = sum(pass_at_k(k, c, j) for c in correct_counts) / len(problems)
@@ -90,7 +93,7 @@ def evaluate_revision(generator: Generator, problems: list[dict], verifier: Veri
     eot = end_of_turn_ids(tokenizer)
     prompts = [generator_prompt_ids(tokenizer, p["problem"], system_prompt) for p in problems]
     firsts = generator.sample(prompts, k, desc=f"{desc}: first answers", progress=progress)
-    pairs = [(i, answer, verifier(answer.text, problem))
+    pairs = [(i, answer, score(verifier, answer, problem, generator.sampling))
              for i, (problem, answers) in enumerate(zip(problems, firsts)) for answer in answers]
     bridges = {r: bridge_ids(tokenizer, phrases, r) for r in (0.0, 1.0)}
     contexts = [reviser_context_ids(prompts[i], answer.ids, bridges[r if feedback == "reward" else 0.0], eot)
@@ -101,7 +104,7 @@ def evaluate_revision(generator: Generator, problems: list[dict], verifier: Veri
     for (i, answer, r), revision in zip(pairs, revisions):
         rows.append({"id": problems[i]["id"], "response": answer.text, "reward": r, "tokens": len(answer.ids),
                      "phrase": phrases.for_reward(r if feedback == "reward" else 0.0),
-                     "revision": revision.text, "revision_reward": verifier(revision.text, problems[i]),
+                     "revision": revision.text, "revision_reward": score(verifier, revision, problems[i], generator.sampling),
                      "revision_tokens": len(revision.ids)})
     _write_rows(samples_path, rows)
     wrong = [row for row in rows if row["reward"] < 1.0]

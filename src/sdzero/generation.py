@@ -35,6 +35,9 @@ class SamplingConfig:
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1.0 = all)."""
     max_new_tokens: int = 256
     """Longest response; a response cut here is not finished."""
+    unfinished_reward: str = "zero"
+    """Reward of a response cut by max_new_tokens: "zero" (an answer that never ended is no answer, as
+    overlong filtering does in RL stacks) or "score" (verify its text like any other)."""
     batch_size: int = 256
     """Contexts decoded together (transformers backend; vLLM schedules its own batches)."""
     backend: str = "auto"
@@ -45,6 +48,9 @@ class SamplingConfig:
     training, which runs on the same GPU."""
 
     def validate(self) -> None:
+        if self.unfinished_reward not in UNFINISHED_REWARDS:
+            raise ValueError(f"unknown unfinished_reward {self.unfinished_reward!r}; "
+                             f"choose one of {', '.join(UNFINISHED_REWARDS)}")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown sampling backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
         if self.temperature < 0:
@@ -59,6 +65,7 @@ class SamplingConfig:
 
 
 BACKENDS = ("auto", "transformers", "vllm")
+UNFINISHED_REWARDS = ("zero", "score")
 
 
 @dataclass
@@ -69,6 +76,14 @@ class Sample:
     """The decoded response without special tokens."""
     finished: bool
     """True when the response ended with an end-of-turn token."""
+
+
+def score(verifier, sample: Sample, problem: dict, sampling: SamplingConfig) -> float:
+    """The reward of one sampled response; every stage scores through here, so a response cut by the
+    token cap is judged by the same rule in collection, Phase 2 and evaluation."""
+    if not sample.finished and sampling.unfinished_reward == "zero":
+        return 0.0
+    return verifier(sample.text, problem)
 
 
 class Generator:

@@ -83,6 +83,22 @@ def strip_end_of_turn(response_ids: list[int], eot_ids: set[int]) -> list[int]:
     return list(response_ids)
 
 
+def token_pieces(tokenizer, ids: list[int]) -> tuple[str, list[str], list[tuple[int, int]]]:
+    """The decoded text (special tokens skipped), each token's piece of it, and its character range.
+
+    Pieces come from decoding growing prefixes, not single tokens, so that tokens which only make
+    sense together (a character split over several byte tokens) still tile the text exactly.
+    """
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    offsets, start = [], 0
+    for t in range(len(ids)):
+        prefix = tokenizer.decode(ids[:t + 1], skip_special_tokens=True)
+        end = min(len(text), max(start, len(prefix)))
+        offsets.append((start, end))
+        start = end
+    return text, [text[a:b] for a, b in offsets], offsets
+
+
 def bridge_ids(tokenizer, phrases: ControlPhrases, reward: float) -> list[int]:
     return tokenizer.encode(phrases.bridge(reward), add_special_tokens=False)
 
@@ -112,31 +128,37 @@ class DistillLayout:
         return len(self.student_positions)
 
 
-def distill_layout(prompt_ids: list[int], response_ids: list[int], bridge: list[int], eot_ids: set[int],
-                   max_length: int | None = None) -> DistillLayout | None:
-    """Layout of one Phase 2 sample, or None if even the prompt leaves no room for a response token.
+OVERFLOW = ("truncate", "mask")
 
-    When prompt + 2|y| + bridge exceeds `max_length`, y is cut to the longest prefix that fits, in
-    both copies and in the student's input, so the targets stay aligned.
+
+def distill_layout(prompt_ids: list[int], response_ids: list[int], bridge: list[int], eot_ids: set[int],
+                   max_length: int | None = None, overflow: str = "truncate") -> DistillLayout | None:
+    """Layout of one Phase 2 sample, or None when the sample is masked out.
+
+    The first copy of y is never cut: the teacher must read the whole answer, as the reviser did in
+    Phase 1 (collection and SRT always show it the whole y_init). When prompt + y + bridge + y exceeds
+    `max_length`, `overflow` = "truncate" keeps the longest prefix of the second copy that fits (the
+    student's input is cut to the same prefix, so the targets stay aligned), and "mask" drops the
+    sample. A sample whose first copy alone leaves no room for one target is masked either way.
     """
+    if overflow not in OVERFLOW:
+        raise ValueError(f"unknown overflow rule {overflow!r}; choose one of {', '.join(OVERFLOW)}")
+    first_copy = strip_end_of_turn(response_ids, eot_ids)
+    context = list(prompt_ids) + first_copy + list(bridge)
     response = list(response_ids)
     truncated = False
-    if max_length is not None:
-        room = (max_length - len(prompt_ids) - len(bridge)) // 2
-        if room < 1:
+    if max_length is not None and len(context) + len(response) > max_length:
+        room = max_length - len(context)
+        if room < 1 or overflow == "mask":
             return None
-        if len(response) > room:
-            response, truncated = response[:room], True
-    first_copy = strip_end_of_turn(response, eot_ids)
-    teacher_ids = list(prompt_ids) + first_copy + list(bridge) + response
-    student_ids = list(prompt_ids) + response
+        response, truncated = response[:room], True
     # logits at position i predict token i + 1
     student_start = len(prompt_ids) - 1
-    teacher_start = len(prompt_ids) + len(first_copy) + len(bridge) - 1
+    teacher_start = len(context) - 1
     n = len(response)
     return DistillLayout(
-        student_ids=student_ids,
-        teacher_ids=teacher_ids,
+        student_ids=list(prompt_ids) + response,
+        teacher_ids=context + response,
         student_positions=list(range(student_start, student_start + n)),
         teacher_positions=list(range(teacher_start, teacher_start + n)),
         truncated=truncated,

@@ -9,6 +9,7 @@ release) first trains L_generation on the tuples whose first answer was wrong, t
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from dataclasses import dataclass
@@ -55,6 +56,14 @@ def revision_example(tokenizer, row: dict, phrases: ControlPhrases, system_promp
     return revision, generation
 
 
+def checkpoint_stage(checkpoint_dir: Path) -> int | None:
+    """The stage index of the checkpoint that `load_checkpoint` would restore, or None without one."""
+    for folder in (checkpoint_dir, checkpoint_dir.with_name(checkpoint_dir.name + ".old")):
+        if (folder / "state.json").exists():
+            return json.loads((folder / "state.json").read_text())["stage_index"]
+    return None
+
+
 def train_srt(model, tokenizer, rows: list[dict], phrases: ControlPhrases, cfg: SRTConfig, *,
               out_dir: str | Path | None = None, seed: int = 0, system_prompt: str | None = None,
               progress: bool = True, resume: bool = False, log_config: LogConfig | None = None) -> dict:
@@ -76,9 +85,13 @@ def train_srt(model, tokenizer, rows: list[dict], phrases: ControlPhrases, cfg: 
                   ("revision", examples)]
     checkpoint_dir = Path(out_dir) / "checkpoint" if out_dir else None
     pad_id = tokenizer.pad_token_id
-    start, step, resumed, trained_tokens = time.time(), 0, None, 0
+    # A resumed run starts in the stage its checkpoint was written in: the stages before it are finished (the
+    # checkpoint holds their weights), so they are skipped without building their optimiser, and the
+    # checkpoint's optimiser and schedule go into that stage's own objects.
+    resume_stage = checkpoint_stage(checkpoint_dir) if resume and checkpoint_dir else None
+    start, step, trained_tokens, first = time.time(), 0, 0, True
     for stage_index, (stage, stage_examples) in enumerate(stages):
-        if not stage_examples:
+        if not stage_examples or (resume_stage is not None and stage_index < resume_stage):
             continue
         # A fresh runtime per stage: each stage has its own optimiser and schedule (two_stage).
         accelerator = make_accelerator(out_dir, log_config)
@@ -91,19 +104,18 @@ def train_srt(model, tokenizer, rows: list[dict], phrases: ControlPhrases, cfg: 
         wrapped, optimizer = accelerator.prepare(model, optimizer)
         accelerator.register_for_checkpointing(schedule)
         stage_step = 0
-        if resume and resumed is None:
-            state = load_checkpoint(accelerator, checkpoint_dir) if checkpoint_dir else None
-            resumed = state or {"stage_index": -1}
-            if state is None:
-                accelerator.print(f"no checkpoint in {checkpoint_dir}: SRT starts from step 0")
-            elif state["stage_index"] > stage_index:
-                continue  # this stage was finished before the checkpoint (its weights are in the checkpoint)
-            else:
+        if first:  # the first stage this call trains: continue from the checkpoint, or start a fresh log
+            first = False
+            if resume_stage is not None:
+                state = load_checkpoint(accelerator, checkpoint_dir)
                 step, stage_step = state["step"], state["stage_step"]
-                if log:
-                    log.drop_after(step)
-        elif not resume and stage_index == 0 and log and log.main and log.path.exists():
-            log.path.unlink()  # a fresh run starts a fresh log
+                trained_tokens = state.get("trained_tokens", 0)  # the budget so far, counted once
+            elif resume and checkpoint_dir:
+                accelerator.print(f"no checkpoint in {checkpoint_dir}: SRT starts from step 0")
+            if log and resume:
+                log.drop_after(step)  # the steps after the checkpoint are redone
+            elif log and log.main and log.path.exists():
+                log.path.unlink()  # a fresh run starts a fresh log
         # The data order is replayed from the seed, so a resumed run sees the batches it would have seen.
         rng = random.Random(seed + stage_index)
         wrapped.train()
@@ -143,7 +155,8 @@ def train_srt(model, tokenizer, rows: list[dict], phrases: ControlPhrases, cfg: 
                                "budget/trained_tokens": trained_tokens})
                 if checkpoint_dir and cfg.save_every and step % cfg.save_every == 0:
                     save_checkpoint(accelerator, checkpoint_dir,
-                                    {"stage_index": stage_index, "step": step, "stage_step": stage_step})
+                                    {"stage_index": stage_index, "step": step, "stage_step": stage_step,
+                                     "trained_tokens": trained_tokens})
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
         bar.close()

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sdzero.budget import Budget, LearningCurve
-from sdzero.generation import Generator
+from sdzero.generation import Generator, score
 from sdzero.prompts import generator_prompt_ids
 from sdzero.training import MetricsLog, make_optimizer, make_schedule, sft_step_loss
 from sdzero.verifiers import Verifier
@@ -51,7 +51,7 @@ def sample_correct(generator: Generator, questions: list[dict], verifier: Verifi
     kept = []
     for question, prompt, samples in zip(questions, prompts, answers):
         budget.sampled([question["id"]] * len(samples), [len(s.ids) for s in samples])
-        distinct = {tuple(s.ids): s for s in samples if verifier(s.text, question) >= 1.0}
+        distinct = {tuple(s.ids): s for s in samples if score(verifier, s, question, generator.sampling) >= 1.0}
         kept.append([(prompt, list(ids)) for ids in distinct])
     return kept
 

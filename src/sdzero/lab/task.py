@@ -173,6 +173,18 @@ def reward(completion: str, problem: Problem) -> float:
     return 1.0 if extract_answer(completion) == problem.answer else 0.0
 
 
+def gold_digits(completion: str, problem: Problem) -> list[tuple[int, int]]:
+    """(character index, correct digit) for every digit of every step the completion writes: in each
+    attempt (attempts are separated by blank lines), the i-th step's running sum, operand and result
+    should be those of the problem's i-th gold step, whatever the attempt wrote before."""
+    gold, digits, start = gold_steps(problem), [], 0
+    for attempt in completion.split("\n\n"):
+        for match, step in zip(STEP_RE.finditer(attempt), gold):
+            digits += [(start + match.start(group), value) for group, value in zip((1, 2, 3), step)]
+        start += len(attempt) + 2
+    return digits
+
+
 def first_wrong_step(completion: str, problem: Problem) -> tuple[int, int] | None:
     """Character span (start, end) of the first wrong step of the first attempt, None if it has none.
 

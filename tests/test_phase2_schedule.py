@@ -1,0 +1,153 @@
+"""Phase 2 around the step, on the real lab model: keep-best, the gated teacher refresh, the teacher's
+precision, and the per-step diagnostics in metrics.jsonl."""
+
+import copy
+import json
+
+import pytest
+import torch
+from sdzero import lab
+from sdzero.distill import (DistillConfig, distill, lab_gold_tokens, length_tail, micro_batch_divergence,
+                            refresh_gate_open)
+from sdzero.generation import Sample, SamplingConfig
+from sdzero.lab.task import Problem, gold_digits, write_solution
+from sdzero.modeling import Teacher
+from sdzero.prompts import ControlPhrases, DistillLayout, generator_prompt_ids
+from sdzero.training import make_accelerator
+from sdzero.verifiers import lab_reward
+
+SAMPLING = SamplingConfig(max_new_tokens=60)
+
+
+def scripted_curve(accuracies):
+    """An evaluate_fn that returns the given accuracies in turn and records the weights it was shown."""
+    seen = []
+
+    def evaluate(student):
+        seen.append([p.detach().clone() for p in student.parameters()])
+        return accuracies[len(seen) - 1]
+    return evaluate, seen
+
+
+def run(student, tokenizer, cfg, evaluate_fn, **kwargs):
+    _, n2, _ = lab.problem_sets(1, 16, 1, seed=0)
+    torch.manual_seed(0)  # the rollouts' sampling, so that two runs of one configuration agree
+    return distill(student, tokenizer, n2, lab_reward, ControlPhrases(), SAMPLING, cfg, evaluate_fn=evaluate_fn,
+                   progress=False, **kwargs)
+
+
+def test_keep_best_ends_with_the_best_tracked_weights(lab_model_and_tokenizer):
+    student, tokenizer = copy.deepcopy(lab_model_and_tokenizer[0]), lab_model_and_tokenizer[1]
+    cfg = DistillConfig(prompts_per_step=4, micro_batch_size=4, max_steps=5, lr=1e-3, warmup_steps=1, eval_every=2)
+    # evaluations at steps 0, 2, 4 and after the last step (5): the best is step 2
+    evaluate_fn, seen = scripted_curve([0.3, 0.8, 0.5, 0.6])
+    summary = run(student, tokenizer, cfg, evaluate_fn)
+    assert [h["step"] for h in summary["history"]] == [0, 2, 4, 5]
+    assert summary["best_step"] == 2 and summary["best_accuracy"] == 0.8
+    assert all(torch.equal(a, b) for a, b in zip(student.parameters(), seen[1]))
+    assert not all(torch.equal(a, b) for a, b in zip(seen[1], seen[3])), "training did not move past step 2"
+
+    plain = copy.deepcopy(lab_model_and_tokenizer[0])
+    evaluate_fn, seen = scripted_curve([0.3, 0.8, 0.5, 0.6])
+    run(plain, tokenizer, DistillConfig(**{**cfg.__dict__, "keep_best": False}), evaluate_fn)
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), seen[3]))
+
+
+def test_keep_best_survives_a_resume(tmp_path, lab_model_and_tokenizer):
+    tokenizer = lab_model_and_tokenizer[1]
+    cfg = DistillConfig(prompts_per_step=4, micro_batch_size=4, max_steps=4, lr=1e-3, warmup_steps=1, eval_every=2,
+                        save_every=2)
+    whole = copy.deepcopy(lab_model_and_tokenizer[0])
+    run(whole, tokenizer, cfg, scripted_curve([0.3, 0.9, 0.1])[0], out_dir=tmp_path / "whole")
+    # the same run stopped after step 2 (its checkpoint holds the best weights), then resumed to the end
+    cut = copy.deepcopy(lab_model_and_tokenizer[0])
+    run(cut, tokenizer, DistillConfig(**{**cfg.__dict__, "max_steps": 2}), scripted_curve([0.3, 0.9])[0],
+        out_dir=tmp_path / "cut")
+    resumed = copy.deepcopy(lab_model_and_tokenizer[0])
+    summary = run(resumed, tokenizer, cfg, scripted_curve([0.1])[0], out_dir=tmp_path / "cut", resume=True)
+    assert summary["best_step"] == 2
+    assert all(torch.equal(a, b) for a, b in zip(resumed.parameters(), whole.parameters()))
+
+
+def test_gated_refresh_needs_a_gain_and_a_tail_that_held(lab_model_and_tokenizer):
+    cfg = DistillConfig(refresh_margin=0.05, refresh_tail_growth=0.1, eval_every=1)
+    state = {"accuracy": 0.5, "tail": 40.0, "lengths": [40] * 10}
+    assert refresh_gate_open(0.56, state, cfg)
+    assert not refresh_gate_open(0.54, state, cfg)                           # gain below the margin
+    assert not refresh_gate_open(0.9, dict(state, lengths=[40] * 8 + [60] * 2), cfg)  # the tail grew by 50%
+    assert length_tail(list(range(1, 11))) == 10 and length_tail([7]) == 7
+
+    student, tokenizer = copy.deepcopy(lab_model_and_tokenizer[0]), lab_model_and_tokenizer[1]
+    cfg = DistillConfig(prompts_per_step=4, micro_batch_size=4, max_steps=4, lr=1e-3, warmup_steps=1, eval_every=1,
+                        refresh_margin=0.1, refresh_tail_growth=10.0, keep_best=False)
+    # step 0: 0.5 is the reference; step 2 beats it by 0.2 (refresh, new reference 0.7); step 4 is only +0.05
+    summary = run(student, tokenizer, cfg, scripted_curve([0.5, 0.55, 0.7, 0.72, 0.75])[0])
+    assert summary["syncs"] == [2] and summary["teacher_version"] == 1
+    with pytest.raises(ValueError, match="refresh_margin needs eval_every"):
+        DistillConfig(refresh_margin=0.1).validate()
+
+
+@pytest.fixture
+def bf16_runtime(monkeypatch):
+    """accelerate's runtime as `accelerate launch --mixed_precision bf16` sets it up (state is process-wide)."""
+    from accelerate.state import AcceleratorState
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield make_accelerator()
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_teacher_equal_to_the_student_gives_zero_divergence_under_bf16_autocast(lab_model_and_tokenizer,
+                                                                                 bf16_runtime):
+    """The path a GPU run takes (accelerate's bf16 autocast on the student), here on the CPU: a teacher
+    computed outside the autocast differs from the identical student by bf16 rounding."""
+    model, tokenizer = lab_model_and_tokenizer
+    accelerator = bf16_runtime
+    assert accelerator.mixed_precision == "bf16"
+    teacher = Teacher(model)  # a frozen copy made before prepare, as in distill()
+    student = accelerator.prepare(copy.deepcopy(model))
+    layouts = []
+    for problem in lab.problem_sets(1, 1, 4, seed=0)[2]:
+        ids = generator_prompt_ids(tokenizer, problem["problem"]) + tokenizer.encode(
+            write_solution(Problem.from_row(problem)), add_special_tokens=False)
+        positions = list(range(len(ids) - 20, len(ids) - 1))
+        # the same context on both sides, so teacher = student must give exactly zero
+        layouts.append(DistillLayout(ids, ids, positions, positions, truncated=False))
+    cfg = DistillConfig(top_k=64)
+    inside, _ = micro_batch_divergence(student, teacher, layouts, tokenizer.pad_token_id, "cpu", cfg,
+                                       autocast=accelerator.autocast)
+    outside, _ = micro_batch_divergence(student, teacher, layouts, tokenizer.pad_token_id, "cpu", cfg)
+    # zero up to float32 rounding of the two normalisations (~3e-8 here); bf16 against fp32 is ~1e-4
+    assert inside.abs().max().item() < 1e-6
+    assert outside.abs().max().item() > 1e-5, "the check cannot see a precision mismatch"
+
+
+def test_metrics_carry_the_diagnostics(tmp_path, lab_model_and_tokenizer):
+    student, tokenizer = copy.deepcopy(lab_model_and_tokenizer[0]), lab_model_and_tokenizer[1]
+    cfg = DistillConfig(prompts_per_step=8, micro_batch_size=4, max_steps=2, lr=1e-4, warmup_steps=1)
+    run(student, tokenizer, cfg, None, out_dir=tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        assert 0.0 <= row["sdzero/unfinished"] <= 1.0
+        assert 0.0 < row["sdzero/entropy"] < torch.log(torch.tensor(float(len(tokenizer)))).item()
+        assert 0.0 < row["sdzero/student_topk_mass"] <= 1.0 + 1e-6
+        assert 0.5 < row["sdzero/teacher_gold_agreement"] <= 1.0
+
+
+def test_gold_digits_and_their_tokens(lab_tokenizer):
+    problem = Problem((3, 5, 2, 8))
+    # first attempt slips at c (8+2=1), the second is right
+    text = "b: 3+5=8, c: 8+2=1, d: 1+8=9. Answer: 9\n\nWait, this response is not correct, let me start over.\n\n" \
+           "b: 3+5=8, c: 8+2=0, d: 0+8=8. Answer: 8"
+    digits = gold_digits(text, problem)
+    assert len(digits) == 18
+    gold = [3, 5, 8, 8, 2, 0, 0, 8, 8]
+    assert [d for _, d in digits] == gold + gold
+    assert [text[i] for i, _ in digits][:9] == list("358821189")
+    ids = lab_tokenizer.encode(text, add_special_tokens=False) + [lab_tokenizer.eos_token_id]
+    tokens = lab_gold_tokens(lab_tokenizer, Sample(ids=ids, text=text, finished=True), problem.to_row())
+    assert len(tokens) == 18
+    assert [lab_tokenizer.decode([ids[t]]) for t, _ in tokens][:9] == list("358821189")
+    assert [lab_tokenizer.decode([token]) for _, token in tokens] == [str(d) for d in gold + gold]
+    assert lab_gold_tokens(lab_tokenizer, Sample(ids=ids, text=text, finished=True), {"problem": "x", "id": 1}) == []
