@@ -414,6 +414,8 @@ def refresh_gate_open(accuracy: float, refresh: dict, cfg: DistillConfig) -> boo
     """Gated teacher refresh: the student has consolidated a real gain since the last refresh, and its
     answers are not running long (a drifting student copied into the teacher cannot be undone)."""
     gained = accuracy >= refresh["accuracy"] + cfg.refresh_margin
+    if refresh["tail"] is None or not refresh["lengths"]:  # no answers of this teacher's to compare with yet
+        return False
     tail_held = length_tail(refresh["lengths"]) <= (1.0 + cfg.refresh_tail_growth) * refresh["tail"]
     return gained and tail_held
 
