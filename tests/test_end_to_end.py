@@ -12,7 +12,9 @@ from sdzero.pipeline import run_pipeline
 
 TINY = ["n_phase1=48", "n_phase2=16", "sampling.max_new_tokens=120", "srt.epochs=1", "srt.batch_size=16",
         "distill.prompts_per_step=8", "distill.micro_batch_size=4", "distill.max_steps=2", "distill.eval_every=1",
-        "eval.n_problems=8", "eval.k=2", "eval.curve_problems=4", "eval.curve_k=1"]
+        "eval.n_problems=8", "eval.k=2", "eval.curve_problems=4", "eval.curve_k=1",
+        # two steps judged on 4 problems: keep-best could return the SRT weights (tested on its own)
+        "distill.keep_best=false"]
 
 
 def test_pipeline_runs_end_to_end_and_saves_loadable_models(tmp_path):

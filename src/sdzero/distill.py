@@ -6,8 +6,13 @@ Each step, for a batch of prompts x from N2:
   3. at every token of y, the student's next-token distribution (given x, y_<t) is pulled towards
      the teacher's distribution for the same token of the second copy (given x, y, P_r, y_<t):
      L = mean over tokens of D(student || teacher) on the teacher's top-k support.
-Right and wrong answers are both trained on; only P_r differs. Optionally the teacher is replaced
-by the current student every N steps, or when the tracked accuracy stops improving (self-evolution).
+Right and wrong answers are both trained on; only P_r differs.
+
+The teacher reads the whole first copy of y, always: that is the context the reviser was trained on
+in Phase 1. Around the step, the loop holds only the schedule: the held-out curve every `eval_every`
+steps, keep-best (the result is the student of the best tracked evaluation), teacher refreshes
+(every N steps, on a plateau, or gated: only after a consolidated gain with no runaway lengths), and
+checkpoints to resume from.
 """
 
 from __future__ import annotations
@@ -204,7 +209,8 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
         if cfg.refresh_margin is not None:
             if refresh["accuracy"] is None:
                 refresh["accuracy"] = accuracy  # the teacher's own accuracy, at step 0
-            elif refresh_gate_open(accuracy, refresh, cfg):
+            # the main process's rollouts judge the tail, so every process takes the same decision
+            elif broadcast_object_list([refresh_gate_open(accuracy, refresh, cfg)])[0]:
                 sync(step)
                 refresh["accuracy"] = accuracy
             refresh["lengths"] = []
