@@ -286,7 +286,6 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
 class Rollouts:
     """One step's rollouts on this process: the answers, their rewards and their Phase 2 layouts."""
 
-    problems: list[dict]
     samples: list[Sample]
     rewards: list[float]
     layouts: list[DistillLayout | None]
@@ -305,7 +304,7 @@ def sample_rollouts(generator, tokenizer, problems: list[dict], verifier: Verifi
     layouts = [distill_layout(prompt, y.ids, bridges[r], eot, cfg.teacher_max_length, cfg.overflow)
                for prompt, y, r in zip(prompts, samples, rewards)]
     gold = [lab_gold_tokens(tokenizer, y, p) if layout else [] for y, p, layout in zip(samples, problems, layouts)]
-    return Rollouts(problems, samples, rewards, layouts, gold)
+    return Rollouts(samples, rewards, layouts, gold)
 
 
 def lab_gold_tokens(tokenizer, sample: Sample, problem: dict) -> list[tuple[int, int]]:
