@@ -418,9 +418,9 @@ def length_tail(lengths: list[int]) -> float:
 def refresh_gate_open(accuracy: float, refresh: dict, cfg: DistillConfig) -> bool:
     """Gated teacher refresh: the student has consolidated a real gain since the last refresh, and its
     answers are not running long (a drifting student copied into the teacher cannot be undone)."""
-    gained = accuracy >= refresh["accuracy"] + cfg.refresh_margin
     if refresh["tail"] is None or not refresh["lengths"]:  # no answers of this teacher's to compare with yet
         return False
+    gained = accuracy >= refresh["accuracy"] + cfg.refresh_margin
     tail_held = length_tail(refresh["lengths"]) <= (1.0 + cfg.refresh_tail_growth) * refresh["tail"]
     return gained and tail_held
 
@@ -438,9 +438,9 @@ def load_trainable_weights(accelerator, model, weights: dict, sharded: bool) -> 
 
         set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         return
-    missing = unwrap(model).load_state_dict(weights, strict=False).unexpected_keys
-    if missing:
-        raise ValueError(f"keep-best: weights not in the model: {missing[:3]}")
+    unknown = unwrap(model).load_state_dict(weights, strict=False).unexpected_keys
+    if unknown:
+        raise ValueError(f"keep-best: weights not in the model: {unknown[:3]}")
 
 
 def micro_batch_divergence(model, teacher: Teacher, layouts: list[DistillLayout], pad_id: int, device,
