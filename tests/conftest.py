@@ -1,10 +1,12 @@
 """Shared fixtures: the shipped lab model and tokenizer (real transformers objects, built by this
 project, loaded from the repository; nothing is downloaded)."""
 
+import os
+
 import pytest
 import torch
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))  # 1 on a machine shared with another job
 
 
 @pytest.fixture(scope="session")

@@ -87,7 +87,7 @@ def test_a_budget_that_cannot_be_matched_is_refused_before_training(tmp_path, ca
 @pytest.mark.parametrize("override, message", [
     ("compare.methods=sdzero,ppo", "unknown method(s) ppo"),
     ("compare.seeds=0", "compare.seeds must be >= 1"),
-    ("compare.grpo.nonsense=1", "unknown key 'nonsense'"),
+    ("compare.grpo.nonsense=1", "unknown key 'compare.grpo.nonsense'"),
 ])
 def test_bad_compare_settings_are_refused(override, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):

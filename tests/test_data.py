@@ -15,7 +15,7 @@ from sdzero.data import (
     load_problems,
     split_problems,
 )
-from sdzero.verifiers import math_row_reward
+from sdzero.verifiers import code_row_reward, math_row_reward
 
 RAW = DataConfig(instruction="")  # no instruction appended: problems compare equal to the input text
 
@@ -51,10 +51,39 @@ def test_jsonl_json_parquet_read_the_same(tmp_path):
         assert skipped["count"] == 0
 
 
+def test_the_whole_row_reaches_the_verifier(tmp_path):
+    tests = [{"input": "3\n", "output": "6\n"}]
+    cpp = ("```cpp\n#include <iostream>\nint main() { long a; std::cin >> a; std::cout << 2 * a << std::endl; }\n```")
+    rows = [{"id": "c1", "problem": "Double it.", "tests": tests, "language": "C++", "source": "contest 7"},
+            {"id": "c2", "problem": "Double it.", "tests": tests}]
+    problems, _ = load_problems(write_jsonl(tmp_path / "code.jsonl", rows), DataConfig(), "code")
+    assert problems[0]["language"] == "cpp" and problems[0]["source"] == "contest 7"
+    assert "```cpp" in problems[0]["problem"] and "```python" in problems[1]["problem"]
+    assert "language" not in problems[1]  # the verifier's default, python
+    # a correct C++ program passes on the loaded row, as on the raw one
+    assert code_row_reward(cpp, problems[0]) == code_row_reward(cpp, rows[0] | {"language": "cpp"}) == 1.0
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{**rows[1], "language": "cobol"}])
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: field 'language': unsupported language 'cobol'"):
+        load_problems(bad, DataConfig(), "code")
+
+
+def test_a_custom_reward_function_needs_no_answer_column(tmp_path):
+    rows = [{"id": f"r{i}", "prompt": f"Say {i}.", "expected": str(i)} for i in range(3)]
+    problems, skipped = load_problems(write_jsonl(tmp_path / "own.jsonl", rows), RAW, "tiny:even_length")
+    assert [p["expected"] for p in problems] == ["0", "1", "2"] and skipped["count"] == 0
+    assert all("answer" not in p for p in problems)
+    with pytest.raises(ValueError, match="no 'answer' or 'solution' column"):
+        load_problems(str(tmp_path / "own.jsonl"), RAW, "math")  # the built-in math verifier needs one
+
+
 def test_default_instructions_and_fields(tmp_path):
-    path = write_jsonl(tmp_path / "m.jsonl", [{"question": "What is 2+2?", "answer": 4}, {"question": "1+1?", "answer": "2"}])
+    path = write_jsonl(tmp_path / "m.jsonl", [{"question": "What is 2+2?", "answer": 4},
+                                              {"question": "1+1?", "answer": "2"}])
     problems, _ = load_problems(path, DataConfig(), "math")
-    assert problems[0] == {"id": "1", "problem": "What is 2+2?\n\n" + MATH_INSTRUCTION, "answer": "4"}
+    # the row's own columns stay; id, problem (with the instruction) and the parsed answer are set
+    assert problems[0] == {"question": "What is 2+2?", "id": "1", "problem": "What is 2+2?\n\n" + MATH_INSTRUCTION,
+                           "answer": "4"}
     assert problems[1]["id"] == "2"  # no id column: the row's position
     code = write_jsonl(tmp_path / "c.jsonl", [{"prompt": "Echo.", "tests": [{"input": "a\n", "output": "a\n"}]}])
     assert load_problems(code, DataConfig(), "code")[0][0]["problem"] == "Echo.\n\n" + CODE_INSTRUCTION
@@ -65,10 +94,13 @@ def test_default_instructions_and_fields(tmp_path):
 def test_field_mapping(tmp_path):
     path = write_jsonl(tmp_path / "m.jsonl", [{"uid": "a", "text": "P1", "final": "7/2", "answer": "wrong column"}])
     cfg = DataConfig(problem_field="text", answer_field="final", id_field="uid", instruction="")
-    assert load_problems(path, cfg, "math")[0] == [{"id": "a", "problem": "P1", "answer": "7/2"}]
+    (problem,) = load_problems(path, cfg, "math")[0]
+    # the mapped columns fill the roles; the row's own "answer" column gives way to the mapped one
+    assert problem == {"uid": "a", "text": "P1", "final": "7/2", "id": "a", "problem": "P1", "answer": "7/2"}
     code = write_jsonl(tmp_path / "c.jsonl", [{"id": 5, "problem": "P", "cases": [{"input": "1", "output": "1"}]}])
     cfg = DataConfig(tests_field="cases", instruction="")
-    assert load_problems(code, cfg, "code")[0] == [{"id": "5", "problem": "P", "tests": [{"input": "1", "output": "1"}]}]
+    tests = [{"input": "1", "output": "1"}]
+    assert load_problems(code, cfg, "code")[0] == [{"id": "5", "problem": "P", "cases": tests, "tests": tests}]
 
 
 def test_mapped_field_absent_names_the_columns(tmp_path):

@@ -76,8 +76,8 @@ def test_teacher_sync_every_n_steps(tmp_path, lab_model_and_tokenizer):
     (["--set", "distill.top_k=0"], "top_k must be >= 1"),
     (["--set", "n_phase1=0"], "n_phase1 must be >= 1"),
     (["--model", "/nonexistent/checkpoint"], "model folder not found"),
-    (["--set", "distill.nonsense=1"], "unknown key 'nonsense'"),
-    (["--set", "srt.lr=fast"], "srt.lr: expected float"),
+    (["--set", "distill.nonsense=1"], "--set distill.nonsense=1: unknown key 'distill.nonsense'"),
+    (["--set", "srt.lr=fast"], "--set srt.lr=fast: srt.lr: expected float"),
 ])
 def test_bad_input_is_refused_in_one_line(tmp_path, capsys, args, message):
     assert main(["demo", "--out", str(tmp_path), "--quiet", *args]) == 2

@@ -265,10 +265,10 @@ def test_auto_is_vllm_when_importable_and_on_cuda(fake_vllm, monkeypatch, lab_mo
 def test_vllm_backend_errors_name_the_fix(monkeypatch, lab_model_and_tokenizer):
     model, tokenizer = lab_model_and_tokenizer
     monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` fail, whatever is installed
-    with pytest.raises(ImportError, match=r"pip install 'sdzero\[vllm\]'"):
+    with pytest.raises(ValueError, match=r"pip install 'sdzero\[vllm\]'"):
         make_generator(model, tokenizer, SamplingConfig(backend="vllm"))
     monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))
-    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
         make_generator(model, tokenizer, SamplingConfig(backend="vllm"))
     with pytest.raises(ValueError, match="unknown sampling backend 'vlm'"):
         make_generator(model, tokenizer, SamplingConfig(backend="vlm"))

@@ -84,8 +84,10 @@ FOUR = Problem((3, 5, 2, 8))  # b: 3+5=8, c: 8+2=0, d: 0+8=8. Answer: 8
 @pytest.mark.parametrize("completion, kind", [
     ("b: 3+5=8, c: 8+2=0, d: 0+8=8. Answer: 8", None),
     ("b: 3+6=9, c: 9+2=1, d: 1+8=9. Answer: 9", "operand"),        # 6 is not b's digit
-    ("b: 3+5=8, c: 7+2=9, d: 9+8=7. Answer: 7", "carry"),          # 7 is not the running sum 8
-    ("b: 3+5=9, c: 9+2=1, d: 1+8=9. Answer: 9", "sum"),            # 3+5 is not 9
+    ("b: 3+5=8, c: 7+2=9, d: 9+8=7. Answer: 7", "running sum"),    # 7 is not the running sum 8
+    ("b: 3+5=9, c: 9+2=1, d: 1+8=9. Answer: 9", "sum"),            # 3+5 is not 9 (no carry)
+    ("b: 3+5=8, c: 8+2=1, d: 1+8=9. Answer: 9", "carry slip"),     # 8+2 reaches 10: one too many
+    ("b: 3+5=8, c: 8+2=2, d: 2+8=0. Answer: 0", "sum"),            # 8+2 is off by two, not a slip
     ("b: 3+5=8, c: 8+2=0, d: 0+8=8, e: 8+1=9. Answer: 9", "extra step"),
     ("b: 3+5=8, c: 8+2=0. Answer: 0", "ending"),                    # a step is missing
     ("b: 3+5=8, c: 8+2=0, d: 0+8=8. Answer: 7", "ending"),
@@ -107,8 +109,8 @@ def test_lab_errors_counts_the_wrong_answers_of_a_samples_file(tmp_path, capsys)
     path.write_text("".join(json.dumps({"id": FOUR.id, "response": r, "reward": w}) + "\n" for r, w in rows))
     counts = error_counts(path)
     assert counts["answers"] == 4 and counts["wrong"] == 3
-    assert counts["kinds"] == {"operand": 1, "carry": 0, "sum": 1, "extra step": 0, "ending": 0,
-                               "first attempt right": 1}
+    assert counts["kinds"] == {"operand": 1, "running sum": 0, "carry slip": 0, "sum": 1, "extra step": 0,
+                               "ending": 0, "first attempt right": 1}
     assert main(["lab", "errors", str(path)]) == 0
     assert "4 answers, 3 wrong" in capsys.readouterr().out
 

@@ -257,15 +257,16 @@ def test_two_processes_stay_in_step(tmp_path, tiny_model):
     assert [m["step"] for m in metrics] == [1, 2]  # one writer
 
 
-def test_stages_with_nothing_to_show_say_so_and_exit_0(tmp_path, tiny_model, capsys):
+def test_a_run_with_nothing_to_train_stops_after_the_base_evaluation_with_exit_3(tmp_path, tiny_model, capsys):
     data = write_problems(tmp_path / "problems.jsonl", 20)
     # math-verify never accepts a random model's text: no first answer is right, no revision is kept
     config = write_config(tmp_path / "run.yaml", tiny_settings(tiny_model, data, task="math"))
-    run = str(tmp_path / "run")
-    assert main(["collect", "--out", run, "--config", str(config), "--quiet"]) == 0
-    assert "no verified revision was kept" in capsys.readouterr().out
-    assert main(["srt", "--out", run, "--config", str(config), "--quiet"]) == 0
-    assert "nothing to train on" in capsys.readouterr().out
+    run = tmp_path / "run"
+    assert main(["run", "--out", str(run), "--config", str(config), "--quiet"]) == 3
+    assert "Phase 1 kept no verified revision" in capsys.readouterr().err
+    report = json.loads((run / "report.json").read_text())
+    assert set(report["accuracy"]) == {"base"} and report["phase1"]["kept"] == 0
+    assert not (run / "srt").exists()
 
 
 def test_bad_data_is_refused_naming_file_line_and_field(tmp_path, tiny_model, capsys):
@@ -294,3 +295,16 @@ def test_phase2_step_in_bf16_and_with_gradient_checkpointing(tiny_model, dtype, 
             DistillConfig(prompts_per_step=4, micro_batch_size=2, max_steps=1, lr=1e-2, warmup_steps=1),
             progress=False)
     assert torch.isfinite(flat_weights(model).float()).all() and not torch.equal(flat_weights(model), start)
+
+
+def test_weights_with_nan_or_inf_are_never_handed_on(tiny_model):
+    from sdzero.training import check_finite
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    check_finite(model, "srt")  # a healthy model passes
+    name, weight = next((n, p) for n, p in model.named_parameters() if "mlp" in n)
+    with torch.no_grad():
+        weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=rf"srt: 1 weight tensors hold NaN or inf .*first: {name}.*"
+                                                 r"nothing was saved. Likely causes"):
+        check_finite(model, "srt")

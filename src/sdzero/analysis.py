@@ -208,6 +208,26 @@ def _mix(rows: list[dict], n: int) -> list[dict]:
     return mixed[:n]
 
 
+def stage_model(run_dir: Path, cfg, stage: str) -> str:
+    """The model of a stage of the run: "base" is the run's base model, any other name a folder of the
+    run holding a saved model (srt, sdzero, ...)."""
+    if stage == "base":
+        return cfg.model
+    if (run_dir / stage / "config.json").exists():
+        return str(run_dir / stage)
+    stages = ["base"] + sorted(d.name for d in run_dir.iterdir() if (d / "config.json").exists()) \
+        if run_dir.is_dir() else ["base"]
+    raise FileNotFoundError(f"{run_dir} has no stage {stage!r}; its stages: {', '.join(stages)}")
+
+
+def held_out_texts(cfg) -> dict[str, str]:
+    """id -> problem text of the run's held-out problems (the evaluation files keep only the ids)."""
+    from sdzero.data import load_problem_sets
+
+    sets = load_problem_sets(cfg.data, cfg.task, 0, 0, cfg.eval.n_problems, cfg.seed)
+    return {p["id"]: p["problem"] for p in sets.held_out}
+
+
 def inspect_run(run_dir: str | Path, out_dir: str | Path, *, n: int = 200, student: str = "srt",
                 teacher: str = "srt", device: str | None = None, progress: bool = True) -> dict:
     """Token-level report of a run: index.html, localization.json and signals.jsonl in `out_dir`.
@@ -216,8 +236,8 @@ def inspect_run(run_dir: str | Path, out_dir: str | Path, *, n: int = 200, stude
     signal at its first step: the one whose localisation the method relies on. student="sdzero"
     shows what is left of it after Phase 2 (a frozen teacher's residual, not a fresh signal).
 
-    Loads run_dir/<student> and run_dir/<teacher> (the student's folder when the teacher's is
-    missing), takes up to `n` responses of run_dir/eval/<student>.jsonl, alternating wrong and right
+    Loads the student and teacher stages (`stage_model`: "base" or a stage folder of the run),
+    takes up to `n` responses of run_dir/eval/<student>.jsonl, alternating wrong and right
     ones, and scores them with the run's control phrases and divergence settings (config.yaml, or
     the defaults without one). The evaluation file keeps the response text, not its token ids, so
     the ids are rebuilt as tokenizer.encode(text) + [EOS]; a response that had been cut at
@@ -230,18 +250,26 @@ def inspect_run(run_dir: str | Path, out_dir: str | Path, *, n: int = 200, stude
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     cfg = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").exists() else RunConfig()
-    student_dir = run_dir / student
-    teacher_dir = run_dir / teacher if (run_dir / teacher / "config.json").exists() else student_dir
-    student_model, tokenizer = load_model(str(student_dir), device)
-    teacher_model = student_model if teacher_dir == student_dir else load_model(str(teacher_dir), device)[0]
+    student_path, teacher_path = stage_model(run_dir, cfg, student), stage_model(run_dir, cfg, teacher)
+    student_model, tokenizer = load_model(student_path, device)
+    teacher_model = student_model if teacher_path == student_path else load_model(teacher_path, device)[0]
 
-    rows = _mix(read_jsonl(run_dir / "eval" / f"{student}.jsonl"), n)
+    samples = run_dir / "eval" / f"{student}.jsonl"
+    if not samples.exists():
+        raise FileNotFoundError(f"{samples} not found: inspect reads the evaluation samples that `sdzero demo` and "
+                                f"`sdzero run` write to {run_dir / 'eval'}")
+    rows = _mix(read_jsonl(samples), n)
     problems = [lab_problem(row) for row in rows]
+    texts = None  # id -> problem text, from the run's data, read only when a row is not a lab problem
     items = []
     for row, problem in zip(rows, problems):
         prompt = row.get("problem") or (problem.text if problem else None)
         if prompt is None:
-            raise ValueError(f"row {row.get('id')!r} has no problem text and is not a lab problem")
+            texts = texts or held_out_texts(cfg)
+            prompt = texts.get(str(row.get("id")))
+        if prompt is None:
+            raise ValueError(f"{samples}: row {row.get('id')!r} is neither a lab problem nor a held-out problem of "
+                             f"the run's data ({cfg.data.path})")
         ids = tokenizer.encode(row["response"], add_special_tokens=False) + [tokenizer.eos_token_id]
         items.append((prompt, ids, float(row["reward"])))
     d = cfg.distill
@@ -256,7 +284,7 @@ def inspect_run(run_dir: str | Path, out_dir: str | Path, *, n: int = 200, stude
     spans = [first_wrong_step(s.text, p) if p is not None and s.reward < 1.0 else None
              for s, p in zip(signals, problems)]
     summary = {
-        "student": str(student_dir), "teacher": str(teacher_dir), "divergence": d.divergence, "top_k": d.top_k,
+        "student": student_path, "teacher": teacher_path, "divergence": d.divergence, "top_k": d.top_k,
         "n": len(signals), "n_wrong": len(wrong), "n_right": len(right),
         "kl_mean_wrong": _kl_mean(wrong), "kl_mean_right": _kl_mean(right),
         "buckets": {"wrong": bucket_shares(wrong), "right": bucket_shares(right)},

@@ -6,10 +6,29 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
 DEMO_CONFIG = Path(__file__).parent / "lab" / "demo.yaml"
+USAGE_ERROR = 2
+"""Exit code of a refused command: bad settings, bad data, stages out of order, a missing file."""
+NOTHING_TO_TRAIN = 3
+"""Exit code of a stage with nothing to train on (Phase 1 kept no verified revision), so that
+`sdzero collect ... && sdzero srt ... && sdzero distill ...` stops where the run cannot go on."""
+INTERRUPTED = 130
+"""Exit code after Ctrl-C (128 + SIGINT, as shells report it)."""
+
+
+class NothingToTrain(Exception):
+    """A stage found nothing to train on; the message says why."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors (unknown command or flag, a bad value) in one line, like every other error."""
+
+    def error(self, message: str):
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +47,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdzero", description=(
+    parser = Parser(prog="sdzero", description=(
         "SD-Zero: self-revision turns a verifier's binary reward into dense token-level supervision."))
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -84,16 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--out", type=Path, help="output folder (default: RUN/inspect)")
     inspect.add_argument("--n", type=int, default=200, help="responses to analyse (default: %(default)s)")
     inspect.add_argument("--student", default="srt",
-                         help="student stage folder in the run; its eval/<student>.jsonl answers are scored "
-                              "(default: %(default)s, with the default teacher: the Phase 2 signal at step 0)")
-    inspect.add_argument("--teacher", default="srt", help="teacher stage folder in the run (default: %(default)s)")
+                         help="student stage: base, or a stage folder of the run; its eval/<student>.jsonl answers "
+                              "are scored (default: %(default)s, with the default teacher: the Phase 2 signal at "
+                              "step 0)")
+    inspect.add_argument("--teacher", default="srt",
+                         help="teacher stage: base, or a stage folder of the run (default: %(default)s)")
     inspect.add_argument("--quiet", action="store_true")
 
     _compare_parser(commands)
 
     lab = commands.add_parser("lab", help="the built-in lab task and base model")
     lab_commands = lab.add_subparsers(dest="lab_command", required=True, metavar="LAB_COMMAND")
-    pretrain = lab_commands.add_parser("pretrain", help="train the lab base model from scratch (~6 CPU minutes)")
+    pretrain = lab_commands.add_parser("pretrain", help="train the lab base model from scratch (~50 CPU minutes)")
     pretrain.add_argument("--out", type=Path, required=True, help="folder for the model and tokenizer")
     pretrain.add_argument("--seed", type=int, default=0)
     pretrain.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
@@ -120,8 +141,6 @@ def _run_config(args):
         if value is not None:
             overrides.append(f"{key}={value}")
     cfg = load_config(args.config, overrides)
-    if cfg.eval.n_problems < 1:
-        raise ValueError(f"the number of held-out problems must be >= 1, got {cfg.eval.n_problems}")
     limit = getattr(args, "limit", None)
     if limit is not None:
         if limit < 1:
@@ -132,6 +151,14 @@ def _run_config(args):
 
     seed_everything(cfg.seed)
     return cfg
+
+
+def set_threads() -> None:
+    """CPU threads for the long commands: all cores up to 8, or OMP_NUM_THREADS when it is set (on a
+    shared machine, two jobs with a thread per core each slow each other down many times over)."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, min(os.cpu_count() or 1, 8)))
 
 
 def _print_table(report: dict) -> None:
@@ -153,13 +180,11 @@ def _print_table(report: dict) -> None:
 
 
 def cmd_demo(args) -> None:
-    import torch
-
     from sdzero.pipeline import run_pipeline
 
     cfg = _run_config(args)
-    torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))
-    if args.self_evolve:
+    set_threads()
+    if getattr(args, "self_evolve", False):  # a `demo` flag; `run` shares this command
         from sdzero.evolve import self_evolution
 
         report = self_evolution(cfg, args.out, progress=not args.quiet)
@@ -170,6 +195,9 @@ def cmd_demo(args) -> None:
         return
     report = run_pipeline(cfg, args.out, progress=not args.quiet)
     _print_table(report)
+    if "srt" not in report["accuracy"]:
+        raise NothingToTrain(f"Phase 1 kept no verified revision, so the run stopped after evaluating the base model "
+                             f"(wrote {args.out / 'report.json'})")
     print(f"wrote {args.out / 'report.json'}" + (f" and {args.out / 'learning_curve.png'}"
                                                    if (args.out / 'learning_curve.png').exists() else ""))
 
@@ -187,7 +215,7 @@ def cmd_collect(args) -> None:
                       args.out / "phase1", cfg.collect, system_prompt=cfg.system_prompt, progress=not args.quiet)
     print(json.dumps(summary, indent=2))
     if summary["kept"] == 0:
-        print("no verified revision was kept: there is nothing for SRT to train on")
+        raise NothingToTrain("no verified revision was kept: there is nothing for SRT to train on")
 
 
 def cmd_srt(args) -> None:
@@ -201,8 +229,7 @@ def cmd_srt(args) -> None:
         raise FileNotFoundError(f"{path} not found; run `sdzero collect --out {args.out}` first")
     rows = read_jsonl(path, repair=True)
     if not rows:
-        print(f"{path} holds no verified revision: nothing to train on")
-        return
+        raise NothingToTrain(f"{path} holds no verified revision: nothing to train on")
     model, tokenizer = load_run_model(cfg)
     model = trainable(model, cfg)
     summary = train_srt(model, tokenizer, rows, cfg.phrases(), cfg.srt, out_dir=args.out / "srt", seed=cfg.seed,
@@ -214,15 +241,25 @@ def cmd_srt(args) -> None:
 
 
 def cmd_distill(args) -> None:
-    from sdzero.distill import distill
+    from sdzero.distill import check_teacher_room, distill
     from sdzero.generation import make_generator
+    from sdzero.modeling import load_tokenizer, same_tokenizer
     from sdzero.pipeline import curve_accuracy, load_run_model, problem_sets, save_stage, trainable
     from sdzero.verifiers import get_verifier
 
     if args.model is None:
+        if not (args.out / "srt" / "config.json").exists():
+            raise FileNotFoundError(f"{args.out / 'srt'} holds no SRT model; run `sdzero srt --out {args.out}` first, "
+                                    "or give the student with --model")
         args.model = str(args.out / "srt")
     cfg = _run_config(args)
+    # Refusals that need only the tokenizers come before any model loads.
+    tokenizer = load_tokenizer(cfg.model)
+    if args.teacher and not same_tokenizer(tokenizer, load_tokenizer(args.teacher)):
+        raise ValueError(f"the teacher {args.teacher} uses another tokenizer than the student {cfg.model}: it must "
+                         "score the student's token ids, so both need the same vocabulary")
     _, n2, held_out = problem_sets(cfg, record_dir=args.out)
+    check_teacher_room(tokenizer, n2, cfg.phrases(), cfg.distill.teacher_max_length, cfg.system_prompt)
     model, tokenizer = load_run_model(cfg)
     teacher = load_run_model(cfg, args.teacher)[0] if args.teacher else None
     model = trainable(model, cfg)
@@ -268,9 +305,6 @@ def cmd_inspect(args) -> None:
 
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
-    if not (args.run / "eval" / f"{args.student}.jsonl").exists():
-        raise FileNotFoundError(f"{args.run / 'eval' / (args.student + '.jsonl')} not found; "
-                                f"run `sdzero demo --out {args.run}` first")
     summary = inspect_run(args.run, args.out or args.run / "inspect", n=args.n, student=args.student,
                           teacher=args.teacher, progress=not args.quiet)
     print(format_summary(summary))
@@ -282,6 +316,8 @@ def cmd_lab(args) -> None:
 
         cfg = PretrainConfig(seed=args.seed)
         if args.steps is not None:
+            if args.steps < 1:
+                raise ValueError(f"--steps must be >= 1, got {args.steps}")
             cfg.steps = args.steps
         path = pretrain(args.out, cfg, progress=not args.quiet)
         print(f"saved the lab base model to {path}")
@@ -319,8 +355,6 @@ def _compare_parser(commands) -> None:
 
 
 def cmd_compare(args) -> None:
-    import torch
-
     from sdzero.compare import compare, load_compare_config, markdown_table
 
     overrides = list(args.overrides)
@@ -330,8 +364,7 @@ def cmd_compare(args) -> None:
         if value is not None:
             overrides.append(f"{key}={value}")
     cfg, ccfg = load_compare_config(args.config, overrides)
-    # OMP_NUM_THREADS, when set, caps the threads (e.g. on a shared machine).
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, min(os.cpu_count() or 1, 8)))
+    set_threads()
     report = compare(cfg, ccfg, args.out, progress=not args.quiet)
     print("\n" + markdown_table(report))
     print(f"wrote {args.out / 'report.json'}, {args.out / 'report.md'} and {args.out / 'sample_efficiency.png'}")
@@ -341,7 +374,20 @@ COMMANDS = {"demo": cmd_demo, "run": cmd_demo, "collect": cmd_collect, "srt": cm
             "eval": cmd_eval, "inspect": cmd_inspect, "lab": cmd_lab, "compare": cmd_compare}
 
 
+def resume_hint(command: str, argv: list[str]) -> str:
+    """How to go on after Ctrl-C, for each command."""
+    again = shlex.join(["sdzero", *argv])
+    if command in ("srt", "distill"):
+        return f"continue from its last checkpoint with: {again}" + ("" if "--resume" in argv else " --resume")
+    if command == "collect":
+        return f"re-run {again} to go on with the problems not collected yet"
+    if command == "compare":
+        return f"re-run {again}: finished (seed, method) results are reused"
+    return f"re-run {again} to start it again"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     logging.getLogger("accelerate").setLevel(logging.ERROR)  # its notes on tied weights are expected here
     if getattr(args, "quiet", False):
@@ -352,7 +398,13 @@ def main(argv: list[str] | None = None) -> int:
         COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         print(f"sdzero {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return USAGE_ERROR
+    except NothingToTrain as err:
+        print(f"sdzero {args.command}: {err}", file=sys.stderr)
+        return NOTHING_TO_TRAIN
+    except KeyboardInterrupt:
+        print(f"\nsdzero {args.command}: interrupted; {resume_hint(args.command, argv)}", file=sys.stderr)
+        return INTERRUPTED
     return 0
 
 

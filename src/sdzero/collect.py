@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from sdzero.checks import check_ranges
 from sdzero.generation import Generator, Sample, score
 from sdzero.prompts import (ControlPhrases, bridge_ids, end_of_turn_ids, generator_prompt_ids,
                             reviser_context_ids)
@@ -48,6 +49,10 @@ class CollectConfig:
     the above solution. ... Let me rephrase ..."), which on the lab runs into the token cap."""
     chunk_size: int = 256
     """Problems per incremental write."""
+
+    def validate(self) -> None:
+        check_ranges("collect", self, {"answers_per_problem": ">= 1", "revisions_per_answer": ">= 1",
+                                       "max_control_phrases": ">= 0", "chunk_size": ">= 1"})
 
 
 def is_degenerate(text: str, min_repeats: int = 8) -> bool:

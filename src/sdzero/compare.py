@@ -40,7 +40,7 @@ from sdzero.baselines import (GRPOBaselineConfig, RFTConfig, SDFTBaselineConfig,
                               train_sdft)
 from sdzero.budget import Budget, relative_gap
 from sdzero.collect import collect
-from sdzero.config import RunConfig, _merge, config_to_yaml, from_dict, override_dict, read_yaml
+from sdzero.config import RunConfig, config_to_yaml, from_layers, override_dict, read_yaml
 from sdzero.data import load_problem_sets
 from sdzero.distill import distill
 from sdzero.evaluate import evaluate
@@ -91,16 +91,14 @@ class CompareConfig:
 def load_compare_config(path: str | Path | None, overrides: list[str] = ()) -> tuple[RunConfig, CompareConfig]:
     """A run configuration (the usual keys) with a `compare:` section; "compare.x=v" overrides go there."""
     data = dict(read_yaml(path)) if path is not None else {}
-    where = str(path) if path else "config"
-    run_data, compare_data = dataclasses.asdict(RunConfig()), dataclasses.asdict(CompareConfig())
-    _merge(compare_data, data.pop("compare", {}) or {}, where)
-    _merge(run_data, data, where)
+    compare_layers = [(data.pop("compare", {}) or {}, str(path))] if path is not None else []
+    run_layers = [(data, str(path))] if path is not None else []
     for item in overrides:
         nested = override_dict(item)
-        target = compare_data if "compare" in nested else run_data
-        _merge(target, nested.get("compare", nested), f"override {item!r}")
-    run = from_dict(RunConfig, run_data, where).validate()
-    return run, from_dict(CompareConfig, compare_data, f"{where}: compare").validate()
+        layers = compare_layers if "compare" in nested else run_layers
+        layers.append((nested.get("compare", nested), f"--set {item}"))
+    run = from_layers(RunConfig, dataclasses.asdict(RunConfig()), run_layers).validate()
+    return run, from_layers(CompareConfig, dataclasses.asdict(CompareConfig()), compare_layers, "compare.").validate()
 
 
 def sdzero_nominal_generations(cfg: RunConfig) -> int:

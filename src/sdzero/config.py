@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from sdzero.checks import check_ranges
 from sdzero.collect import CollectConfig
 from sdzero.data import DataConfig
 from sdzero.distill import DistillConfig
@@ -46,6 +47,12 @@ class EvalConfig:
     revise_feedback: str = "reward"
     """Phrase before the revision: "reward" = P_r of the verifier's reward (as in Phase 1), "wrong" =
     always the wrong-answer phrase (no verifier consulted before revising)."""
+
+    def validate(self) -> None:
+        check_ranges("eval", self, {"k": ">= 1", "n_problems": ">= 1", "curve_problems": ">= 1", "curve_k": ">= 1",
+                                    "revise_problems": ">= 0", "revise_k": ">= 1"})
+        if self.revise_feedback not in FEEDBACK:
+            raise ValueError(f"eval.revise_feedback must be one of {', '.join(FEEDBACK)}, got {self.revise_feedback!r}")
 
 
 @dataclass
@@ -110,24 +117,33 @@ class RunConfig:
         return ControlPhrases(self.control_correct or preset.correct, self.control_wrong or preset.wrong)
 
     def validate(self) -> "RunConfig":
+        """Refuse bad settings, alone or in combination, before any model loads or any file is written."""
         self.phrases()
-        self.sampling.validate()
-        self.distill.validate()
+        for section in (self.sampling, self.collect, self.srt, self.distill, self.eval, self.lora):
+            section.validate()
         get_verifier(self.task)
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose auto, {', '.join(DTYPES)}")
-        if self.eval.k < 1:
-            raise ValueError(f"eval.k must be >= 1, got {self.eval.k}")
-        if self.eval.revise_feedback not in FEEDBACK:
-            raise ValueError(f"eval.revise_feedback must be one of {', '.join(FEEDBACK)}, "
-                             f"got {self.eval.revise_feedback!r}")
+        if self.dtype == "float16" and not self.lora.enabled:
+            # AdamW's eps (1e-8) is 0 in float16, so the first update divides by zero: every weight NaN.
+            raise ValueError("dtype float16 cannot train all weights (AdamW's eps rounds to 0 in float16 and the "
+                             "first step makes the weights NaN); use dtype auto (fp32 weights, bf16 autocast on a "
+                             "GPU) or bfloat16")
+        if self.lora.enabled and (self.distill.sync_every or self.distill.sync_patience or
+                                  self.distill.refresh_margin is not None):
+            raise ValueError("teacher refreshes (distill.sync_every, sync_patience, refresh_margin) copy the "
+                             "student's full weights and are not available with lora.enabled: train all weights "
+                             "or keep the teacher frozen")
         if self.evolve.sync_every is None and self.evolve.sync_patience is None:
             raise ValueError("evolve needs evolve.sync_every or evolve.sync_patience: the synced run must sync")
-        if self.evolve.eval_every < 1 or self.evolve.max_steps < 1:
-            raise ValueError("evolve.eval_every and evolve.max_steps must be >= 1")
-        for name in ("n_phase1", "n_phase2"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_ranges("evolve", self.evolve, {"max_steps": ">= 1", "sync_every": ">= 1", "sync_patience": ">= 1",
+                                             "eval_every": ">= 1"})
+        if self.data.path is None and self.task != "lab":
+            raise ValueError(f"data.path is required for task {self.task!r} (only the lab task has built-in problems)")
+        if self.data.path is None and (self.data.eval_path or self.data.eval_split):
+            raise ValueError("data.eval_path and data.eval_split need data.path: the lab task's problems are "
+                             "built in, with their own held-out set")
+        check_ranges("", self, {"n_phase1": ">= 1", "n_phase2": ">= 1"})
         return self
 
 
@@ -146,6 +162,11 @@ def _coerce(value, annotation, where: str):
             except ValueError:
                 pass
         raise ValueError(f"{where}: expected {annotation}, got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item, where) for v in value]
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation is float and isinstance(value, str):
@@ -159,21 +180,33 @@ def _coerce(value, annotation, where: str):
     return value
 
 
-def from_dict(cls, data: dict, where: str):
+def from_dict(cls, data: dict, where: str, prefix: str = ""):
+    """An instance of the dataclass `cls` from a mapping; `where` (a file, a --set) and the key path
+    (`prefix` + key) name any unknown key or wrongly typed value."""
     if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping, got {data!r}")
+        raise ValueError(f"{where}: {prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         if key not in known:
-            raise ValueError(f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
+            raise ValueError(f"{where}: unknown key {prefix + key!r}; known keys: {', '.join(sorted(known))}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = from_dict(hint, value, f"{where}.{key}")
+            kwargs[key] = from_dict(hint, value, where, f"{prefix}{key}.")
         else:
-            kwargs[key] = _coerce(value, hint, f"{where}.{key}")
+            kwargs[key] = _coerce(value, hint, f"{where}: {prefix}{key}")
     return cls(**kwargs)
+
+
+def from_layers(cls, data: dict, layers: list[tuple[dict, str]], prefix: str = ""):
+    """`from_dict` of `data` updated by each (mapping, where) layer in turn: a bad key or value is
+    blamed on the layer that brought it, not on a file the user never edited."""
+    result = from_dict(cls, data, "defaults", prefix)
+    for update, where in layers:
+        _merge(data, update, where)
+        result = from_dict(cls, data, where, prefix)
+    return result
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -203,12 +236,9 @@ def override_dict(item: str) -> dict:
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), base: RunConfig | None = None) -> RunConfig:
     """Base config (or defaults), updated by the YAML file at `path`, then by "a.b=value" overrides."""
-    data = dataclasses.asdict(base or RunConfig())
-    if path is not None:
-        _merge(data, read_yaml(path), str(path))
-    for item in overrides:
-        _merge(data, override_dict(item), f"override {item!r}")
-    return from_dict(RunConfig, data, str(path) if path else "config").validate()
+    layers = [(read_yaml(path), str(path))] if path is not None else []
+    layers += [(override_dict(item), f"--set {item}") for item in overrides]
+    return from_layers(RunConfig, dataclasses.asdict(base or RunConfig()), layers).validate()
 
 
 def _merge(target: dict, update: dict, where: str) -> None:

@@ -16,12 +16,16 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdzero.verifiers import last_boxed
+from sdzero.verifiers import code_language, last_boxed
 
 MATH_INSTRUCTION = "Solve the problem step by step, then give the final answer in \\boxed{}."
 CODE_INSTRUCTION = (
     "Write a complete Python program that reads the input from standard input and writes the "
     "answer to standard output. Give the whole program in one ```python code block."
+)
+CPP_INSTRUCTION = (
+    "Write a complete C++17 program that reads the input from standard input and writes the "
+    "answer to standard output. Give the whole program in one ```cpp code block."
 )
 DEFAULT_INSTRUCTIONS = {"math": MATH_INSTRUCTION, "code": CODE_INSTRUCTION, "lab": ""}
 PROBLEM_FIELDS = ("problem", "question", "prompt")
@@ -66,7 +70,8 @@ class DataConfig:
     """Column with a unique problem id (default `id` when present, else the row's 1-based position)."""
     instruction: str | None = None
     """Appended to every problem after a blank line. None = the task's default (math: reason step
-    by step, final answer in \\boxed{}; code: one ```python program using stdin/stdout; lab: none);
+    by step, final answer in \\boxed{}; code: one ```python program using stdin/stdout, or ```cpp for rows
+    whose `language` is cpp; lab: none);
     "" = no instruction."""
 
 
@@ -155,6 +160,11 @@ def _read_hub(path: str, name: str | None, split: str) -> list[tuple[str, dict]]
 # Validation: rows -> problem dicts
 
 
+def is_custom(task: str) -> bool:
+    """A task named as package.module:function is your own reward function."""
+    return ":" in task
+
+
 def _pick_fields(data: DataConfig, task: str, columns: list[str], source: str) -> dict:
     """The column used for each role; a mapped or required column absent from the data is an error."""
 
@@ -176,6 +186,8 @@ def _pick_fields(data: DataConfig, task: str, columns: list[str], source: str) -
         fields["id"] = "id" if "id" in columns else None
     if task == "code":
         fields["tests"] = require("tests_field", data.tests_field, ("tests",))
+    elif is_custom(task) and data.answer_field is None and not {"answer", "solution"} & set(columns):
+        fields["answer"] = fields["solution"] = None  # your own reward function may need no gold answer
     else:
         fields["answer"] = require("answer_field", data.answer_field, ("answer", "solution"))
         # Without an explicit mapping, `solution` backs up rows whose answer is missing or empty,
@@ -274,10 +286,19 @@ def validate_rows(
             first = first_seen[problem_id]
             raise ValueError(f"{where}: field {fields['id']!r}: duplicate id {problem_id!r} (first at {first})")
         first_seen[problem_id] = where
-        problem = {"id": problem_id, "problem": text + ("\n\n" + instruction if instruction else "")}
+        # The whole row travels with the problem, so the verifier can read any column: a code row's
+        # `language`, whatever your own reward function needs.
+        problem = {**row, "id": problem_id, "problem": text + ("\n\n" + instruction if instruction else "")}
         if task == "code":
             problem["tests"] = parse_tests(where, row.get(fields["tests"]), fields["tests"])
-        else:
+            if row.get("language") is not None:
+                try:
+                    problem["language"] = code_language(row["language"])
+                except ValueError as err:
+                    raise ValueError(f"{where}: field 'language': {err}") from None
+                if data.instruction is None and problem["language"] == "cpp":
+                    problem["problem"] = text + "\n\n" + CPP_INSTRUCTION
+        elif fields["answer"] is not None:
             answer, why = gold_answer(where, row, fields["answer"], fields["solution"])
             if answer is None:
                 reasons[why] += 1
@@ -345,7 +366,7 @@ def load_problem_sets(
     record_dir: str | Path | None = None,
 ) -> ProblemSets:
     """N1, N2 and held-out problems for a run; writes record_dir/split.json when record_dir is given."""
-    if task not in DEFAULT_INSTRUCTIONS and ":" not in task:  # "module:function" rows read like math rows
+    if task not in DEFAULT_INSTRUCTIONS and not is_custom(task):  # "module:function" rows read like math rows
         raise ValueError(f"unknown task {task!r}; choose one of {sorted(DEFAULT_INSTRUCTIONS)} "
                          "or a reward function as package.module:function")
     source, held_source = {"path": data.path, "name": data.name, "split": data.split}, None

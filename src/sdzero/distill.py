@@ -28,14 +28,15 @@ import torch
 from accelerate.utils import DistributedType, broadcast_object_list
 from tqdm.auto import tqdm
 
+from sdzero.checks import check_ranges
 from sdzero.generation import Sample, SamplingConfig, make_generator, score
 from sdzero.lab.task import PROBLEM_PREFIX, Problem, gold_digits
 from sdzero.losses import DIVERGENCES, per_token_divergence, teacher_topk
 from sdzero.prompts import (OVERFLOW, ControlPhrases, DistillLayout, bridge_ids, distill_layout, end_of_turn_ids,
                             generator_prompt_ids, token_pieces)
 from sdzero.modeling import Teacher
-from sdzero.training import (LogConfig, MetricsLog, finish_trackers, load_checkpoint, logits_at, make_accelerator,
-                             make_optimizer, make_schedule, pad_right, save_checkpoint, unwrap)
+from sdzero.training import (LogConfig, MetricsLog, check_finite, finish_trackers, load_checkpoint, logits_at,
+                             make_accelerator, make_optimizer, make_schedule, pad_right, save_checkpoint, unwrap)
 from sdzero.verifiers import Verifier
 
 
@@ -100,9 +101,11 @@ class DistillConfig:
             raise ValueError("sync_patience needs eval_every: the plateau is judged on the evaluations")
         if self.refresh_margin is not None and not self.eval_every:
             raise ValueError("refresh_margin needs eval_every: the gate is judged on the evaluations")
-        for name in ("prompts_per_step", "micro_batch_size", "max_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_ranges("distill", self, {
+            "prompts_per_step": ">= 1", "micro_batch_size": ">= 1", "max_steps": ">= 1", "lr": "> 0",
+            "warmup_steps": ">= 0", "grad_clip": "> 0", "mixed_weight": "in [0, 1]", "teacher_max_length": ">= 1",
+            "eval_every": ">= 1", "sync_every": ">= 1", "sync_patience": ">= 1", "refresh_margin": ">= 0",
+            "refresh_tail_growth": ">= 0", "save_every": ">= 1"})
 
 
 def micro_batch_tensors(layouts: list[DistillLayout], pad_id: int, device):
@@ -139,6 +142,7 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
     cfg.validate()
     if not problems:
         raise ValueError("Phase 2 needs at least one prompt; the problem set is empty")
+    check_teacher_room(tokenizer, problems, phrases, cfg.teacher_max_length, system_prompt)
     teacher = teacher if isinstance(teacher, Teacher) else Teacher(student, teacher)
     accelerator = make_accelerator(out_dir, log_config)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -277,6 +281,7 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
                           f"(tracked accuracy {progress_state['best']:.3f})")
     student.eval()
     finish_trackers(accelerator)
+    check_finite(student, "distill")
     return {"steps": cfg.max_steps, "history": history, "syncs": syncs, "best_step": progress_state["best_step"],
             "best_accuracy": progress_state["best"], "teacher_version": progress_state["teacher_version"],
             "seconds": time.time() - start, **progress_state["budget"]}
@@ -292,6 +297,19 @@ class Rollouts:
     """None where the sample is masked out (it does not fit the teacher's context)."""
     gold: list[list[tuple[int, int]]]
     """Lab task only: (target index, token id of the correct digit) for the digits of each answer."""
+
+
+def check_teacher_room(tokenizer, problems: list[dict], phrases: ControlPhrases, max_length: int | None,
+                       system_prompt: str | None) -> None:
+    """Refuse a teacher_max_length that no sample could fit (every sample masked, nothing trained): the
+    teacher reads the prompt, the whole first answer and P_r, and needs room for one target after them."""
+    if max_length is None:
+        return
+    shortest = (min(len(generator_prompt_ids(tokenizer, p["problem"], system_prompt)) for p in problems)
+                + min(len(bridge_ids(tokenizer, phrases, r)) for r in (0.0, 1.0)) + 1)
+    if max_length < shortest:
+        raise ValueError(f"distill.teacher_max_length={max_length} is too short for any sample: the shortest "
+                         f"prompt with P_r and a one-token answer already takes {shortest} tokens")
 
 
 def sample_rollouts(generator, tokenizer, problems: list[dict], verifier: Verifier, bridges: dict, eot: set[int],

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from sdzero.checks import check_ranges
 from sdzero.prompts import end_of_turn_ids
 
 
@@ -53,15 +54,14 @@ class SamplingConfig:
                              f"choose one of {', '.join(UNFINISHED_REWARDS)}")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown sampling backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        for name in ("max_new_tokens", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 < self.vllm_gpu_memory_utilization <= 1:
-            raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
+        check_ranges("sampling", self, {"temperature": ">= 0", "top_p": "in (0, 1]", "max_new_tokens": ">= 1",
+                                        "batch_size": ">= 1", "vllm_gpu_memory_utilization": "in (0, 1]"})
+        if self.backend == "vllm" and not vllm_importable():
+            raise ValueError("sampling.backend='vllm' needs vLLM, which is not installed: "
+                             "pip install 'sdzero[vllm]' (or set sampling.backend='transformers')")
+        if self.backend == "vllm" and not torch.cuda.is_available():
+            raise ValueError("sampling.backend='vllm' needs a CUDA GPU and none is available; "
+                             "set sampling.backend='transformers'")
 
 
 BACKENDS = ("auto", "transformers", "vllm")
@@ -277,10 +277,4 @@ def make_generator(model, tokenizer, sampling: SamplingConfig) -> Generator | VL
         backend = "vllm" if torch.cuda.is_available() and vllm_importable() else "transformers"
     if backend == "transformers":
         return Generator(model, tokenizer, sampling)
-    if not vllm_importable():
-        raise ImportError("sampling.backend='vllm' needs vLLM, which is not installed: "
-                          "pip install 'sdzero[vllm]' (or set sampling.backend='transformers')")
-    if not torch.cuda.is_available():
-        raise RuntimeError("sampling.backend='vllm' needs a CUDA GPU and none is available; "
-                           "set sampling.backend='transformers'")
     return VLLMGenerator(model, tokenizer, sampling)

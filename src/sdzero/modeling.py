@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from sdzero import lab
+from sdzero.checks import check_ranges
 from sdzero.training import unwrap
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -35,19 +36,99 @@ class LoraConfig:
     target_modules: str | list[str] = "all-linear"
     """Modules that get adapters: "all-linear" or a list of module names (e.g. [q_proj, v_proj])."""
 
+    def validate(self) -> None:
+        check_ranges("lora", self, {"r": ">= 1", "alpha": "> 0", "dropout": "in [0, 1)"})
+
+
+STAGE_COMMANDS = {"srt": "sdzero srt", "sdzero": "sdzero distill"}
+"""The command that writes each stage folder of a run directory (named in a missing folder's error)."""
+
+
+def looks_like_path(name: str) -> bool:
+    """A hub id is "name" or "owner/name"; anything that starts like a path, exists here, has more
+    parts, or starts with a folder that exists here (runs/mine when ./runs exists) is a local path."""
+    path = Path(name).expanduser()
+    return (name.startswith((".", "/", "~")) or path.exists() or name.count("/") > 1
+            or (len(path.parts) > 1 and Path(path.parts[0]).is_dir()))
+
 
 def resolve_model_path(name: str) -> str:
-    """"lab" -> the shipped lab model; a local folder (checked); anything else is taken as a hub id."""
+    """"lab" -> the shipped lab model; a local path (checked: it must hold a saved model); anything
+    else is a hub id."""
     if name == "lab":
         if not (lab.BASE_MODEL_DIR / "config.json").exists():
             raise FileNotFoundError(f"the lab base model is missing from {lab.BASE_MODEL_DIR}; "
                                     f"rebuild it with: sdzero lab pretrain --out {lab.BASE_MODEL_DIR}")
         return str(lab.BASE_MODEL_DIR)
-    path = Path(name)
-    looks_local = name.startswith((".", "/", "~")) or path.exists()
-    if looks_local and not (path.expanduser() / "config.json").exists():
-        raise FileNotFoundError(f"model folder not found or has no config.json: {name}")
-    return str(path.expanduser()) if looks_local else name
+    if not looks_like_path(name):
+        return name
+    path = Path(name).expanduser()
+    if (path / "config.json").exists():
+        return str(path)
+    made_by = STAGE_COMMANDS.get(path.name)
+    hint = (f"; run `{made_by} --out {path.parent}` first" if made_by else
+            "; give a folder written by save_pretrained, or a hub id such as Qwen/Qwen3-0.6B")
+    what = "has no config.json" if path.is_dir() else "not found"
+    raise FileNotFoundError(f"model folder {what}: {name}{hint}")
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the hub's host accepts a connection (checked before a download that would otherwise
+    retry for half a minute when offline)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
+def from_local_or_hub(load, name: str, path: str, **kwargs):
+    """`load(path)` (a transformers from_pretrained): a local folder as it is; a hub id from the cache
+    first, then from the hub. Failures end in one line naming the model."""
+    if Path(path).is_dir():
+        return load(path, **kwargs)
+    try:
+        return load(path, local_files_only=True, **kwargs)
+    except OSError:
+        pass
+    if not hub_reachable():
+        raise FileNotFoundError(f"model {name!r} is neither a local folder nor in the hub cache, and the hub "
+                                f"cannot be reached (offline?); download it once online, or give a local folder")
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()  # its retry notes would bury the one-line error below
+    try:
+        return load(path, **kwargs)
+    except OSError as err:  # unknown id, gated repository, network error
+        reason = str(err).strip().splitlines()[0]
+        raise FileNotFoundError(f"model {name!r} could not be loaded from the hub: {reason}") from None
+
+
+def load_tokenizer(name: str):
+    """The tokenizer of "lab", a local folder or a hub id, with a pad token."""
+    from transformers import AutoTokenizer
+
+    path = name if (Path(name) / "adapter_config.json").exists() else resolve_model_path(name)
+    tokenizer = from_local_or_hub(AutoTokenizer.from_pretrained, name, path)
+    if tokenizer.chat_template is None:
+        raise ValueError(f"the tokenizer of {name} has no chat template; SD-Zero needs one to lay out turns")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def same_tokenizer(a, b) -> bool:
+    """True when two tokenizers map every token to the same id (a teacher must score the student's ids)."""
+    return a.get_vocab() == b.get_vocab() and a.all_special_ids == b.all_special_ids
 
 
 def default_device() -> str:
@@ -70,23 +151,19 @@ def load_model(name: str, device: str | None = None, dtype: str = "auto"):
 
     A saved LoRA adapter folder (adapter_config.json) loads as its base model with the adapter merged.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     device = device or default_device()
+    tokenizer = load_tokenizer(name)
     adapter = (Path(name) / "adapter_config.json").exists()
     path = name if adapter else resolve_model_path(name)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.chat_template is None:
-        raise ValueError(f"the tokenizer of {name} has no chat template; SD-Zero needs one to lay out turns")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     torch_dtype = resolve_dtype(dtype)
     if adapter:
         from peft import AutoPeftModelForCausalLM
 
         model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch_dtype).merge_and_unload()
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        model = from_local_or_hub(AutoModelForCausalLM.from_pretrained, name, path, dtype=torch_dtype)
     return model.to(device).eval(), tokenizer
 
 

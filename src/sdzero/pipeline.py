@@ -169,10 +169,11 @@ def plot_learning_curve(path: Path, distill_summary: dict, results: dict, cfg: R
     import matplotlib.pyplot as plt
 
     history = distill_summary["history"]
+    n_curve = min(cfg.eval.curve_problems, cfg.eval.n_problems)  # the curve's problems are the first held-out ones
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     if history:
         ax.plot([h["step"] for h in history], [h["accuracy"] for h in history], marker="o",
-                label=f"student during Phase 2 (avg@{cfg.eval.curve_k}, {cfg.eval.curve_problems} problems)")
+                label=f"student during Phase 2 (avg@{cfg.eval.curve_k}, {n_curve} problems)")
     for name, style in (("base", ":"), ("srt", "--"), ("sdzero", "-")):
         if name in results:
             ax.axhline(results[name]["accuracy"], linestyle=style, color="gray",

@@ -17,9 +17,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from sdzero.checks import check_ranges
 from sdzero.prompts import ControlPhrases, bridge_ids, end_of_turn_ids, generator_prompt_ids, strip_end_of_turn
-from sdzero.training import (LogConfig, MetricsLog, finish_trackers, load_checkpoint, make_accelerator,
-                             make_optimizer, make_schedule, save_checkpoint, sft_step_loss)
+from sdzero.training import (LogConfig, MetricsLog, check_finite, finish_trackers, load_checkpoint,
+                             make_accelerator, make_optimizer, make_schedule, save_checkpoint, sft_step_loss)
 
 SCHEDULES = ("joint", "two_stage")
 
@@ -44,6 +45,13 @@ class SRTConfig:
     """Gradient norm clipping."""
     save_every: int | None = 100
     """Write a checkpoint to resume from (model, optimiser, scheduler, RNG, step) every N steps."""
+
+    def validate(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown SRT schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        # grad_clip <= 0 would flip or zero every update: a clip is a positive norm
+        check_ranges("srt", self, {"lr": "> 0", "epochs": ">= 1", "batch_size": ">= 1", "warmup_ratio": "in [0, 1)",
+                                   "weight_decay": ">= 0", "grad_clip": "> 0", "save_every": ">= 1"})
 
 
 def revision_example(tokenizer, row: dict, phrases: ControlPhrases, system_prompt: str | None = None):
@@ -73,8 +81,7 @@ def train_srt(model, tokenizer, rows: list[dict], phrases: ControlPhrases, cfg: 
     metrics go to out_dir/metrics.jsonl and a checkpoint to out_dir/checkpoint every `cfg.save_every`
     steps; `resume=True` continues from it.
     """
-    if cfg.schedule not in SCHEDULES:
-        raise ValueError(f"unknown SRT schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    cfg.validate()
     if not rows:
         raise ValueError("SRT needs at least one kept revision tuple; collection kept none")
     examples = [revision_example(tokenizer, row, phrases, system_prompt) for row in rows]
@@ -162,4 +169,5 @@ def train_srt(model, tokenizer, rows: list[dict], phrases: ControlPhrases, cfg: 
         bar.close()
         finish_trackers(accelerator)
     model.eval()
+    check_finite(model, "srt")
     return {"tuples": len(rows), "steps": step, "seconds": time.time() - start, "trained_tokens": trained_tokens}

@@ -166,6 +166,22 @@ def finish_trackers(accelerator) -> None:
     accelerator.trackers = []
 
 
+def check_finite(model, stage: str) -> None:
+    """Stop before a stage hands on (or saves) weights that are NaN or inf."""
+    bad = []
+    for name, param in unwrap(model).named_parameters():
+        local = param.detach().to_local() if hasattr(param, "to_local") else param.detach()  # FSDP2 shard
+        if not torch.isfinite(local).all():
+            bad.append(name)
+    if bad:
+        raise FloatingPointError(f"{stage}: {len(bad)} weight tensors hold NaN or inf after training "
+                                 f"(first: {bad[0]}); nothing was saved. {NAN_HINT}")
+
+
+NAN_HINT = ("Likely causes: a learning rate too high for this model (try 10x lower), or half-precision weights "
+            "(with dtype bfloat16, try dtype auto: fp32 weights under bf16 autocast)")
+
+
 class MetricsLog:
     """Appends one JSON object per line to metrics.jsonl (and sends numbers to the accelerate trackers);
     stops the run on a NaN or inf loss. Only the main process writes."""
@@ -180,8 +196,8 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         loss = record.get("loss")
         if loss is not None and not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at {record.get('stage', 'training')} step {record.get('step')}; "
-                                     "try a lower learning rate")
+            raise FloatingPointError(f"loss is {loss} at {record.get('stage', 'training')} step {record.get('step')}. "
+                                     f"{NAN_HINT}")
         if not self.main:
             return
         with self.path.open("a") as f:

@@ -219,6 +219,17 @@ _FENCE_RE = re.compile(r"```([^\n`]*)\n(.*?)```", re.DOTALL)
 CPP_COMPILE = "g++ -std=c++17 -O2 -pipe -o main main.cpp 1>&2 && cat main"
 
 
+LANGUAGES = {"python": "python", "py": "python", "python3": "python", "cpp": "cpp", "c++": "cpp"}
+"""The languages the code verifier runs, by every name a dataset's `language` column may use."""
+
+
+def code_language(name: str) -> str:
+    """"python" or "cpp" for any of their names in LANGUAGES; an error for anything else."""
+    if not isinstance(name, str) or name.lower() not in LANGUAGES:
+        raise ValueError(f"unsupported language {name!r}; use one of {', '.join(LANGUAGES)}")
+    return LANGUAGES[name.lower()]
+
+
 def extract_program(completion: str) -> str:
     """The last fenced code block (```python, ```py, ```cpp, ``` ...), or the whole text."""
     blocks = _FENCE_RE.findall(completion)
@@ -245,9 +256,7 @@ def code_reward(
     test runs in its own sandbox with a `timeout_s` wall-time limit. `language` is "python" or
     "cpp" (needs g++). Without bubblewrap this raises SandboxUnavailable unless `allow_unsafe`.
     """
-    language = {"py": "python", "python3": "python", "c++": "cpp"}.get(language, language)
-    if language not in ("python", "cpp"):
-        raise ValueError(f"unsupported language {language!r}; use 'python' or 'cpp'")
+    language = code_language(language)
     if not sandbox.sandbox_available() and not allow_unsafe:
         raise sandbox.SandboxUnavailable(
             "bubblewrap (bwrap) is missing or unusable: refusing to run untrusted code. "

@@ -106,9 +106,10 @@ def gold_steps(problem: Problem) -> list[tuple[int, int, int]]:
     return steps
 
 
-ERROR_KINDS = ("operand", "carry", "sum", "extra step", "ending")
+ERROR_KINDS = ("operand", "running sum", "carry slip", "sum", "extra step", "ending")
 """What the first attempt's first error is: an operand that is not the problem's digit, a running sum
-not carried from the previous step, a wrong sum of the written operands, a step past the last digit,
+not taken from the previous step, a carry slip (the corpus's mistake: on a step whose true sum
+reaches 10, one too many), any other wrong sum of the written operands, a step past the last digit,
 or (every written step right) missing steps or a wrong final answer."""
 
 
@@ -123,9 +124,10 @@ def first_error_kind(completion: str, problem: Problem) -> str | None:
         if operand != gold[i][1]:
             return "operand"
         if running != gold[i][0]:
-            return "carry"
+            return "running sum"
         if total != (running + operand) % 10:
-            return "sum"
+            slip = running + operand >= 10 and total == (running + operand + 1) % 10
+            return "carry slip" if slip else "sum"
     answer = ANSWER_RE.search(attempt)
     if len(steps) == len(gold) and answer is not None and answer.group(1) == problem.answer:
         return None

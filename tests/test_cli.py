@@ -1,0 +1,229 @@
+"""The command line as a user types it: every command through the `sdzero` console script, as a
+subprocess, at tiny sizes, on the lab and on a tiny local Hugging Face model with a local math file.
+
+The error paths are checked for what the README promises: exit code 2, one line on stderr, no
+traceback, and nothing done before the refusal (no model loaded, no file deleted).
+(`sdzero compare` runs through the same entry point in test_compare.py, and `lab pretrain` in
+test_lab_task.py, at their own sizes.)
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tiny import build_tiny_model, write_problems
+
+TESTS = Path(__file__).parent
+SDZERO = shutil.which("sdzero", path=str(Path(sys.executable).parent)) or shutil.which("sdzero")
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+           OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+# The lab demo's settings, scaled down so each command takes seconds.
+LAB_TINY = ["--set", "sampling.max_new_tokens=100", "--set", "srt.epochs=1", "--set", "distill.prompts_per_step=8",
+            "--set", "distill.micro_batch_size=4", "--set", "eval.k=2", "--set", "eval.curve_problems=4",
+            "--set", "eval.curve_k=1", "--set", "eval.revise_problems=4"]
+
+
+def sdzero(*args, cwd: Path, expect: int = 0) -> subprocess.CompletedProcess:
+    """Run `sdzero ARGS` in `cwd` and check its exit code; an error exit must be one line, no traceback."""
+    assert SDZERO, "the sdzero console script is not installed (pip install -e .)"
+    done = subprocess.run([SDZERO, *map(str, args)], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+    command = " ".join(map(str, args))
+    assert done.returncode == expect, f"sdzero {command}: exit {done.returncode}\n{done.stderr[-3000:]}"
+    if expect:
+        assert "Traceback" not in done.stderr, done.stderr
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1, done.stderr
+    return done
+
+
+@pytest.fixture(scope="module")
+def user(tmp_path_factory) -> Path:
+    """A user's folder: a tiny local model, a 60-row math JSONL with question / solution columns, and the
+    README's my_run.yaml for them (the reward function is tests/tiny.py's, named by import path)."""
+    home = tmp_path_factory.mktemp("user")
+    build_tiny_model(home / "tiny")
+    write_problems(home / "problems.jsonl", 60)
+    settings = {
+        "model": "tiny", "task": "tiny:even_length", "data": {"path": "problems.jsonl", "problem_field": "question"},
+        "n_phase1": 6, "n_phase2": 8, "sampling": {"max_new_tokens": 12},
+        "srt": {"epochs": 1, "batch_size": 4, "lr": 1e-3},
+        "distill": {"prompts_per_step": 4, "micro_batch_size": 2, "max_steps": 2, "lr": 1e-3, "warmup_steps": 1,
+                    "eval_every": 1},
+        "eval": {"k": 2, "n_problems": 4, "curve_problems": 2, "curve_k": 1, "revise_problems": 2},
+    }
+    (home / "my_run.yaml").write_text(yaml.safe_dump(settings))
+    return home
+
+
+@pytest.fixture(scope="module")
+def lab_run(tmp_path_factory) -> Path:
+    """`sdzero demo` at tiny sizes, in a folder of its own."""
+    home = tmp_path_factory.mktemp("lab")
+    sdzero("demo", "--out", "runs/demo", "--limit", "8", "--set", "distill.max_steps=1", *LAB_TINY, "--quiet",
+           cwd=home)
+    return home
+
+
+# ------------------------------------------------------------------------------------------
+# Every command as the README and the docs show it
+
+
+def test_run_and_the_stages_on_a_local_model_and_file(user):
+    done = sdzero("run", "--config", "my_run.yaml", "--out", "runs/mine", "--quiet", cwd=user)
+    report = json.loads((user / "runs" / "mine" / "report.json").read_text())
+    assert set(report["accuracy"]) == {"base", "srt", "sdzero"} and "wrote runs/mine/report.json" in done.stdout
+
+    # stage by stage, as the README lists them, into another run directory
+    sdzero("collect", "--config", "my_run.yaml", "--out", "runs/stages", "--quiet", cwd=user)
+    sdzero("srt", "--config", "my_run.yaml", "--out", "runs/stages", "--quiet", cwd=user)
+    sdzero("distill", "--config", "my_run.yaml", "--out", "runs/stages", "--quiet", cwd=user)
+    done = sdzero("eval", "--config", "my_run.yaml", "--model", "runs/stages/sdzero", "--out", "runs/stages/eval",
+                  "--quiet", cwd=user)
+    assert json.loads(done.stdout)["k"] == 2
+    assert (user / "runs" / "stages" / "eval" / "samples.jsonl").read_text().count("\n") == 4 * 2
+    # resuming a finished stage, and the other documented flags
+    sdzero("srt", "--config", "my_run.yaml", "--out", "runs/stages", "--resume", "--quiet", cwd=user)
+    sdzero("distill", "--config", "my_run.yaml", "--out", "runs/stages", "--max-steps", "3", "--resume", "--quiet",
+           cwd=user)
+    steps = [json.loads(line)["step"] for line in
+             (user / "runs" / "stages" / "sdzero" / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 3
+    sdzero("distill", "--config", "my_run.yaml", "--out", "runs/teacher", "--model", "runs/stages/srt",
+           "--teacher", "runs/mine/srt", "--max-steps", "1", "--quiet", cwd=user)
+    done = sdzero("eval", "--config", "my_run.yaml", "--model", "runs/stages/sdzero", "--revise", "--k", "1",
+                  "--n", "2", "--quiet", cwd=user)
+    assert json.loads(done.stdout)["revise"]["n_answers"] == 2 * 2  # eval.revise_k first answers per problem
+
+    # inspect pairs the own-data evaluation samples with their problems through the data
+    done = sdzero("inspect", "--run", "runs/mine", "--n", "4", "--quiet", cwd=user)
+    assert (user / "runs" / "mine" / "inspect" / "index.html").exists() and "report:" in done.stdout
+    sdzero("inspect", "--run", "runs/mine", "--student", "base", "--teacher", "srt", "--n", "4",
+           "--out", "runs/mine/inspect_base", "--quiet", cwd=user)
+
+
+def test_demo_the_quickstart_stages_and_the_lab_tools(lab_run):
+    done = sdzero("demo", "--out", "runs/demo", "--self-evolve", "--limit", "8", "--set", "evolve.max_steps=2",
+                  "--set", "evolve.eval_every=1", *LAB_TINY, "--quiet", cwd=lab_run)
+    assert (lab_run / "runs" / "demo" / "evolve" / "report.json").exists() and "frozen" in done.stdout
+    sdzero("inspect", "--run", "runs/demo", "--n", "8", "--quiet", cwd=lab_run)
+    done = sdzero("lab", "errors", "runs/demo/eval/sdzero.jsonl", cwd=lab_run)
+    assert "answers" in done.stdout and "carry slip" in done.stdout
+    done = sdzero("lab", "problems", "--n", "2", "--split", "train", cwd=lab_run)
+    assert done.stdout.count("Answer:") == 2
+
+    # docs/quickstart.md, "The stages one by one" (the same flags; fewer problems and shorter answers)
+    sdzero("collect", "--out", "runs/try", "--limit", "8", *LAB_TINY, "--quiet", cwd=lab_run)
+    sdzero("srt", "--out", "runs/try", "--limit", "8", "--set", "srt.epochs=1", *LAB_TINY, "--quiet", cwd=lab_run)
+    sdzero("distill", "--out", "runs/try", "--limit", "8", "--max-steps", "2", *LAB_TINY, "--quiet", cwd=lab_run)
+    done = sdzero("eval", "--model", "runs/try/sdzero", "--n", "8", "--k", "4", *LAB_TINY, "--quiet", cwd=lab_run)
+    assert json.loads(done.stdout)["k"] == 4
+    assert sdzero("--help", cwd=lab_run).stdout.startswith("usage: sdzero")
+
+
+# ------------------------------------------------------------------------------------------
+# Error paths: exit 2, one line, no traceback
+
+
+@pytest.mark.parametrize("args, message", [
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["demo", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["demo", "--seed", "one"], "invalid int value: 'one'"),
+    (["lab", "pretrain", "--out", "p", "--steps", "0"], "--steps must be >= 1"),
+    # stages out of order, in a relative run directory (what --out gives)
+    (["srt", "--out", "runs/new"], "runs/new/phase1/revisions.jsonl not found; run `sdzero collect --out runs/new`"),
+    (["distill", "--out", "runs/new"], "runs/new/srt holds no SRT model; run `sdzero srt --out runs/new` first"),
+    (["inspect", "--run", "runs/new"], "runs/new has no stage 'srt'"),
+    # missing model folders, relative and absolute, and a hub id with no network and no cache
+    (["eval", "--model", "runs/nothere"], "model folder not found: runs/nothere"),
+    (["eval", "--model", "/nonexistent/folder"], "model folder not found: /nonexistent/folder"),
+    (["eval", "--model", "runs/new/srt"], "run `sdzero srt --out runs/new` first"),
+    (["eval", "--model", "nobody/nothing"], "neither a local folder nor in the hub cache"),
+    # bad values, refused when the config is read
+    (["demo", "--set", "srt.grad_clip=-1"], "srt.grad_clip must be > 0"),
+    (["demo", "--set", "distill.grad_clip=0"], "distill.grad_clip must be > 0"),
+    (["demo", "--set", "srt.batch_size=0"], "srt.batch_size must be >= 1"),
+    (["demo", "--set", "srt.epochs=0"], "srt.epochs must be >= 1"),
+    (["demo", "--set", "collect.chunk_size=0"], "collect.chunk_size must be >= 1"),
+    (["demo", "--set", "lora.target_modules=5"], "--set lora.target_modules=5: lora.target_modules: expected"),
+    (["demo", "--set", "distill.mixed_weight=7"], "distill.mixed_weight must be in [0, 1]"),
+    (["demo", "--set", "eval.n_problems=0"], "eval.n_problems must be >= 1"),
+    (["demo", "--set", "lora.enabled=true", "--set", "distill.sync_every=2"], "not available with lora.enabled"),
+    (["demo", "--set", "dtype=float16"], "dtype float16 cannot train all weights"),
+    (["demo", "--set", "sampling.backend=vllm"], "sampling.backend='vllm' needs vLLM"),
+    (["demo", "--set", "data.eval_path=held_out.jsonl"], "data.eval_path and data.eval_split need data.path"),
+    (["demo", "--set", "srt.lr=fast"], "--set srt.lr=fast: srt.lr: expected float"),
+    (["demo", "--limit", "0"], "--limit must be >= 1"),
+    (["demo", "--config", "nope.yaml"], "config file not found: nope.yaml"),
+    (["collect", "--out", "runs/new", "--data", "nothere.jsonl", "--task", "math"], "data file not found: nothere"),
+    (["compare", "--out", "runs/cmp", "--methods", "sdzero,ppo"], "unknown method(s) ppo"),
+])
+def test_refused_in_one_line(tmp_path, args, message):
+    (tmp_path / "runs").mkdir()  # so runs/... reads as a local path, not as a hub id "owner/name"
+    done = sdzero(*args, cwd=tmp_path, expect=2)
+    assert message in done.stderr
+    assert not (tmp_path / "runs" / "new").exists(), "a refused command must not start the run directory"
+
+
+def test_refusals_that_need_the_models_come_before_any_file_is_touched(user):
+    run = user / "runs" / "refusals"
+    sdzero("collect", "--config", "my_run.yaml", "--out", run, "--quiet", cwd=user)
+    sdzero("srt", "--config", "my_run.yaml", "--out", run, "--quiet", cwd=user)
+    sdzero("distill", "--config", "my_run.yaml", "--out", run, "--quiet", cwd=user)
+    metrics = (run / "sdzero" / "metrics.jsonl").read_text()
+
+    done = sdzero("distill", "--config", "my_run.yaml", "--out", run, "--set", "distill.teacher_max_length=10",
+                  cwd=user, expect=2)
+    assert "distill.teacher_max_length=10 is too short for any sample" in done.stderr
+    # a teacher whose tokenizer differs from the student's cannot score the student's ids
+    build_tiny_model(user / "other_vocab", vocab_size=280)
+    done = sdzero("distill", "--config", "my_run.yaml", "--out", run, "--teacher", "other_vocab", cwd=user, expect=2)
+    assert "uses another tokenizer than the student" in done.stderr
+    assert (run / "sdzero" / "metrics.jsonl").read_text() == metrics, "a refused distill changed the last run's log"
+
+    # a diverging SRT stops with the likely causes and saves no model
+    diverged = user / "runs" / "diverged"
+    shutil.copytree(run / "phase1", diverged / "phase1")
+    done = sdzero("srt", "--config", "my_run.yaml", "--out", diverged, "--set", "srt.lr=1e30", "--set", "srt.epochs=3",
+                  "--quiet", cwd=user, expect=2)
+    assert "is nan" in done.stderr and "learning rate too high" in done.stderr
+    assert not (diverged / "srt" / "config.json").exists()
+
+
+def test_a_stage_with_nothing_to_train_exits_3_so_a_chain_stops(tmp_path, user):
+    # math-verify never accepts a random model's text: no first answer is right, no revision is kept
+    config = tmp_path / "math.yaml"
+    config.write_text(yaml.safe_dump({**yaml.safe_load((user / "my_run.yaml").read_text()), "task": "math",
+                                      "model": str(user / "tiny"), "data": {"path": str(user / "problems.jsonl")}}))
+    done = sdzero("collect", "--config", config, "--out", "run", "--quiet", cwd=tmp_path, expect=3)
+    assert "no verified revision was kept" in done.stderr
+    done = sdzero("srt", "--config", config, "--out", "run", "--quiet", cwd=tmp_path, expect=3)
+    assert "nothing to train on" in done.stderr
+    chain = subprocess.run(f"{SDZERO} srt --config {config} --out run --quiet && echo went-on", shell=True,
+                           cwd=tmp_path, env=ENV, capture_output=True, text=True)
+    assert chain.returncode == 3 and "went-on" not in chain.stdout
+
+
+def test_ctrl_c_stops_with_one_line_saying_how_to_go_on(tmp_path):
+    command = [SDZERO, "collect", "--out", "runs/c", "--limit", "400", "--quiet"]
+    process = subprocess.Popen(command, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    attempts = tmp_path / "runs" / "c" / "phase1"
+    deadline = time.time() + 120
+    while not attempts.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.5)  # wait until collection is under way
+    time.sleep(2)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines == [f"sdzero collect: interrupted; re-run sdzero collect --out runs/c --limit 400 --quiet to go "
+                     f"on with the problems not collected yet"]
