@@ -20,8 +20,8 @@ def front_matter_and_body(folder):
 def test_saved_stages_carry_cards_that_chain_to_the_base_model(tmp_path, lab_model_and_tokenizer):
     model, tokenizer = lab_model_and_tokenizer
     # A hub id as the configured base model: nothing is downloaded, only the card's text uses it.
-    cfg = load_config(overrides=["model=Qwen/Qwen3-4B-Instruct-2507", "task=math", "control_preset=qwen",
-                                 "srt.lr=5e-6", "distill.top_k=64"])
+    cfg = load_config(overrides=["model=Qwen/Qwen3-4B-Instruct-2507", "task=math", "data.path=problems.jsonl",
+                                 "control_preset=qwen", "srt.lr=5e-6", "distill.top_k=64"])
     report = {"metric": "avg@8", "k": 8, "n_problems": 500, "accuracy": 0.5625, "mean_length": 812.5,
               "pass@1": 0.5625, "pass@8": 0.75}
     save_stage(model, tokenizer, tmp_path / "srt", cfg, "srt", report)

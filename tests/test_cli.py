@@ -101,6 +101,9 @@ def test_run_and_the_stages_on_a_local_model_and_file(user):
     done = sdzero("eval", "--config", "my_run.yaml", "--model", "runs/stages/sdzero", "--revise", "--k", "1",
                   "--n", "2", "--quiet", cwd=user)
     assert json.loads(done.stdout)["revise"]["n_answers"] == 2 * 2  # eval.revise_k first answers per problem
+    done = sdzero("eval", "--config", "my_run.yaml", "--model", "tiny", "--data", "problems.jsonl", "--task",
+                  "tiny:even_length", "--max-new-tokens", "6", "--n", "2", "--k", "1", "--quiet", cwd=user)
+    assert json.loads(done.stdout)["n_problems"] == 2
 
     # inspect pairs the own-data evaluation samples with their problems through the data
     done = sdzero("inspect", "--run", "runs/mine", "--n", "4", "--quiet", cwd=user)
@@ -116,6 +119,12 @@ def test_demo_the_quickstart_stages_and_the_lab_tools(lab_run):
     sdzero("inspect", "--run", "runs/demo", "--n", "8", "--quiet", cwd=lab_run)
     done = sdzero("lab", "errors", "runs/demo/eval/sdzero.jsonl", cwd=lab_run)
     assert "answers" in done.stdout and "carry slip" in done.stdout
+    # docs/signal.md: the base model by name, and Phase 2 with teacher sync from a run's SRT model
+    sdzero("eval", "--model", "lab", "--k", "1", "--n", "4", "--revise", "--out", "ev/base", *LAB_TINY, "--quiet",
+           cwd=lab_run)
+    assert (lab_run / "ev" / "base" / "revise.jsonl").exists()
+    sdzero("distill", "--out", "runs/sync", "--seed", "1", "--model", "runs/demo/srt", "--max-steps", "2",
+           "--set", "distill.sync_every=1", *LAB_TINY, "--quiet", cwd=lab_run)
     done = sdzero("lab", "problems", "--n", "2", "--split", "train", cwd=lab_run)
     assert done.stdout.count("Answer:") == 2
 
