@@ -31,10 +31,11 @@ LAB_TINY = ["--set", "sampling.max_new_tokens=100", "--set", "srt.epochs=1", "--
             "--set", "eval.curve_k=1", "--set", "eval.revise_problems=4"]
 
 
-def sdzero(*args, cwd: Path, expect: int = 0) -> subprocess.CompletedProcess:
+def sdzero(*args, cwd: Path, expect: int = 0, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `sdzero ARGS` in `cwd` and check its exit code; an error exit must be one line, no traceback."""
     assert SDZERO, "the sdzero console script is not installed (pip install -e .)"
-    done = subprocess.run([SDZERO, *map(str, args)], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([SDZERO, *map(str, args)], cwd=cwd, env={**ENV, **(env or {})}, capture_output=True,
+                          text=True, timeout=600)
     command = " ".join(map(str, args))
     assert done.returncode == expect, f"sdzero {command}: exit {done.returncode}\n{done.stderr[-3000:]}"
     if expect:
@@ -110,6 +111,21 @@ def test_run_and_the_stages_on_a_local_model_and_file(user):
     assert (user / "runs" / "mine" / "inspect" / "index.html").exists() and "report:" in done.stdout
     sdzero("inspect", "--run", "runs/mine", "--student", "base", "--teacher", "srt", "--n", "4",
            "--out", "runs/mine/inspect_base", "--quiet", cwd=user)
+
+
+def test_a_hub_id_loads_from_the_hub_cache_without_a_network(user):
+    # A download cannot happen here: the tiny model is laid out as the hub client caches a repository.
+    cache = user / "hub_cache"
+    snapshot = cache / "models--someone--tiny" / "snapshots" / "0123abc"
+    shutil.copytree(user / "tiny", snapshot)
+    (cache / "models--someone--tiny" / "refs").mkdir()
+    (cache / "models--someone--tiny" / "refs" / "main").write_text("0123abc")
+    done = sdzero("eval", "--config", "my_run.yaml", "--model", "someone/tiny", "--n", "2", "--k", "1", "--quiet",
+                  cwd=user, env={"HF_HUB_CACHE": str(cache)})
+    assert json.loads(done.stdout)["n_problems"] == 2
+    done = sdzero("eval", "--config", "my_run.yaml", "--model", "someone/other", "--quiet", cwd=user,
+                  env={"HF_HUB_CACHE": str(cache)}, expect=2)
+    assert "model 'someone/other' is neither a local folder nor in the hub cache" in done.stderr
 
 
 def test_demo_the_quickstart_stages_and_the_lab_tools(lab_run):
