@@ -220,11 +220,17 @@ def stage_model(run_dir: Path, cfg, stage: str) -> str:
     raise FileNotFoundError(f"{run_dir} has no stage {stage!r}; its stages: {', '.join(stages)}")
 
 
-def held_out_texts(cfg) -> dict[str, str]:
-    """id -> problem text of the run's held-out problems (the evaluation files keep only the ids)."""
+def held_out_texts(cfg, run_dir: Path) -> dict[str, str]:
+    """id -> problem text of the run's held-out problems (the evaluation files keep only the ids), as
+    recorded in its split.json when it has one."""
     from sdzero.data import load_problem_sets
 
-    sets = load_problem_sets(cfg.data, cfg.task, 0, 0, cfg.eval.n_problems, cfg.seed)
+    sizes = (0, 0, cfg.eval.n_problems)
+    if (run_dir / "split.json").exists():
+        split = json.loads((run_dir / "split.json").read_text())
+        sizes = (len(split["n_phase1"]), len(split["n_phase2"]), len(split["held_out"]))
+    sets = load_problem_sets(cfg.data, cfg.task, *sizes, cfg.seed,
+                             record_dir=run_dir if (run_dir / "split.json").exists() else None)
     return {p["id"]: p["problem"] for p in sets.held_out}
 
 
@@ -265,7 +271,7 @@ def inspect_run(run_dir: str | Path, out_dir: str | Path, *, n: int = 200, stude
     for row, problem in zip(rows, problems):
         prompt = row.get("problem") or (problem.text if problem else None)
         if prompt is None:
-            texts = texts or held_out_texts(cfg)
+            texts = texts or held_out_texts(cfg, run_dir)
             prompt = texts.get(str(row.get("id")))
         if prompt is None:
             raise ValueError(f"{samples}: row {row.get('id')!r} is neither a lab problem nor a held-out problem of "

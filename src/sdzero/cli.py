@@ -44,6 +44,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, help="longest sampled response")
     parser.add_argument("--limit", type=int, help="use at most N problems in each set (N1, N2, held-out)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--restart", action="store_true",
+                        help="when OUT was made with other settings, move the outputs they make stale to "
+                             "OUT/stale/<time>/ and start again (without it, such a command is refused)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,10 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
     _common(distill)
 
     evaluate = commands.add_parser("eval", help="avg@k and pass@k of a model on the held-out problems",
-                                   description="The held-out problems are the config's (the same for every seed).")
+                                   description="In a run directory, the run's recorded held-out problems (--n: the "
+                                               "first N); outside one, the config's (the same for every seed).")
     evaluate.add_argument("--k", type=int, help="samples per problem (default: the config's eval.k)")
-    evaluate.add_argument("--n", type=int, help="held-out problems (default: the config's eval.n_problems)")
+    evaluate.add_argument("--n", type=int, help="held-out problems: the first N of the run's held-out set (default: "
+                                                "all of it), or outside a run the config's eval.n_problems")
     evaluate.add_argument("--out", type=Path, help="write the report and the samples here")
+    evaluate.add_argument("--run", type=Path,
+                          help="run directory whose recorded held-out set is evaluated (default: the run holding "
+                               "--model or --out, if any)")
     evaluate.add_argument("--revise", action="store_true",
                           help="also generate-then-revise: revise each first answer after the control phrase and "
                                "report initial and revised accuracy, correction rate and lengths "
@@ -130,27 +138,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_config(args):
+def _run_config(args, run_dir: Path | None = None):
+    """The command's configuration. In a run directory that records a --limit, a command without --limit
+    uses the recorded one: the stage commands of a run work on the same sets."""
     from sdzero.config import load_config
+    from sdzero.rundir import recorded_limit
 
     overrides = list(args.overrides)
     for flag, key in (("seed", "seed"), ("model", "model"), ("data", "data.path"), ("task", "task"),
                       ("max_new_tokens", "sampling.max_new_tokens"), ("max_steps", "distill.max_steps"),
-                      ("k", "eval.k"), ("n", "eval.n_problems")):
+                      ("k", "eval.k")):
         value = getattr(args, flag, None)
         if value is not None:
             overrides.append(f"{key}={value}")
     cfg = load_config(args.config, overrides)
-    limit = getattr(args, "limit", None)
-    if limit is not None:
-        if limit < 1:
-            raise ValueError(f"--limit must be >= 1, got {limit}")
-        cfg.n_phase1, cfg.n_phase2 = min(cfg.n_phase1, limit), min(cfg.n_phase2, limit)
-        cfg.eval.n_problems = min(cfg.eval.n_problems, limit)
+    if getattr(args, "limit", None) is None and hasattr(args, "limit"):
+        args.limit = recorded_limit(run_dir)
+    if args.limit is not None:
+        if args.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        cfg.n_phase1, cfg.n_phase2 = min(cfg.n_phase1, args.limit), min(cfg.n_phase2, args.limit)
+        cfg.eval.n_problems = min(cfg.eval.n_problems, args.limit)
     from sdzero.training import seed_everything
 
     seed_everything(cfg.seed)
     return cfg
+
+
+def _open_run(args, cfg):
+    """The run record of OUT, checked against this command (a different run is refused), or made."""
+    from sdzero.rundir import open_run
+    from sdzero.training import is_main_process, wait_for_everyone
+
+    record = open_run(args.out, cfg, limit=args.limit, restart=args.restart, main_process=is_main_process(),
+                      log=say)
+    wait_for_everyone()
+    return record
+
+
+def say(*values) -> None:
+    """print, once: under `accelerate launch` only the main process speaks."""
+    from sdzero.training import is_main_process
+
+    if is_main_process():
+        print(*values)
 
 
 def set_threads() -> None:
@@ -182,7 +213,7 @@ def _print_table(report: dict) -> None:
 def cmd_demo(args) -> None:
     from sdzero.pipeline import run_pipeline
 
-    cfg = _run_config(args)
+    cfg = _run_config(args, args.out)
     set_threads()
     if getattr(args, "self_evolve", False):  # a `demo` flag; `run` shares this command
         from sdzero.evolve import self_evolution
@@ -193,7 +224,7 @@ def cmd_demo(args) -> None:
             print(f"{name:<8} {run['accuracy']:>8.3f} {run['mean_length']:>8.1f}  {run['syncs'] or '-'}")
         print(f"wrote {args.out / 'evolve' / 'report.json'} and {args.out / 'evolve' / 'self_evolution.png'}")
         return
-    report = run_pipeline(cfg, args.out, progress=not args.quiet)
+    report = run_pipeline(cfg, args.out, progress=not args.quiet, limit=args.limit, restart=args.restart)
     _print_table(report)
     if "srt" not in report["accuracy"]:
         raise NothingToTrain(f"Phase 1 kept no verified revision, so the run stopped after evaluating the base model "
@@ -205,39 +236,61 @@ def cmd_demo(args) -> None:
 def cmd_collect(args) -> None:
     from sdzero.collect import collect
     from sdzero.generation import make_generator
+    from sdzero.modeling import load_tokenizer
     from sdzero.pipeline import load_run_model, problem_sets
+    from sdzero.rundir import begin_stage, check_base_model, phase1_settings
+    from sdzero.training import is_main_process, wait_for_everyone
     from sdzero.verifiers import get_verifier
 
-    cfg = _run_config(args)
+    cfg = _run_config(args, args.out)
+    record = _open_run(args, cfg)
+    main = is_main_process()
     n1, _, _ = problem_sets(cfg, record_dir=args.out)
+    fingerprint = check_base_model(args.out, record, cfg.model, load_tokenizer(cfg.model), main_process=main)
+    # Collection always continues the problems already done, so only the same settings may add to them.
+    begin_stage(args.out, "phase1", phase1_settings(cfg, fingerprint), restart=args.restart, resume=True,
+                main_process=main, log=say)
+    wait_for_everyone()
     model, tokenizer = load_run_model(cfg)
     summary = collect(make_generator(model, tokenizer, cfg.sampling), n1, get_verifier(cfg.task), cfg.phrases(),
                       args.out / "phase1", cfg.collect, system_prompt=cfg.system_prompt, progress=not args.quiet)
-    print(json.dumps(summary, indent=2))
+    say(json.dumps(summary, indent=2))
     if summary["kept"] == 0:
         raise NothingToTrain("no verified revision was kept: there is nothing for SRT to train on")
 
 
 def cmd_srt(args) -> None:
+    from sdzero.modeling import load_tokenizer
     from sdzero.pipeline import load_run_model, save_stage, trainable
-    from sdzero.srt import train_srt
-    from sdzero.training import read_jsonl
+    from sdzero.rundir import begin_stage, check_base_model, srt_settings
+    from sdzero.srt import check_tuples, train_srt
+    from sdzero.training import is_main_process, read_jsonl, wait_for_everyone
 
-    cfg = _run_config(args)
+    cfg = _run_config(args, args.out)
     path = args.out / "phase1" / "revisions.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found; run `sdzero collect --out {args.out}` first")
-    rows = read_jsonl(path, repair=True)
+    record = _open_run(args, cfg)
+    main = is_main_process()
+    rows = read_jsonl(path)
     if not rows:
         raise NothingToTrain(f"{path} holds no verified revision: nothing to train on")
+    tokenizer = load_tokenizer(cfg.model)
+    check_tuples(rows, tokenizer, path)
+    fingerprint = check_base_model(args.out, record, cfg.model, tokenizer, main_process=main)
+    begin_stage(args.out, "srt", srt_settings(cfg, fingerprint, path), restart=args.restart, resume=args.resume,
+                main_process=main, log=say)
+    wait_for_everyone()
     model, tokenizer = load_run_model(cfg)
     model = trainable(model, cfg)
     summary = train_srt(model, tokenizer, rows, cfg.phrases(), cfg.srt, out_dir=args.out / "srt", seed=cfg.seed,
                         system_prompt=cfg.system_prompt, progress=not args.quiet, resume=args.resume,
                         log_config=cfg.log)
-    save_stage(model, tokenizer, args.out / "srt", cfg, "srt")
-    print(json.dumps(summary, indent=2))
-    print(f"saved {args.out / 'srt'}")
+    if main:
+        save_stage(model, tokenizer, args.out / "srt", cfg, "srt")
+    wait_for_everyone()
+    say(json.dumps(summary, indent=2))
+    say(f"saved {args.out / 'srt'}")
 
 
 def cmd_distill(args) -> None:
@@ -245,6 +298,8 @@ def cmd_distill(args) -> None:
     from sdzero.generation import make_generator
     from sdzero.modeling import load_tokenizer, same_tokenizer
     from sdzero.pipeline import curve_accuracy, load_run_model, problem_sets, save_stage, trainable
+    from sdzero.rundir import begin_stage, check_base_model, check_tokenizer, model_fingerprint, sdzero_settings
+    from sdzero.training import is_main_process, wait_for_everyone
     from sdzero.verifiers import get_verifier
 
     if args.model is None:
@@ -252,14 +307,24 @@ def cmd_distill(args) -> None:
             raise FileNotFoundError(f"{args.out / 'srt'} holds no SRT model; run `sdzero srt --out {args.out}` first, "
                                     "or give the student with --model")
         args.model = str(args.out / "srt")
-    cfg = _run_config(args)
+    cfg = _run_config(args, args.out)
+    record = _open_run(args, cfg)
+    main = is_main_process()
     # Refusals that need only the tokenizers come before any model loads.
     tokenizer = load_tokenizer(cfg.model)
+    if record.get("base_model") is None:  # Phase 2 is the run's first stage: the student is its base model
+        check_base_model(args.out, record, cfg.model, tokenizer, main_process=main)
+    check_tokenizer(args.out, record, cfg.model, tokenizer)
     if args.teacher and not same_tokenizer(tokenizer, load_tokenizer(args.teacher)):
         raise ValueError(f"the teacher {args.teacher} uses another tokenizer than the student {cfg.model}: it must "
                          "score the student's token ids, so both need the same vocabulary")
     _, n2, held_out = problem_sets(cfg, record_dir=args.out)
     check_teacher_room(tokenizer, n2, cfg.phrases(), cfg.distill.teacher_max_length, cfg.system_prompt)
+    teacher_fingerprint = model_fingerprint(args.teacher) if args.teacher else "frozen copy of the student"
+    begin_stage(args.out, "sdzero", sdzero_settings(cfg, model_fingerprint(cfg.model), teacher_fingerprint),
+                restart=args.restart, resume=args.resume, resume_may_change=("distill.max_steps",),
+                main_process=main, log=say)
+    wait_for_everyone()
     model, tokenizer = load_run_model(cfg)
     teacher = load_run_model(cfg, args.teacher)[0] if args.teacher else None
     model = trainable(model, cfg)
@@ -271,21 +336,64 @@ def cmd_distill(args) -> None:
                       teacher=teacher, out_dir=args.out / "sdzero", seed=cfg.seed, evaluate_fn=curve,
                       system_prompt=cfg.system_prompt, progress=not args.quiet, resume=args.resume,
                       log_config=cfg.log, generator=generator)
-    save_stage(model, tokenizer, args.out / "sdzero", cfg, "sdzero")
+    if main:
+        save_stage(model, tokenizer, args.out / "sdzero", cfg, "sdzero")
+    wait_for_everyone()
     best = (f"; kept the best tracked student, step {summary['best_step']} ({summary['best_accuracy']:.3f})"
             if cfg.distill.keep_best and summary["best_step"] is not None else "")
-    print(f"{summary['steps']} steps in {summary['seconds']:.0f} s{best}; saved {args.out / 'sdzero'}")
+    say(f"{summary['steps']} steps in {summary['seconds']:.0f} s{best}; saved {args.out / 'sdzero'}")
+
+
+def eval_run_dir(args) -> Path | None:
+    """The run whose held-out set `eval` uses: --run, else the run holding --model (RUN/srt, RUN/sdzero) or
+    --out; None for a model outside any run (the held-out set is then drawn from the config)."""
+    if args.run is not None:
+        if not (args.run / "split.json").exists():
+            raise FileNotFoundError(f"{args.run} is not a run directory: it has no split.json")
+        return args.run
+    for folder in ([Path(args.model)] if args.model else []) + ([args.out] if args.out else []):
+        if (folder.parent / "split.json").exists():
+            return folder.parent
+    return None
 
 
 def cmd_eval(args) -> None:
     from sdzero.evaluate import evaluate, evaluate_revision
     from sdzero.generation import make_generator
     from sdzero.pipeline import load_run_model, problem_sets
+    from sdzero.rundir import begin_stage, differences, model_fingerprint, read_run, run_identity, stage_settings
     from sdzero.verifiers import get_verifier
 
-    cfg = _run_config(args)
-    cfg.n_phase1 = cfg.n_phase2 = 0  # only the held-out problems are needed
-    _, _, held_out = problem_sets(cfg)
+    run = eval_run_dir(args)
+    cfg = _run_config(args, run)
+    if args.n is not None:
+        cfg.eval.n_problems = args.n
+    if run is None:
+        cfg.n_phase1 = cfg.n_phase2 = 0  # only the held-out problems are needed
+        _, _, held_out = problem_sets(cfg)
+    else:
+        # The run's recorded held-out set, never a new draw: --n takes a prefix of it.
+        split = json.loads((run / "split.json").read_text())
+        n = cfg.eval.n_problems if args.n is not None else len(split["held_out"])
+        if n > len(split["held_out"]):
+            raise ValueError(f"--n {n}: the held-out set of {run} has {len(split['held_out'])} problems "
+                             f"(the others are training problems or not in the run)")
+        cfg.n_phase1, cfg.n_phase2 = len(split["n_phase1"]), len(split["n_phase2"])
+        cfg.eval.n_problems = len(split["held_out"])
+        record = read_run(run)
+        found = differences(record["identity"], run_identity(cfg)) if record else []
+        if found:
+            raise ValueError(f"this command's settings are not those of the run in {run} ({'; '.join(found[:3])}): "
+                             f"evaluate with its configuration, --config {run / 'config.yaml'}")
+        _, _, held_out = problem_sets(cfg, record_dir=run)
+        held_out = held_out[:n]
+        print(f"evaluating the first {n} problems of the held-out set of {run}", file=sys.stderr)  # stdout: the report
+    if args.out:
+        settings = stage_settings(model=model_fingerprint(cfg.model), problems=[p["id"] for p in held_out],
+                                  k=cfg.eval.k, sampling=cfg.sampling,
+                                  revise={"k": cfg.eval.revise_k, "feedback": cfg.eval.revise_feedback}
+                                  if args.revise else None)
+        begin_stage(args.out.parent, args.out.name, settings, restart=args.restart, log=say)
     model, tokenizer = load_run_model(cfg)
     generator, verifier = make_generator(model, tokenizer, cfg.sampling), get_verifier(cfg.task)
     report = evaluate(generator, held_out, verifier, k=cfg.eval.k, system_prompt=cfg.system_prompt,

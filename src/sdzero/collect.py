@@ -16,10 +16,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from sdzero.checks import check_ranges
 from sdzero.generation import Generator, Sample, score
+from sdzero.modeling import tokenizer_fingerprint
 from sdzero.prompts import (ControlPhrases, bridge_ids, end_of_turn_ids, generator_prompt_ids,
                             reviser_context_ids)
 from sdzero.training import read_jsonl
@@ -88,61 +91,83 @@ def collect(generator: Generator, problems: list[dict], verifier: Verifier, phra
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     attempts_path, revisions_path = out_dir / "attempts.jsonl", out_dir / "revisions.jsonl"
-    done, seen = resume_state(attempts_path, revisions_path)
+    # Under `accelerate launch` each process samples its share of every chunk and the main process writes
+    # them all: every problem is collected once.
+    state = PartialState()
+    rank, world, main = state.process_index, state.num_processes, state.is_main_process
+    if main:
+        done, seen = resume_state(attempts_path, revisions_path)
+    state.wait_for_everyone()
+    if not main:
+        done, seen = resume_state(attempts_path, revisions_path)
     todo = [p for p in problems if p["id"] not in done]
-    tokenizer = generator.tokenizer
-    eot = end_of_turn_ids(tokenizer)
-
-    bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc="collect", disable=not progress)
-    for start in range(0, len(todo), cfg.chunk_size):
-        chunk = todo[start:start + cfg.chunk_size]
-        prompts = [generator_prompt_ids(tokenizer, p["problem"], system_prompt) for p in chunk]
-        first_answers = generator.sample(prompts, cfg.answers_per_problem, progress=False)
-
-        # Everything to revise in this chunk, revised in one batched call.
-        first_rewards = [[score(verifier, a, p, generator.sampling) for a in answers] for p, answers in zip(chunk, first_answers)]
-        to_revise = []  # (problem index, first answer, reward)
-        for i, (answers, rewards) in enumerate(zip(first_answers, first_rewards)):
-            for answer, reward in zip(answers, rewards):
-                if reward >= 1.0 and not cfg.revise_correct:
-                    continue
-                to_revise.append((i, answer, reward))
-        contexts = [reviser_context_ids(prompts[i], answer.ids, bridge_ids(tokenizer, phrases, reward), eot)
-                    for i, answer, reward in to_revise]
-        revisions = generator.sample(contexts, cfg.revisions_per_answer, progress=False)
-
-        kept_rows: list[list[dict]] = [[] for _ in chunk]
-        # Budget: every sampled response of a problem (first answers and revisions) and its tokens.
-        sampled_tokens = [sum(len(a.ids) for a in answers) for answers in first_answers]
-        generations = [len(answers) for answers in first_answers]
-        for (i, _, _), revised in zip(to_revise, revisions):
-            sampled_tokens[i] += sum(len(s.ids) for s in revised)
-            generations[i] += len(revised)
-        for (i, answer, reward), revised in zip(to_revise, revisions):
-            problem = chunk[i]
-            for sample in revised:
-                key = (problem["id"], tuple(sample.ids))
-                verified = score(verifier, sample, problem, generator.sampling)
-                if key in seen or not keep_revision(answer, sample, verified, phrases, cfg):
-                    continue
-                seen.add(key)
-                kept_rows[i].append({
-                    "id": problem["id"], "problem": problem["problem"], "answer": problem.get("answer"),
-                    "init_reward": reward, "control_phrase": phrases.for_reward(reward),
-                    "init_text": answer.text, "init_ids": answer.ids,
-                    "revised_text": sample.text, "revised_ids": sample.ids,
-                })
-        # Per problem: its revisions, then its attempts line, which marks it done.
-        with revisions_path.open("a") as revisions_out, attempts_path.open("a") as attempts_out:
-            for problem, rewards, rows, n, tokens in zip(chunk, first_rewards, kept_rows, generations, sampled_tokens):
-                revisions_out.writelines(json.dumps(row) + "\n" for row in rows)
-                revisions_out.flush()
-                attempts_out.write(json.dumps({"id": problem["id"], "rewards": rewards, "kept": len(rows),
-                                               "generations": n, "sampled_tokens": tokens}) + "\n")
-                attempts_out.flush()
-        bar.update(len(chunk))
+    bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc="collect", disable=not progress or not main)
+    for start in range(0, len(todo), cfg.chunk_size * world):
+        block = todo[start:start + cfg.chunk_size * world]
+        chunk = block[rank::world]
+        results = gather_object(collect_chunk(generator, chunk, verifier, phrases, cfg, system_prompt, seen))
+        if main:
+            # Per problem: its revisions, then its attempts line, which marks it done.
+            with revisions_path.open("a") as revisions_out, attempts_path.open("a") as attempts_out:
+                for problem_id, rewards, rows, n, tokens in results:
+                    revisions_out.writelines(json.dumps(row) + "\n" for row in rows)
+                    revisions_out.flush()
+                    attempts_out.write(json.dumps({"id": problem_id, "rewards": rewards, "kept": len(rows),
+                                                   "generations": n, "sampled_tokens": tokens}) + "\n")
+                    attempts_out.flush()
+        state.wait_for_everyone()
+        bar.update(len(block))
     bar.close()
     return collection_summary(out_dir, cfg)
+
+
+def collect_chunk(generator: Generator, chunk: list[dict], verifier: Verifier, phrases: ControlPhrases,
+                  cfg: CollectConfig, system_prompt: str | None, seen: set) -> list[tuple]:
+    """First answers and verified revisions of a chunk of problems: per problem, (id, first-answer rewards,
+    kept tuples, generations, tokens sampled). Each tuple records its tokenizer, without which its ids mean
+    nothing."""
+    if not chunk:
+        return []
+    tokenizer = generator.tokenizer
+    eot, fingerprint = end_of_turn_ids(tokenizer), tokenizer_fingerprint(tokenizer)
+    prompts = [generator_prompt_ids(tokenizer, p["problem"], system_prompt) for p in chunk]
+    first_answers = generator.sample(prompts, cfg.answers_per_problem, progress=False)
+
+    # Everything to revise in this chunk, revised in one batched call.
+    first_rewards = [[score(verifier, a, p, generator.sampling) for a in answers] for p, answers in zip(chunk, first_answers)]
+    to_revise = []  # (problem index, first answer, reward)
+    for i, (answers, rewards) in enumerate(zip(first_answers, first_rewards)):
+        for answer, reward in zip(answers, rewards):
+            if reward >= 1.0 and not cfg.revise_correct:
+                continue
+            to_revise.append((i, answer, reward))
+    contexts = [reviser_context_ids(prompts[i], answer.ids, bridge_ids(tokenizer, phrases, reward), eot)
+                for i, answer, reward in to_revise]
+    revisions = generator.sample(contexts, cfg.revisions_per_answer, progress=False) if contexts else []
+
+    kept_rows: list[list[dict]] = [[] for _ in chunk]
+    # Budget: every sampled response of a problem (first answers and revisions) and its tokens.
+    sampled_tokens = [sum(len(a.ids) for a in answers) for answers in first_answers]
+    generations = [len(answers) for answers in first_answers]
+    for (i, _, _), revised in zip(to_revise, revisions):
+        sampled_tokens[i] += sum(len(s.ids) for s in revised)
+        generations[i] += len(revised)
+    for (i, answer, reward), revised in zip(to_revise, revisions):
+        problem = chunk[i]
+        for sample in revised:
+            key = (problem["id"], tuple(sample.ids))
+            verified = score(verifier, sample, problem, generator.sampling)
+            if key in seen or not keep_revision(answer, sample, verified, phrases, cfg):
+                continue
+            seen.add(key)
+            kept_rows[i].append({
+                "id": problem["id"], "problem": problem["problem"], "answer": problem.get("answer"),
+                "init_reward": reward, "control_phrase": phrases.for_reward(reward),
+                "init_text": answer.text, "init_ids": answer.ids,
+                "revised_text": sample.text, "revised_ids": sample.ids, "tokenizer": fingerprint,
+            })
+    return [(p["id"], *per_problem) for p, *per_problem in zip(chunk, first_rewards, kept_rows, generations,
+                                                                sampled_tokens)]
 
 
 def resume_state(attempts_path: Path, revisions_path: Path) -> tuple[set, set]:

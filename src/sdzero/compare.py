@@ -21,7 +21,8 @@ The run directory:
     config.yaml               the resolved configuration
     seed<S>/<method>/         metrics.jsonl (per step, with budget/... counters) of each method
     seed<S>/eval/<method>.jsonl   every held-out evaluation sample with its reward
-    results.jsonl             one line per (seed, method) finished; a re-run skips those
+    results.jsonl             one line per (seed, method) finished, with the settings that shaped it; a re-run
+                              reuses a result only when those are unchanged, and recomputes it otherwise
     report.json, report.md    the comparison; sample_efficiency.png the curves
 """
 
@@ -46,6 +47,7 @@ from sdzero.distill import distill
 from sdzero.evaluate import evaluate
 from sdzero.generation import Generator
 from sdzero.pipeline import load_run_model, trainable
+from sdzero.rundir import model_fingerprint, move_aside, stale_folder
 from sdzero.srt import train_srt
 from sdzero.training import read_jsonl, seed_everything
 from sdzero.verifiers import get_verifier
@@ -262,27 +264,53 @@ def compare(cfg: RunConfig, ccfg: CompareConfig, out_dir: str | Path, *, progres
     (out / "config.yaml").write_text(config_to_yaml(cfg) + yaml.safe_dump({"compare": dataclasses.asdict(ccfg)},
                                                                          sort_keys=False))
     results_path = out / "results.jsonl"
+    # Later lines win: a result recomputed under new settings is appended after the one it replaces.
     done = {(r["seed"], r["method"]): r for r in read_jsonl(results_path)} if results_path.exists() else {}
     methods = ccfg.method_list()
+    base_model = model_fingerprint(cfg.model)
     # SD-Zero first: without a fixed budget its actual count is the baselines' target.
     order = ["base"] + [m for m in METHODS if m in methods]
+    wanted = []
     for seed in range(cfg.seed, cfg.seed + ccfg.seeds):
         seed_cfg = dataclasses.replace(cfg, seed=seed)
         for method in order:
-            if (seed, method) in done:
-                continue
             if ccfg.budget is not None:
                 target = ccfg.budget
+            elif method in ("base", "sdzero"):
+                target = None  # the base model spends nothing; SD-Zero's own count is the target
             elif "sdzero" in methods:
-                target = done[(seed, "sdzero")]["generations"] if (seed, "sdzero") in done else None
+                target = done[(seed, "sdzero")]["generations"]
             else:
                 target = sdzero_nominal_generations(cfg)
+            settings = method_settings(seed_cfg, ccfg, method, target, base_model)
+            wanted.append((seed, method))
+            old = done.get((seed, method))
+            if old is not None and old.get("settings") == settings:
+                continue
+            if old is not None:
+                stale = stale_folder(out)
+                move_aside(out, [f"seed{seed}/{method}", f"seed{seed}/eval/{method}.jsonl"], stale)
+                log(f"[seed {seed}] {method}: its recorded result was measured with other settings; recomputing "
+                    f"(the old files are in {stale})")
             row = run_method(method, seed_cfg, ccfg, seed, out, target=target, progress=progress, log=log)
+            row["settings"] = settings
             done[(seed, method)] = row
             with results_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-            write_report(out, cfg, ccfg, list(done.values()))
-    return write_report(out, cfg, ccfg, list(done.values()))
+            write_report(out, cfg, ccfg, [done[key] for key in wanted])
+    return write_report(out, cfg, ccfg, [done[key] for key in wanted])
+
+
+def method_settings(cfg: RunConfig, ccfg: CompareConfig, method: str, target: int | None, base_model: str) -> dict:
+    """What shapes one (seed, method) result: a re-run reuses the result only when all of it is unchanged
+    (as JSON reads it back, so that a fresh value compares equal to a recorded one)."""
+    run = {key: value for key, value in dataclasses.asdict(cfg).items() if key not in ("log", "evolve")}
+    if method != "sdzero":  # SD-Zero's own stages do not shape the other methods' results
+        for key in ("collect", "srt", "distill"):
+            run.pop(key)
+    settings = {"run": run, "base_model": base_model, "target_generations": target, "tolerance": ccfg.tolerance,
+                "method": dataclasses.asdict(getattr(ccfg, method)) if method in ("rft", "grpo", "sdft") else None}
+    return json.loads(json.dumps(settings))
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

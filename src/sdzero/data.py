@@ -406,6 +406,27 @@ def load_problem_sets(
             "n_phase1": [p["id"] for p in sets.n1], "n_phase2": [p["id"] for p in sets.n2],
             "held_out": [p["id"] for p in sets.held_out], "skipped": sets.skipped,
         }  # fmt: skip
-        Path(record_dir).mkdir(parents=True, exist_ok=True)
-        (Path(record_dir) / "split.json").write_text(json.dumps(record, indent=1) + "\n")
+        path = Path(record_dir) / "split.json"
+        if path.exists():
+            check_split(path, json.loads(path.read_text()), record)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(record, indent=1) + "\n")
     return sets
+
+
+def check_split(path: Path, recorded: dict, drawn: dict) -> None:
+    """A run has one split: the sets drawn now must be the recorded ones, or the command is refused,
+    naming what differs (a command never redraws a run's split)."""
+    for key in ("task", "source", "eval_source", "seed"):
+        if recorded.get(key) != drawn[key]:
+            raise ValueError(f"{path}: the run's split was drawn with {key} {recorded.get(key)!r}; this command has "
+                             f"{drawn[key]!r} (use another --out for another split)")
+    for key in ("n_phase1", "n_phase2", "held_out"):
+        if len(recorded[key]) != len(drawn[key]):
+            raise ValueError(f"{path}: the run's {key} set has {len(recorded[key])} problems; this command asks for "
+                             f"{len(drawn[key])} (keep the run's --limit and set sizes, or use another --out)")
+        moved = next((i for i in drawn[key] if i not in set(recorded[key])), None)
+        if moved is not None:
+            raise ValueError(f"{path}: problem {moved!r} is not in the run's recorded {key} set: the data changed "
+                             "since the split was recorded (use another --out for the new data)")

@@ -9,6 +9,8 @@ second copy of the weights is needed.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,6 +131,13 @@ def load_tokenizer(name: str):
 def same_tokenizer(a, b) -> bool:
     """True when two tokenizers map every token to the same id (a teacher must score the student's ids)."""
     return a.get_vocab() == b.get_vocab() and a.all_special_ids == b.all_special_ids
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short hash of what makes token ids mean the same text: the vocabulary, the special tokens and the
+    chat template."""
+    content = [sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens, tokenizer.chat_template]
+    return hashlib.sha256(json.dumps(content).encode()).hexdigest()[:16]
 
 
 def default_device() -> str:

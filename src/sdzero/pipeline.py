@@ -3,6 +3,9 @@
 Every stage writes plain artifacts into the run directory:
 
     config.yaml                 the resolved configuration
+    run.json                    the run's identity (seed, data, sets, phrases, base model), sdzero.rundir
+    split.json                  the ids of N1, N2 and the held-out problems
+    */settings.json             the settings that made each stage's output
     phase1/attempts.jsonl       one line per N1 problem: first-answer rewards, revisions kept
     phase1/revisions.jsonl      the kept (x, y_init, P_r, y_revised) tuples, with token ids
     srt/                        the SRT model (save_pretrained) and its metrics.jsonl
@@ -25,16 +28,26 @@ from sdzero.data import load_problem_sets
 from sdzero.distill import distill
 from sdzero.evaluate import evaluate, evaluate_revision
 from sdzero.generation import make_generator
-from sdzero.modeling import is_lora, load_model, merged_for_saving, prepare_for_training
+from sdzero.modeling import is_lora, load_model, load_tokenizer, merged_for_saving, prepare_for_training
+from sdzero.rundir import (begin_stage, check_base_model, model_fingerprint, move_aside, open_run, phase1_settings,
+                           sdzero_settings, srt_settings, stale_folder)
 from sdzero.srt import train_srt
-from sdzero.training import read_jsonl, seed_everything
+from sdzero.training import is_main_process, read_jsonl, seed_everything, wait_for_everyone
 from sdzero.verifiers import get_verifier
 
 
 def problem_sets(cfg: RunConfig, record_dir: str | Path | None = None, log=print):
-    """N1, N2 and the held-out problems of the run (recorded in record_dir/split.json)."""
-    sets = load_problem_sets(cfg.data, cfg.task, cfg.n_phase1, cfg.n_phase2, cfg.eval.n_problems, cfg.seed,
-                             record_dir=record_dir)
+    """N1, N2 and the held-out problems of the run: recorded in record_dir/split.json by the first command,
+    checked against that record by every later one. Under `accelerate launch` the main process records."""
+    main = is_main_process()
+    if main:
+        sets = load_problem_sets(cfg.data, cfg.task, cfg.n_phase1, cfg.n_phase2, cfg.eval.n_problems, cfg.seed,
+                                 record_dir=record_dir)
+    wait_for_everyone()
+    if not main:
+        sets = load_problem_sets(cfg.data, cfg.task, cfg.n_phase1, cfg.n_phase2, cfg.eval.n_problems, cfg.seed,
+                                 record_dir=record_dir)
+        return sets.n1, sets.n2, sets.held_out
     for part, skipped in sets.skipped.items():
         if skipped["count"]:
             log(f"skipped {skipped['count']} {part} rows without a usable gold answer: {skipped['reasons']} "
@@ -70,25 +83,45 @@ def trainable(model, cfg: RunConfig):
 def save_stage(model, tokenizer, path: str | Path, cfg: RunConfig, stage: str, evaluation: dict | None = None) -> None:
     """A stage's model as a plain save_pretrained folder (loads in transformers or vLLM as it is;
     LoRA adapters are merged into the weights), with a README.md model card; `evaluation` is an
-    `evaluate()` report of this model, when there is one."""
-    merged_for_saving(model).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    write_model_card(path, base_model=cfg.model, stage=stage, **run_card_fields(cfg, stage),
-                     evaluation=evaluation_figures(evaluation) if evaluation else None)
+    `evaluate()` report of this model, when there is one. Under `accelerate launch` every process calls
+    it (FSDP-sharded weights are gathered from all of them) and the main process writes."""
+    state_dict = None
+    if any(hasattr(p, "to_local") for p in model.parameters()):  # FSDP2 shards
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if is_main_process():
+        merged_for_saving(model).save_pretrained(path, state_dict=state_dict)
+        tokenizer.save_pretrained(path)
+        write_model_card(path, base_model=cfg.model, stage=stage, **run_card_fields(cfg, stage),
+                         evaluation=evaluation_figures(evaluation) if evaluation else None)
+    wait_for_everyone()
 
 
-def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True, log=print) -> dict:
-    """Run the whole method and write the run directory; returns report.json's content."""
+def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True, log=print, limit: int | None = None,
+                 restart: bool = False) -> dict:
+    """Run the whole method and write the run directory; returns report.json's content.
+
+    `limit` is the --limit the sets were cut to (recorded, so the stage commands use the same sets);
+    `restart`: a run directory made with other settings is moved aside instead of refused (sdzero.rundir)."""
     cfg.validate()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(config_to_yaml(cfg))
+    record = open_run(out, cfg, limit=limit, restart=restart, log=log)
     start = time.time()
     seed_everything(cfg.seed)
     verifier = get_verifier(cfg.task)
     phrases = cfg.phrases()
     n1, n2, held_out = problem_sets(cfg, record_dir=out, log=log)
     curve_problems = held_out[:cfg.eval.curve_problems]
+    base_fingerprint = check_base_model(out, record, cfg.model, load_tokenizer(cfg.model))
+    begin_stage(out, "phase1", phase1_settings(cfg, base_fingerprint), restart=restart, resume=True, log=log)
+    (out / "config.yaml").write_text(config_to_yaml(cfg))  # every stage but collection is made anew from it
+    # A re-run recomputes every stage but collection (which goes on with the problems not done yet): the
+    # old results move aside first, so that no file of the run is left from the previous one.
+    stale = stale_folder(out)
+    moved = move_aside(out, ["srt", "sdzero", "eval", "report.json", "learning_curve.png"], stale)
+    if moved:
+        log(f"moved the previous {', '.join(moved)} to {stale}")
     model, tokenizer = load_run_model(cfg)
     generator = make_generator(model, tokenizer, cfg.sampling)
     results: dict[str, dict] = {}
@@ -120,6 +153,7 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True, 
         log("Phase 1 kept no verified revision: nothing to train SRT on. Stopping here.")
         return _write_report(out, cfg, results, collection, {}, start)
 
+    begin_stage(out, "srt", srt_settings(cfg, base_fingerprint, out / "phase1" / "revisions.jsonl"), log=log)
     model = trainable(model, cfg)
     srt_summary = train_srt(model, tokenizer, tuples, phrases, cfg.srt, out_dir=out / "srt", seed=cfg.seed,
                             system_prompt=cfg.system_prompt, progress=progress, log_config=cfg.log)
@@ -128,6 +162,8 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True, 
     save_stage(model, tokenizer, out / "srt", cfg, "srt", results["srt"])
 
     log(f"Phase 2: self-distillation on {len(n2)} problems, {cfg.distill.max_steps} steps")
+    begin_stage(out, "sdzero", sdzero_settings(cfg, model_fingerprint(str(out / "srt")), "frozen copy of the student"),
+                log=log)
     model = trainable(model, cfg)
     distill_summary = distill(model, tokenizer, n2, verifier, phrases, cfg.sampling, cfg.distill,
                               out_dir=out / "sdzero", seed=cfg.seed,

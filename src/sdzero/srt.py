@@ -18,6 +18,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from sdzero.checks import check_ranges
+from sdzero.modeling import tokenizer_fingerprint
 from sdzero.prompts import ControlPhrases, bridge_ids, end_of_turn_ids, generator_prompt_ids, strip_end_of_turn
 from sdzero.training import (LogConfig, MetricsLog, check_finite, finish_trackers, load_checkpoint,
                              make_accelerator, make_optimizer, make_schedule, save_checkpoint, sft_step_loss)
@@ -62,6 +63,20 @@ def revision_example(tokenizer, row: dict, phrases: ControlPhrases, system_promp
     revision = (prompt + first + bridge, list(row["revised_ids"]))
     generation = (prompt, first + bridge + list(row["revised_ids"]))
     return revision, generation
+
+
+def check_tuples(rows: list[dict], tokenizer, path: Path) -> None:
+    """Tuples hold token ids, which mean text only under the tokenizer that made them: refuse those of
+    another tokenizer (recorded in each tuple) and ids the tokenizer does not have."""
+    fingerprint, vocab = tokenizer_fingerprint(tokenizer), len(tokenizer)
+    for line, row in enumerate(rows, 1):
+        if row.get("tokenizer", fingerprint) != fingerprint:
+            raise ValueError(f"{path}:{line}: the tuple was tokenized by another tokenizer (fingerprint "
+                             f"{row['tokenizer']}, the model's is {fingerprint}): collect again with this model")
+        bad = next((i for i in row["init_ids"] + row["revised_ids"] if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise ValueError(f"{path}:{line}: token id {bad} is outside the model's vocabulary of {vocab}: the tuple "
+                             "was collected with another tokenizer")
 
 
 def checkpoint_stage(checkpoint_dir: Path) -> int | None:

@@ -21,6 +21,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def is_main_process() -> bool:
+    """True in the one process of a plain run, and in process 0 under `accelerate launch` / torchrun."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def wait_for_everyone() -> None:
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()
+
+
 def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
