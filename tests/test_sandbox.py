@@ -427,3 +427,26 @@ def test_nothing_leaks_under_load_as_pid_1():
         assert figures[f"{what}_after"] == figures[f"{what}_before"], what
     assert figures["zombies_after"] == "0" and figures["children_after"] == "0"
     assert proc.returncode == 0
+
+
+FORKED_WORKER = """
+import os, sys, time
+from sdzero import sandbox
+sandbox.run(["/bin/true"])  # this process becomes a subreaper
+pid = os.fork()
+if pid == 0:  # a forked worker (as multiprocessing makes them) is not one until it says so
+    for _ in range(10):
+        sandbox.run(["/bin/true"])
+    os._exit(0)
+os.waitpid(pid, 0)
+time.sleep(0.3)
+print(open(f"/proc/self/task/{os.getpid()}/children").read().split())
+"""
+
+
+def test_forked_workers_reap_their_own_sandboxes():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run([sys.executable, "-c", FORKED_WORKER], capture_output=True, text=True, env=env,
+                          timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"  # no zombie of the worker's sandboxes left to the parent

@@ -418,10 +418,14 @@ def _kill(proc: subprocess.Popen, init_pidfd: int | None) -> None:
 # (never waitpid(-1), which would steal other children's exit statuses).
 
 
-@lru_cache(maxsize=1)
-def _become_subreaper() -> bool:
-    libc = ctypes.CDLL(None, use_errno=True)
-    return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+_subreaper_pid: int | None = None  # the process that made itself one (a forked child is not)
+
+
+def _become_subreaper() -> None:
+    global _subreaper_pid
+    if _subreaper_pid != os.getpid():
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        _subreaper_pid = os.getpid()
 
 
 def _reap(pidfd: int) -> None:

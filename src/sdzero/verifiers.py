@@ -389,7 +389,7 @@ def compile_cpp(source: bytes, *, allow_unsafe: bool = False) -> bytes | None:
     """Compile C++ inside the sandbox; the binary, or None when compilation fails."""
     if shutil.which("g++", path="/usr/local/bin:/usr/bin:/bin") is None:
         raise RuntimeError("g++ is not installed: cannot verify C++ programs")
-    limits = sandbox.Limits(wall_s=30, memory_mb=4096, max_procs=32, file_mb=64,
+    limits = sandbox.Limits(wall_s=30, memory_mb=4096, total_memory_mb=4096, max_procs=32, file_mb=64,
                             tmpfs_mb=256, output_bytes=64 << 20)  # fmt: skip
     result = sandbox.run(["sh", "-c", CPP_COMPILE], files={"main.cpp": source}, limits=limits,
                          allow_unsafe=allow_unsafe)  # fmt: skip
