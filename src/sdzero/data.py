@@ -3,8 +3,8 @@ every row, and split them into disjoint N1 (Phase 1), N2 (Phase 2) and held-out 
 
 A math problem is `{"id", "problem", "answer"}`, a code problem `{"id", "problem", "tests"}` with
 stdin tests `[{"input": str, "output": str}, ...]` or call tests `[{"fn_name", "args", "expected"}, ...]`
-(read from APPS/TACO's `input_output` and LiveCodeBench's functional tests). Malformed rows stop the run with one error naming
-the file, the line or row, and the field. Math rows without a usable gold answer are skipped,
+(read from APPS/TACO's `input_output` and LiveCodeBench's functional tests). Malformed rows stop the
+run with one error naming the file, the line or row, and the field. Math rows without a usable gold answer are skipped,
 and counted in the summary that `load_problem_sets` returns and records in split.json.
 """
 
@@ -328,7 +328,8 @@ def _functional_test(where: str, test: dict, field_name: str, row: dict | None) 
             try:
                 args.append(json.loads(line))
             except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: field {field_name}.input line {line_no}: not valid JSON ({err.msg})") from None
+                where_field = f"{where}: field {field_name}.input line {line_no}"
+                raise ValueError(f"{where_field}: not valid JSON ({err.msg})") from None
     try:
         expected = json.loads(test["output"])
     except json.JSONDecodeError as err:
