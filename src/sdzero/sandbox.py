@@ -280,11 +280,10 @@ def _run_bwrap(argv: list[str], stdin_fd: int, files: dict[str, int], limits: Li
             proc.stdout.close()
             proc.stderr.close()
             raise
-        finally:
-            os.close(block_w)
         result = _collect(proc, limits, init_pidfd)
     finally:
         os.close(info_r)
+        os.close(block_w)
         if init_pidfd is not None:
             _reap(init_pidfd)
             os.close(init_pidfd)
