@@ -294,3 +294,62 @@ def test_math_verifier_accepts_a_loaded_row(tmp_path):
     row = sets.n1[0]
     assert math_row_reward("So the answer is \\boxed{0.5}", row) == 1.0
     assert math_row_reward("So the answer is \\boxed{\\frac{1}{3}}", row) == 0.0
+
+
+DATA = __import__("pathlib").Path(__file__).parent / "data"
+APPS = DataConfig(path=str(DATA / "apps_call.jsonl"), problem_field="question", tests_field="input_output",
+                  id_field="problem_id")
+LCB = DataConfig(path=str(DATA / "livecodebench_functional.jsonl"), problem_field="question_content",
+                 tests_field="public_test_cases", id_field="question_id")
+
+
+def test_apps_input_output_becomes_call_tests():
+    problems, _ = load_problems(APPS.path, APPS, "code")
+    by_id = {p["id"]: p for p in problems}
+    assert by_id["4001"]["tests"][0] == {"fn_name": "count_vowels", "args": ["hello"], "expected": [2], "unwrap": True}
+    assert by_id["4003"]["tests"][1]["args"] == [[7]]
+    assert "`count_vowels`" in by_id["4001"]["problem"] and "def count_vowels(s):" in by_id["4001"]["problem"]
+    # Without fn_name the same column style is stdin/stdout.
+    assert by_id["4004"]["tests"] == [{"input": "1 2\n", "output": "3\n"}, {"input": "10 -3\n", "output": "7\n"}]
+    assert by_id["4004"]["problem"].endswith(CODE_INSTRUCTION)
+
+
+def test_livecodebench_functional_tests_become_call_tests():
+    problems, _ = load_problems(LCB.path, LCB, "code")
+    by_id = {p["id"]: p for p in problems}
+    assert by_id["lcb-1"]["tests"][0] == {"fn_name": "pairWithTarget", "args": [[2, 7, 11, 15], 9], "expected": [0, 1]}
+    assert by_id["lcb-2"]["tests"][1] == {"fn_name": "halfTotal", "args": [[]], "expected": 0.0}
+    assert "class Solution:" in by_id["lcb-1"]["problem"]
+    assert by_id["lcb-3"]["tests"] == [{"input": "abc\n", "output": "ABC\n"}]  # a stdin test stays one
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"tests": {"fn_name": "f", "inputs": [1], "outputs": [1]}}, "field tests.inputs[0] must be a list of arguments, got int"),
+        ({"tests": {"fn_name": "not a name", "inputs": [[1]], "outputs": [1]}}, "field tests.fn_name must be a function name, got 'not a name'"),
+        ({"tests": [{"input": "1", "output": "1", "testtype": "functional"}]},
+         "field tests[0] is a functional test, but the row has no metadata.func_name"),
+        ({"tests": [{"input": "1", "output": "1", "testtype": "functional"}], "metadata": "{"},
+         "field 'metadata' is a string but not valid JSON"),
+        ({"tests": [{"input": "[1]\nnope", "output": "1", "testtype": "functional"}], "metadata": {"func_name": "f"}},
+         "field tests[0].input line 2: not valid JSON"),
+        ({"tests": [{"input": "1", "output": "{", "testtype": "functional"}], "metadata": {"func_name": "f"}},
+         "field tests[0].output: not valid JSON"),
+        ({"tests": [{"fn_name": "f", "args": 1, "expected": 1}]}, "field tests[0]: a call test needs 'args' (a list) and 'expected'"),
+        ({"tests": {"fn_name": "f", "inputs": [[1]], "outputs": [1]}, "language": "cpp"},
+         "field 'language': call tests need Python, got 'cpp'"),
+    ],
+)
+def test_malformed_call_tests(tmp_path, row, message):
+    good = {"id": "a", "problem": "P", "tests": [{"input": "", "output": "x"}]}
+    path = write_jsonl(tmp_path / "c.jsonl", [good, {"id": "b", "problem": "P", **row}])
+    with pytest.raises(ValueError) as err:
+        load_problems(path, RAW, "code")
+    assert str(err.value).startswith(f"{path}:2: {message}")
+
+
+def test_call_tests_survive_a_round_trip_through_jsonl(tmp_path):
+    problems, _ = load_problems(APPS.path, APPS, "code")
+    again, _ = load_problems(write_jsonl(tmp_path / "again.jsonl", problems), RAW, "code")
+    assert [p["tests"] for p in again] == [p["tests"] for p in problems]

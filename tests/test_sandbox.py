@@ -7,6 +7,7 @@ seconds), so that a sandbox bug fails a test instead of taking the machine down.
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -284,3 +285,168 @@ def test_refuses_without_bubblewrap(monkeypatch):
         sandbox.run(["/bin/true"])
     with pytest.warns(RuntimeWarning, match="UNSANDBOXED"):
         assert code_reward(good, [{"input": "hi", "output": "hi"}], allow_unsafe=True) == 1.0
+
+
+def test_dev_is_read_only_and_dev_shm_is_capped():
+    src = """
+written = 0
+for i in range(20):
+    try:
+        with open(f"/dev/shm/f{i}", "wb") as f:
+            f.write(b"x" * (4 << 20))
+        written += 4
+    except OSError:
+        break
+try:
+    open("/dev/big", "wb").write(b"x")
+    print("wrote /dev")
+except OSError as e:
+    print(type(e).__name__)
+open("/dev/null", "w").write("device nodes still work")
+print(written)
+"""
+    res = run_py(src, tmpfs_mb=16, file_mb=8)
+    assert res.ok, res.stderr
+    lines = res.stdout.split()
+    assert lines[0] == b"OSError" and int(lines[1]) <= 16  # 80 MB attempted, 16 MB allowed
+
+
+needs_cgroup = pytest.mark.skipif(
+    not sandbox._cgroup_parents(), reason="no writable memory+pids cgroup on this machine (degraded mode)"
+)
+
+
+def shmem_mb() -> int:
+    """The system's tmpfs and shared-memory pages, MiB."""
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) >> 10 for line in f if line.startswith("Shmem:"))
+
+
+@needs_cgroup
+def test_memory_is_capped_for_the_sandbox_as_a_whole():
+    # Each piece is under its own limit (150 MB per process, 64 MB per tmpfs); together they are
+    # 618 MB against a 256 MB cap. Without the cgroup the program prints "held everything".
+    src = """
+import os, time
+children = []
+for _ in range(3):
+    pid = os.fork()
+    if pid == 0:
+        x = bytearray(150 << 20)
+        for i in range(0, len(x), 4096):
+            x[i] = 1
+        time.sleep(1)
+        os._exit(0)
+    children.append(pid)
+files_mb = 0
+for d in ("/tmp", "/dev/shm", "."):
+    for i in range(7):
+        try:
+            with open(f"{d}/f{i}", "wb") as f:
+                f.write(b"x" * (8 << 20))
+            files_mb += 8
+        except OSError:
+            break
+ok = all(os.waitpid(pid, 0)[1] == 0 for pid in children)
+print("held everything" if ok and files_mb == 168 else "refused", files_mb)
+"""
+    res = run_py(src, wall_s=10, tmpfs_mb=64, total_memory_mb=256)
+    assert b"held everything" not in res.stdout
+    assert res.memory_exceeded
+    assert res.peak_memory_bytes <= 256 << 20
+
+
+@needs_cgroup
+def test_memory_held_in_files_is_back_after_the_run():
+    before = shmem_mb()
+    src = """
+for d in ("/tmp", "/dev/shm", "."):
+    for i in range(7):
+        with open(f"{d}/f{i}", "wb") as f:
+            f.write(b"x" * (8 << 20))
+import time
+time.sleep(0.2)
+print(open("/proc/meminfo").read().split("Shmem:")[1].split()[0])
+"""
+    res = run_py(src, tmpfs_mb=64)
+    assert res.ok, res.stderr
+    held_mb = int(res.stdout) >> 10
+    assert held_mb - before >= 160  # the sandbox really held 168 MB of tmpfs pages
+    assert res.peak_memory_bytes >= 168 << 20
+    assert shmem_mb() - before < 32  # and they are freed with it
+
+
+def test_threads_count_against_the_process_cap():
+    # RLIMIT_NPROC and the cgroup's pids.max both count threads as processes.
+    src = """
+import threading, time
+n = 0
+for _ in range(200):
+    try:
+        threading.Thread(target=time.sleep, args=(1,), daemon=True).start()
+    except RuntimeError:
+        break
+    n += 1
+print(n)
+"""
+    res = run_py(src, max_procs=12)
+    assert res.ok, res.stderr
+    assert 0 < int(res.stdout) < 12
+
+
+def test_without_a_cgroup_runs_degrade_with_one_warning(monkeypatch, capsys):
+    # Mocked: a machine with no writable cgroup (this one has one).
+    monkeypatch.setattr(sandbox, "_own_cgroup_dirs", lambda: "no cgroup here (test)")
+    monkeypatch.setattr(sandbox, "_warned_no_cgroup", False)
+    sandbox._cgroup_parents.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="no cgroup for the sandbox: no cgroup here"):
+            first = run_py("print('hi')")
+        second = run_py("print('hi')")
+        assert first.ok and second.ok and first.peak_memory_bytes is None
+        assert capsys.readouterr().err.count("no cgroup for the sandbox") == 1
+    finally:
+        sandbox._cgroup_parents.cache_clear()
+
+
+def test_nothing_leaks_under_load_as_pid_1():
+    """200 mixed runs (daemons, timeouts, files, forks) from 4 threads, as PID 1 of a PID namespace
+    where nothing else reaps: no zombie, descriptor, child process or cgroup is left."""
+    unshare = ["unshare", "--pid", "--fork", "--mount-proc"]
+    if os.geteuid() != 0:
+        unshare[1:1] = ["--user", "--map-root-user"]
+    if subprocess.run([*unshare, "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare cannot make a PID namespace here")
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "sandbox_load.py")
+    proc = subprocess.run([sys.executable, script, "--pid1", "--runs", "200", "--threads", "4"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    figures = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if ": " in line)
+    assert figures.get("pid") == "1", proc.stdout + proc.stderr
+    assert figures["unexpected_results"] == "0"
+    for what in ("zombies", "fds", "children", "cgroups"):
+        assert figures[f"{what}_after"] == figures[f"{what}_before"], what
+    assert figures["zombies_after"] == "0" and figures["children_after"] == "0"
+    assert proc.returncode == 0
+
+
+FORKED_WORKER = """
+import os, sys, time
+from sdzero import sandbox
+sandbox.run(["/bin/true"])  # this process becomes a subreaper
+pid = os.fork()
+if pid == 0:  # a forked worker (as multiprocessing makes them) is not one until it says so
+    for _ in range(10):
+        sandbox.run(["/bin/true"])
+    os._exit(0)
+os.waitpid(pid, 0)
+time.sleep(0.3)
+print(open(f"/proc/self/task/{os.getpid()}/children").read().split())
+"""
+
+
+def test_forked_workers_reap_their_own_sandboxes():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run([sys.executable, "-c", FORKED_WORKER], capture_output=True, text=True, env=env,
+                          timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"  # no zombie of the worker's sandboxes left to the parent

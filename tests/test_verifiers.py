@@ -5,13 +5,16 @@ import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
 from sdzero import sandbox, verifiers
+from sdzero.data import DataConfig, load_problems
 from sdzero.verifiers import (
     VERIFIERS,
     code_reward,
+    code_row_reward,
     extract_program,
     get_verifier,
     lab_reward,
@@ -183,3 +186,86 @@ def test_code_cpp():
     assert code_reward(right, DOUBLE_TESTS, language="cpp") == 1.0
     assert code_reward(wrong, DOUBLE_TESTS, language="cpp") == 0.0
     assert code_reward(broken, DOUBLE_TESTS, language="cpp") == 0.0
+
+
+# ------------------------------------------------------------------------------------------
+# Call tests (APPS/TACO input_output, LiveCodeBench functional)
+
+FIXTURES = Path(__file__).parent / "data"
+# Right and wrong solutions of the fixture problems, by problem id.
+SOLUTIONS = {
+    "4001": ("def count_vowels(s):\n    return sum(c in 'aeiou' for c in s)",
+             "def count_vowels(s):\n    return len(s)"),
+    "4002": ("def mean(xs):\n    return sum(xs) / len(xs)",
+             "def mean(xs):\n    return sum(xs) // len(xs)"),
+    "4003": ("def min_max(xs):\n    return min(xs), max(xs)",  # a tuple against a list: the same
+             "def min_max(xs):\n    return max(xs), min(xs)"),
+    "4004": ("a, b = map(int, input().split())\nprint(a + b)", "print(0)"),
+    "lcb-1": ("class Solution:\n    def pairWithTarget(self, nums: List[int], target: int) -> List[int]:\n"
+              "        seen = {}\n        for j, x in enumerate(nums):\n            if target - x in seen:\n"
+              "                return [seen[target - x], j]\n            seen[x] = j",
+              "class Solution:\n    def pairWithTarget(self, nums, target):\n        return [0, 1]"),
+    "lcb-2": ("class Solution:\n    def halfTotal(self, nums):\n        return sum(nums) / 2 + 1e-9",
+              "class Solution:\n    def halfTotal(self, nums):\n        return sum(nums) / 2 + 1e-3"),
+    "lcb-3": ("print(input().upper())", "print(input())"),
+}
+
+
+@needs_sandbox
+@pytest.mark.parametrize("fixture, config", [
+    ("apps_call.jsonl", dict(problem_field="question", tests_field="input_output", id_field="problem_id")),
+    ("livecodebench_functional.jsonl",
+     dict(problem_field="question_content", tests_field="public_test_cases", id_field="question_id")),
+])
+def test_fixture_problems_right_and_wrong(fixture, config):
+    problems, _ = load_problems(str(FIXTURES / fixture), DataConfig(**config), "code")
+    assert problems
+    for problem in problems:
+        right, wrong = SOLUTIONS[problem["id"]]
+        assert code_row_reward(f"```python\n{right}\n```", problem) == 1.0, problem["id"]
+        assert code_row_reward(f"```python\n{wrong}\n```", problem) == 0.0, problem["id"]
+
+
+@pytest.mark.parametrize("got, expected, same", [
+    ([1, 3], [1, 3], True), ((1, 3), [1, 3], True), ([1, [2, (3,)]], [1, [2, [3]]], True),
+    (0.1 + 0.2, 0.3, True), (1e9 + 1e-4, 1e9, True), (0.3001, 0.3, False), (2, 2.0, True),
+    (10**20, 10**20 + 1, False), ({"a": 1.0}, {"a": 1}, True), ({"a": 1}, {"b": 1}, False),
+    ([1], 1, False), ("1", 1, False), (None, None, True), (float("nan"), float("nan"), False),
+])
+def test_same_value(got, expected, same):
+    assert verifiers.same_value(got, expected) is same
+
+
+APPS_ADD = {"fn_name": "add", "inputs": [[1, 2], [5, -5]], "outputs": [[3], [0]]}
+
+
+@needs_sandbox
+def test_call_tests_in_apps_form_directly():
+    assert code_reward("```python\ndef add(a, b):\n    return a + b\n```", APPS_ADD) == 1.0
+    assert code_reward("```python\ndef add(a, b):\n    return [a + b]\n```", APPS_ADD) == 1.0  # as written
+    assert code_reward("```python\ndef add(a, b):\n    return a - b\n```", APPS_ADD) == 0.0
+    assert code_reward("```python\ndef plus(a, b):\n    return a + b\n```", APPS_ADD) == 0.0  # no such function
+    # prints are the program's own business, not the result
+    assert code_reward("```python\ndef add(a, b):\n    print(a + b)\n    return a + b\n```", APPS_ADD) == 1.0
+
+
+@needs_sandbox
+@pytest.mark.parametrize("attack", [
+    # output that looks like a result, on every channel the program can reach
+    "import os, sys\nfor fd in range(1, 10):\n    try:\n        os.write(fd, b'x 3\\n')\n    except OSError:\n"
+    "        pass\ndef add(a, b):\n    return 0",
+    # end the run at import, before the harness reports anything
+    "import os\nprint(3)\nos._exit(0)",
+    # a value that equals anything (compared as JSON outside, it is not JSON at all)
+    "class Any:\n    def __eq__(self, other):\n        return True\ndef add(a, b):\n    return Any()",
+    # take over the harness's reporting: it still has to know the answer
+    "import json\njson.dumps = lambda v: '3'\ndef add(a, b):\n    return 0",
+    # return the expected value if it can be found anywhere: it never enters the sandbox
+    "import os, re, sys\ndef add(a, b):\n    for value in list(vars(sys.modules['__main__']).values()):\n"
+    "        if isinstance(value, dict) and 'expected' in value:\n            return value['expected']\n"
+    "    text = open('/proc/self/fd/0').read() + ' '.join(open(f).read() for f in os.listdir('.'))\n"
+    "    found = re.search(r'\"(?:expected|outputs)\": \\[*(-?\\d+)', text)\n"
+    "    return int(found.group(1)) if found else None",
+])
+def test_call_results_cannot_be_forged(attack):
+    assert code_reward(f"```python\n{attack}\n```", APPS_ADD) == 0.0

@@ -2,8 +2,9 @@
 every row, and split them into disjoint N1 (Phase 1), N2 (Phase 2) and held-out evaluation sets.
 
 A math problem is `{"id", "problem", "answer"}`, a code problem `{"id", "problem", "tests"}` with
-tests `[{"input": str, "output": str}, ...]`. Malformed rows stop the run with one error naming
-the file, the line or row, and the field. Math rows without a usable gold answer are skipped,
+stdin tests `[{"input": str, "output": str}, ...]` or call tests `[{"fn_name", "args", "expected"}, ...]`
+(read from APPS/TACO's `input_output` and LiveCodeBench's functional tests). Malformed rows stop the
+run with one error naming the file, the line or row, and the field. Math rows without a usable gold answer are skipped,
 and counted in the summary that `load_problem_sets` returns and records in split.json.
 """
 
@@ -16,12 +17,16 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdzero.verifiers import code_language, last_boxed
+from sdzero.verifiers import code_language, is_call_test, last_boxed
 
 MATH_INSTRUCTION = "Solve the problem step by step, then give the final answer in \\boxed{}."
 CODE_INSTRUCTION = (
     "Write a complete Python program that reads the input from standard input and writes the "
     "answer to standard output. Give the whole program in one ```python code block."
+)
+CALL_INSTRUCTION = (
+    "Write the Python function `{fn_name}` (as a method of `class Solution` when the problem gives that "
+    "class) so that it returns the answer. Give the whole code in one ```python code block."
 )
 CPP_INSTRUCTION = (
     "Write a complete C++17 program that reads the input from standard input and writes the "
@@ -65,7 +70,9 @@ class DataConfig:
     \\boxed{...} is the answer). An answer containing \\boxed{...} is reduced to its last box."""
     tests_field: str | None = None
     """Code: column with the tests (default `tests`): a list of {"input", "output"} strings, that
-    list JSON-encoded, or {"input": [...], "output": [...]} columns."""
+    list JSON-encoded, or {"input": [...], "output": [...]} columns; call tests as APPS/TACO's
+    `input_output` ({"fn_name", "inputs", "outputs"}) or LiveCodeBench's `public_test_cases`
+    (its "functional" tests call the function named in the row's metadata.func_name)."""
     id_field: str | None = None
     """Column with a unique problem id (default `id` when present, else the row's 1-based position)."""
     instruction: str | None = None
@@ -241,8 +248,15 @@ def gold_answer(where: str, row: dict, answer_field: str, solution_field: str | 
     return text.strip(), ""
 
 
-def parse_tests(where: str, value, name: str) -> list[dict]:
-    """Tests as [{"input": str, "output": str}, ...], from a list, its JSON string, or two columns."""
+def parse_tests(where: str, value, name: str, row: dict | None = None) -> list[dict]:
+    """Tests from a list, its JSON string, or two columns, as a list of
+    stdin tests {"input": str, "output": str} and call tests {"fn_name": str, "args": [...], "expected": value}.
+
+    Call tests come from APPS/TACO's `input_output` ({"fn_name", "inputs": [[args...], ...],
+    "outputs": [value, ...]}) and from LiveCodeBench's tests with "testtype": "functional" (one JSON
+    argument per line of "input", the return value as JSON in "output", the function named by the
+    row's metadata.func_name).
+    """
     if value is None:
         raise ValueError(f"{where}: field {name!r} is missing")
     if isinstance(value, str):
@@ -255,7 +269,16 @@ def parse_tests(where: str, value, name: str) -> list[dict]:
         if not isinstance(ins, list) or not isinstance(outs, list) or len(ins) != len(outs):
             expected = "{'input': [...], 'output': [...]} lists of equal length"
             raise ValueError(f"{where}: field {name!r}: expected {expected}")
-        value = [{"input": i, "output": o} for i, o in zip(ins, outs)]
+        if value.get("fn_name") is not None:  # APPS/TACO call-based
+            fn_name = _function_name(where, value["fn_name"], f"{name}.fn_name")
+            for i, args in enumerate(ins):
+                if not isinstance(args, list):
+                    got = type(args).__name__
+                    raise ValueError(f"{where}: field {name}.inputs[{i}] must be a list of arguments, got {got}")
+            # "unwrap": APPS/TACO often write a return value v as [v]; the verifier accepts both.
+            value = [{"fn_name": fn_name, "args": a, "expected": o, "unwrap": True} for a, o in zip(ins, outs)]
+        else:
+            value = [{"input": i, "output": o} for i, o in zip(ins, outs)]
     if not isinstance(value, list):
         raise ValueError(f"{where}: field {name!r} must be a list of tests, got {type(value).__name__}")
     if not value:
@@ -264,12 +287,54 @@ def parse_tests(where: str, value, name: str) -> list[dict]:
     for i, test in enumerate(value):
         if not isinstance(test, dict):
             raise ValueError(f"{where}: field {name}[{i}] must be an object with 'input' and 'output'")
+        if "fn_name" in test:  # already a call test (e.g. a row written back by this loader)
+            fn_name = _function_name(where, test["fn_name"], f"{name}[{i}].fn_name")
+            if not isinstance(test.get("args"), list) or "expected" not in test:
+                raise ValueError(f"{where}: field {name}[{i}]: a call test needs 'args' (a list) and 'expected'")
+            tests.append({"fn_name": fn_name, "args": test["args"], "expected": test["expected"],
+                          **({"unwrap": True} if test.get("unwrap") else {})})  # fmt: skip
+            continue
         for key in ("input", "output"):
             if not isinstance(test.get(key), str):
                 got = "missing" if test.get(key) is None else type(test[key]).__name__
                 raise ValueError(f"{where}: field {name}[{i}].{key} must be a string, got {got}")
-        tests.append({"input": test["input"], "output": test["output"]})
+        if test.get("testtype") == "functional":  # LiveCodeBench
+            tests.append(_functional_test(where, test, f"{name}[{i}]", row))
+        else:
+            tests.append({"input": test["input"], "output": test["output"]})
     return tests
+
+
+def _function_name(where: str, value, field_name: str) -> str:
+    if not isinstance(value, str) or not value.isidentifier():
+        raise ValueError(f"{where}: field {field_name} must be a function name, got {value!r}")
+    return value
+
+
+def _functional_test(where: str, test: dict, field_name: str, row: dict | None) -> dict:
+    """A LiveCodeBench functional test as a call test; the function is the row's metadata.func_name."""
+    metadata = (row or {}).get("metadata")
+    if isinstance(metadata, str):
+        try:
+            metadata = json.loads(metadata)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: field 'metadata' is a string but not valid JSON ({err.msg})") from None
+    if not isinstance(metadata, dict) or metadata.get("func_name") is None:
+        raise ValueError(f"{where}: field {field_name} is a functional test, but the row has no metadata.func_name")
+    fn_name = _function_name(where, metadata["func_name"], "metadata.func_name")
+    args = []
+    for line_no, line in enumerate(test["input"].splitlines(), 1):
+        if line.strip():
+            try:
+                args.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                where_field = f"{where}: field {field_name}.input line {line_no}"
+                raise ValueError(f"{where_field}: not valid JSON ({err.msg})") from None
+    try:
+        expected = json.loads(test["output"])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: field {field_name}.output: not valid JSON ({err.msg})") from None
+    return {"fn_name": fn_name, "args": args, "expected": expected}
 
 
 def validate_rows(
@@ -290,14 +355,22 @@ def validate_rows(
         # `language`, whatever your own reward function needs.
         problem = {**row, "id": problem_id, "problem": text + ("\n\n" + instruction if instruction else "")}
         if task == "code":
-            problem["tests"] = parse_tests(where, row.get(fields["tests"]), fields["tests"])
+            problem["tests"] = parse_tests(where, row.get(fields["tests"]), fields["tests"], row)
+            call_names = {t["fn_name"] for t in problem["tests"] if is_call_test(t)}
             if row.get("language") is not None:
                 try:
                     problem["language"] = code_language(row["language"])
                 except ValueError as err:
                     raise ValueError(f"{where}: field 'language': {err}") from None
+                if call_names and problem["language"] != "python":
+                    raise ValueError(f"{where}: field 'language': call tests need Python, got {row['language']!r}")
                 if data.instruction is None and problem["language"] == "cpp":
                     problem["problem"] = text + "\n\n" + CPP_INSTRUCTION
+            if data.instruction is None and call_names:
+                problem["problem"] = text + "\n\n" + CALL_INSTRUCTION.format(fn_name=sorted(call_names)[0])
+                starter = row.get("starter_code")  # APPS, TACO and LiveCodeBench all name it so
+                if isinstance(starter, str) and starter.strip():
+                    problem["problem"] += f" Start from:\n```python\n{starter.rstrip()}\n```"
         elif fields["answer"] is not None:
             answer, why = gold_answer(where, row, fields["answer"], fields["solution"])
             if answer is None:

@@ -5,15 +5,18 @@ as a plain callable with this signature, so a user's own reward function drops i
 
 - "lab":  the shipped lab task ("Answer: N").
 - "math": the last \\boxed{...} of the completion, checked against row["answer"] with math-verify.
-- "code": the last fenced code block, run in the sandbox against row["tests"].
+- "code": the last fenced code block, run in the sandbox against row["tests"]: stdin/stdout tests, or
+  call tests that call a function (or a `class Solution` method) and compare its return value.
 """
 
 from __future__ import annotations
 
 import atexit
 import json
+import math
 import os
 import re
+import secrets
 import selectors
 import shutil
 import subprocess
@@ -241,21 +244,81 @@ def normalize_output(text: str) -> str:
     return "\n".join(line.rstrip() for line in text.rstrip().splitlines())
 
 
+# The harness of call tests. It runs inside the sandbox, next to the program (main.py), which is as
+# untrusted as ever: it may read the harness's memory and write anything anywhere it can. So the
+# expected value never enters the sandbox (the parent compares), and a result counts only as one
+# line "<token> <JSON value>" on stdout, the program's own prints going to stderr: stray or
+# printed output is never taken for a result. A program that forges the line gains nothing it
+# could not get by returning that value.
+CALL_HARNESS = """\
+import json, os, sys
+spec = json.loads(sys.stdin.read())
+result_fd = os.dup(1)
+os.dup2(2, 1)
+# What the benchmarks' solutions may use without importing it (APPS/TACO and LiveCodeBench
+# run them after imports like these).
+namespace = {"__name__": "solution"}
+exec("import bisect, collections, functools, heapq, itertools, math, random, re, string, sys\\n"
+     "from collections import *\\nfrom functools import *\\nfrom heapq import *\\n"
+     "from itertools import *\\nfrom math import *\\nfrom typing import *\\n", namespace)
+with open("main.py", encoding="utf-8") as f:
+    exec(compile(f.read(), "main.py", "exec"), namespace)
+name = spec["fn_name"]
+solution = namespace.get("Solution")
+if isinstance(solution, type) and hasattr(solution, name):
+    function = getattr(solution(), name)
+else:
+    function = namespace[name]
+value = json.dumps(function(*spec["args"]))
+os.write(result_fd, (spec["token"] + " " + value + "\\n").encode())
+os._exit(0)
+"""
+FLOAT_TOLERANCE = 1e-6
+"""Return values: floats equal within this, relative or absolute; ints, strings and the rest exactly."""
+
+
+def same_value(got, expected) -> bool:
+    """Equal as return values: tuples and lists alike (JSON has only lists), floats within
+    FLOAT_TOLERANCE, containers element by element, everything else by ==."""
+    if isinstance(got, float) or isinstance(expected, float):
+        if isinstance(got, (int, float)) and isinstance(expected, (int, float)):
+            return math.isclose(got, expected, rel_tol=FLOAT_TOLERANCE, abs_tol=FLOAT_TOLERANCE)
+        return False
+    if isinstance(got, (list, tuple)) and isinstance(expected, (list, tuple)):
+        return len(got) == len(expected) and all(same_value(g, e) for g, e in zip(got, expected))
+    if isinstance(got, dict) and isinstance(expected, dict):
+        return got.keys() == expected.keys() and all(same_value(got[k], expected[k]) for k in got)
+    if isinstance(got, (list, tuple, dict)) or isinstance(expected, (list, tuple, dict)):
+        return False  # a container against a scalar, or a list against a dict
+    return got == expected  # True == 1 as in the benchmarks' own checks
+
+
+def is_call_test(test: dict) -> bool:
+    """A call test {"fn_name", "args", "expected"}, as opposed to a stdin test {"input", "output"}."""
+    return "fn_name" in test
+
+
 def code_reward(
     completion: str,
-    tests: list,
+    tests,
     *,
     language: str = "python",
     timeout_s: float = 5.0,
     allow_unsafe: bool = False,
     max_workers: int | None = None,
 ) -> float:
-    """1.0 iff the program passes every test: stdin = test["input"], stdout == test["output"].
+    """1.0 iff the program passes every test.
 
-    Outputs are compared after trimming trailing whitespace (per line and at the end). Each
-    test runs in its own sandbox with a `timeout_s` wall-time limit. `language` is "python" or
-    "cpp" (needs g++). Without bubblewrap this raises SandboxUnavailable unless `allow_unsafe`.
+    `tests` is any form `sdzero.data.parse_tests` reads: stdin tests [{"input", "output"}, ...]
+    (stdin = input, stdout == output after trimming trailing whitespace per line and at the end),
+    call tests [{"fn_name", "args", "expected"}, ...] (the function, or that method of
+    `class Solution`, called with args inside the sandbox; its return value compared with
+    `same_value`), or APPS/TACO's {"fn_name", "inputs", "outputs"}. Each test runs in its own
+    sandbox with a `timeout_s` wall-time limit. `language` is "python" or "cpp" (needs g++; stdin
+    tests only). Without bubblewrap this raises SandboxUnavailable unless `allow_unsafe`.
     """
+    from sdzero.data import parse_tests
+
     language = code_language(language)
     if not sandbox.sandbox_available() and not allow_unsafe:
         raise sandbox.SandboxUnavailable(
@@ -264,6 +327,9 @@ def code_reward(
         )
     if not tests:
         return 0.0
+    tests = parse_tests("code_reward", tests, "tests")
+    if language != "python" and any(is_call_test(t) for t in tests):
+        raise ValueError("call tests need a Python program: language must be python")
     source = extract_program(completion).encode()
     limits = sandbox.Limits(wall_s=timeout_s)
     if language == "python":
@@ -277,6 +343,8 @@ def code_reward(
         files, argv = {"main": binary}, ["./main"]
 
     def passes(test: dict) -> bool:
+        if is_call_test(test):
+            return _passes_call(test, source, limits, allow_unsafe)
         result = sandbox.run(
             argv, stdin=str(test["input"]).encode(), files=files, limits=limits,
             allow_unsafe=allow_unsafe,
@@ -295,11 +363,33 @@ def code_reward(
     return 1.0
 
 
+def _passes_call(test: dict, source: bytes, limits: sandbox.Limits, allow_unsafe: bool) -> bool:
+    token = secrets.token_hex(16)
+    spec = {"fn_name": test["fn_name"], "args": test["args"], "token": token}
+    result = sandbox.run(
+        [sandbox.SANDBOX_PYTHON, "-I", "harness.py"], stdin=json.dumps(spec).encode(),
+        files={"main.py": source, "harness.py": CALL_HARNESS.encode()}, limits=limits,
+        allow_unsafe=allow_unsafe,
+    )  # fmt: skip
+    prefix = token.encode() + b" "
+    if not (result.ok and result.stdout.startswith(prefix) and result.stdout.count(b"\n") == 1
+            and result.stdout.endswith(b"\n")):
+        return False
+    try:
+        got = json.loads(result.stdout[len(prefix) :])
+    except ValueError:
+        return False
+    expected = test["expected"]
+    # APPS/TACO often wrap the return value in a list ([3] for 3), and not always: both count.
+    wrapped = test.get("unwrap") and isinstance(expected, list) and len(expected) == 1
+    return same_value(got, expected) or bool(wrapped and same_value(got, expected[0]))
+
+
 def compile_cpp(source: bytes, *, allow_unsafe: bool = False) -> bytes | None:
     """Compile C++ inside the sandbox; the binary, or None when compilation fails."""
     if shutil.which("g++", path="/usr/local/bin:/usr/bin:/bin") is None:
         raise RuntimeError("g++ is not installed: cannot verify C++ programs")
-    limits = sandbox.Limits(wall_s=30, memory_mb=4096, max_procs=32, file_mb=64,
+    limits = sandbox.Limits(wall_s=30, memory_mb=4096, total_memory_mb=4096, max_procs=32, file_mb=64,
                             tmpfs_mb=256, output_bytes=64 << 20)  # fmt: skip
     result = sandbox.run(["sh", "-c", CPP_COMPILE], files={"main.cpp": source}, limits=limits,
                          allow_unsafe=allow_unsafe)  # fmt: skip
