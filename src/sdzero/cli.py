@@ -286,9 +286,7 @@ def cmd_srt(args) -> None:
     summary = train_srt(model, tokenizer, rows, cfg.phrases(), cfg.srt, out_dir=args.out / "srt", seed=cfg.seed,
                         system_prompt=cfg.system_prompt, progress=not args.quiet, resume=args.resume,
                         log_config=cfg.log)
-    if main:
-        save_stage(model, tokenizer, args.out / "srt", cfg, "srt")
-    wait_for_everyone()
+    save_stage(model, tokenizer, args.out / "srt", cfg, "srt")  # every process: the main one writes
     say(json.dumps(summary, indent=2))
     say(f"saved {args.out / 'srt'}")
 
@@ -336,9 +334,7 @@ def cmd_distill(args) -> None:
                       teacher=teacher, out_dir=args.out / "sdzero", seed=cfg.seed, evaluate_fn=curve,
                       system_prompt=cfg.system_prompt, progress=not args.quiet, resume=args.resume,
                       log_config=cfg.log, generator=generator)
-    if main:
-        save_stage(model, tokenizer, args.out / "sdzero", cfg, "sdzero")
-    wait_for_everyone()
+    save_stage(model, tokenizer, args.out / "sdzero", cfg, "sdzero")  # every process: the main one writes
     best = (f"; kept the best tracked student, step {summary['best_step']} ({summary['best_accuracy']:.3f})"
             if cfg.distill.keep_best and summary["best_step"] is not None else "")
     say(f"{summary['steps']} steps in {summary['seconds']:.0f} s{best}; saved {args.out / 'sdzero'}")
@@ -387,13 +383,14 @@ def cmd_eval(args) -> None:
                              f"evaluate with its configuration, --config {run / 'config.yaml'}")
         _, _, held_out = problem_sets(cfg, record_dir=run)
         held_out = held_out[:n]
-        print(f"evaluating the first {n} problems of the held-out set of {run}", file=sys.stderr)  # stdout: the report
     if args.out:
         settings = stage_settings(model=model_fingerprint(cfg.model), problems=[p["id"] for p in held_out],
                                   k=cfg.eval.k, sampling=cfg.sampling,
                                   revise={"k": cfg.eval.revise_k, "feedback": cfg.eval.revise_feedback}
                                   if args.revise else None)
         begin_stage(args.out.parent, args.out.name, settings, restart=args.restart, log=say)
+    if run is not None:
+        print(f"evaluating the first {len(held_out)} problems of the held-out set of {run}", file=sys.stderr)
     model, tokenizer = load_run_model(cfg)
     generator, verifier = make_generator(model, tokenizer, cfg.sampling), get_verifier(cfg.task)
     report = evaluate(generator, held_out, verifier, k=cfg.eval.k, system_prompt=cfg.system_prompt,

@@ -16,7 +16,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from accelerate import PartialState
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
@@ -25,7 +24,7 @@ from sdzero.generation import Generator, Sample, score
 from sdzero.modeling import tokenizer_fingerprint
 from sdzero.prompts import (ControlPhrases, bridge_ids, end_of_turn_ids, generator_prompt_ids,
                             reviser_context_ids)
-from sdzero.training import read_jsonl
+from sdzero.training import process_state, read_jsonl
 from sdzero.verifiers import Verifier
 
 # Openers that flatter the feedback instead of solving the problem; the official release drops them.
@@ -93,7 +92,7 @@ def collect(generator: Generator, problems: list[dict], verifier: Verifier, phra
     attempts_path, revisions_path = out_dir / "attempts.jsonl", out_dir / "revisions.jsonl"
     # Under `accelerate launch` each process samples its share of every chunk and the main process writes
     # them all: every problem is collected once.
-    state = PartialState()
+    state = process_state()
     rank, world, main = state.process_index, state.num_processes, state.is_main_process
     if main:
         done, seen = resume_state(attempts_path, revisions_path)

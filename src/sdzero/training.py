@@ -21,17 +21,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def is_main_process() -> bool:
-    """True in the one process of a plain run, and in process 0 under `accelerate launch` / torchrun."""
+def process_state():
+    """accelerate's view of the processes: one in a plain run, those of `accelerate launch` / torchrun else
+    (on a CPU machine only with cpu=True, as `make_accelerator` asks for it: otherwise accelerate sees one)."""
     from accelerate import PartialState
 
-    return PartialState().is_main_process
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def is_main_process() -> bool:
+    """True in the one process of a plain run, and in process 0 under `accelerate launch` / torchrun."""
+    return process_state().is_main_process
 
 
 def wait_for_everyone() -> None:
-    from accelerate import PartialState
-
-    PartialState().wait_for_everyone()
+    process_state().wait_for_everyone()
 
 
 def model_device(model) -> torch.device:
@@ -235,8 +239,9 @@ def save_checkpoint(accelerator, folder: str | Path, state: dict, tensors: dict[
     killed while saving keeps the previous one."""
     folder = Path(folder)
     partial = folder.with_name(folder.name + ".partial")
-    if accelerator.is_main_process and partial.exists():
-        shutil.rmtree(partial)
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        (partial / "accelerate").mkdir(parents=True)  # before the other processes write their random states there
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial / "accelerate"))
     if accelerator.is_main_process:
