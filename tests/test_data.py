@@ -154,7 +154,12 @@ def test_unparsable_math_rows_are_skipped_and_counted(tmp_path):
     [
         ({"id": "x", "answer": "1"}, "field 'problem' is missing"),
         ({"id": "x", "problem": "   ", "answer": "1"}, "field 'problem' is empty"),
-        ({"id": "x", "problem": ["a"], "answer": "1"}, "field 'problem' must be a string, got list"),
+        ({"id": "x", "problem": ["a"], "answer": "1"}, "field problem[0] must be a message {{'role', 'content'}}, got str"),
+        ({"id": "x", "problem": 7, "answer": "1"}, "field 'problem' must be a string, got int"),
+        ({"id": "x", "problem": [], "answer": "1"}, "field 'problem' is empty"),
+        ({"id": "x", "problem": [{"role": "user"}], "answer": "1"}, "field problem[0].content must be a string, got missing"),
+        ({"id": "x", "problem": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+          "answer": "1"}, "field 'problem': the last message must be the user's, got 'assistant'"),
         ({"id": "x", "problem": "p", "answer": [1]}, "field 'answer' must be a string or a number, got list"),
         ({"id": None, "problem": "p", "answer": "1"}, "field 'id' must be a string or an integer, got missing"),
         ({"id": 1.5, "problem": "p", "answer": "1"}, "field 'id' must be a string or an integer, got a float"),

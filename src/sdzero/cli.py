@@ -206,12 +206,11 @@ def cmd_collect(args) -> None:
     from sdzero.collect import collect
     from sdzero.generation import make_generator
     from sdzero.pipeline import load_run_model, problem_sets
-    from sdzero.verifiers import get_verifier
 
     cfg = _run_config(args)
     n1, _, _ = problem_sets(cfg, record_dir=args.out)
     model, tokenizer = load_run_model(cfg)
-    summary = collect(make_generator(model, tokenizer, cfg.sampling), n1, get_verifier(cfg.task), cfg.phrases(),
+    summary = collect(make_generator(model, tokenizer, cfg.sampling), n1, cfg.verifier(), cfg.phrases(),
                       args.out / "phase1", cfg.collect, system_prompt=cfg.system_prompt, progress=not args.quiet)
     print(json.dumps(summary, indent=2))
     if summary["kept"] == 0:
@@ -245,7 +244,6 @@ def cmd_distill(args) -> None:
     from sdzero.generation import make_generator
     from sdzero.modeling import load_tokenizer, same_tokenizer
     from sdzero.pipeline import curve_accuracy, load_run_model, problem_sets, save_stage, trainable
-    from sdzero.verifiers import get_verifier
 
     if args.model is None:
         if not (args.out / "srt" / "config.json").exists():
@@ -263,7 +261,7 @@ def cmd_distill(args) -> None:
     model, tokenizer = load_run_model(cfg)
     teacher = load_run_model(cfg, args.teacher)[0] if args.teacher else None
     model = trainable(model, cfg)
-    verifier = get_verifier(cfg.task)
+    verifier = cfg.verifier()
     # The held-out curve, as `run` tracks it: eval_every, keep-best and the refresh rules depend on it.
     generator = make_generator(model, tokenizer, cfg.sampling)
     curve = curve_accuracy(cfg, generator, held_out[:cfg.eval.curve_problems], verifier)
@@ -281,13 +279,12 @@ def cmd_eval(args) -> None:
     from sdzero.evaluate import evaluate, evaluate_revision
     from sdzero.generation import make_generator
     from sdzero.pipeline import load_run_model, problem_sets
-    from sdzero.verifiers import get_verifier
 
     cfg = _run_config(args)
     cfg.n_phase1 = cfg.n_phase2 = 0  # only the held-out problems are needed
     _, _, held_out = problem_sets(cfg)
     model, tokenizer = load_run_model(cfg)
-    generator, verifier = make_generator(model, tokenizer, cfg.sampling), get_verifier(cfg.task)
+    generator, verifier = make_generator(model, tokenizer, cfg.sampling), cfg.verifier()
     report = evaluate(generator, held_out, verifier, k=cfg.eval.k, system_prompt=cfg.system_prompt,
                       samples_path=args.out / "samples.jsonl" if args.out else None, progress=not args.quiet)
     if args.revise:

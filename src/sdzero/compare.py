@@ -48,7 +48,6 @@ from sdzero.generation import Generator
 from sdzero.pipeline import load_run_model, trainable
 from sdzero.srt import train_srt
 from sdzero.training import read_jsonl, seed_everything
-from sdzero.verifiers import get_verifier
 
 METHODS = ("sdzero", "rft", "grpo", "sdft")
 
@@ -201,7 +200,7 @@ def run_method(method: str, cfg: RunConfig, ccfg: CompareConfig, seed: int, out:
                progress: bool, log) -> dict:
     """Train one method from the base model for one seed; returns its results row."""
     seed_everything(seed)
-    verifier = get_verifier(cfg.task)
+    verifier = cfg.verifier()
     sets = load_problem_sets(cfg.data, cfg.task, cfg.n_phase1, cfg.n_phase2, cfg.eval.n_problems, seed)
     n1, n2, held_out = sets.n1, sets.n2, sets.held_out
     curve_problems = held_out[:cfg.eval.curve_problems]

@@ -28,7 +28,6 @@ from sdzero.generation import make_generator
 from sdzero.modeling import is_lora, load_model, merged_for_saving, prepare_for_training
 from sdzero.srt import train_srt
 from sdzero.training import read_jsonl, seed_everything
-from sdzero.verifiers import get_verifier
 
 
 def problem_sets(cfg: RunConfig, record_dir: str | Path | None = None, log=print):
@@ -85,7 +84,7 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True, 
     (out / "config.yaml").write_text(config_to_yaml(cfg))
     start = time.time()
     seed_everything(cfg.seed)
-    verifier = get_verifier(cfg.task)
+    verifier = cfg.verifier()
     phrases = cfg.phrases()
     n1, n2, held_out = problem_sets(cfg, record_dir=out, log=log)
     curve_problems = held_out[:cfg.eval.curve_problems]
