@@ -114,7 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     lab = commands.add_parser("lab", help="the built-in lab task and base model")
     lab_commands = lab.add_subparsers(dest="lab_command", required=True, metavar="LAB_COMMAND")
-    pretrain = lab_commands.add_parser("pretrain", help="train the lab base model from scratch (~50 CPU minutes)")
+    from sdzero.lab import PRETRAIN_CPU_MINUTES
+
+    pretrain = lab_commands.add_parser("pretrain",
+                                       help=f"train the lab base model from scratch (~{PRETRAIN_CPU_MINUTES} CPU minutes)")
     pretrain.add_argument("--out", type=Path, required=True, help="folder for the model and tokenizer")
     pretrain.add_argument("--seed", type=int, default=0)
     pretrain.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
