@@ -136,7 +136,8 @@ def test_a_sample_without_reward_is_left_out_of_collect_and_distill(tmp_path, la
     without = {p["id"] for p in n1 if p["id"][-1] in "05"}
     assert without and len(without) < len(n1)
     torch.manual_seed(0)
-    generator = Generator(model, tokenizer, SamplingConfig(max_new_tokens=100, batch_size=64, unfinished_reward="score"))
+    sampling = SamplingConfig(max_new_tokens=100, batch_size=64, unfinished_reward="score")  # judge every answer
+    generator = Generator(model, tokenizer, sampling)
     summary = collect(generator, n1, lab_batch_reward, ControlPhrases(), tmp_path / "phase1",
                       CollectConfig(revisions_per_answer=1), progress=False)
     attempts = [json.loads(line) for line in (tmp_path / "phase1" / "attempts.jsonl").read_text().splitlines()]
@@ -192,7 +193,8 @@ def test_trl_datasets_keep_their_columns_and_read_prompt_first(tmp_path):
         ["7", "whole text"]
     # a held-out conversation with the same text as a training one is left out of training
     conv = [{"prompt": [{"role": "user", "content": f"q{i}"}], "solution": str(i)} for i in range(6)]
-    data = DataConfig(path=write_jsonl(tmp_path / "t.jsonl", conv), eval_path=write_jsonl(tmp_path / "e.jsonl", conv[:2]))
+    data = DataConfig(path=write_jsonl(tmp_path / "t.jsonl", conv),
+                      eval_path=write_jsonl(tmp_path / "e.jsonl", conv[:2]))
     sets = load_problem_sets(data, "trl:accuracy_reward", 2, 2, 2, seed=0)
     assert sets.skipped["train"]["reasons"] == {"same text as an evaluation problem": 2}
 

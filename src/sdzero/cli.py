@@ -116,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     lab_commands = lab.add_subparsers(dest="lab_command", required=True, metavar="LAB_COMMAND")
     from sdzero.lab import PRETRAIN_CPU_MINUTES
 
-    pretrain = lab_commands.add_parser("pretrain",
-                                       help=f"train the lab base model from scratch (~{PRETRAIN_CPU_MINUTES} CPU minutes)")
+    pretrain_help = f"train the lab base model from scratch (~{PRETRAIN_CPU_MINUTES} CPU minutes)"
+    pretrain = lab_commands.add_parser("pretrain", help=pretrain_help)
     pretrain.add_argument("--out", type=Path, required=True, help="folder for the model and tokenizer")
     pretrain.add_argument("--seed", type=int, default=0)
     pretrain.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
