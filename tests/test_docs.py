@@ -41,3 +41,10 @@ def test_python_examples_run(page, tmp_path):
     result = subprocess.run([sys.executable, str(script)], cwd=work, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, f"{page.name}: an example failed\n{result.stderr[-4000:]}"
+
+
+def test_the_readme_gives_the_pretraining_time_the_command_gives():
+    from sdzero.lab import PRETRAIN_CPU_MINUTES
+
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"about {PRETRAIN_CPU_MINUTES} minutes on 2 CPU cores" in readme

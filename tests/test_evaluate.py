@@ -6,10 +6,15 @@ import torch
 
 from sdzero import lab
 from sdzero.evaluate import evaluate, evaluate_revision, pass_at_k
-from sdzero.generation import Generator, Sample, SamplingConfig, score
+from sdzero.generation import Generator, Sample, SamplingConfig
 from sdzero.lab.task import sample_problems
 from sdzero.prompts import ControlPhrases, end_of_turn_ids, strip_end_of_turn
+from sdzero.rewards import Verifier
 from sdzero.verifiers import lab_reward
+
+
+def score(function, sample, problem, sampling):
+    return Verifier.of(function).score([sample], [problem], sampling)[0]
 
 
 @pytest.mark.parametrize("n, c, k", [(8, 0, 1), (8, 3, 1), (8, 3, 2), (8, 3, 8), (5, 5, 3), (6, 2, 4)])

@@ -122,7 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     lab = commands.add_parser("lab", help="the built-in lab task and base model")
     lab_commands = lab.add_subparsers(dest="lab_command", required=True, metavar="LAB_COMMAND")
-    pretrain = lab_commands.add_parser("pretrain", help="train the lab base model from scratch (~50 CPU minutes)")
+    from sdzero.lab import PRETRAIN_CPU_MINUTES
+
+    pretrain_help = f"train the lab base model from scratch (~{PRETRAIN_CPU_MINUTES} CPU minutes)"
+    pretrain = lab_commands.add_parser("pretrain", help=pretrain_help)
     pretrain.add_argument("--out", type=Path, required=True, help="folder for the model and tokenizer")
     pretrain.add_argument("--seed", type=int, default=0)
     pretrain.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
@@ -240,7 +243,6 @@ def cmd_collect(args) -> None:
     from sdzero.pipeline import load_run_model, problem_sets
     from sdzero.rundir import begin_stage, check_base_model, phase1_settings
     from sdzero.training import is_main_process, wait_for_everyone
-    from sdzero.verifiers import get_verifier
 
     cfg = _run_config(args, args.out)
     record = _open_run(args, cfg)
@@ -252,7 +254,7 @@ def cmd_collect(args) -> None:
                 main_process=main, log=say)
     wait_for_everyone()
     model, tokenizer = load_run_model(cfg)
-    summary = collect(make_generator(model, tokenizer, cfg.sampling), n1, get_verifier(cfg.task), cfg.phrases(),
+    summary = collect(make_generator(model, tokenizer, cfg.sampling), n1, cfg.verifier(), cfg.phrases(),
                       args.out / "phase1", cfg.collect, system_prompt=cfg.system_prompt, progress=not args.quiet)
     say(json.dumps(summary, indent=2))
     if summary["kept"] == 0:
@@ -298,7 +300,6 @@ def cmd_distill(args) -> None:
     from sdzero.pipeline import curve_accuracy, load_run_model, problem_sets, save_stage, trainable
     from sdzero.rundir import begin_stage, check_base_model, check_tokenizer, model_fingerprint, sdzero_settings
     from sdzero.training import is_main_process, wait_for_everyone
-    from sdzero.verifiers import get_verifier
 
     if args.model is None:
         if not (args.out / "srt" / "config.json").exists():
@@ -326,7 +327,7 @@ def cmd_distill(args) -> None:
     model, tokenizer = load_run_model(cfg)
     teacher = load_run_model(cfg, args.teacher)[0] if args.teacher else None
     model = trainable(model, cfg)
-    verifier = get_verifier(cfg.task)
+    verifier = cfg.verifier()
     # The held-out curve, as `run` tracks it: eval_every, keep-best and the refresh rules depend on it.
     generator = make_generator(model, tokenizer, cfg.sampling)
     curve = curve_accuracy(cfg, generator, held_out[:cfg.eval.curve_problems], verifier)
@@ -358,7 +359,6 @@ def cmd_eval(args) -> None:
     from sdzero.generation import make_generator
     from sdzero.pipeline import load_run_model, problem_sets
     from sdzero.rundir import begin_stage, differences, model_fingerprint, read_run, run_identity, stage_settings
-    from sdzero.verifiers import get_verifier
 
     run = eval_run_dir(args)
     cfg = _run_config(args, run)
@@ -392,7 +392,7 @@ def cmd_eval(args) -> None:
     if run is not None:
         print(f"evaluating the first {len(held_out)} problems of the held-out set of {run}", file=sys.stderr)
     model, tokenizer = load_run_model(cfg)
-    generator, verifier = make_generator(model, tokenizer, cfg.sampling), get_verifier(cfg.task)
+    generator, verifier = make_generator(model, tokenizer, cfg.sampling), cfg.verifier()
     report = evaluate(generator, held_out, verifier, k=cfg.eval.k, system_prompt=cfg.system_prompt,
                       samples_path=args.out / "samples.jsonl" if args.out else None, progress=not args.quiet)
     if args.revise:

@@ -6,7 +6,8 @@ the reviser reads it followed by the control phrase its reward selects, and samp
 are kept (de-duplicated) in revisions.jsonl, when both the first answer and the revision finished
 (ended with the end-of-turn token: SRT's generation loss trains on both) and the revision is not a
 degenerate loop (a repeated tail, or a chain of control phrases). Progress is written per chunk of problems to
-attempts.jsonl, and a restarted collection skips the problems already recorded there.
+attempts.jsonl, and a restarted collection skips the problems already recorded there. A first answer that
+no reward function could judge (reward None) is not revised, and is counted (first_answers_without_reward).
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from sdzero.checks import check_ranges
-from sdzero.generation import Generator, Sample, score
+from sdzero.generation import Generator, Sample
 from sdzero.modeling import tokenizer_fingerprint
 from sdzero.prompts import (ControlPhrases, bridge_ids, end_of_turn_ids, generator_prompt_ids,
                             reviser_context_ids)
+from sdzero.rewards import Verifier
 from sdzero.training import process_state, read_jsonl
-from sdzero.verifiers import Verifier
 
 # Openers that flatter the feedback instead of solving the problem; the official release drops them.
 SYCOPHANTIC_OPENERS = re.compile(r"^\W*(you'?re (absolutely )?right|you are (absolutely )?right|i apologi[sz]e"
@@ -70,7 +71,7 @@ def is_degenerate(text: str, min_repeats: int = 8) -> bool:
 def keep_revision(first: Sample, revision: Sample, reward: float, phrases: ControlPhrases,
                   cfg: CollectConfig) -> bool:
     """A verified, finished revision of a finished first answer, with no chain of attempts, loop or flattery."""
-    if reward < 1.0 or not (first.finished and revision.finished) or is_degenerate(revision.text):
+    if reward is None or reward < 1.0 or not (first.finished and revision.finished) or is_degenerate(revision.text):
         return False
     phrases_written = control_phrase_count(first.text, phrases) + control_phrase_count(revision.text, phrases)
     if phrases_written > cfg.max_control_phrases:
@@ -87,6 +88,7 @@ def collect(generator: Generator, problems: list[dict], verifier: Verifier, phra
             progress: bool = True) -> dict:
     """Run Phase 1 collection into `out_dir` (revisions.jsonl, attempts.jsonl); returns the counts."""
     cfg = cfg or CollectConfig()
+    verifier = Verifier.of(verifier)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     attempts_path, revisions_path = out_dir / "attempts.jsonl", out_dir / "revisions.jsonl"
@@ -133,12 +135,12 @@ def collect_chunk(generator: Generator, chunk: list[dict], verifier: Verifier, p
     first_answers = generator.sample(prompts, cfg.answers_per_problem, progress=False)
 
     # Everything to revise in this chunk, revised in one batched call.
-    first_rewards = [[score(verifier, a, p, generator.sampling) for a in answers] for p, answers in zip(chunk, first_answers)]
+    first_rewards = verifier.score_groups(first_answers, chunk, generator.sampling)
     to_revise = []  # (problem index, first answer, reward)
     for i, (answers, rewards) in enumerate(zip(first_answers, first_rewards)):
         for answer, reward in zip(answers, rewards):
-            if reward >= 1.0 and not cfg.revise_correct:
-                continue
+            if reward is None or (reward >= 1.0 and not cfg.revise_correct):
+                continue  # no reward: no control phrase to pick
             to_revise.append((i, answer, reward))
     contexts = [reviser_context_ids(prompts[i], answer.ids, bridge_ids(tokenizer, phrases, reward), eot)
                 for i, answer, reward in to_revise]
@@ -151,11 +153,11 @@ def collect_chunk(generator: Generator, chunk: list[dict], verifier: Verifier, p
     for (i, _, _), revised in zip(to_revise, revisions):
         sampled_tokens[i] += sum(len(s.ids) for s in revised)
         generations[i] += len(revised)
-    for (i, answer, reward), revised in zip(to_revise, revisions):
+    revision_rewards = verifier.score_groups(revisions, [chunk[i] for i, _, _ in to_revise], generator.sampling)
+    for (i, answer, reward), revised, verdicts in zip(to_revise, revisions, revision_rewards):
         problem = chunk[i]
-        for sample in revised:
+        for sample, verified in zip(revised, verdicts):
             key = (problem["id"], tuple(sample.ids))
-            verified = score(verifier, sample, problem, generator.sampling)
             if key in seen or not keep_revision(answer, sample, verified, phrases, cfg):
                 continue
             seen.add(key)
@@ -186,11 +188,13 @@ def collection_summary(out_dir: Path, cfg: CollectConfig) -> dict:
     attempts = read_jsonl(out_dir / "attempts.jsonl") if (out_dir / "attempts.jsonl").exists() else []
     revisions = read_jsonl(out_dir / "revisions.jsonl") if (out_dir / "revisions.jsonl").exists() else []
     rewards = [r for row in attempts for r in row["rewards"]]
-    n_revised = sum(1 for r in rewards if r < 1.0 or cfg.revise_correct)
+    scored = [r for r in rewards if r is not None]  # None: no reward function gave a value
+    n_revised = sum(1 for r in scored if r < 1.0 or cfg.revise_correct)
     return {
         "problems": len(attempts),
         "first_answers": len(rewards),
-        "first_answer_accuracy": sum(rewards) / max(1, len(rewards)),
+        "first_answer_accuracy": sum(scored) / max(1, len(scored)),
+        "first_answers_without_reward": len(rewards) - len(scored),
         "revisions_sampled": n_revised * cfg.revisions_per_answer,
         "generations": len(rewards) + n_revised * cfg.revisions_per_answer,
         "sampled_tokens": sum(row.get("sampled_tokens", 0) for row in attempts),

@@ -50,7 +50,6 @@ from sdzero.pipeline import load_run_model, trainable
 from sdzero.rundir import model_fingerprint, move_aside, stale_folder
 from sdzero.srt import train_srt
 from sdzero.training import read_jsonl, seed_everything
-from sdzero.verifiers import get_verifier
 
 METHODS = ("sdzero", "rft", "grpo", "sdft")
 
@@ -203,7 +202,7 @@ def run_method(method: str, cfg: RunConfig, ccfg: CompareConfig, seed: int, out:
                progress: bool, log) -> dict:
     """Train one method from the base model for one seed; returns its results row."""
     seed_everything(seed)
-    verifier = get_verifier(cfg.task)
+    verifier = cfg.verifier()
     sets = load_problem_sets(cfg.data, cfg.task, cfg.n_phase1, cfg.n_phase2, cfg.eval.n_problems, seed)
     n1, n2, held_out = sets.n1, sets.n2, sets.held_out
     curve_problems = held_out[:cfg.eval.curve_problems]

@@ -25,7 +25,7 @@ from sdzero.modeling import DTYPES, LoraConfig
 from sdzero.prompts import ControlPhrases
 from sdzero.srt import SRTConfig
 from sdzero.training import LogConfig
-from sdzero.verifiers import get_verifier
+from sdzero.rewards import Verifier, make_verifier
 
 
 @dataclass
@@ -79,9 +79,17 @@ class RunConfig:
     model: str = "lab"
     """Base model: "lab" (the built-in lab model), a local folder or a hub id (any causal LM whose tokenizer
     has a chat template)."""
-    task: str = "lab"
+    task: str | list[str] = "lab"
     """Verifier: "lab" (the built-in task), "math" (math-verify on the last \\boxed{}), "code" (tests run in the
-    sandbox), or "package.module:function" for your own reward function (completion, row) -> float."""
+    sandbox), "trl:accuracy_reward" or "trl:reasoning_accuracy_reward" (TRL's own, on the `solution` column), or
+    "package.module:function" for your own reward function, either (completion, row) -> float or TRL's
+    (prompts, completions, completion_ids, **columns) -> list[float | None]. A list names several functions,
+    combined as in `reward_weights`."""
+    reward_weights: list[float] | None = None
+    """Weight of each function in `task` (TRL's reward_weights; default 1 each). The reward is their weighted sum."""
+    reward_threshold: float | None = None
+    """r = 1 (a right answer) iff the weighted sum reaches this; None = the sum of the weights (of the functions
+    that gave a value), i.e. every function gave its full reward of 1."""
     dtype: str = "auto"
     """Weights dtype: "auto" (fp32 weights; training computes in bf16 autocast on a GPU that supports it),
     "float32", "bfloat16" or "float16" (half-precision weights: half the memory, but updates smaller than
@@ -112,6 +120,10 @@ class RunConfig:
     log: LogConfig = field(default_factory=LogConfig)
     evolve: EvolveConfig = field(default_factory=EvolveConfig)
 
+    def verifier(self) -> Verifier:
+        """The run's reward functions, weighted and thresholded into r."""
+        return make_verifier(self.task, self.reward_weights, self.reward_threshold)
+
     def phrases(self) -> ControlPhrases:
         preset = ControlPhrases.preset(self.control_preset)
         return ControlPhrases(self.control_correct or preset.correct, self.control_wrong or preset.wrong)
@@ -121,7 +133,7 @@ class RunConfig:
         self.phrases()
         for section in (self.sampling, self.collect, self.srt, self.distill, self.eval, self.lora):
             section.validate()
-        get_verifier(self.task)
+        self.verifier()
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose auto, {', '.join(DTYPES)}")
         if self.dtype == "float16" and not self.lora.enabled:

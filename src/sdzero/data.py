@@ -6,6 +6,11 @@ stdin tests `[{"input": str, "output": str}, ...]` or call tests `[{"fn_name", "
 (read from APPS/TACO's `input_output` and LiveCodeBench's functional tests). Malformed rows stop the
 run with one error naming the file, the line or row, and the field. Math rows without a usable gold answer are skipped,
 and counted in the summary that `load_problem_sets` returns and records in split.json.
+
+TRL's dataset formats load as they are: the problem is a string ("standard") or a list of messages
+("conversational", system turn included), which the chat template renders as it stands. Rows judged only
+by TRL-style reward functions keep their columns untouched (TRL's `solution` included): the functions read
+them, and a row they cannot judge gets a None reward rather than being skipped here.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ CPP_INSTRUCTION = (
 )
 DEFAULT_INSTRUCTIONS = {"math": MATH_INSTRUCTION, "code": CODE_INSTRUCTION, "lab": ""}
 PROBLEM_FIELDS = ("problem", "question", "prompt")
+TRL_PROBLEM_FIELDS = ("prompt", "problem", "question")
+"""TRL's trainers read `prompt`: rows judged only by TRL-style reward functions look there first."""
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 EVAL_SHUFFLE_SEED = 0
 """The held-out set is drawn with this fixed seed, so every run seed is evaluated on the same problems."""
@@ -64,7 +71,9 @@ class DataConfig:
     eval_split: str | None = None
     """Split of the evaluation set (default "test" when `eval_path` is a hub id or folder)."""
     problem_field: str | None = None
-    """Column with the problem text (default: the first present of problem, question, prompt)."""
+    """Column with the problem: a string, or a list of {"role", "content"} messages ending with the user's turn
+    (TRL's conversational format). Default: the first present of problem, question, prompt (prompt first when
+    every reward function is TRL-style)."""
     answer_field: str | None = None
     """Math: column with the gold answer (default: `answer`; without it, `solution`, whose LAST
     \\boxed{...} is the answer). An answer containing \\boxed{...} is reduced to its last box."""
@@ -172,6 +181,22 @@ def is_custom(task: str) -> bool:
     return ":" in task
 
 
+def data_rules(task: str | list[str]) -> str:
+    """Which rules read the rows of `task` (one name or a list): those of the first built-in task named
+    ("lab", "math", "code"), else "custom" when one of your own functions has the signature
+    (completion, row), else "columns" (only TRL-style functions: columns kept as they are)."""
+    from sdzero.rewards import is_batch_function, reward_function, task_names
+
+    names = task_names(task)
+    for name in names:
+        if not is_custom(name):
+            if name not in DEFAULT_INSTRUCTIONS:
+                raise ValueError(f"unknown task {name!r}; choose one of {sorted(DEFAULT_INSTRUCTIONS)} "
+                                 "or a reward function as package.module:function")
+            return name
+    return "columns" if all(is_batch_function(reward_function(n)) for n in names) else "custom"
+
+
 def _pick_fields(data: DataConfig, task: str, columns: list[str], source: str) -> dict:
     """The column used for each role; a mapped or required column absent from the data is an error."""
 
@@ -186,14 +211,17 @@ def _pick_fields(data: DataConfig, task: str, columns: list[str], source: str) -
         wanted = " or ".join(repr(n) for n in defaults)
         raise ValueError(f"{source}: no {wanted} column (set data.{role}); available columns: {columns}")
 
-    fields = {"problem": require("problem_field", data.problem_field, PROBLEM_FIELDS)}
+    fields = {"problem": require("problem_field", data.problem_field,
+                                 TRL_PROBLEM_FIELDS if task == "columns" else PROBLEM_FIELDS)}
     if data.id_field is not None:
         fields["id"] = require("id_field", data.id_field, ())
     else:
         fields["id"] = "id" if "id" in columns else None
     if task == "code":
         fields["tests"] = require("tests_field", data.tests_field, ("tests",))
-    elif is_custom(task) and data.answer_field is None and not {"answer", "solution"} & set(columns):
+    elif task == "columns" and data.answer_field is None:
+        fields["answer"] = fields["solution"] = None  # the reward functions read their gold columns themselves
+    elif task in ("custom", "columns") and data.answer_field is None and not {"answer", "solution"} & set(columns):
         fields["answer"] = fields["solution"] = None  # your own reward function may need no gold answer
     else:
         fields["answer"] = require("answer_field", data.answer_field, ("answer", "solution"))
@@ -212,6 +240,36 @@ def _text(where: str, row: dict, name: str) -> str:
     if not value.strip():
         raise ValueError(f"{where}: field {name!r} is empty")
     return value
+
+
+def _problem(where: str, row: dict, name: str) -> str | list[dict]:
+    """The problem: a non-empty string, or a conversation (TRL's conversational prompt) ending with the user."""
+    value = row.get(name)
+    if not isinstance(value, list):
+        return _text(where, row, name)
+    if not value:
+        raise ValueError(f"{where}: field {name!r} is empty")
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise ValueError(f"{where}: field {name}[{i}] must be a message {{'role', 'content'}}, "
+                             f"got {type(message).__name__}")
+        for key in ("role", "content"):
+            if not isinstance(message.get(key), str):
+                got = "missing" if message.get(key) is None else type(message[key]).__name__
+                raise ValueError(f"{where}: field {name}[{i}].{key} must be a string, got {got}")
+    if value[-1]["role"] != "user":
+        raise ValueError(f"{where}: field {name!r}: the last message must be the user's, got {value[-1]['role']!r}")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def with_instruction(problem: str | list[dict], instruction: str) -> str | list[dict]:
+    """The problem with `instruction` after a blank line (in a conversation: at the end of the user's turn)."""
+    if not instruction:
+        return problem
+    if isinstance(problem, str):
+        return problem + "\n\n" + instruction
+    last = problem[-1]
+    return problem[:-1] + [{**last, "content": last["content"] + "\n\n" + instruction}]
 
 
 def _row_id(where: str, row: dict, name: str) -> str:
@@ -341,11 +399,12 @@ def validate_rows(
     rows: list[tuple[str, dict]], columns: list, data: DataConfig, task: str, source: str
 ) -> tuple[list[dict], dict]:
     """Problem dicts from raw rows, and the summary of the rows skipped for lack of a gold answer."""
+    task = data_rules(task)
     fields = _pick_fields(data, task, columns, source)
     instruction = DEFAULT_INSTRUCTIONS.get(task, "") if data.instruction is None else data.instruction
     problems, reasons, skipped_rows, first_seen = [], Counter(), [], {}
     for n, (where, row) in enumerate(rows, 1):
-        text = _text(where, row, fields["problem"])
+        text = _problem(where, row, fields["problem"])
         problem_id = _row_id(where, row, fields["id"]) if fields["id"] else str(n)
         if problem_id in first_seen:
             first = first_seen[problem_id]
@@ -353,7 +412,7 @@ def validate_rows(
         first_seen[problem_id] = where
         # The whole row travels with the problem, so the verifier can read any column: a code row's
         # `language`, whatever your own reward function needs.
-        problem = {**row, "id": problem_id, "problem": text + ("\n\n" + instruction if instruction else "")}
+        problem = {**row, "id": problem_id, "problem": with_instruction(text, instruction)}
         if task == "code":
             problem["tests"] = parse_tests(where, row.get(fields["tests"]), fields["tests"], row)
             call_names = {t["fn_name"] for t in problem["tests"] if is_call_test(t)}
@@ -365,12 +424,13 @@ def validate_rows(
                 if call_names and problem["language"] != "python":
                     raise ValueError(f"{where}: field 'language': call tests need Python, got {row['language']!r}")
                 if data.instruction is None and problem["language"] == "cpp":
-                    problem["problem"] = text + "\n\n" + CPP_INSTRUCTION
+                    problem["problem"] = with_instruction(text, CPP_INSTRUCTION)
             if data.instruction is None and call_names:
-                problem["problem"] = text + "\n\n" + CALL_INSTRUCTION.format(fn_name=sorted(call_names)[0])
+                call_instruction = CALL_INSTRUCTION.format(fn_name=sorted(call_names)[0])
                 starter = row.get("starter_code")  # APPS, TACO and LiveCodeBench all name it so
                 if isinstance(starter, str) and starter.strip():
-                    problem["problem"] += f" Start from:\n```python\n{starter.rstrip()}\n```"
+                    call_instruction += f" Start from:\n```python\n{starter.rstrip()}\n```"
+                problem["problem"] = with_instruction(text, call_instruction)
         elif fields["answer"] is not None:
             answer, why = gold_answer(where, row, fields["answer"], fields["solution"])
             if answer is None:
@@ -439,12 +499,10 @@ def load_problem_sets(
     record_dir: str | Path | None = None,
 ) -> ProblemSets:
     """N1, N2 and held-out problems for a run; writes record_dir/split.json when record_dir is given."""
-    if task not in DEFAULT_INSTRUCTIONS and not is_custom(task):  # "module:function" rows read like math rows
-        raise ValueError(f"unknown task {task!r}; choose one of {sorted(DEFAULT_INSTRUCTIONS)} "
-                         "or a reward function as package.module:function")
+    rules = data_rules(task)  # refuses an unknown task
     source, held_source = {"path": data.path, "name": data.name, "split": data.split}, None
     if data.path is None:
-        if task != "lab":
+        if rules != "lab":
             raise ValueError(f"data.path is required for task {task!r} (only the lab task has built-in problems)")
         from sdzero import lab
 
@@ -463,13 +521,13 @@ def load_problem_sets(
                 raise ValueError(f"{held_source['path']}: the evaluation set has {len(evals)} problems; "
                                  f"requested n_eval={n_eval}")  # fmt: skip
             # A training problem with the same text as an evaluation problem would leak it: leave it out.
-            eval_texts = {p["problem"] for p in evals}
-            leaked = [p["id"] for p in pool if p["problem"] in eval_texts]
+            eval_texts = {json.dumps(p["problem"]) for p in evals}  # json: a conversation is a list
+            leaked = [p["id"] for p in pool if json.dumps(p["problem"]) in eval_texts]
             if leaked:
                 skipped["count"] += len(leaked)
                 skipped["reasons"]["same text as an evaluation problem"] = len(leaked)
                 skipped["rows"] = (skipped["rows"] + [f"id {i}" for i in leaked])[:5]
-                pool = [p for p in pool if p["problem"] not in eval_texts]
+                pool = [p for p in pool if json.dumps(p["problem"]) not in eval_texts]
             n1, n2, _ = split_problems(pool, n_phase1, n_phase2, 0, seed)
             held_out = _shuffled(evals, EVAL_SHUFFLE_SEED)[:n_eval]
             sets = ProblemSets(n1, n2, held_out, skipped={"train": skipped, "eval": eval_skipped})

@@ -6,7 +6,8 @@ Each step, for a batch of prompts x from N2:
   3. at every token of y, the student's next-token distribution (given x, y_<t) is pulled towards
      the teacher's distribution for the same token of the second copy (given x, y, P_r, y_<t):
      L = mean over tokens of D(student || teacher) on the teacher's top-k support.
-Right and wrong answers are both trained on; only P_r differs.
+Right and wrong answers are both trained on; only P_r differs. An answer no reward function could judge
+(reward None) is left out of the step and counted (sdzero/no_reward).
 
 The teacher reads the whole first copy of y, always: that is the context the reviser was trained on
 in Phase 1. Around the step, the loop holds only the schedule: the held-out curve every `eval_every`
@@ -29,7 +30,7 @@ from accelerate.utils import DistributedType, broadcast_object_list
 from tqdm.auto import tqdm
 
 from sdzero.checks import check_ranges
-from sdzero.generation import Sample, SamplingConfig, make_generator, score
+from sdzero.generation import Sample, SamplingConfig, make_generator
 from sdzero.lab.task import PROBLEM_PREFIX, Problem, gold_digits
 from sdzero.losses import DIVERGENCES, per_token_divergence, teacher_topk
 from sdzero.prompts import (OVERFLOW, ControlPhrases, DistillLayout, bridge_ids, distill_layout, end_of_turn_ids,
@@ -37,7 +38,7 @@ from sdzero.prompts import (OVERFLOW, ControlPhrases, DistillLayout, bridge_ids,
 from sdzero.modeling import Teacher
 from sdzero.training import (LogConfig, MetricsLog, check_finite, finish_trackers, load_checkpoint, logits_at,
                              make_accelerator, make_optimizer, make_schedule, pad_right, save_checkpoint, unwrap)
-from sdzero.verifiers import Verifier
+from sdzero.rewards import Verifier
 
 
 @dataclass
@@ -294,7 +295,7 @@ class Rollouts:
     samples: list[Sample]
     rewards: list[float]
     layouts: list[DistillLayout | None]
-    """None where the sample is masked out (it does not fit the teacher's context)."""
+    """None where the sample is masked out (it does not fit the teacher's context, or it has no reward)."""
     gold: list[list[tuple[int, int]]]
     """Lab task only: (target index, token id of the correct digit) for the digits of each answer."""
 
@@ -318,9 +319,9 @@ def sample_rollouts(generator, tokenizer, problems: list[dict], verifier: Verifi
     from the reward, so right and wrong answers differ only in the phrase the teacher reads."""
     prompts = [generator_prompt_ids(tokenizer, p["problem"], system_prompt) for p in problems]
     samples = [answers[0] for answers in generator.sample(prompts, 1, progress=False)]
-    rewards = [score(verifier, y, p, generator.sampling) for y, p in zip(samples, problems)]
+    rewards = Verifier.of(verifier).score(samples, problems, generator.sampling)
     layouts = [distill_layout(prompt, y.ids, bridges[r], eot, cfg.teacher_max_length, cfg.overflow)
-               for prompt, y, r in zip(prompts, samples, rewards)]
+               if r is not None else None for prompt, y, r in zip(prompts, samples, rewards)]
     gold = [lab_gold_tokens(tokenizer, y, p) if layout else [] for y, p, layout in zip(samples, problems, layouts)]
     return Rollouts(samples, rewards, layouts, gold)
 
@@ -369,20 +370,21 @@ def train_step(model, teacher: Teacher, optimizer, accelerator, rollouts: Rollou
                                       [rollouts.rewards[i] for i in micro], [rollouts.gold[i] for i in micro])
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
         optimizer.step()
-    stats[REWARD] = sum(rollouts.rewards)
+    stats[REWARD] = sum(r for r in rollouts.rewards if r is not None)
+    stats[NO_REWARD] = sum(r is None for r in rollouts.rewards)
     stats[ROLLOUTS] = len(rollouts.samples)
     stats[UNFINISHED] = sum(not y.finished for y in rollouts.samples)
     stats[LENGTH] = sum(len(y.ids) for y in rollouts.samples)
     stats[TRUNCATED] = sum(1 for l in rollouts.layouts if l is not None and l.truncated)
-    stats[MASKED] = sum(1 for l in rollouts.layouts if l is None)
+    stats[MASKED] = sum(1 for l in rollouts.layouts if l is None) - stats[NO_REWARD]
     stats[TRAINED] = sum(len(rollouts.layouts[i].student_ids) for i in kept) if n_tokens else 0
     return accelerator.reduce(stats).tolist(), grad_norm
 
 
 # Per-step counters summed across processes (indices into one tensor, so one reduction per step).
 (REWARD, ROLLOUTS, UNFINISHED, LENGTH, TRUNCATED, MASKED, TRAINED, TOKENS, KL_WRONG, TOKENS_WRONG, KL_RIGHT,
- TOKENS_RIGHT, ENTROPY, TOPK_MASS, GOLD_HITS, GOLD_DIGITS) = range(16)
-STATS = GOLD_DIGITS + 1
+ TOKENS_RIGHT, ENTROPY, TOPK_MASS, GOLD_HITS, GOLD_DIGITS, NO_REWARD) = range(17)
+STATS = NO_REWARD + 1
 
 
 def add_micro_batch_stats(stats: torch.Tensor, per_token: torch.Tensor, diagnostics: dict, layouts, rewards,
@@ -411,7 +413,8 @@ def step_metrics(stats: list[float]) -> dict:
     kl = (stats[KL_WRONG] + stats[KL_RIGHT]) / tokens
     metrics = {
         "loss": kl, "sdzero/kl": kl,
-        "sdzero/reward": stats[REWARD] / stats[ROLLOUTS],
+        "sdzero/reward": stats[REWARD] / max(1.0, stats[ROLLOUTS] - stats[NO_REWARD]),
+        "sdzero/no_reward": int(stats[NO_REWARD]),  # rollouts left out: no reward function gave a value
         "sdzero/kl_wrong": stats[KL_WRONG] / max(1.0, stats[TOKENS_WRONG]),
         "sdzero/kl_right": stats[KL_RIGHT] / max(1.0, stats[TOKENS_RIGHT]),
         "sdzero/response_len": stats[LENGTH] / stats[ROLLOUTS],

@@ -1,7 +1,8 @@
 """Evaluation: avg@k, the unbiased pass@k, answer lengths, and generate-then-revise.
 
 avg@k samples k answers per problem at T > 0 and averages (#correct / k) over problems. pass@j is
-estimated from the same n = k samples with the unbiased estimator 1 - C(n - c, j) / C(n, j).
+estimated from the same n = k samples with the unbiased estimator 1 - C(n - c, j) / C(n, j). An answer
+no reward function could judge (reward None) counts as not correct, and the share of them is reported.
 
 Generate-then-revise (`evaluate_revision`) samples a first answer, then lets the same model revise
 it in the same assistant turn after the control phrase, laid out exactly as in Phase 1
@@ -14,9 +15,9 @@ import json
 from math import comb
 from pathlib import Path
 
-from sdzero.generation import Generator, score
+from sdzero.generation import Generator
 from sdzero.prompts import ControlPhrases, bridge_ids, end_of_turn_ids, generator_prompt_ids, reviser_context_ids
-from sdzero.verifiers import Verifier
+from sdzero.rewards import Verifier
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -40,9 +41,9 @@ def evaluate(generator: Generator, problems: list[dict], verifier: Verifier, *, 
     prompts = [generator_prompt_ids(tokenizer, p["problem"], system_prompt) for p in problems]
     samples = generator.sample(prompts, k, desc=desc, progress=progress)
     correct_counts, lengths, rows = [], [], []
-    for problem, answers in zip(problems, samples):
-        rewards = [score(verifier, a, problem, generator.sampling) for a in answers]
-        correct_counts.append(int(sum(rewards)))
+    for problem, answers, rewards in zip(problems, samples,
+                                         Verifier.of(verifier).score_groups(samples, problems, generator.sampling)):
+        correct_counts.append(sum(r == 1.0 for r in rewards))
         lengths.extend(len(a.ids) for a in answers)
         rows.extend({"id": problem["id"], "response": a.text, "reward": r, "tokens": len(a.ids),
                      "finished": a.finished}
@@ -54,6 +55,7 @@ def evaluate(generator: Generator, problems: list[dict], verifier: Verifier, *, 
         "mean_length": sum(lengths) / len(lengths),
         # answers cut by the token cap (scored by sampling.unfinished_reward)
         "unfinished": sum(not row["finished"] for row in rows) / len(rows),
+        "no_reward": sum(row["reward"] is None for row in rows) / len(rows),
     }
     for j in sorted({2 ** i for i in range(k.bit_length()) if 2 ** i <= k} | {k}):
         report[f"pass@{j}"] = sum(pass_at_k(k, c, j) for c in correct_counts) / len(problems)
@@ -93,18 +95,22 @@ def evaluate_revision(generator: Generator, problems: list[dict], verifier: Veri
     eot = end_of_turn_ids(tokenizer)
     prompts = [generator_prompt_ids(tokenizer, p["problem"], system_prompt) for p in problems]
     firsts = generator.sample(prompts, k, desc=f"{desc}: first answers", progress=progress)
-    pairs = [(i, answer, score(verifier, answer, problem, generator.sampling))
-             for i, (problem, answers) in enumerate(zip(problems, firsts)) for answer in answers]
+    verifier = Verifier.of(verifier)
+    # An answer with no reward is judged as not correct here: it reads the wrong-answer phrase.
+    first_rewards = verifier.score_groups(firsts, problems, generator.sampling)
+    pairs = [(i, answer, r or 0.0) for i, (answers, rewards) in enumerate(zip(firsts, first_rewards))
+             for answer, r in zip(answers, rewards)]
     bridges = {r: bridge_ids(tokenizer, phrases, r) for r in (0.0, 1.0)}
     contexts = [reviser_context_ids(prompts[i], answer.ids, bridges[r if feedback == "reward" else 0.0], eot)
                 for i, answer, r in pairs]
     revisions = [samples[0] for samples in generator.sample(contexts, 1, desc=f"{desc}: revisions",
                                                             progress=progress)]
+    revision_rewards = verifier.score(revisions, [problems[i] for i, _, _ in pairs], generator.sampling)
     rows = []
-    for (i, answer, r), revision in zip(pairs, revisions):
+    for (i, answer, r), revision, revision_reward in zip(pairs, revisions, revision_rewards):
         rows.append({"id": problems[i]["id"], "response": answer.text, "reward": r, "tokens": len(answer.ids),
                      "phrase": phrases.for_reward(r if feedback == "reward" else 0.0),
-                     "revision": revision.text, "revision_reward": score(verifier, revision, problems[i], generator.sampling),
+                     "revision": revision.text, "revision_reward": revision_reward or 0.0,
                      "revision_tokens": len(revision.ids)})
     _write_rows(samples_path, rows)
     wrong = [row for row in rows if row["reward"] < 1.0]

@@ -24,7 +24,6 @@ from sdzero.evaluate import evaluate
 from sdzero.generation import make_generator
 from sdzero.pipeline import curve_accuracy, load_run_model, problem_sets, run_pipeline, trainable
 from sdzero.training import seed_everything
-from sdzero.verifiers import get_verifier
 
 
 def self_evolution(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, log=print) -> dict:
@@ -34,7 +33,7 @@ def self_evolution(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True
     if not (run_dir / "srt" / "config.json").exists():
         log(f"no SRT model in {run_dir}: running the pipeline first")
         run_pipeline(cfg, run_dir, progress=progress, log=log)
-    verifier = get_verifier(cfg.task)
+    verifier = cfg.verifier()
     _, n2, held_out = problem_sets(cfg, log=log)
     curve_problems = held_out[:cfg.eval.curve_problems]
     e = cfg.evolve

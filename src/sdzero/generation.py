@@ -78,14 +78,6 @@ class Sample:
     """True when the response ended with an end-of-turn token."""
 
 
-def score(verifier, sample: Sample, problem: dict, sampling: SamplingConfig) -> float:
-    """The reward of one sampled response; every stage scores through here, so a response cut by the
-    token cap is judged by the same rule in collection, Phase 2 and evaluation."""
-    if not sample.finished and sampling.unfinished_reward == "zero":
-        return 0.0
-    return verifier(sample.text, problem)
-
-
 class Generator:
     """transformers `generate` on left-padded batches (CPU or GPU)."""
 

@@ -33,7 +33,6 @@ from sdzero.rundir import (begin_stage, check_base_model, model_fingerprint, mov
                            sdzero_settings, srt_settings, stale_folder)
 from sdzero.srt import train_srt
 from sdzero.training import is_main_process, read_jsonl, seed_everything, wait_for_everyone
-from sdzero.verifiers import get_verifier
 
 
 def problem_sets(cfg: RunConfig, record_dir: str | Path | None = None, log=print):
@@ -109,7 +108,7 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True, 
     record = open_run(out, cfg, limit=limit, restart=restart, log=log)
     start = time.time()
     seed_everything(cfg.seed)
-    verifier = get_verifier(cfg.task)
+    verifier = cfg.verifier()
     phrases = cfg.phrases()
     n1, n2, held_out = problem_sets(cfg, record_dir=out, log=log)
     curve_problems = held_out[:cfg.eval.curve_problems]

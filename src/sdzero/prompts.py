@@ -59,15 +59,22 @@ def end_of_turn_ids(tokenizer) -> set[int]:
     return ids
 
 
-def chat_messages(problem: str, system_prompt: str | None = None) -> list[dict]:
-    """The generator's conversation: an optional system turn, then the problem as the user's turn."""
+def chat_messages(problem: str | list[dict], system_prompt: str | None = None) -> list[dict]:
+    """The generator's conversation: an optional system turn, then the problem as the user's turn. A problem
+    that is already a conversation (TRL's conversational prompt) is used as it is; `system_prompt` is added
+    only when it has no system turn of its own."""
+    if isinstance(problem, list):
+        messages = [dict(m) for m in problem]
+        if system_prompt and not any(m["role"] == "system" for m in messages):
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        return messages
     messages = [{"role": "user", "content": problem}]
     if system_prompt:
         messages.insert(0, {"role": "system", "content": system_prompt})
     return messages
 
 
-def generator_prompt_ids(tokenizer, problem: str, system_prompt: str | None = None) -> list[int]:
+def generator_prompt_ids(tokenizer, problem: str | list[dict], system_prompt: str | None = None) -> list[int]:
     ids = tokenizer.apply_chat_template(chat_messages(problem, system_prompt), add_generation_prompt=True,
                                         tokenize=True)
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # some versions return a BatchEncoding

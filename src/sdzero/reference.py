@@ -131,14 +131,19 @@ def configuration_markdown() -> str:
     return "\n".join(lines)
 
 
-def _help_texts(parser: argparse.ArgumentParser, name: str) -> list[tuple[str, str]]:
-    """(command, its --help text) for the parser and every sub-command, depth first."""
+def _help_texts(parser: argparse.ArgumentParser, name: str, package_dir: str) -> list[tuple[str, str]]:
+    """(command, its --help text) for the parser and every sub-command, depth first. Defaults inside the
+    package read `<sdzero>/...`, replaced before argparse wraps the lines (a long checkout path would
+    otherwise be split across two lines and escape the replacement)."""
     parser.formatter_class = lambda prog: argparse.HelpFormatter(prog, width=HELP_WIDTH)
+    for action in parser._actions:
+        if isinstance(action.default, (str, Path)) and str(action.default).startswith(package_dir):
+            action.default = str(action.default).replace(package_dir, "<sdzero>", 1)
     texts = [(name, parser.format_help())]
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for sub_name, sub in action.choices.items():
-                texts += _help_texts(sub, f"{name} {sub_name}")
+                texts += _help_texts(sub, f"{name} {sub_name}", package_dir)
     return texts
 
 
@@ -160,7 +165,7 @@ def cli_markdown() -> str:
     env = {key: os.environ.get(key) for key in ("NO_COLOR", "PYTHON_COLORS")}
     os.environ["NO_COLOR"], os.environ["PYTHON_COLORS"] = "1", "0"  # argparse colours help on 3.14+
     try:
-        for command, text in _help_texts(build_parser(), "sdzero"):
+        for command, text in _help_texts(build_parser(), "sdzero", package_dir):
             text = text.replace(package_dir, "<sdzero>")
             lines += [f"## `{command}`", "", "```text", text.rstrip(), "```", ""]
     finally:

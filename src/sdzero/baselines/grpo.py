@@ -1,5 +1,6 @@
 """GRPO baseline: TRL's GRPOTrainer (the implementation users would otherwise pick), one epoch over the
-questions, G rollouts per prompt, our verifier as the binary reward, our sampling settings.
+questions, G rollouts per prompt, our verifier's binary verdict as the reward (None, where no reward function
+gave a value, so that TRL leaves the completion out of the advantage as well), our sampling settings.
 
 The reward function is also where the budget is counted: TRL hands it every sampled completion with
 its token ids, exactly once. Each completion then goes through one forward and backward pass
@@ -15,10 +16,10 @@ from transformers import PrinterCallback
 
 from sdzero.baselines.trl_common import BudgetCallback, TRLBaselineConfig, question_dataset, trl_arguments
 from sdzero.budget import Budget, LearningCurve
-from sdzero.generation import SamplingConfig
-from sdzero.prompts import generator_prompt_ids
+from sdzero.generation import Sample, SamplingConfig
+from sdzero.prompts import end_of_turn_ids, generator_prompt_ids
+from sdzero.rewards import Verifier
 from sdzero.training import MetricsLog
-from sdzero.verifiers import Verifier
 
 
 @dataclass
@@ -48,11 +49,16 @@ def train_grpo(model, tokenizer, questions: list[dict], verifier: Verifier, samp
     out_dir = Path(out_dir)
     prompt_lengths = [len(generator_prompt_ids(tokenizer, q["problem"], system_prompt)) for q in questions]
 
+    verifier = Verifier.of(verifier)
+    eot = end_of_turn_ids(tokenizer)
+
     def verifier_reward(prompts, completions, completion_ids, question_index, **_):
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         budget.sampled([questions[i]["id"] for i in question_index], [len(ids) for ids in completion_ids])
         budget.trained(sum(prompt_lengths[i] + len(ids) for i, ids in zip(question_index, completion_ids)))
-        return [verifier(text, questions[i]) for text, i in zip(texts, question_index)]
+        # Judged exactly as SD-Zero's rollouts are: a completion is finished when it ends in a stop token.
+        samples = [Sample(list(ids), text, bool(ids) and ids[-1] in eot) for ids, text in zip(completion_ids, texts)]
+        return verifier.score(samples, [questions[i] for i in question_index], sampling)
 
     verifier_reward.__name__ = "verifier"
     args = trl_arguments(GRPOConfig, cfg, out_dir=out_dir, sampling=sampling, seed=seed, progress=progress,

@@ -17,10 +17,10 @@ import torch
 from tqdm.auto import tqdm
 
 from sdzero.budget import Budget, LearningCurve
-from sdzero.generation import Generator, score
+from sdzero.generation import Generator
 from sdzero.prompts import generator_prompt_ids
 from sdzero.training import MetricsLog, make_optimizer, make_schedule, sft_step_loss
-from sdzero.verifiers import Verifier
+from sdzero.rewards import Verifier
 
 
 @dataclass
@@ -49,9 +49,10 @@ def sample_correct(generator: Generator, questions: list[dict], verifier: Verifi
     prompts = [generator_prompt_ids(generator.tokenizer, q["problem"], system_prompt) for q in questions]
     answers = generator.sample(prompts, cfg.samples_per_question, desc="rft sampling", progress=progress)
     kept = []
-    for question, prompt, samples in zip(questions, prompts, answers):
+    verdicts = Verifier.of(verifier).score_groups(answers, questions, generator.sampling)
+    for question, prompt, samples, rewards in zip(questions, prompts, answers, verdicts):
         budget.sampled([question["id"]] * len(samples), [len(s.ids) for s in samples])
-        distinct = {tuple(s.ids): s for s in samples if score(verifier, s, question, generator.sampling) >= 1.0}
+        distinct = {tuple(s.ids): s for s, r in zip(samples, rewards) if r == 1.0}
         kept.append([(prompt, list(ids)) for ids in distinct])
     return kept
 

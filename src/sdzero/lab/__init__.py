@@ -8,6 +8,9 @@ from sdzero.lab.task import Problem, first_wrong_step, sample_problems
 
 BASE_MODEL_DIR = Path(__file__).parent / "base_model"
 """The shipped lab base model, produced by `sdzero lab pretrain --out` this folder."""
+PRETRAIN_CPU_MINUTES = 50
+"""How long `sdzero lab pretrain` takes with the default recipe on 2 CPU cores (measured: ~1.2 s per step);
+the command's help says it, and a test holds the README to it."""
 EVAL_SEED = 0
 """The held-out evaluation problems are the same for every run seed, so seeds compare like for like."""
 

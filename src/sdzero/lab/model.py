@@ -33,8 +33,8 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 @dataclass
 class PretrainConfig:
-    """Recipe of the lab base model (about 55% sampled accuracy; 2 minutes on a GPU, about 50 on 2 CPU cores:
-    ~1.2 s per step)."""
+    """Recipe of the lab base model (about 55% sampled accuracy; 2 minutes on a GPU, on 2 CPU cores
+    `sdzero.lab.PRETRAIN_CPU_MINUTES`)."""
 
     seed: int = 0
     n_documents: int = 60_000
