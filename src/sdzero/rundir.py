@@ -72,7 +72,8 @@ def model_fingerprint(name: str) -> str:
 
 def run_identity(cfg) -> dict:
     """The settings every stage of a run shares: a command that differs in one of them belongs to another run."""
-    return {"seed": cfg.seed, "task": cfg.task, "data": dataclasses.asdict(cfg.data), "n_phase1": cfg.n_phase1,
+    return {"seed": cfg.seed, "task": cfg.task, "reward_weights": cfg.reward_weights,
+            "reward_threshold": cfg.reward_threshold, "data": dataclasses.asdict(cfg.data), "n_phase1": cfg.n_phase1,
             "n_phase2": cfg.n_phase2, "n_eval": cfg.eval.n_problems,
             "control_phrases": dataclasses.asdict(cfg.phrases()), "system_prompt": cfg.system_prompt}
 
