@@ -74,6 +74,29 @@ def test_rerun_resumes_without_training_again(ci_run, capsys):
     assert (ci_run / "results.jsonl").read_text() == before
 
 
+def test_a_rerun_with_other_settings_recomputes_and_labels_only_what_it_measured(ci_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(ci_run, out)
+    before = read_lines(out / "results.jsonl")
+    assert main(["compare", "--config", str(CI_CONFIG), "--out", str(out), "--quiet", "--methods", "rft",
+                 "--set", "compare.rft.lr=0.01", "--set", "eval.k=1"]) == 0
+    rows = read_lines(out / "results.jsonl")
+    added = rows[len(before):]
+    assert [r["method"] for r in added] == ["base", "rft"], "eval.k shapes base and rft: both recomputed"
+    assert all(r["settings"]["run"]["eval"]["k"] == 1 for r in added)
+    assert added[1]["settings"]["method"]["lr"] == 0.01
+    report = json.loads((out / "report.json").read_text())
+    assert report["metric"] == "avg@1" and set(report["methods"]) == {"rft"}
+    assert report["methods"]["rft"]["accuracy_per_seed"] == [added[1]["accuracy"]]
+    assert (out / "stale").is_dir()  # the old rft files, moved aside
+    # the same command again reuses both results
+    assert main(["compare", "--config", str(CI_CONFIG), "--out", str(out), "--quiet", "--methods", "rft",
+                 "--set", "compare.rft.lr=0.01", "--set", "eval.k=1"]) == 0
+    assert len(read_lines(out / "results.jsonl")) == len(rows)
+
+
 def test_a_budget_that_cannot_be_matched_is_refused_before_training(tmp_path, capsys):
     # GRPO trains 4 prompts x 4 rollouts = 16 generations per step: 72 falls between 64 and 80 (11% off).
     code = main(["compare", "--config", str(CI_CONFIG), "--out", str(tmp_path), "--quiet", "--methods", "grpo",
