@@ -4,8 +4,10 @@ and a stale checkpoint is never resumed. On a tiny local model and a local JSONL
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -194,3 +196,41 @@ def test_two_processes_collect_each_problem_once_and_save_and_print_once(home, t
     assert outputs["srt"].count(f"saved {run / 'srt'}") == 1
     assert outputs["distill"].count("saved") == 1
     assert (run / "sdzero" / "model.safetensors").exists()
+
+
+def test_a_killed_run_resumed_at_every_stage_ends_with_the_report_of_an_uninterrupted_one(home, tmp_path):
+    settings = yaml.safe_load((home / "run.yaml").read_text())
+    settings["collect"] = {"chunk_size": 2}
+    settings["srt"].update(epochs=6, save_every=1)
+    settings["distill"].update(max_steps=6, eval_every=2)
+    config = tmp_path / "resume.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+
+    def command(out: Path, *extra) -> list[str]:
+        return [sys.executable, "-m", "sdzero.cli", "run", "--out", str(out), "--config", str(config), "--quiet",
+                *extra]
+
+    subprocess.run(command(tmp_path / "whole"), env=env, check=True, capture_output=True, timeout=600)
+    run = tmp_path / "killed"
+    attempts = run / "phase1" / "attempts.jsonl"
+    kill_points = [  # inside collection, inside SRT, inside Phase 2
+        lambda: attempts.exists() and 0 < len(attempts.read_text().splitlines()) < 12,
+        lambda: (run / "srt" / "checkpoint" / "state.json").exists(),
+        lambda: (run / "sdzero" / "checkpoint" / "state.json").exists(),
+    ]
+    for i, inside in enumerate(kill_points):
+        process = subprocess.Popen(command(run, *(["--resume"] if i else [])), env=env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while process.poll() is None and not inside():
+            time.sleep(0.002)
+        process.kill()
+        assert process.wait() == -signal.SIGKILL, f"the run ended before kill point {i} was reached"
+    subprocess.run(command(run, "--resume"), env=env, check=True, capture_output=True, timeout=600)
+
+    whole, resumed = (json.loads((out / "report.json").read_text()) for out in (tmp_path / "whole", run))
+    for key in ("accuracy", "mean_length", "pass@k", "revise", "phase1", "phase2_curve"):
+        assert resumed[key] == whole[key], key
+    assert (run / "sdzero" / "model.safetensors").read_bytes() == \
+        (tmp_path / "whole" / "sdzero" / "model.safetensors").read_bytes()

@@ -31,6 +31,10 @@ class Parser(argparse.ArgumentParser):
         self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+RESUME_HELP = ("continue a killed run: the stages and evaluations it finished are reused; collection, SRT and "
+               "Phase 2 go on from their files and checkpoints")
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=DEMO_CONFIG,
                         help="YAML run configuration (default: the lab demo's, %(default)s)")
@@ -58,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                                description="Base model -> Phase 1 (collect, SRT) -> Phase 2 (self-distillation) -> "
                                            "avg@k of base, SRT and SD-Zero on held-out lab problems.")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory (default: %(default)s)")
+    demo.add_argument("--resume", action="store_true", help=RESUME_HELP)
     demo.add_argument("--self-evolve", action="store_true",
                       help="Phase 2 from OUT/srt twice, frozen teacher vs teacher sync (settings: evolve.*); "
                            "writes OUT/evolve/report.json and self_evolution.png (runs the demo first if needed)")
@@ -67,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Base model -> Phase 1 (collect, SRT) -> Phase 2 -> evaluation, "
                                           "as `demo` does, for the model, data and settings of --config.")
     run.add_argument("--out", type=Path, required=True, help="run directory")
+    run.add_argument("--resume", action="store_true", help=RESUME_HELP)
     _common(run)
 
     collect = commands.add_parser("collect", help="Phase 1 data: first answers, revisions, verified tuples",
@@ -227,7 +233,8 @@ def cmd_demo(args) -> None:
             print(f"{name:<8} {run['accuracy']:>8.3f} {run['mean_length']:>8.1f}  {run['syncs'] or '-'}")
         print(f"wrote {args.out / 'evolve' / 'report.json'} and {args.out / 'evolve' / 'self_evolution.png'}")
         return
-    report = run_pipeline(cfg, args.out, progress=not args.quiet, limit=args.limit, restart=args.restart)
+    report = run_pipeline(cfg, args.out, progress=not args.quiet, limit=args.limit, restart=args.restart,
+                          resume=args.resume)
     _print_table(report)
     if "srt" not in report["accuracy"]:
         raise NothingToTrain(f"Phase 1 kept no verified revision, so the run stopped after evaluating the base model "
@@ -255,7 +262,8 @@ def cmd_collect(args) -> None:
     wait_for_everyone()
     model, tokenizer = load_run_model(cfg)
     summary = collect(make_generator(model, tokenizer, cfg.sampling), n1, cfg.verifier(), cfg.phrases(),
-                      args.out / "phase1", cfg.collect, system_prompt=cfg.system_prompt, progress=not args.quiet)
+                      args.out / "phase1", cfg.collect, system_prompt=cfg.system_prompt, progress=not args.quiet,
+                      seed=cfg.seed)
     say(json.dumps(summary, indent=2))
     if summary["kept"] == 0:
         raise NothingToTrain("no verified revision was kept: there is nothing for SRT to train on")
@@ -482,7 +490,7 @@ COMMANDS = {"demo": cmd_demo, "run": cmd_demo, "collect": cmd_collect, "srt": cm
 def resume_hint(command: str, argv: list[str]) -> str:
     """How to go on after Ctrl-C, for each command."""
     again = shlex.join(["sdzero", *argv])
-    if command in ("srt", "distill"):
+    if command in ("srt", "distill", "run", "demo"):
         return f"continue from its last checkpoint with: {again}" + ("" if "--resume" in argv else " --resume")
     if command == "collect":
         return f"re-run {again} to go on with the problems not collected yet"

@@ -26,7 +26,7 @@ from sdzero.modeling import tokenizer_fingerprint
 from sdzero.prompts import (ControlPhrases, bridge_ids, end_of_turn_ids, generator_prompt_ids,
                             reviser_context_ids)
 from sdzero.rewards import Verifier
-from sdzero.training import process_state, read_jsonl
+from sdzero.training import process_state, read_jsonl, seed_everything
 
 # Openers that flatter the feedback instead of solving the problem; the official release drops them.
 SYCOPHANTIC_OPENERS = re.compile(r"^\W*(you'?re (absolutely )?right|you are (absolutely )?right|i apologi[sz]e"
@@ -85,8 +85,11 @@ def control_phrase_count(text: str, phrases: ControlPhrases) -> int:
 
 def collect(generator: Generator, problems: list[dict], verifier: Verifier, phrases: ControlPhrases,
             out_dir: str | Path, cfg: CollectConfig | None = None, *, system_prompt: str | None = None,
-            progress: bool = True) -> dict:
-    """Run Phase 1 collection into `out_dir` (revisions.jsonl, attempts.jsonl); returns the counts."""
+            progress: bool = True, seed: int | None = None) -> dict:
+    """Run Phase 1 collection into `out_dir` (revisions.jsonl, attempts.jsonl); returns the counts.
+
+    With `seed`, each chunk samples from its own seed (the run seed and the chunk's place in `problems`),
+    so a collection killed and restarted collects what an uninterrupted one would."""
     cfg = cfg or CollectConfig()
     verifier = Verifier.of(verifier)
     out_dir = Path(out_dir)
@@ -106,6 +109,8 @@ def collect(generator: Generator, problems: list[dict], verifier: Verifier, phra
     for start in range(0, len(todo), cfg.chunk_size * world):
         block = todo[start:start + cfg.chunk_size * world]
         chunk = block[rank::world]
+        if seed is not None:
+            seed_everything(seed * 1_000_003 + len(problems) - len(todo) + start + rank)
         results = gather_object(collect_chunk(generator, chunk, verifier, phrases, cfg, system_prompt, seen))
         if main:
             # Per problem: its revisions, then its attempts line, which marks it done.

@@ -10,7 +10,8 @@ Every stage writes plain artifacts into the run directory:
     phase1/revisions.jsonl      the kept (x, y_init, P_r, y_revised) tuples, with token ids
     srt/                        the SRT model (save_pretrained) and its metrics.jsonl
     sdzero/                     the SD-Zero model (save_pretrained) and its metrics.jsonl
-    eval/<model>.jsonl          every evaluation sample with its reward
+    eval/<model>.jsonl          every evaluation sample with its reward; eval/<model>.json its report
+    srt/summary.json, sdzero/summary.json   written last: the stage is done (`run --resume` reuses it)
     report.json                 accuracies, lengths, counts, timings
     learning_curve.png          held-out accuracy over Phase 2 steps
 """
@@ -98,34 +99,42 @@ def save_stage(model, tokenizer, path: str | Path, cfg: RunConfig, stage: str, e
 
 
 def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True, log=print, limit: int | None = None,
-                 restart: bool = False) -> dict:
+                 restart: bool = False, resume: bool = False) -> dict:
     """Run the whole method and write the run directory; returns report.json's content.
 
     `limit` is the --limit the sets were cut to (recorded, so the stage commands use the same sets);
-    `restart`: a run directory made with other settings is moved aside instead of refused (sdzero.rundir)."""
+    `restart`: a run directory made with other settings is moved aside instead of refused (sdzero.rundir);
+    `resume`: continue a killed run, reusing every stage and evaluation it finished. Each stage starts from
+    the run seed (and collection from a seed per chunk), so a resumed run ends as an uninterrupted one."""
     cfg.validate()
     out = Path(out_dir)
     record = open_run(out, cfg, limit=limit, restart=restart, log=log)
     start = time.time()
-    seed_everything(cfg.seed)
     verifier = cfg.verifier()
     phrases = cfg.phrases()
     n1, n2, held_out = problem_sets(cfg, record_dir=out, log=log)
     curve_problems = held_out[:cfg.eval.curve_problems]
     base_fingerprint = check_base_model(out, record, cfg.model, load_tokenizer(cfg.model))
     begin_stage(out, "phase1", phase1_settings(cfg, base_fingerprint), restart=restart, resume=True, log=log)
-    (out / "config.yaml").write_text(config_to_yaml(cfg))  # every stage but collection is made anew from it
-    # A re-run recomputes every stage but collection (which goes on with the problems not done yet): the
-    # old results move aside first, so that no file of the run is left from the previous one.
-    stale = stale_folder(out)
-    moved = move_aside(out, ["srt", "sdzero", "eval", "report.json", "learning_curve.png"], stale)
-    if moved:
-        log(f"moved the previous {', '.join(moved)} to {stale}")
+    if not resume:
+        # A re-run recomputes every stage but collection (which goes on with the problems not done yet): the
+        # old results move aside first, so that no file of the run is left from the previous one.
+        stale = stale_folder(out)
+        moved = move_aside(out, ["srt", "sdzero", "eval", "report.json", "learning_curve.png"], stale)
+        if moved:
+            log(f"moved the previous {', '.join(moved)} to {stale}")
+    (out / "config.yaml").write_text(config_to_yaml(cfg))
     model, tokenizer = load_run_model(cfg)
     generator = make_generator(model, tokenizer, cfg.sampling)
     results: dict[str, dict] = {}
 
     def evaluate_stage(name: str) -> None:
+        path = out / "eval" / f"{name}.json"
+        if resume and path.exists():
+            results[name] = json.loads(path.read_text())
+            log(f"[{name}] avg@{cfg.eval.k} = {results[name]['accuracy']:.3f} (evaluated before; reused)")
+            return
+        seed_everything(cfg.seed)
         results[name] = evaluate(generator, held_out, verifier, k=cfg.eval.k, system_prompt=cfg.system_prompt,
                                  samples_path=out / "eval" / f"{name}.jsonl", desc=f"evaluate {name}",
                                  progress=progress)
@@ -138,12 +147,13 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True, 
                 samples_path=out / "eval" / f"{name}_revise.jsonl", desc=f"revise {name}", progress=progress)
             log(f"[{name}] generate-then-revise: {revise['initial_accuracy']:.3f} -> {revise['revised_accuracy']:.3f}, "
                 f"correction rate {_pct(revise['correction_rate'])} of {revise['n_wrong']} wrong answers")
+        path.write_text(json.dumps(results[name], indent=1))  # last: a killed evaluation is redone
 
     evaluate_stage("base")
 
     log(f"Phase 1: collecting revisions on {len(n1)} problems")
     collection = collect(generator, n1, verifier, phrases, out / "phase1", cfg.collect,
-                         system_prompt=cfg.system_prompt, progress=progress)
+                         system_prompt=cfg.system_prompt, progress=progress, seed=cfg.seed)
     log(f"Phase 1: {collection['kept']} verified revisions kept "
         f"({collection['kept_after_wrong']} after a wrong answer, {collection['kept_after_right']} after a right one; "
         f"first-answer accuracy {collection['first_answer_accuracy']:.3f})")
@@ -152,26 +162,39 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True, 
         log("Phase 1 kept no verified revision: nothing to train SRT on. Stopping here.")
         return _write_report(out, cfg, results, collection, {}, start)
 
-    begin_stage(out, "srt", srt_settings(cfg, base_fingerprint, out / "phase1" / "revisions.jsonl"), log=log)
-    model = trainable(model, cfg)
-    srt_summary = train_srt(model, tokenizer, tuples, phrases, cfg.srt, out_dir=out / "srt", seed=cfg.seed,
-                            system_prompt=cfg.system_prompt, progress=progress, log_config=cfg.log)
-    generator.refresh(model)
-    evaluate_stage("srt")
-    save_stage(model, tokenizer, out / "srt", cfg, "srt", results["srt"])
+    def train_stage(stage: str, settings: dict, train):
+        """A training stage: reused when a resumed run finds it saved, else trained (from its checkpoint
+        when resuming) and saved with its evaluation and summary."""
+        nonlocal model
+        begin_stage(out, stage, settings, resume=resume, log=log)
+        if resume and (out / stage / "summary.json").exists():
+            log(f"{stage}: trained before; loading {out / stage}")
+            model = load_run_model(cfg, str(out / stage))[0]
+            generator.refresh(model)
+            evaluate_stage(stage)
+            return json.loads((out / stage / "summary.json").read_text())
+        model = trainable(model, cfg)
+        seed_everything(cfg.seed)
+        summary = train(model)
+        generator.refresh(model)
+        evaluate_stage(stage)
+        save_stage(model, tokenizer, out / stage, cfg, stage, results[stage])
+        (out / stage / "summary.json").write_text(json.dumps(summary, indent=1))  # last: marks the stage done
+        return summary
 
+    srt_summary = train_stage(
+        "srt", srt_settings(cfg, base_fingerprint, out / "phase1" / "revisions.jsonl"),
+        lambda student: train_srt(student, tokenizer, tuples, phrases, cfg.srt, out_dir=out / "srt", seed=cfg.seed,
+                                  system_prompt=cfg.system_prompt, progress=progress, resume=resume,
+                                  log_config=cfg.log))
     log(f"Phase 2: self-distillation on {len(n2)} problems, {cfg.distill.max_steps} steps")
-    begin_stage(out, "sdzero", sdzero_settings(cfg, model_fingerprint(str(out / "srt")), "frozen copy of the student"),
-                log=log)
-    model = trainable(model, cfg)
-    distill_summary = distill(model, tokenizer, n2, verifier, phrases, cfg.sampling, cfg.distill,
-                              out_dir=out / "sdzero", seed=cfg.seed,
-                              evaluate_fn=curve_accuracy(cfg, generator, curve_problems, verifier),
-                              system_prompt=cfg.system_prompt, progress=progress, log_config=cfg.log,
-                              generator=generator)
-    generator.refresh(model)
-    evaluate_stage("sdzero")
-    save_stage(model, tokenizer, out / "sdzero", cfg, "sdzero", results["sdzero"])
+    distill_summary = train_stage(
+        "sdzero", sdzero_settings(cfg, model_fingerprint(str(out / "srt")), "frozen copy of the student"),
+        lambda student: distill(student, tokenizer, n2, verifier, phrases, cfg.sampling, cfg.distill,
+                                out_dir=out / "sdzero", seed=cfg.seed,
+                                evaluate_fn=curve_accuracy(cfg, generator, curve_problems, verifier),
+                                system_prompt=cfg.system_prompt, progress=progress, resume=resume,
+                                log_config=cfg.log, generator=generator))
     report = _write_report(out, cfg, results, collection, {"srt": srt_summary, "distill": distill_summary}, start)
     plot_learning_curve(out / "learning_curve.png", distill_summary, results, cfg)
     return report
