@@ -227,7 +227,7 @@ def cmd_demo(args) -> None:
     if getattr(args, "self_evolve", False):  # a `demo` flag; `run` shares this command
         from sdzero.evolve import self_evolution
 
-        report = self_evolution(cfg, args.out, progress=not args.quiet)
+        report = self_evolution(cfg, args.out, progress=not args.quiet, limit=args.limit)
         print(f"\n{'teacher':<8} {report['metric']:>8} {'length':>8}  syncs")
         for name, run in report["runs"].items():
             print(f"{name:<8} {run['accuracy']:>8.3f} {run['mean_length']:>8.1f}  {run['syncs'] or '-'}")

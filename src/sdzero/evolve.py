@@ -23,18 +23,22 @@ from sdzero.distill import distill
 from sdzero.evaluate import evaluate
 from sdzero.generation import make_generator
 from sdzero.pipeline import curve_accuracy, load_run_model, problem_sets, run_pipeline, trainable
+from sdzero.rundir import open_run
 from sdzero.training import seed_everything
 
 
-def self_evolution(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, log=print) -> dict:
-    """Frozen vs synced Phase 2 from run_dir/srt (the whole pipeline is run first when it is missing)."""
+def self_evolution(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, log=print,
+                   limit: int | None = None) -> dict:
+    """Frozen vs synced Phase 2 from run_dir/srt (the whole pipeline is run first when it is missing);
+    a run directory of other settings is refused (sdzero.rundir)."""
     cfg.validate()
     run_dir = Path(run_dir)
     if not (run_dir / "srt" / "config.json").exists():
         log(f"no SRT model in {run_dir}: running the pipeline first")
-        run_pipeline(cfg, run_dir, progress=progress, log=log)
+        run_pipeline(cfg, run_dir, progress=progress, log=log, limit=limit)
+    open_run(run_dir, cfg, log=log)
     verifier = cfg.verifier()
-    _, n2, held_out = problem_sets(cfg, log=log)
+    _, n2, held_out = problem_sets(cfg, record_dir=run_dir, log=log)
     curve_problems = held_out[:cfg.eval.curve_problems]
     e = cfg.evolve
     runs = {"frozen": replace(cfg.distill, max_steps=e.max_steps, eval_every=e.eval_every, sync_every=None,
