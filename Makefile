@@ -48,4 +48,4 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	touch $@
 
 test-vllm: setup-vllm
-	$(VLLM_BIN)/python -m pytest -q tests/vllm $(ARGS)
+	$(VLLM_BIN)/python -m pytest -q tests/with_vllm $(ARGS)

@@ -21,6 +21,6 @@ def lab_model_and_tokenizer():
 def lab_tokenizer(lab_model_and_tokenizer):
     return lab_model_and_tokenizer[1]
 
-# tests/vllm runs the vLLM backend against the real engine, in the venv `make test-vllm` builds (vLLM's CPU
+# tests/with_vllm runs the vLLM backend against the real engine, in the venv `make test-vllm` builds (vLLM's CPU
 # build pins another transformers than the main venv's). Where vLLM is not installed it is not collected.
-collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm"]
+collect_ignore = [] if importlib.util.find_spec("vllm") else ["with_vllm"]

@@ -2,7 +2,7 @@
 stand-in `vllm` module, and the backend rule of make_generator.
 
 The main environment has no vLLM (its CPU build pins another transformers; `make test-vllm` runs the
-adapter against the real engine in a venv of its own, tests/vllm), so the vLLM tests here put a small fake
+adapter against the real engine in a venv of its own, tests/with_vllm), so the vLLM tests here put a small fake
 `vllm` module into sys.modules. The fake records what the adapter hands to `LLM(...)`, `SamplingParams(...)`
 and `LLM.generate(...)`, returns scripted completions, and plays vLLM's model for the weight push: it
 loads the folder the adapter wrote with transformers and its `load_weights` copies (checkpoint name,
