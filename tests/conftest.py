@@ -1,6 +1,7 @@
 """Shared fixtures: the shipped lab model and tokenizer (real transformers objects, built by this
 project, loaded from the repository; nothing is downloaded)."""
 
+import importlib.util
 import os
 
 import pytest
@@ -19,3 +20,7 @@ def lab_model_and_tokenizer():
 @pytest.fixture(scope="session")
 def lab_tokenizer(lab_model_and_tokenizer):
     return lab_model_and_tokenizer[1]
+
+# tests/with_vllm runs the vLLM backend against the real engine, in the venv `make test-vllm` builds (vLLM's CPU
+# build pins another transformers than the main venv's). Where vLLM is not installed it is not collected.
+collect_ignore = [] if importlib.util.find_spec("vllm") else ["with_vllm"]

@@ -1,7 +1,8 @@
 """Sampling backends: the transformers Generator for real with the lab model, the vLLM adapter against a
 stand-in `vllm` module, and the backend rule of make_generator.
 
-vLLM cannot be installed here (it needs a CUDA GPU and there is none), so the vLLM tests put a small fake
+The main environment has no vLLM (its CPU build pins another transformers; `make test-vllm` runs the
+adapter against the real engine in a venv of its own, tests/with_vllm), so the vLLM tests here put a small fake
 `vllm` module into sys.modules. The fake records what the adapter hands to `LLM(...)`, `SamplingParams(...)`
 and `LLM.generate(...)`, returns scripted completions, and plays vLLM's model for the weight push: it
 loads the folder the adapter wrote with transformers and its `load_weights` copies (checkpoint name,
@@ -114,8 +115,9 @@ class FakeLLM:
             params[name].data.copy_(tensor)  # KeyError if a name is not a checkpoint name
             self.pushed.append(name)
 
-    def apply_model(self, fn):
-        return [fn(self.engine_model)]
+    def collective_rpc(self, method, kwargs):
+        assert method == "reload_weights" and kwargs["is_checkpoint_format"]
+        self._load_weights(kwargs["weights_iterator"])
 
     def reset_prefix_cache(self):
         self.prefix_cache_resets += 1
@@ -173,7 +175,7 @@ def test_vllm_sample_passes_token_ids_and_maps_sampling(fake_vllm, lab_model_and
     assert prompts == [{"prompt_token_ids": [5, 6, 7]}, {"prompt_token_ids": [8, 9]}]
     assert use_tqdm
     assert params.kwargs == {"n": 3, "temperature": 0.7, "top_p": 0.9, "max_tokens": 5,
-                             "stop_token_ids": sorted(eot), "ignore_eos": True}
+                             "stop_token_ids": sorted(eot), "ignore_eos": True, "detokenize": False}
     assert [len(s) for s in samples] == [3, 3]
     for context, per_context in zip(contexts, samples):
         assert per_context == [

