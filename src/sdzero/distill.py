@@ -36,8 +36,9 @@ from sdzero.losses import DIVERGENCES, per_token_divergence, teacher_topk
 from sdzero.prompts import (OVERFLOW, ControlPhrases, DistillLayout, bridge_ids, distill_layout, end_of_turn_ids,
                             generator_prompt_ids, token_pieces)
 from sdzero.modeling import Teacher
-from sdzero.training import (LogConfig, MetricsLog, check_finite, finish_trackers, load_checkpoint, logits_at,
-                             make_accelerator, make_optimizer, make_schedule, pad_right, save_checkpoint, unwrap)
+from sdzero.training import (LogConfig, MetricsLog, check_finite, finish_trackers, full_weights, is_fsdp2,
+                             load_checkpoint, logits_at, make_accelerator, make_optimizer, make_schedule, pad_right,
+                             prepare, save_checkpoint, unwrap)
 from sdzero.rewards import Verifier
 
 
@@ -149,14 +150,15 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
     rank, world = accelerator.process_index, accelerator.num_processes
     optimizer = make_optimizer(student, cfg.lr)
     schedule = make_schedule(optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps, kind="constant")
-    model, optimizer = accelerator.prepare(student, optimizer)  # model: student, or its distributed wrapper
+    model, optimizer = prepare(accelerator, student, optimizer)  # model: student, or its distributed wrapper
     accelerator.register_for_checkpointing(schedule)
     if teacher.model is not None:
         teacher.model.to(accelerator.device)
     device = accelerator.device
     pad_id = tokenizer.pad_token_id
     eot = end_of_turn_ids(tokenizer)
-    sharded = world > 1 and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    sharded = world > 1 and (is_fsdp2(model) or
+                             accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED))
     if generator is None:
         generator = make_generator(student, tokenizer, sampling)
     # Sharded models decode in lockstep: every process runs each decoding step until all are done.
@@ -174,7 +176,7 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
     if resume:
         if checkpoint_dir is None:
             raise ValueError("resume needs out_dir, where the checkpoint lives")
-        state = load_checkpoint(accelerator, checkpoint_dir)
+        state = load_checkpoint(accelerator, checkpoint_dir, model, optimizer)
         if state is None:
             accelerator.print(f"no checkpoint in {checkpoint_dir}: Phase 2 starts from step 0")
         else:
@@ -183,7 +185,8 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
             rng.setstate((state["rng"][0], tuple(state["rng"][1]), state["rng"][2]))
             folder = Path(state["folder"])
             if state["teacher_version"] > 0:
-                teacher.model.load_state_dict(torch.load(folder / "teacher.pt", map_location=device))
+                # read into CPU memory, copied onto the teacher's device (torch.load cannot map onto "cpu:0")
+                teacher.model.load_state_dict(torch.load(folder / "teacher.pt", map_location="cpu"))
             if (folder / "best.pt").exists():
                 best_weights = torch.load(folder / "best.pt")
             if log:
@@ -222,7 +225,7 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
 
     def sync(step: int) -> None:
         # The student's full weights: under FSDP / ZeRO-3 they are gathered from the shards (on every process).
-        teacher.load(accelerator.get_state_dict(model), from_main_process=sharded)
+        teacher.load(gathered_weights(accelerator, model), from_main_process=sharded)
         progress_state["teacher_version"] += 1
         syncs.append(step)
         refresh["tail"] = None  # measured again on the new teacher's answers
@@ -232,7 +235,7 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
         tensors = {"teacher": teacher.state_dict()} if progress_state["teacher_version"] > 0 else {}
         if best_weights is not None:
             tensors["best"] = best_weights
-        save_checkpoint(accelerator, checkpoint_dir, state, tensors)
+        save_checkpoint(accelerator, checkpoint_dir, state, tensors, model=model, optimizer=optimizer)
 
     tracking = bool(evaluate_fn and cfg.eval_every)
     if tracking and progress_state["step"] == 0:
@@ -446,10 +449,15 @@ def refresh_gate_open(accuracy: float, refresh: dict, cfg: DistillConfig) -> boo
     return gained and tail_held
 
 
+def gathered_weights(accelerator, model) -> dict:
+    """The full weights of a distributed model, gathered on the main process (every process must call it)."""
+    return full_weights(model) if is_fsdp2(model) else accelerator.get_state_dict(model)
+
+
 def trainable_weights(accelerator, model, sharded: bool) -> dict:
     """A CPU copy of the weights training changes (all of them for a sharded model, gathered on the main process)."""
     if sharded:
-        return {name: tensor.cpu() for name, tensor in accelerator.get_state_dict(model).items()}
+        return {name: tensor.cpu() for name, tensor in gathered_weights(accelerator, model).items()}
     return {name: p.detach().to("cpu", copy=True) for name, p in unwrap(model).named_parameters() if p.requires_grad}
 
 
@@ -457,7 +465,9 @@ def load_trainable_weights(accelerator, model, weights: dict, sharded: bool) -> 
     if sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        # a copy: the broadcast replaces the dict's values with the model's shards
+        set_model_state_dict(model, dict(weights),
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         return
     unknown = unwrap(model).load_state_dict(weights, strict=False).unexpected_keys
     if unknown:

@@ -18,7 +18,7 @@ import torch
 
 from sdzero import lab
 from sdzero.checks import check_ranges
-from sdzero.training import unwrap
+from sdzero.training import is_fsdp2, unwrap
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -201,9 +201,22 @@ def merged_for_saving(model):
     return copy.deepcopy(model).merge_and_unload()
 
 
+def unsharded_copy(model):
+    """A plain copy of an FSDP2-sharded model (FSDP refuses deepcopy): the model's own class, holding the full
+    weights, gathered on every process. Every process must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FSDPModule
+
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    plain_class = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))  # fully_shard subclasses it
+    copied = plain_class(model.config).to(next(iter(weights.values())).dtype)
+    copied.load_state_dict(weights)
+    return copied
+
+
 def frozen_copy(model):
-    """A copy of `model` in eval mode that never receives gradients."""
-    teacher = copy.deepcopy(model)
+    """A copy of `model` in eval mode that never receives gradients (an unsharded one of an FSDP2 model)."""
+    teacher = unsharded_copy(model) if is_fsdp2(model) else copy.deepcopy(model)
     teacher.eval()
     teacher.requires_grad_(False)
     return teacher

@@ -33,7 +33,7 @@ from sdzero.modeling import is_lora, load_model, load_tokenizer, merged_for_savi
 from sdzero.rundir import (begin_stage, check_base_model, model_fingerprint, move_aside, open_run, phase1_settings,
                            sdzero_settings, srt_settings, stale_folder)
 from sdzero.srt import train_srt
-from sdzero.training import is_main_process, read_jsonl, seed_everything, wait_for_everyone
+from sdzero.training import full_weights, is_fsdp2, is_main_process, read_jsonl, seed_everything, wait_for_everyone
 
 
 def problem_sets(cfg: RunConfig, record_dir: str | Path | None = None, log=print):
@@ -85,11 +85,7 @@ def save_stage(model, tokenizer, path: str | Path, cfg: RunConfig, stage: str, e
     LoRA adapters are merged into the weights), with a README.md model card; `evaluation` is an
     `evaluate()` report of this model, when there is one. Under `accelerate launch` every process calls
     it (FSDP-sharded weights are gathered from all of them) and the main process writes."""
-    state_dict = None
-    if any(hasattr(p, "to_local") for p in model.parameters()):  # FSDP2 shards
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state_dict = full_weights(model) if is_fsdp2(model) else None
     if is_main_process():
         merged_for_saving(model).save_pretrained(path, state_dict=state_dict)
         tokenizer.save_pretrained(path)

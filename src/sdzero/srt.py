@@ -21,7 +21,7 @@ from sdzero.checks import check_ranges
 from sdzero.modeling import tokenizer_fingerprint
 from sdzero.prompts import ControlPhrases, bridge_ids, end_of_turn_ids, generator_prompt_ids, strip_end_of_turn
 from sdzero.training import (LogConfig, MetricsLog, check_finite, finish_trackers, load_checkpoint,
-                             make_accelerator, make_optimizer, make_schedule, save_checkpoint, sft_step_loss)
+                             make_accelerator, make_optimizer, make_schedule, prepare, save_checkpoint, sft_step_loss)
 
 SCHEDULES = ("joint", "two_stage")
 
@@ -123,13 +123,13 @@ def train_srt(model, tokenizer, rows: list[dict], phrases: ControlPhrases, cfg: 
         total = steps_per_epoch * cfg.epochs
         optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
         schedule = make_schedule(optimizer, warmup_steps=max(1, int(cfg.warmup_ratio * total)), total_steps=total)
-        wrapped, optimizer = accelerator.prepare(model, optimizer)
+        wrapped, optimizer = prepare(accelerator, model, optimizer)
         accelerator.register_for_checkpointing(schedule)
         stage_step = 0
         if first:  # the first stage this call trains: continue from the checkpoint, or start a fresh log
             first = False
             if resume_stage is not None:
-                state = load_checkpoint(accelerator, checkpoint_dir)
+                state = load_checkpoint(accelerator, checkpoint_dir, wrapped, optimizer)
                 step, stage_step = state["step"], state["stage_step"]
                 trained_tokens = state.get("trained_tokens", 0)  # the budget so far, counted once
             elif resume and checkpoint_dir:
@@ -178,7 +178,7 @@ def train_srt(model, tokenizer, rows: list[dict], phrases: ControlPhrases, cfg: 
                 if checkpoint_dir and cfg.save_every and step % cfg.save_every == 0:
                     save_checkpoint(accelerator, checkpoint_dir,
                                     {"stage_index": stage_index, "step": step, "stage_step": stage_step,
-                                     "trained_tokens": trained_tokens})
+                                     "trained_tokens": trained_tokens}, model=wrapped, optimizer=optimizer)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
         bar.close()

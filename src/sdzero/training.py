@@ -38,6 +38,28 @@ def wait_for_everyone() -> None:
     process_state().wait_for_everyone()
 
 
+def is_fsdp2(model) -> bool:
+    """Weights sharded with torch's FSDP2 (`fully_shard`): its parameters are DTensor shards."""
+    return any(hasattr(p, "to_local") for p in model.parameters())
+
+
+def full_weights(model) -> dict:
+    """The full state dict of an FSDP2-sharded model, gathered into CPU memory on the main process (the
+    others get an empty dict). Every process must call it: each contributes its shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def prepare(accelerator, model, optimizer):
+    """`accelerator.prepare(model, optimizer)`, except for a model already sharded with FSDP2 by its caller:
+    accelerate would wrap its shards in DDP (on CPUs it never takes its own FSDP path), so the model and
+    optimiser are used as they are. FSDP2 averages the gradients itself."""
+    if is_fsdp2(model):
+        return model, optimizer
+    return accelerator.prepare(model, optimizer)
+
+
 def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -233,10 +255,14 @@ class MetricsLog:
         self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
 
 
-def save_checkpoint(accelerator, folder: str | Path, state: dict, tensors: dict[str, dict] | None = None) -> None:
+def save_checkpoint(accelerator, folder: str | Path, state: dict, tensors: dict[str, dict] | None = None,
+                    model=None, optimizer=None) -> None:
     """Everything a stage needs to resume: model, optimiser, scheduler and RNG states (accelerate), and
-    `state` (step, data order, ...), and named state dicts in `tensors` (e.g. a synchronised teacher). Written beside the previous checkpoint, then swapped in, so a run
-    killed while saving keeps the previous one."""
+    `state` (step, data order, ...), and named state dicts in `tensors` (e.g. a synchronised teacher). Written
+    beside the previous checkpoint, then swapped in, so a run killed while saving keeps the previous one.
+
+    A `model` sharded with FSDP2 outside accelerate (see `prepare`), and its `optimizer`, are not accelerate's
+    to save: they go to a distributed checkpoint, each process writing its own shards."""
     folder = Path(folder)
     partial = folder.with_name(folder.name + ".partial")
     if accelerator.is_main_process:
@@ -244,6 +270,12 @@ def save_checkpoint(accelerator, folder: str | Path, state: dict, tensors: dict[
         (partial / "accelerate").mkdir(parents=True)  # before the other processes write their random states there
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial / "accelerate"))
+    if model is not None and is_fsdp2(model):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=partial / "sharded")
     if accelerator.is_main_process:
         (partial / "state.json").write_text(json.dumps(state))
         for name, tensor_dict in (tensors or {}).items():
@@ -256,8 +288,9 @@ def save_checkpoint(accelerator, folder: str | Path, state: dict, tensors: dict[
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(accelerator, folder: str | Path) -> dict | None:
-    """Restore a checkpoint written by `save_checkpoint` into the prepared objects; returns its state."""
+def load_checkpoint(accelerator, folder: str | Path, model=None, optimizer=None) -> dict | None:
+    """Restore a checkpoint written by `save_checkpoint` into the prepared objects (and into the FSDP2 `model`
+    and `optimizer` given to it); returns its state."""
     folder = Path(folder)
     if not (folder / "state.json").exists():
         old = folder.with_name(folder.name + ".old")  # killed between the two renames
@@ -265,6 +298,17 @@ def load_checkpoint(accelerator, folder: str | Path) -> dict | None:
             return None
         folder = old
     accelerator.load_state(str(folder / "accelerate"))
+    if model is not None and is_fsdp2(model):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        # get_state_dict gives an empty optimiser state to load into unless the optimiser has state, or it can
+        # make some with a zero-gradient step, which it skips when any gradient is left from earlier training
+        optimizer.zero_grad(set_to_none=True)
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        saved = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(saved, checkpoint_id=folder / "sharded")
+        set_state_dict(model, optimizer, model_state_dict=saved["model"], optim_state_dict=saved["optimizer"])
     state = json.loads((folder / "state.json").read_text())
     state["folder"] = str(folder)
     return state
