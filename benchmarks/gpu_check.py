@@ -6,7 +6,8 @@ and the vLLM backend (engine start, greedy agreement with transformers, the weig
 
 Without CUDA it runs the same on the CPU in float32 and says so (vLLM is then skipped). Output is one
 `name: value` line per figure. Last, where vLLM is installed, it runs the vLLM backend's tests
-(tests/with_vllm, what `make test-vllm` runs against vLLM's CPU build) on this machine: `vllm_tests`.
+(tests/with_vllm, what `make test-vllm` runs against vLLM's CPU build) on this machine: `vllm_tests`. Before
+that, `fsdp_tests`: tests/test_fsdp.py, SRT and Phase 2 sharded with FSDP2 over two gloo processes (on the CPU).
 """
 
 from __future__ import annotations
@@ -69,9 +70,10 @@ def engine_embedding(generator: VLLMGenerator) -> torch.Tensor:
     return weight
 
 
-def vllm_tests() -> str:
-    """pytest's summary line for tests/with_vllm, run in a process of its own (each test file starts engines)."""
-    tests = Path(__file__).resolve().parents[1] / "tests" / "with_vllm"
+def pytest_summary(path: str) -> str:
+    """pytest's summary line for tests/`path`, run in a process of its own (vLLM test files start engines, the
+    FSDP test starts two processes)."""
+    tests = Path(__file__).resolve().parents[1] / "tests" / path
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests)],
                           capture_output=True, text=True)
     lines = done.stdout.strip().splitlines()
@@ -145,8 +147,9 @@ def main(argv=None) -> None:
     report("eval_transformers_accuracy", result["accuracy"])
     report("eval_transformers_mean_length", result["mean_length"])
 
+    report("fsdp_tests", pytest_summary("test_fsdp.py"))
     if vllm_importable():
-        report("vllm_tests", vllm_tests())
+        report("vllm_tests", pytest_summary("with_vllm"))
     if vllm_generator is None:
         report("vllm", f"skipped ({vllm_reason})")
         return
