@@ -7,7 +7,8 @@ with their own FSDP2 set-up would. Nothing in sdzero is patched.
 
 Phase 2 runs twice from the same SRT weights: four steps straight, and two steps (checkpoint at each step)
 followed by a resume to four, with the model reset to the SRT weights in between so that only the checkpoint
-can bring the trained weights back. Each process saves what it holds so the test can compare them."""
+can bring the trained weights back. Last, keep-best brings back the weights of its best evaluation. Each
+process saves what it holds so the test can compare them."""
 
 import sys
 from pathlib import Path
@@ -80,7 +81,13 @@ phase2(out / "resumed", 2)
 set_model_state_dict(model, dict(after_srt), options=reset)
 phase2(out / "resumed", 4, resume=True)
 resumed = full_weights()
+# Keep-best: with no evaluation better than the first (step 0), two more steps end on the weights they
+# started from, gathered when they were tracked and broadcast back into the shards at the end.
+distill(model, tokenizer, problems, even_length, phrases, sampling,
+        DistillConfig(prompts_per_step=4, micro_batch_size=1, max_steps=2, lr=1e-2, warmup_steps=1, eval_every=1),
+        out_dir=out / "keep_best", progress=False, evaluate_fn=lambda student: 0.0, generator=generator)
+kept = full_weights()
 # Every process's own full copy (all-gathered, not only on rank 0): the processes must agree.
 everywhere = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-torch.save({"srt": after_srt, "straight": straight, "resumed": resumed, "own": everywhere},
+torch.save({"srt": after_srt, "straight": straight, "resumed": resumed, "kept": kept, "own": everywhere},
            out / f"rank{state.process_index}.pt")

@@ -47,7 +47,7 @@ def test_both_processes_end_with_the_same_full_weights_and_training_moved_them(r
     model, out = run
     ranks = [weights(out / f"rank{r}.pt") for r in (0, 1)]
     assert same(ranks[0]["own"], ranks[1]["own"]), "the processes hold different weights"
-    assert same(ranks[0]["own"], ranks[0]["resumed"])  # what every process holds is what rank 0 gathered
+    assert same(ranks[0]["own"], ranks[0]["kept"])  # what every process holds is what rank 0 gathered
     start = AutoModelForCausalLM.from_pretrained(model).state_dict()
     assert not same(ranks[0]["srt"], start) and not same(ranks[0]["straight"], ranks[0]["srt"])
 
@@ -61,6 +61,13 @@ def test_a_resumed_phase2_ends_as_an_uninterrupted_one(run):
     # the teacher was synchronised (at steps 2 and 4) and the evaluations ran (at steps 0, 2 and 4)
     assert [m["sdzero/teacher_version"] for m in straight if "loss" in m] == [0, 0, 1, 1]
     assert [m["step"] for m in straight if "eval/accuracy" in m] == [0, 2, 4]
+
+
+def test_keep_best_restores_the_sharded_weights_of_the_best_evaluation(run):
+    _, out = run
+    rank0 = weights(out / "rank0.pt")
+    assert same(rank0["kept"], rank0["resumed"])  # the best evaluation was the first, before any step
+    assert [m["sdzero/grad_norm"] > 0 for m in metrics(out / "keep_best") if "loss" in m] == [True, True]
 
 
 def test_the_saved_stages_load_in_plain_transformers_with_the_gathered_weights(run):
