@@ -51,11 +51,18 @@ def full_weights(model) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def sharded_by_caller(accelerator, model) -> bool:
+    """An FSDP2 model that accelerate did not shard: its caller did, with `fully_shard` (accelerate takes its
+    own FSDP path only on GPU-like devices). accelerate must neither wrap it nor save it."""
+    from accelerate.utils import DistributedType
+
+    return is_fsdp2(model) and accelerator.distributed_type != DistributedType.FSDP
+
+
 def prepare(accelerator, model, optimizer):
-    """`accelerator.prepare(model, optimizer)`, except for a model already sharded with FSDP2 by its caller:
-    accelerate would wrap its shards in DDP (on CPUs it never takes its own FSDP path), so the model and
-    optimiser are used as they are. FSDP2 averages the gradients itself."""
-    if is_fsdp2(model):
+    """`accelerator.prepare(model, optimizer)`, except for a model its caller sharded: accelerate would wrap
+    the shards in DDP, so the model and optimiser are used as they are (FSDP2 averages the gradients)."""
+    if sharded_by_caller(accelerator, model):
         return model, optimizer
     return accelerator.prepare(model, optimizer)
 
@@ -261,8 +268,8 @@ def save_checkpoint(accelerator, folder: str | Path, state: dict, tensors: dict[
     `state` (step, data order, ...), and named state dicts in `tensors` (e.g. a synchronised teacher). Written
     beside the previous checkpoint, then swapped in, so a run killed while saving keeps the previous one.
 
-    A `model` sharded with FSDP2 outside accelerate (see `prepare`), and its `optimizer`, are not accelerate's
-    to save: they go to a distributed checkpoint, each process writing its own shards."""
+    A `model` its caller sharded with FSDP2 (see `prepare`), and its `optimizer`, are not accelerate's to save:
+    they go to a distributed checkpoint, each process writing its own shards."""
     folder = Path(folder)
     partial = folder.with_name(folder.name + ".partial")
     if accelerator.is_main_process:
@@ -270,7 +277,7 @@ def save_checkpoint(accelerator, folder: str | Path, state: dict, tensors: dict[
         (partial / "accelerate").mkdir(parents=True)  # before the other processes write their random states there
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial / "accelerate"))
-    if model is not None and is_fsdp2(model):
+    if model is not None and sharded_by_caller(accelerator, model):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -298,7 +305,7 @@ def load_checkpoint(accelerator, folder: str | Path, model=None, optimizer=None)
             return None
         folder = old
     accelerator.load_state(str(folder / "accelerate"))
-    if model is not None and is_fsdp2(model):
+    if model is not None and sharded_by_caller(accelerator, model):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
