@@ -23,7 +23,8 @@ def run(tmp_path_factory):
     model = build_tiny_model(tmp / "model")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
                str(TESTS / "fsdp_run.py"), str(model), str(tmp / "run")]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # CPUs and gloo, also on a machine with a GPU (benchmarks/gpu_check.py runs this test there)
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     env["PYTHONPATH"] = f"{TESTS}:{env.get('PYTHONPATH', '')}"
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-4000:]
