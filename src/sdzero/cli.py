@@ -255,7 +255,7 @@ def cmd_collect(args) -> None:
     record = _open_run(args, cfg)
     main = is_main_process()
     n1, _, _ = problem_sets(cfg, record_dir=args.out)
-    fingerprint = check_base_model(args.out, record, cfg.model, load_tokenizer(cfg.model), main_process=main)
+    fingerprint = check_base_model(args.out, record, cfg, load_tokenizer(cfg.model), main_process=main)
     # Collection always continues the problems already done, so only the same settings may add to them.
     begin_stage(args.out, "phase1", phase1_settings(cfg, fingerprint), restart=args.restart, resume=True,
                 main_process=main, log=say)
@@ -287,7 +287,7 @@ def cmd_srt(args) -> None:
         raise NothingToTrain(f"{path} holds no verified revision: nothing to train on")
     tokenizer = load_tokenizer(cfg.model)
     check_tuples(rows, tokenizer, path)
-    fingerprint = check_base_model(args.out, record, cfg.model, tokenizer, main_process=main)
+    fingerprint = check_base_model(args.out, record, cfg, tokenizer, main_process=main)
     begin_stage(args.out, "srt", srt_settings(cfg, fingerprint, path), restart=args.restart, resume=args.resume,
                 main_process=main, log=say)
     wait_for_everyone()
@@ -320,7 +320,7 @@ def cmd_distill(args) -> None:
     # Refusals that need only the tokenizers come before any model loads.
     tokenizer = load_tokenizer(cfg.model)
     if record.get("base_model") is None:  # Phase 2 is the run's first stage: the student is its base model
-        check_base_model(args.out, record, cfg.model, tokenizer, main_process=main)
+        check_base_model(args.out, record, cfg, tokenizer, main_process=main)
     check_tokenizer(args.out, record, cfg.model, tokenizer)
     if args.teacher and not same_tokenizer(tokenizer, load_tokenizer(args.teacher)):
         raise ValueError(f"the teacher {args.teacher} uses another tokenizer than the student {cfg.model}: it must "

@@ -110,7 +110,7 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True, 
     phrases = cfg.phrases()
     n1, n2, held_out = problem_sets(cfg, record_dir=out, log=log)
     curve_problems = held_out[:cfg.eval.curve_problems]
-    base_fingerprint = check_base_model(out, record, cfg.model, load_tokenizer(cfg.model))
+    base_fingerprint = check_base_model(out, record, cfg, load_tokenizer(cfg.model))
     begin_stage(out, "phase1", phase1_settings(cfg, base_fingerprint), restart=restart, resume=True, log=log)
     if not resume:
         # A re-run recomputes every stage but collection (which goes on with the problems not done yet): the

@@ -146,30 +146,29 @@ def open_run(run_dir: str | Path, cfg, *, limit: int | None = None, restart: boo
     elif (run_dir / "split.json").exists():
         # A directory from before run.json: its split is still checked (sdzero.data), its stages by their files.
         log(f"{run_dir} has no {RUN_FILE}; recording this command's settings as the run's")
-    return {"identity": identity, "limit": limit, "base_model": None, "config": cfg}
+    return {"identity": identity, "limit": limit, "base_model": None}
 
 
 def write_run(run_dir: Path, record: dict) -> None:
-    """run.json, and config.yaml when the run is new (the configuration it was started with)."""
-    from sdzero.config import config_to_yaml
-
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg = record.pop("config", None)
-    if cfg is not None:
-        (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
     (run_dir / RUN_FILE).write_text(json.dumps(record, indent=1) + "\n")
 
 
-def check_base_model(run_dir: str | Path, record: dict, name: str, tokenizer, *, main_process: bool = True) -> str:
-    """The base model (collection, SRT) must be the run's, recorded by the first command that names one
-    (which writes the run's record); returns its fingerprint."""
+def check_base_model(run_dir: str | Path, record: dict, cfg, tokenizer, *, main_process: bool = True) -> str:
+    """The base model `cfg.model` (collection, SRT) must be the run's. The first command that names one
+    records it, writing the run's record and config.yaml (the configuration the run was started with);
+    returns its fingerprint."""
+    from sdzero.config import config_to_yaml
+
+    name = cfg.model
     current = {"name": name, "fingerprint": model_fingerprint(name), "tokenizer": tokenizer_fingerprint(tokenizer)}
     recorded = record.get("base_model")
     if recorded is None:
         record["base_model"] = current
         if main_process:
             write_run(Path(run_dir), record)
+            (Path(run_dir) / "config.yaml").write_text(config_to_yaml(cfg))
         return current["fingerprint"]
     if recorded["fingerprint"] != current["fingerprint"]:
         raise ValueError(f"the run in {run_dir} has the base model {recorded['name']} (fingerprint "
