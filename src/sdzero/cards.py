@@ -61,8 +61,11 @@ def write_model_card(path: str | Path, *, base_model: str, stage: str, data: str
         front["datasets"] = [data]
     front["sdzero"] = {"stage": stage, "base_model": root, "data": data}
 
-    started = f"`{root}`" if root != "lab" else "the sdzero lab base model (`lab`, shipped with the package)"
-    lines = [f"# {root if root != 'lab' else 'sdzero lab model'}: SD-Zero {TITLES.get(stage, stage)}", "",
+    from sdzero.lab import LAB_MODELS
+
+    shipped = root in LAB_MODELS
+    started = f"the sdzero lab base model (`{root}`, shipped with the package)" if shipped else f"`{root}`"
+    lines = [f"# {f'sdzero {root} model' if shipped else root}: SD-Zero {TITLES.get(stage, stage)}", "",
              STAGES.get(stage, f"Stage: {stage}."), "",
              f"- **Base model:** {started}"]
     if parent:

@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain_help = f"train the lab base model from scratch (~{PRETRAIN_CPU_MINUTES} CPU minutes)"
     pretrain = lab_commands.add_parser("pretrain", help=pretrain_help)
     pretrain.add_argument("--out", type=Path, required=True, help="folder for the model and tokenizer")
+    pretrain.add_argument("--preset", choices=["v1", "v2", "control"], default="v1",
+                          help="the corpus recipe: v1 (the shipped lab model), v2 (revisions re-read the problem "
+                               "and slip less) or control (v2's corpus with no revision advantage)")
     pretrain.add_argument("--seed", type=int, default=0)
     pretrain.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
     pretrain.add_argument("--quiet", action="store_true")
@@ -425,9 +428,11 @@ def cmd_inspect(args) -> None:
 
 def cmd_lab(args) -> None:
     if args.lab_command == "pretrain":
-        from sdzero.lab.model import PretrainConfig, pretrain
+        from dataclasses import replace
 
-        cfg = PretrainConfig(seed=args.seed)
+        from sdzero.lab.model import PRESETS, pretrain
+
+        cfg = replace(PRESETS[args.preset], seed=args.seed)
         if args.steps is not None:
             if args.steps < 1:
                 raise ValueError(f"--steps must be >= 1, got {args.steps}")

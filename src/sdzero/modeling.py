@@ -55,13 +55,14 @@ def looks_like_path(name: str) -> bool:
 
 
 def resolve_model_path(name: str) -> str:
-    """"lab" -> the shipped lab model; a local path (checked: it must hold a saved model); anything
-    else is a hub id."""
-    if name == "lab":
-        if not (lab.BASE_MODEL_DIR / "config.json").exists():
-            raise FileNotFoundError(f"the lab base model is missing from {lab.BASE_MODEL_DIR}; "
-                                    f"rebuild it with: sdzero lab pretrain --out {lab.BASE_MODEL_DIR}")
-        return str(lab.BASE_MODEL_DIR)
+    """"lab", "lab-v2", "lab-control" -> a shipped lab model; a local path (checked: it must hold a saved
+    model); anything else is a hub id."""
+    if name in lab.LAB_MODELS:
+        folder, preset = lab.LAB_MODELS[name]
+        if not (folder / "config.json").exists():
+            raise FileNotFoundError(f"the lab base model {name!r} is missing from {folder}; "
+                                    f"rebuild it with: sdzero lab pretrain --preset {preset} --out {folder}")
+        return str(folder)
     if not looks_like_path(name):
         return name
     path = Path(name).expanduser()

@@ -8,6 +8,13 @@ from sdzero.lab.task import Problem, first_wrong_step, sample_problems
 
 BASE_MODEL_DIR = Path(__file__).parent / "base_model"
 """The shipped lab base model, produced by `sdzero lab pretrain --out` this folder."""
+LAB_MODELS = {
+    "lab": (BASE_MODEL_DIR, "v1"),
+    "lab-v2": (Path(__file__).parent / "base_model_v2", "v2"),
+    "lab-control": (Path(__file__).parent / "base_model_control", "control"),
+}
+"""The shipped lab base models by the name a config's `model:` gives them: (folder, pretraining preset).
+"lab" is the v1 model every figure in the docs was measured on; see `sdzero.lab.model` for the presets."""
 PRETRAIN_CPU_MINUTES = 50
 """How long `sdzero lab pretrain` takes with the default recipe on 2 CPU cores (measured: ~1.2 s per step);
 the command's help says it, and a test holds the README to it."""
@@ -23,4 +30,4 @@ def problem_sets(n_phase1: int, n_phase2: int, n_eval: int, seed: int) -> tuple[
     return rows[:n_phase1], rows[n_phase1:], [p.to_row() for p in held_out]
 
 
-__all__ = ["BASE_MODEL_DIR", "Problem", "first_wrong_step", "problem_sets", "sample_problems"]
+__all__ = ["BASE_MODEL_DIR", "LAB_MODELS", "Problem", "first_wrong_step", "problem_sets", "sample_problems"]

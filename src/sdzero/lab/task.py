@@ -153,16 +153,26 @@ def error_counts(samples_path: str | Path) -> dict:
     return {"answers": answers, "wrong": wrong, "kinds": kinds}
 
 
-def write_solution(problem: Problem, rng: random.Random | None = None, slip_rate: float = 0.0) -> str:
-    """A worked solution; with `slip_rate` > 0 each carry step slips (adds one) with that chance."""
+def write_solution(problem: Problem, rng: random.Random | None = None, slip_rate: float = 0.0,
+                   misread_rate: float = 0.0, operands: list[int] | None = None) -> str:
+    """A worked solution; with `slip_rate` > 0 each carry step slips (adds one) with that chance, with
+    `misread_rate` > 0 each step reads its operand wrong (another digit, summed as read) with that chance.
+    `operands` replaces the problem's digits after the first: a writer copying another attempt's steps."""
     parts, total = [], problem.digits[0]
-    for name, d in zip(NAMES[1:], problem.digits[1:]):
+    for name, d in zip(NAMES[1:], operands if operands is not None else problem.digits[1:]):
+        if rng is not None and misread_rate > 0 and rng.random() < misread_rate:
+            d = rng.choice([other for other in range(10) if other != d])
         result = (total + d) % 10
         if rng is not None and total + d >= 10 and rng.random() < slip_rate:
             result = (result + 1) % 10
         parts.append(f"{name}: {total}+{d}={result}")
         total = result
     return ", ".join(parts) + f". Answer: {total}"
+
+
+def written_operands(attempt: str) -> list[int]:
+    """The operands an attempt's steps wrote, in order."""
+    return [int(operand) for _, operand, _ in STEP_RE.findall(attempt)]
 
 
 def extract_answer(text: str) -> str | None:
