@@ -41,7 +41,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one configuration field, e.g. --set distill.lr=1e-4 (repeatable)")
     parser.add_argument("--seed", type=int, help="run seed (problem split, sampling, training order)")
-    parser.add_argument("--model", help='base model: "lab", a save_pretrained folder, or a hub id')
+    parser.add_argument("--model", help='base model: "lab" (or "lab-v2", "lab-control"), a save_pretrained folder, or a hub id')
     parser.add_argument("--data", help="problems: a hub dataset id or a local .jsonl / .json / .parquet file "
                                        "(sets data.path)")
     parser.add_argument("--task", help='the verifier: "math", "code", "lab", or package.module:function')

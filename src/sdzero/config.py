@@ -77,8 +77,8 @@ class RunConfig:
     """A whole SD-Zero run: base model -> Phase 1 -> SRT -> Phase 2 -> evaluation."""
 
     model: str = "lab"
-    """Base model: "lab" (the built-in lab model), a local folder or a hub id (any causal LM whose tokenizer
-    has a chat template)."""
+    """Base model: "lab" (the built-in lab model), "lab-v2" or "lab-control" (the lab's v2 and control models,
+    see `sdzero.lab.model`), a local folder or a hub id (any causal LM whose tokenizer has a chat template)."""
     task: str | list[str] = "lab"
     """Verifier: "lab" (the built-in task), "math" (math-verify on the last \\boxed{}), "code" (tests run in the
     sandbox), "trl:accuracy_reward" or "trl:reasoning_accuracy_reward" (TRL's own, on the `solution` column), or
