@@ -1,13 +1,16 @@
 """The lab's pretraining corpus: the v1, v2 and control recipes write what their docstrings say."""
 
-from dataclasses import replace
+import json
+from dataclasses import asdict, replace
 from random import Random
 
 import pytest
 import torch
 
+from sdzero import lab
 from sdzero.lab.model import PRESETS, PretrainConfig, backward_by_length, build_model, corpus_document
 from sdzero.lab.task import STEP_RE, Problem, sample_problems, write_solution, written_operands
+from sdzero.modeling import resolve_model_path
 from sdzero.prompts import SEPARATOR, ControlPhrases
 from sdzero.training import sft_step_loss
 
@@ -139,3 +142,25 @@ def test_backward_by_length_equals_one_full_batch():
     assert loss == pytest.approx(full.item(), rel=1e-5)
     for a, p in zip(by_length, model.parameters()):
         torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(lab.LAB_MODELS))
+def test_each_shipped_lab_model_is_its_presets(name):
+    """Every shipped lab model was trained by `sdzero lab pretrain --preset P` with P's recipe as it is today,
+    fits the teacher contexts its recipe promises, and stays small."""
+    from transformers import AutoConfig
+
+    folder, preset = lab.LAB_MODELS[name]
+    recorded = json.loads((folder / "lab_pretrain.json").read_text())["recipe"]
+    # v1 was trained before the v2 fields existed; their v1 values write v1's corpus (test above)
+    assert recorded == {key: value for key, value in asdict(PRESETS[preset]).items() if key in recorded}
+    assert preset == "v1" or recorded.keys() == asdict(PRESETS[preset]).keys()
+    assert AutoConfig.from_pretrained(folder).max_position_embeddings == PRESETS[preset].max_position_embeddings
+    assert sum(path.stat().st_size for path in folder.iterdir()) <= 10 * 2**20
+    assert resolve_model_path(name) == str(folder)
+
+
+def test_a_missing_lab_model_names_the_command_that_builds_it(monkeypatch, tmp_path):
+    monkeypatch.setitem(lab.LAB_MODELS, "lab-control", (tmp_path / "nowhere", "control"))
+    with pytest.raises(FileNotFoundError, match="sdzero lab pretrain --preset control --out .*nowhere"):
+        resolve_model_path("lab-control")
