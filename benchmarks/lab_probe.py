@@ -25,7 +25,7 @@ import random
 
 import torch
 
-from sdzero.lab.task import NAMES, Problem, sample_problems, write_solution
+from sdzero.lab.task import NAMES, Problem, gold_steps, sample_problems, write_solution
 from sdzero.modeling import load_model
 from sdzero.prompts import ControlPhrases, SEPARATOR, bridge_ids, generator_prompt_ids
 
@@ -63,7 +63,7 @@ def probe(model, tokenizer, problems: list[Problem], kind: str, layout: str, see
     sums = {"teacher_right": 0.0, "teacher_copied": 0.0, "student_right": 0.0, "student_copied": 0.0}
     n = 0
     for problem in problems:
-        carries = [i for i, (s, d) in enumerate(zip(_running(problem), problem.digits[1:])) if s + d >= 10]
+        carries = [i for i, (running, d, _) in enumerate(gold_steps(problem)) if running + d >= 10]
         steps = range(len(problem.digits) - 1) if kind == "misread" else carries
         if not steps:
             continue
@@ -81,15 +81,6 @@ def probe(model, tokenizer, problems: list[Problem], kind: str, layout: str, see
         sums["student_copied"] += float(student[written])
         n += 1
     return {key: value / n for key, value in sums.items()}
-
-
-def _running(problem: Problem) -> list[int]:
-    """The gold running sum before each step."""
-    sums, total = [], problem.digits[0]
-    for d in problem.digits[1:]:
-        sums.append(total)
-        total = (total + d) % 10
-    return sums
 
 
 def main() -> None:

@@ -128,12 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     lab = commands.add_parser("lab", help="the built-in lab task and base model")
     lab_commands = lab.add_subparsers(dest="lab_command", required=True, metavar="LAB_COMMAND")
-    from sdzero.lab import PRETRAIN_CPU_MINUTES
+    from sdzero.lab import LAB_MODELS, PRETRAIN_CPU_MINUTES
 
     pretrain_help = f"train the lab base model from scratch (~{PRETRAIN_CPU_MINUTES} CPU minutes)"
     pretrain = lab_commands.add_parser("pretrain", help=pretrain_help)
     pretrain.add_argument("--out", type=Path, required=True, help="folder for the model and tokenizer")
-    pretrain.add_argument("--preset", choices=["v1", "v2", "control"], default="v1",
+    pretrain.add_argument("--preset", choices=[preset for _, preset in LAB_MODELS.values()], default="v1",
                           help="the corpus recipe: v1 (the shipped lab model), v2 (revisions re-read the problem "
                                "and slip less) or control (v2's corpus with no revision advantage)")
     pretrain.add_argument("--seed", type=int, default=0)
