@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdzero.analysis import TokenSignal, bucket_shares, format_summary, inspect_run, localization, token_signal
+from sdzero.analysis import (TokenSignal, bucket_shares, format_summary, inspect_run, lab_problem, localization,
+                             token_signal)
 from sdzero.config import RunConfig, config_to_yaml
 from sdzero.lab.task import Problem, first_wrong_step, reward, sample_problems, write_solution
 from sdzero.prompts import ControlPhrases
@@ -84,12 +85,13 @@ def test_token_signal_matches_a_by_hand_reference(student_teacher):
     assert max(signals[0].divergence) > 1e-3  # the perturbed teacher really differs
 
 
-def signal(text, divergence, r):
+def signal(text, divergence, r, kl_reward=None):
     """A hand-made signal with one token per character (plus nothing else)."""
-    assert len(divergence) == len(text)
+    kl_reward = [0.0] * len(text) if kl_reward is None else kl_reward
+    assert len(divergence) == len(text) == len(kl_reward)
     return TokenSignal(prompt=PROBLEM.text, text=text, ids=list(range(len(text))), tokens=list(text),
                        offsets=[(i, i + 1) for i in range(len(text))], divergence=list(divergence),
-                       token_kl_reward=[0.0] * len(text), reward=r, phrase="")
+                       token_kl_reward=list(kl_reward), reward=r, phrase="")
 
 
 def test_bucket_shares_on_known_values():
@@ -123,7 +125,8 @@ def test_localization_on_hand_made_signals():
     right = [0.5] * len(RIGHT)
     signals = [signal(WRONG, hit, 0.0), signal(WRONG, miss, 0.0), signal(late, late_hit, 0.0),
                signal(RIGHT, right, 1.0), signal(WRONG, miss, 0.0)]
-    result = localization(signals, [PROBLEM, PROBLEM, PROBLEM, PROBLEM, None])  # the last one is skipped
+    # the last one is skipped
+    result = localization(signals, [PROBLEM, PROBLEM, PROBLEM, PROBLEM, None], measure="divergence")
     assert set(result) == {"wrong", "right"}
     assert set(result["wrong"]) == {"n", "top_kl_in_first_wrong_step", "chance", "ratio", "kl_mean"}
     assert set(result["right"]) == {"n", "kl_mean"}
@@ -142,7 +145,7 @@ def test_localization_on_hand_made_signals():
     multi_wrong = [0.1] * len(twice_wrong)
     multi_wrong[len(twice_wrong) - 3] = 9.0  # the top token sits in the second attempt
     signals += [signal(restart, multi_right, 1.0), signal(twice_wrong, multi_wrong, 0.0)]
-    split = localization(signals, [PROBLEM] * 4 + [None] + [PROBLEM] * 2, phrases)
+    split = localization(signals, [PROBLEM] * 4 + [None] + [PROBLEM] * 2, phrases, "divergence")
     assert split["single_attempt"]["wrong"]["n"] == 3 and split["single_attempt"]["right"]["n"] == 1
     assert split["single_attempt"]["wrong"]["ratio"] == pytest.approx(result["wrong"]["ratio"])
     assert split["multi_attempt"]["right"] == {"n": 1, "kl_mean": pytest.approx(1.0)}
@@ -150,6 +153,28 @@ def test_localization_on_hand_made_signals():
     assert multi["n"] == 1 and multi["top_kl_in_first_wrong_step"] == 0.0
     assert multi["chance"] == pytest.approx(8 / len(twice_wrong))
     assert split["wrong"]["n"] == 4 and split["right"]["n"] == 2
+
+
+def test_localization_ranks_by_the_measure_asked_for():
+    """A slip the student sampled against its own odds: the distributions barely differ there (small
+    divergence), but the teacher gives the sampled digit far less than the student (large token KL
+    reward). The default measure is the token KL reward, the paper's."""
+    n = len(WRONG)
+    divergence = [0.1] * n
+    divergence[n - 1] = 2.0  # on the answer
+    kl_reward = [-0.2] * n
+    kl_reward[15] = 1.5  # inside "c: 8+2=1"
+    slip = signal(WRONG, divergence, 0.0, kl_reward)
+    right = signal(RIGHT, [0.3] * len(RIGHT), 1.0, [-0.1] * len(RIGHT))
+    by_reward = localization([slip, right], [PROBLEM, PROBLEM])
+    by_divergence = localization([slip, right], [PROBLEM, PROBLEM], measure="divergence")
+    assert by_reward["wrong"]["top_kl_in_first_wrong_step"] == 1.0
+    assert by_divergence["wrong"]["top_kl_in_first_wrong_step"] == 0.0
+    assert by_reward["wrong"]["kl_mean"] == pytest.approx(sum(kl_reward) / n)
+    assert by_reward["right"]["kl_mean"] == pytest.approx(-0.1)
+    assert by_divergence["right"]["kl_mean"] == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="measure"):
+        localization([slip], [PROBLEM], measure="kl")
 
 
 @pytest.fixture(scope="module")
@@ -194,13 +219,19 @@ def test_inspect_run_writes_a_self_contained_report(inspected):
     assert "&lt;" in page and "&amp;" in page
     assert 'class="t fw"' in page  # a first wrong step is underlined
 
-    loc = json.loads((out / "localization.json").read_text())
+    by_measure = json.loads((out / "localization.json").read_text())
+    assert set(by_measure) == {"token_kl_reward", "divergence"}
     n_wrong = sum(r["reward"] < 1 for r in rows)
-    assert loc["wrong"]["n"] == n_wrong and loc["right"]["n"] == 8 - n_wrong
-    assert 0.0 <= loc["wrong"]["top_kl_in_first_wrong_step"] <= 1.0
-    assert 0.0 < loc["wrong"]["chance"] < 1.0 and loc["wrong"]["ratio"] >= 0.0
-    assert loc["right"]["kl_mean"] >= 0.0 and loc["wrong"]["kl_mean"] >= 0.0
-    assert summary["n_wrong"] == n_wrong and summary["localization"] == loc
+    for measure, loc in by_measure.items():
+        assert loc["wrong"]["n"] == n_wrong and loc["right"]["n"] == 8 - n_wrong
+        assert 0.0 <= loc["wrong"]["top_kl_in_first_wrong_step"] <= 1.0
+        assert 0.0 < loc["wrong"]["chance"] < 1.0 and loc["wrong"]["ratio"] >= 0.0
+        # each figure is the one its measure gives on the written signals
+        kept = [TokenSignal(**{k: v for k, v in s.items() if k not in ("id", "first_wrong_step")}) for s in signals]
+        problems = [lab_problem({"id": s["id"]}) for s in signals]
+        assert loc == json.loads(json.dumps(localization(kept, problems, ControlPhrases(), measure)))
+    assert by_measure["divergence"]["right"]["kl_mean"] >= 0.0
+    assert summary["n_wrong"] == n_wrong and summary["localization"] == by_measure
     assert sum(summary["buckets"]["wrong"]) == pytest.approx(1.0)
     text = format_summary(summary)
     assert f"{n_wrong} wrong" in text and "chance" in text and len(text.splitlines()) <= 7

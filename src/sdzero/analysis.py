@@ -11,8 +11,14 @@ token y_t this module records
   student does.
 
 `bucket_shares` asks how concentrated the divergence is, `localization` whether on the lab task the
-largest divergence of a wrong answer falls on its first wrong step, and `inspect_run` writes both
-for a run directory together with one self-contained HTML page of coloured tokens.
+largest value of a wrong answer falls on its first wrong step, and `inspect_run` writes both for a
+run directory together with one self-contained HTML page of coloured tokens.
+
+Localisation is measured on both quantities, and they answer different questions. The divergence
+compares whole distributions, so it is blind to which token was sampled: a slip the student gave 5%
+scores little when both models put 95% on the right digit. The token KL reward is the paper's
+per-token measure and scores the sampled token itself, so it is the one whose top token should sit
+on the step to revise.
 """
 
 from __future__ import annotations
@@ -133,9 +139,12 @@ def bucket_shares(signals: list[TokenSignal], n_buckets: int = 20) -> list[float
     return shares
 
 
-def _kl_mean(signals: list[TokenSignal]) -> float | None:
-    n = sum(len(s.divergence) for s in signals)
-    return sum(sum(s.divergence) for s in signals) / n if n else None
+MEASURES = ("token_kl_reward", "divergence")  # per-token quantities `localization` ranks tokens by
+
+
+def _mean(signals: list[TokenSignal], measure: str = "divergence") -> float | None:
+    values = [v for s in signals for v in getattr(s, measure)]
+    return sum(values) / len(values) if values else None
 
 
 def revises_itself(signal: TokenSignal, phrases: ControlPhrases) -> bool:
@@ -145,23 +154,27 @@ def revises_itself(signal: TokenSignal, phrases: ControlPhrases) -> bool:
 
 
 def localization(signals: list[TokenSignal], problems_by_response: list[Problem | None],
-                 phrases: ControlPhrases | None = None) -> dict:
-    """Does the largest divergence of a wrong lab answer fall on its first wrong step?
+                 phrases: ControlPhrases | None = None, measure: str = "token_kl_reward") -> dict:
+    """Does the largest `measure` of a wrong lab answer fall on its first wrong step?
 
-    `problems_by_response[i]` is the lab `Problem` that `signals[i]` answers (None: not a lab
-    problem, skipped). Wrong answers count when their first attempt has a first wrong step. The rate
-    is how often the highest-divergence token overlaps that step; chance is the step's share of the
-    response's tokens, averaged; ratio = rate / chance. Right answers report their mean divergence.
+    `measure` is a per-token field of `TokenSignal` (one of `MEASURES`). `problems_by_response[i]`
+    is the lab `Problem` that `signals[i]` answers (None: not a lab problem, skipped). Wrong answers
+    count when their first attempt has a first wrong step. The rate is how often the token with the
+    largest value overlaps that step; chance is the step's share of the response's tokens, averaged;
+    ratio = rate / chance. `kl_mean` is the mean per-token value over wrong and over right answers.
 
     With `phrases`, the same figures are added for single-attempt and multi-attempt responses
     (`revises_itself`) apart: a multi-attempt "right" answer usually holds a wrong first attempt,
     and its long teacher context is where a small teacher may stop being reliable.
     """
+    if measure not in MEASURES:
+        raise ValueError(f"measure must be one of {MEASURES}, not {measure!r}")
     if len(problems_by_response) != len(signals):
         raise ValueError(f"{len(signals)} signals but {len(problems_by_response)} problems")
     hits, chances, wrong, right = [], [], [], []
     for signal, problem in zip(signals, problems_by_response):
-        if problem is None or not signal.divergence:
+        values = getattr(signal, measure)
+        if problem is None or not values:
             continue
         if signal.reward >= 1.0:
             right.append(signal)
@@ -171,20 +184,22 @@ def localization(signals: list[TokenSignal], problems_by_response: list[Problem 
         if not step:
             continue
         wrong.append(signal)
-        top = max(range(len(signal.divergence)), key=signal.divergence.__getitem__)
+        top = max(range(len(values)), key=values.__getitem__)
         hits.append(1.0 if top in step else 0.0)
-        chances.append(len(step) / len(signal.divergence))
+        chances.append(len(step) / len(values))
     rate = sum(hits) / len(hits) if hits else None
     chance = sum(chances) / len(chances) if chances else None
     result = {
         "wrong": {"n": len(wrong), "top_kl_in_first_wrong_step": rate, "chance": chance,
-                  "ratio": rate / chance if chances and chance > 0 else None, "kl_mean": _kl_mean(wrong)},
-        "right": {"n": len(right), "kl_mean": _kl_mean(right)},
+                  "ratio": rate / chance if chances and chance > 0 else None,
+                  "kl_mean": _mean(wrong, measure)},
+        "right": {"n": len(right), "kl_mean": _mean(right, measure)},
     }
     if phrases is not None:
         for name, multi in (("single_attempt", False), ("multi_attempt", True)):
             keep = [i for i, signal in enumerate(signals) if revises_itself(signal, phrases) == multi]
-            result[name] = localization([signals[i] for i in keep], [problems_by_response[i] for i in keep])
+            result[name] = localization([signals[i] for i in keep], [problems_by_response[i] for i in keep],
+                                        measure=measure)
     return result
 
 
@@ -286,13 +301,13 @@ def inspect_run(run_dir: str | Path, out_dir: str | Path, *, n: int = 200, stude
 
     wrong = [s for s in signals if s.reward < 1.0]
     right = [s for s in signals if s.reward >= 1.0]
-    loc = localization(signals, problems, cfg.phrases())
+    loc = {measure: localization(signals, problems, cfg.phrases(), measure) for measure in MEASURES}
     spans = [first_wrong_step(s.text, p) if p is not None and s.reward < 1.0 else None
              for s, p in zip(signals, problems)]
     summary = {
         "student": student_path, "teacher": teacher_path, "divergence": d.divergence, "top_k": d.top_k,
         "n": len(signals), "n_wrong": len(wrong), "n_right": len(right),
-        "kl_mean_wrong": _kl_mean(wrong), "kl_mean_right": _kl_mean(right),
+        "kl_mean_wrong": _mean(wrong), "kl_mean_right": _mean(right),
         "buckets": {"wrong": bucket_shares(wrong), "right": bucket_shares(right)},
         "localization": loc, "out_dir": str(out_dir),
     }
@@ -314,27 +329,30 @@ def format_summary(summary: dict) -> str:
     def top(shares):
         return "n/a" if not shares else f"{shares[0]:.1%}"
 
+    def located(part):
+        w = part["wrong"]
+        return (f"top token in the first wrong step {num(w['top_kl_in_first_wrong_step'], '.1%')} vs chance "
+                f"{num(w['chance'], '.1%')} (ratio {num(w['ratio'], '.2f')}, n={w['n']}); mean wrong "
+                f"{num(w['kl_mean'])}, right {num(part['right']['kl_mean'])}")
+
     def split(name):
-        part = summary["localization"].get(name)
+        part = summary["localization"]["token_kl_reward"].get(name)
         if part is None:
             return None
-        w = part["wrong"]
-        return (f"{name.replace('_', '-')} answers ({w['n']} wrong, {part['right']['n']} right): divergence wrong "
-                f"{num(w['kl_mean'])}, right {num(part['right']['kl_mean'])}; top token in the first wrong step "
-                f"{num(w['top_kl_in_first_wrong_step'], '.1%')} vs chance {num(w['chance'], '.1%')}")
+        return (f"  {name.replace('_', '-')} answers ({part['wrong']['n']} wrong, {part['right']['n']} right): "
+                + located(part))
 
     n_buckets = len(summary["buckets"]["wrong"] or summary["buckets"]["right"]) or 20
-    wrong = summary["localization"]["wrong"]
+    loc = summary["localization"]
     return "\n".join(line for line in [
         f"{summary['n']} responses ({summary['n_wrong']} wrong, {summary['n_right']} right): "
         f"student {summary['student']} vs teacher {summary['teacher']}",
         f"mean per-token {summary['divergence']} divergence: wrong {num(summary['kl_mean_wrong'])}, "
-        f"right {num(summary['kl_mean_right'])}",
-        f"top {1 / n_buckets:.0%} of tokens hold {top(summary['buckets']['wrong'])} of the divergence on wrong "
-        f"answers, {top(summary['buckets']['right'])} on right ones",
-        f"top-divergence token in the first wrong step: {num(wrong['top_kl_in_first_wrong_step'], '.1%')} vs "
-        f"chance {num(wrong['chance'], '.1%')} (ratio {num(wrong['ratio'], '.2f')}, n={wrong['n']})",
+        f"right {num(summary['kl_mean_right'])}; the top {1 / n_buckets:.0%} of tokens hold "
+        f"{top(summary['buckets']['wrong'])} of it on wrong answers, {top(summary['buckets']['right'])} on right ones",
+        "token KL reward: " + located(loc["token_kl_reward"]),
         split("single_attempt"), split("multi_attempt"),
+        "divergence: " + located(loc["divergence"]),
         f"report: {Path(summary['out_dir']) / 'index.html'}",
     ] if line)
 
@@ -350,6 +368,7 @@ body{font-family:system-ui,sans-serif;margin:2em;max-width:70em;color:#222}
 .t{border-radius:2px}
 .fw{text-decoration:underline 2px #1f4fd1;text-underline-offset:3px}
 .top{outline:1px solid #000}
+.topd{border-bottom:2px dashed #000}
 .end{font-size:.75em;color:#777;border:1px solid #bbb;padding:0 2px}
 .legend span{display:inline-block;width:2.2em;text-align:center;font-size:.8em}
 .charts{display:flex;gap:2em;flex-wrap:wrap}
@@ -377,12 +396,16 @@ def _chart(title: str, shares: list[float], top: float) -> str:
 
 def _response(index: int, row_id, signal: TokenSignal, span, scale: float) -> str:
     step = set(signal.tokens_in_span(*span)) if span else set()
-    top = max(range(len(signal.divergence)), key=signal.divergence.__getitem__) if signal.divergence else None
+    def argmax(values):
+        return max(range(len(values)), key=values.__getitem__) if values else None
+
+    top, top_divergence = argmax(signal.token_kl_reward), argmax(signal.divergence)
     spans = []
     for t, (piece, tid, div, kl_reward) in enumerate(zip(signal.tokens, signal.ids, signal.divergence,
                                                         signal.token_kl_reward)):
         title = f"token {t} (id {tid}) {piece!r}\ndivergence {div:.4g}\ntoken KL reward {kl_reward:+.4g}"
-        classes = "t" + (" fw" if t in step else "") + (" top" if t == top else "")
+        classes = ("t" + (" fw" if t in step else "") + (" top" if t == top else "")
+                   + (" topd" if t == top_divergence else ""))
         shown = html.escape(piece) if piece else '<span class="end">end</span>'
         spans.append(f'<span class="{classes}" style="background:{_colour(div, scale)}" data-d="{div:.6g}" '
                      f'data-r="{kl_reward:.6g}" title="{html.escape(title)}">{shown}</span>')
@@ -425,9 +448,10 @@ def _page(entries: list[tuple], summary: dict) -> str:
                      for i in range(6))
     shares = summary["buckets"]
     top = max(shares["wrong"] + shares["right"] + [0.0])
-    loc = summary["localization"]["wrong"]
-    rate = "n/a" if loc["ratio"] is None else (f"{loc['top_kl_in_first_wrong_step']:.1%} vs chance "
-                                               f"{loc['chance']:.1%} (ratio {loc['ratio']:.2f}, n={loc['n']})")
+    def rate(measure):
+        loc = summary["localization"][measure]["wrong"]
+        return "n/a" if loc["ratio"] is None else (f"{loc['top_kl_in_first_wrong_step']:.1%} vs chance "
+                                                   f"{loc['chance']:.1%} (ratio {loc['ratio']:.2f}, n={loc['n']})")
     charts = _chart("wrong answers (r = 0)", shares["wrong"], top) + _chart("right answers (r = 1)",
                                                                            shares["right"], top)
     sections = []
@@ -443,7 +467,7 @@ def _page(entries: list[tuple], summary: dict) -> str:
 {html.escape(str(summary['divergence']))} divergence on the teacher's top-{html.escape(str(summary['top_k']))} tokens.
 Each token is coloured by its Phase 2 loss term; hover for the numbers (divergence, and the token KL
 reward log p_S(y_t) - log p_T(y_t)). On lab problems the first wrong step of a wrong answer is underlined;
-each response's highest-divergence token is outlined.</p>
+each response's highest token KL reward is outlined, its highest divergence dashed underneath.</p>
 <p>Colour by: <label><input type="radio" name="mode" id="mode-d" checked> divergence</label>
 <label><input type="radio" name="mode" id="mode-r"> token KL reward (red: the student likes the token more
 than the teacher; blue: less)</label> · <span id="status"></span></p>
@@ -452,7 +476,8 @@ than the teacher; blue: less)</label> · <span id="status"></span></p>
 <p>Tokens sorted by divergence and cut into {len(shares['wrong'] or shares['right'])} equal-count buckets;
 each bar is a bucket's share of the total divergence.</p>
 <div class="charts">{charts}</div>
-<p>Highest-divergence token inside the first wrong step: {rate}.</p>
+<p>Token with the highest token KL reward inside the first wrong step: {rate("token_kl_reward")};
+highest-divergence token: {rate("divergence")}.</p>
 {"".join(sections)}
 <script>{_SCRIPT}</script>
 </body></html>
