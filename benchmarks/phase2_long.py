@@ -7,6 +7,9 @@ to RUNS/results.jsonl, so a killed study resumes where it stopped, and the table
 
     python benchmarks/phase2_long.py --runs runs/phase2_long --seeds 0 1 2 [--variants frozen gated ...]
 
+`--model lab-v2 --set distill.teacher_max_length=1024` runs it on another lab model (the `--set`s go to
+the demo and to every Phase 2 run); RUNS/seed<S> may also be an existing demo run of that model.
+
 Columns: best tracked accuracy (avg@2 on 100 held-out problems) and its step, the tracked accuracy at
 the last step (what the run would have ended with without keep-best), the saved model's avg@8, the
 teacher refreshes, and the run's mean truncated / masked samples and cut rollouts per step.
@@ -36,14 +39,16 @@ def run(command: list[str], log: Path) -> None:
         subprocess.run(command, check=True, stdout=out, stderr=subprocess.STDOUT)
 
 
-def one_run(runs: Path, seed: int, variant: str, steps: int) -> dict:
+def one_run(runs: Path, seed: int, variant: str, steps: int, model: str = "lab", sets: list[str] = ()) -> dict:
     base = runs / f"seed{seed}"
+    overrides = [arg for item in sets for arg in ("--set", item)]
     if not (base / "srt" / "config.json").exists():
-        run([*SDZERO, "demo", "--out", str(base), "--seed", str(seed), "--quiet"], runs / f"seed{seed}.log")
+        run([*SDZERO, "demo", "--out", str(base), "--model", model, "--seed", str(seed), "--quiet", *overrides],
+            runs / f"seed{seed}.log")
     out = runs / f"seed{seed}_{variant}"
     start = time.time()
     run([*SDZERO, "distill", "--out", str(out), "--model", str(base / "srt"), "--seed", str(seed),
-         "--max-steps", str(steps), "--quiet", *VARIANTS[variant]], runs / f"seed{seed}_{variant}.log")
+         "--max-steps", str(steps), "--quiet", *overrides, *VARIANTS[variant]], runs / f"seed{seed}_{variant}.log")
     seconds = time.time() - start
     run([*SDZERO, "eval", "--model", str(out / "sdzero"), "--seed", str(seed), "--out", str(out / "eval"), "--quiet"],
         runs / f"seed{seed}_{variant}.log")
@@ -68,6 +73,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--model", default="lab", help="base model of the demo runs (default: lab)")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override for the demo and every Phase 2 run (repeatable)")
     args = parser.parse_args()
     args.runs.mkdir(parents=True, exist_ok=True)
     results_path = args.runs / "results.jsonl"
@@ -77,7 +85,7 @@ def main() -> None:
         for seed in args.seeds:
             if any(r["seed"] == seed and r["variant"] == variant and r["steps"] == args.steps for r in done):
                 continue
-            result = one_run(args.runs, seed, variant, args.steps)
+            result = one_run(args.runs, seed, variant, args.steps, args.model, args.sets)
             done.append(result)
             with results_path.open("a") as f:
                 f.write(json.dumps(result) + "\n")
