@@ -4,7 +4,7 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from sdzero.cards import is_hub_id, read_card, write_model_card
-from sdzero.cli import main
+from sdzero.cli import DEMO_CONFIG, main
 from sdzero.config import load_config
 from sdzero.pipeline import save_stage
 
@@ -70,5 +70,5 @@ def test_command_line_stages_write_cards(tmp_path):
     assert main(["distill", "--out", str(tmp_path), "--max-steps", "1", *tiny]) == 0
     for stage in ("srt", "sdzero"):
         front, body = front_matter_and_body(tmp_path / stage)
-        assert front["sdzero"]["stage"] == stage and front["sdzero"]["base_model"] == "lab"
+        assert front["sdzero"]["stage"] == stage and front["sdzero"]["base_model"] == load_config(DEMO_CONFIG).model
         assert "the built-in lab task" in body

@@ -186,6 +186,11 @@ def test_demo_the_quickstart_stages_and_the_lab_tools(lab_run):
     (["demo", "--set", "data.eval_path=held_out.jsonl"], "data.eval_path and data.eval_split need data.path"),
     (["demo", "--set", "srt.lr=fast"], "--set srt.lr=fast: srt.lr: expected float"),
     (["demo", "--limit", "0"], "--limit must be >= 1"),
+    # a teacher context past the model's positions (lab: 512)
+    (["demo", "--out", "runs/new", "--model", "lab", "--set", "distill.teacher_max_length=1024"],
+     "distill.teacher_max_length=1024 is past the teacher's 512 positions"),
+    (["distill", "--out", "runs/new", "--model", "lab", "--set", "distill.teacher_max_length=513"],
+     "distill.teacher_max_length=513 is past the teacher's 512 positions"),
     (["demo", "--config", "nope.yaml"], "config file not found: nope.yaml"),
     (["collect", "--out", "runs/new", "--data", "nothere.jsonl", "--task", "math"], "data file not found: nothere"),
     (["compare", "--out", "runs/cmp", "--methods", "sdzero,ppo"], "unknown method(s) ppo"),

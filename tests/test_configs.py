@@ -10,6 +10,7 @@ import yaml
 
 from sdzero.compare import load_compare_config
 from sdzero import config
+from sdzero.lab import LAB_MODELS
 from sdzero.generation import vllm_importable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,8 +36,9 @@ def load_config(path: Path):
 
 
 def check_reference(where: str, value: str | None) -> None:
-    """A model or dataset reference is "lab", a hub id owner/name, or a local path that exists."""
-    if value is None or value == "lab":
+    """A model or dataset reference is a lab name ("lab" for the task, a shipped lab model), a hub id
+    owner/name, or a local path that exists."""
+    if value is None or value == "lab" or value in LAB_MODELS:
         return
     if value.startswith((".", "/", "~")) or "/" not in value or value.count("/") > 1:
         path = Path(value).expanduser()

@@ -151,3 +151,22 @@ def test_gold_digits_and_their_tokens(lab_tokenizer):
     assert [lab_tokenizer.decode([ids[t]]) for t, _ in tokens][:9] == list("358821189")
     assert [lab_tokenizer.decode([token]) for _, token in tokens] == [str(d) for d in gold + gold]
     assert lab_gold_tokens(lab_tokenizer, Sample(ids=ids, text=text, finished=True), {"problem": "x", "id": 1}) == []
+
+
+def test_the_teacher_context_defaults_to_the_teachers_positions(tmp_path, lab_model_and_tokenizer):
+    """teacher_max_length unset cuts at the teacher's max_position_embeddings (here shrunk to 80, so
+    that 60-token answers read twice overflow it); a limit past it is refused before any step."""
+    student, tokenizer = copy.deepcopy(lab_model_and_tokenizer[0]), lab_model_and_tokenizer[1]
+    student.config.max_position_embeddings = 80
+    cfg = DistillConfig(prompts_per_step=8, micro_batch_size=8, max_steps=1, lr=1e-4, warmup_steps=1)
+    run(student, tokenizer, cfg, None, out_dir=tmp_path / "short")
+    row = json.loads((tmp_path / "short" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["sdzero/truncated"] + row["sdzero/masked_out"] > 0
+
+    student.config.max_position_embeddings = 512
+    run(student, tokenizer, cfg, None, out_dir=tmp_path / "long")
+    row = json.loads((tmp_path / "long" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["sdzero/truncated"] == row["sdzero/masked_out"] == 0
+
+    with pytest.raises(ValueError, match="teacher_max_length=513 is past the teacher's 512 positions"):
+        run(student, tokenizer, DistillConfig(teacher_max_length=513), None)

@@ -31,9 +31,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sdzero.distill import micro_batch_tensors
+from sdzero.distill import micro_batch_tensors, teacher_context_limit
 from sdzero.lab.task import PROBLEM_PREFIX, Problem, first_wrong_step
 from sdzero.losses import per_token_divergence, teacher_topk
+from sdzero.modeling import max_positions
 from sdzero.prompts import (ControlPhrases, bridge_ids, distill_layout, end_of_turn_ids, generator_prompt_ids,
                             token_pieces)
 from sdzero.training import logits_at, model_device
@@ -296,7 +297,7 @@ def inspect_run(run_dir: str | Path, out_dir: str | Path, *, n: int = 200, stude
     d = cfg.distill
     signals = token_signal(student_model, teacher_model, tokenizer, items, cfg.phrases(), divergence=d.divergence,
                            top_k=d.top_k, mixed_weight=d.mixed_weight, tail_bucket=d.tail_bucket,
-                           max_length=d.teacher_max_length,
+                           max_length=teacher_context_limit(d.teacher_max_length, max_positions(teacher_model)),
                            system_prompt=cfg.system_prompt, progress=progress)
 
     wrong = [s for s in signals if s.reward < 1.0]

@@ -305,9 +305,9 @@ def cmd_srt(args) -> None:
 
 
 def cmd_distill(args) -> None:
-    from sdzero.distill import check_teacher_room, distill
+    from sdzero.distill import check_teacher_room, distill, teacher_context_limit
     from sdzero.generation import make_generator
-    from sdzero.modeling import load_tokenizer, same_tokenizer
+    from sdzero.modeling import load_tokenizer, max_positions, same_tokenizer
     from sdzero.pipeline import curve_accuracy, load_run_model, problem_sets, save_stage, trainable
     from sdzero.rundir import begin_stage, check_base_model, check_tokenizer, model_fingerprint, sdzero_settings
     from sdzero.training import is_main_process, wait_for_everyone
@@ -318,6 +318,7 @@ def cmd_distill(args) -> None:
                                     "or give the student with --model")
         args.model = str(args.out / "srt")
     cfg = _run_config(args, args.out)
+    teacher_context_limit(cfg.distill.teacher_max_length, max_positions(args.teacher or cfg.model))
     record = _open_run(args, cfg)
     main = is_main_process()
     # Refusals that need only the tokenizers come before any model loads.

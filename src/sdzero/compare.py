@@ -43,9 +43,10 @@ from sdzero.budget import Budget, relative_gap
 from sdzero.collect import collect
 from sdzero.config import RunConfig, config_to_yaml, from_layers, override_dict, read_yaml
 from sdzero.data import load_problem_sets
-from sdzero.distill import distill
+from sdzero.distill import distill, teacher_context_limit
 from sdzero.evaluate import evaluate
 from sdzero.generation import Generator
+from sdzero.modeling import max_positions
 from sdzero.pipeline import load_run_model, trainable
 from sdzero.rundir import model_fingerprint, move_aside, stale_folder
 from sdzero.srt import train_srt
@@ -258,6 +259,7 @@ def run_method(method: str, cfg: RunConfig, ccfg: CompareConfig, seed: int, out:
 
 def compare(cfg: RunConfig, ccfg: CompareConfig, out_dir: str | Path, *, progress: bool = True, log=print) -> dict:
     """Run every method for every seed (skipping those already in results.jsonl); write and return the report."""
+    teacher_context_limit(cfg.distill.teacher_max_length, max_positions(cfg.model))  # refused before any file
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(config_to_yaml(cfg) + yaml.safe_dump({"compare": dataclasses.asdict(ccfg)},

@@ -21,7 +21,7 @@ from __future__ import annotations
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -35,7 +35,7 @@ from sdzero.lab.task import PROBLEM_PREFIX, Problem, gold_digits
 from sdzero.losses import DIVERGENCES, per_token_divergence, teacher_topk
 from sdzero.prompts import (OVERFLOW, ControlPhrases, DistillLayout, bridge_ids, distill_layout, end_of_turn_ids,
                             generator_prompt_ids, token_pieces)
-from sdzero.modeling import Teacher
+from sdzero.modeling import Teacher, max_positions
 from sdzero.training import (LogConfig, MetricsLog, check_finite, finish_trackers, full_weights, is_fsdp2,
                              load_checkpoint, logits_at, make_accelerator, make_optimizer, make_schedule, pad_right,
                              prepare, save_checkpoint, unwrap)
@@ -67,7 +67,8 @@ class DistillConfig:
     tail_bucket: bool = False
     """Add one bucket per side for the probability mass outside the top-k."""
     teacher_max_length: int | None = None
-    """Longest teacher context (prompt + y + bridge + y). The first copy of y is never cut; see `overflow`."""
+    """Longest teacher context (prompt + y + bridge + y); None: the teacher's position limit
+    (`max_position_embeddings`). The first copy of y is never cut; see `overflow`."""
     overflow: str = "truncate"
     """A sample longer than teacher_max_length: "truncate" trains on the prefix of y that fits in the
     second copy, "mask" leaves the sample out. Either way it is counted (sdzero/truncated, sdzero/masked_out)."""
@@ -144,8 +145,10 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
     cfg.validate()
     if not problems:
         raise ValueError("Phase 2 needs at least one prompt; the problem set is empty")
-    check_teacher_room(tokenizer, problems, phrases, cfg.teacher_max_length, system_prompt)
     teacher = teacher if isinstance(teacher, Teacher) else Teacher(student, teacher)
+    cfg = replace(cfg, teacher_max_length=teacher_context_limit(cfg.teacher_max_length,
+                                                                max_positions(teacher.model or student)))
+    check_teacher_room(tokenizer, problems, phrases, cfg.teacher_max_length, system_prompt)
     accelerator = make_accelerator(out_dir, log_config)
     rank, world = accelerator.process_index, accelerator.num_processes
     optimizer = make_optimizer(student, cfg.lr)
@@ -301,6 +304,20 @@ class Rollouts:
     """None where the sample is masked out (it does not fit the teacher's context, or it has no reward)."""
     gold: list[list[tuple[int, int]]]
     """Lab task only: (target index, token id of the correct digit) for the digits of each answer."""
+
+
+def teacher_context_limit(max_length: int | None, positions: int | None) -> int | None:
+    """The teacher's longest context: `max_length` (distill.teacher_max_length), or without one the
+    teacher's position limit `positions` (`modeling.max_positions`).
+
+    A limit past the teacher's positions is refused: a rotary model runs there without an error but was
+    never trained to read that far, so its targets would silently degrade."""
+    if max_length is None:
+        return positions
+    if positions is not None and max_length > positions:
+        raise ValueError(f"distill.teacher_max_length={max_length} is past the teacher's {positions} positions "
+                         f"(max_position_embeddings): set it to {positions} or less, or leave it unset")
+    return max_length
 
 
 def check_teacher_room(tokenizer, problems: list[dict], phrases: ControlPhrases, max_length: int | None,

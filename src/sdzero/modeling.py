@@ -116,6 +116,18 @@ def from_local_or_hub(load, name: str, path: str, **kwargs):
         raise FileNotFoundError(f"model {name!r} could not be loaded from the hub: {reason}") from None
 
 
+def max_positions(model) -> int | None:
+    """The position limit (`max_position_embeddings`) of a loaded model, or of the model that a name
+    (lab name, folder, hub id) refers to, read from its config alone; None when it declares none."""
+    if isinstance(model, str):
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(resolve_model_path(model))
+    else:
+        config = getattr(unwrap(model), "config", None)
+    return getattr(config, "max_position_embeddings", None)
+
+
 def load_tokenizer(name: str):
     """The tokenizer of "lab", a local folder or a hub id, with a pad token."""
     from transformers import AutoTokenizer

@@ -26,10 +26,10 @@ from sdzero.cards import evaluation_figures, run_card_fields, write_model_card
 from sdzero.collect import collect
 from sdzero.config import RunConfig, config_to_yaml
 from sdzero.data import load_problem_sets
-from sdzero.distill import distill
+from sdzero.distill import distill, teacher_context_limit
 from sdzero.evaluate import evaluate, evaluate_revision
 from sdzero.generation import make_generator
-from sdzero.modeling import is_lora, load_model, load_tokenizer, merged_for_saving, prepare_for_training
+from sdzero.modeling import is_lora, load_model, load_tokenizer, max_positions, merged_for_saving, prepare_for_training
 from sdzero.rundir import (begin_stage, check_base_model, model_fingerprint, move_aside, open_run, phase1_settings,
                            sdzero_settings, srt_settings, stale_folder)
 from sdzero.srt import train_srt
@@ -103,6 +103,7 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True, 
     `resume`: continue a killed run, reusing every stage and evaluation it finished. Each stage starts from
     the run seed (and collection from a seed per chunk), so a resumed run ends as an uninterrupted one."""
     cfg.validate()
+    teacher_context_limit(cfg.distill.teacher_max_length, max_positions(cfg.model))  # refused before any file
     out = Path(out_dir)
     record = open_run(out, cfg, limit=limit, restart=restart, log=log)
     start = time.time()
