@@ -211,7 +211,9 @@ def sdzero(*args, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_collect_and_phase2_with_the_vllm_backend(tmp_path, lab_tokenizer):
     eot = end_of_turn_ids(lab_tokenizer)
-    sdzero("collect", "--out", tmp_path / "collect", "--quiet", "--set", "n_phase1=16", *VLLM, cwd=tmp_path)
+    # the lab model, whose tokenizer lab_tokenizer is (the demo's lab-v2 has its own)
+    sdzero("collect", "--model", "lab", "--out", tmp_path / "collect", "--quiet", "--set", "n_phase1=16", *VLLM,
+           cwd=tmp_path)
     assert len(read_jsonl(tmp_path / "collect" / "phase1" / "attempts.jsonl")) == 16
     revisions = read_jsonl(tmp_path / "collect" / "phase1" / "revisions.jsonl")
     assert revisions
