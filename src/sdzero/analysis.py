@@ -397,6 +397,7 @@ def _chart(title: str, shares: list[float], top: float) -> str:
 
 def _response(index: int, row_id, signal: TokenSignal, span, scale: float) -> str:
     step = set(signal.tokens_in_span(*span)) if span else set()
+
     def argmax(values):
         return max(range(len(values)), key=values.__getitem__) if values else None
 
@@ -449,6 +450,7 @@ def _page(entries: list[tuple], summary: dict) -> str:
                      for i in range(6))
     shares = summary["buckets"]
     top = max(shares["wrong"] + shares["right"] + [0.0])
+
     def rate(measure):
         loc = summary["localization"][measure]["wrong"]
         return "n/a" if loc["ratio"] is None else (f"{loc['top_kl_in_first_wrong_step']:.1%} vs chance "
