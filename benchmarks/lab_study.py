@@ -9,7 +9,7 @@ and this script reads them (whatever is there so far) and prints markdown tables
 Phase 2 gains, generate-then-revise, and localisation ranked by both per-token measures (recomputed
 from each inspect's signals.jsonl). A missing run shows as "-".
 
-    .venv/bin/python benchmarks/lab_study.py RUNS [--models lab-v2 lab-control] [--seeds 0 1 2]
+    .venv/bin/python benchmarks/lab_study.py RUNS [--models lab-v2 lab-control] [--seeds 0 1 2] [--summary]
 """
 
 from __future__ import annotations
@@ -111,12 +111,38 @@ def localization_table(root, model, seeds):
                       + f" | {fmt(mean(ratios), '.2f')} |")
 
 
+def summary_table(root, models, seeds):
+    """One row per model and seed (and the model's mean): the README's table."""
+    print("| model | seed | base | SRT | SD-Zero | Phase 2 without Phase 1 | base: correction | SRT: initial -> "
+          "revised, correction | top token KL reward in the first wrong step, x chance (SRT/SRT) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for model in models:
+        rows = []
+        for seed in seeds:
+            row = runs(root, model, seed)
+            loc = located(root / f"{model}_s{seed}" / "inspect_srt")
+            rev = row["revise"]
+            rows.append({**row, "base_corr": rev["base"]["correction_rate"] if "base" in rev else None,
+                         "srt_init": rev["srt"]["initial_accuracy"] if "srt" in rev else None,
+                         "srt_rev": rev["srt"]["revised_accuracy"] if "srt" in rev else None,
+                         "srt_corr": rev["srt"]["correction_rate"] if "srt" in rev else None,
+                         "ratio": loc["token_kl_reward"]["wrong"]["ratio"] if loc else None})
+        for seed, r in [*zip(seeds, rows), ("mean", {k: mean([r[k] for r in rows]) for k in rows[0] if k != "revise"})]:
+            print(f"| `{model}` | {seed} | {fmt(r['base'])} | {fmt(r['srt'])} | {fmt(r['sdzero'])} | {fmt(r['nop1'])} | "
+                  f"{fmt(r['base_corr'], '.1%')} | {fmt(r['srt_init'], '.2f')} -> {fmt(r['srt_rev'], '.2f')}, "
+                  f"{fmt(r['srt_corr'], '.1%')} | {fmt(r['ratio'], '.2f')} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", type=Path)
     parser.add_argument("--models", nargs="+", default=["lab-v2", "lab-control"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--summary", action="store_true", help="only the README's one-table summary")
     args = parser.parse_args()
+    if args.summary:
+        summary_table(args.runs, args.models, args.seeds)
+        return
     for model in args.models:
         accuracy_table(args.runs, model, args.seeds)
         revise_table(args.runs, model, args.seeds)
