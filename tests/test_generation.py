@@ -104,6 +104,37 @@ def test_decoding_loop_matches_transformers_generate(lab_model_and_tokenizer, wr
     assert any(not s.finished for s in ours)  # and some ran to the end
 
 
+def test_sampled_tokens_are_drawn_from_the_full_context_distribution(lab_model_and_tokenizer, monkeypatch):
+    """On sampled paths (T = 1, rows leaving the batch as they end, contexts of different lengths), every
+    step's distribution equals the model's on the whole unpadded context, computed without a cache."""
+    model, tokenizer = lab_model_and_tokenizer
+    prompts = lab_prompts(tokenizer, 16)
+    steps = []  # each step's log-probabilities, one row per context still in the batch
+
+    def recording(logits, temperature, top_p):
+        steps.append(logits.log_softmax(-1))
+        return next_tokens(logits, temperature, top_p)
+
+    monkeypatch.setattr("sdzero.generation.next_tokens", recording)
+    torch.manual_seed(0)
+    sampling = SamplingConfig(max_new_tokens=64, batch_size=16)
+    samples = [s[0] for s in Generator(model, tokenizer, sampling).sample(prompts, 1, progress=False)]
+    assert any(s.finished for s in samples) and any(not s.finished for s in samples)
+
+    live = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # the batch's row order
+    seen = {i: [] for i in live}
+    for step, logprobs in enumerate(steps):
+        assert len(logprobs) == len(live)
+        for row, i in enumerate(live):
+            seen[i].append(logprobs[row])
+        live = [i for i in live if len(samples[i].ids) > step + 1]
+    for i, prompt in enumerate(prompts):
+        with torch.no_grad():
+            full = model(torch.tensor([prompt + samples[i].ids])).logits[0].log_softmax(-1)
+        expected = full[len(prompt) - 1:len(prompt) - 1 + len(samples[i].ids)]
+        assert torch.allclose(torch.stack(seen[i]), expected, atol=1e-4)
+
+
 def reference_nucleus(logits: list[float], temperature: float, top_p: float) -> list[float]:
     """The tempered softmax kept to the smallest set of most likely tokens whose mass reaches top_p."""
     weights = [math.exp(x / temperature) for x in logits]
