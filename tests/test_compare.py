@@ -1,6 +1,7 @@
 """`sdzero compare` end to end at CI size (real lab model, real TRL trainers, real files), the budget
 rule on those real runs, the budget counters of the stages, and the curve arithmetic."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -140,3 +141,38 @@ def test_generations_to_reach_is_the_first_measured_point_at_the_level():
     assert generations_to_reach(curve, 0.5) == 0
     assert generations_to_reach(curve, 0.7) == 300
     assert generations_to_reach(curve, 0.9) is None
+
+
+@pytest.mark.parametrize("method", ["grpo", "sdft"])
+def test_trl_baselines_sample_with_our_generator(method, lab_model_and_tokenizer, tmp_path, monkeypatch):
+    """GRPO's and SDFT's completions come from sdzero's `Generator`, as SD-Zero's and RFT's do, so wall
+    times compare methods and not decoding loops: every completion the budget counts is one it drew."""
+    from sdzero.baselines.grpo import GRPOBaselineConfig, train_grpo
+    from sdzero.baselines.sdft import SDFTBaselineConfig, train_sdft
+    from sdzero.generation import Generator, SamplingConfig
+    from sdzero.lab import problem_sets
+    from sdzero.verifiers import lab_reward
+
+    drawn = []
+    sample = Generator.sample
+
+    def recording(self, contexts, n=1, **kwargs):
+        samples = sample(self, contexts, n, **kwargs)
+        drawn.extend(len(s.ids) for per_context in samples for s in per_context)
+        return samples
+
+    monkeypatch.setattr(Generator, "sample", recording)
+    model, tokenizer = lab_model_and_tokenizer
+    model = copy.deepcopy(model)
+    _, questions, _ = problem_sets(0, 4, 0, seed=1)
+    sampling = SamplingConfig(max_new_tokens=32)
+    shape = dict(prompts_per_step=2, num_generations=2, micro_batch_size=4)
+    budget = Budget()
+    if method == "grpo":
+        train_grpo(model, tokenizer, questions, lab_reward, sampling, GRPOBaselineConfig(**shape), budget,
+                   out_dir=tmp_path, progress=False)
+    else:
+        train_sdft(model, tokenizer, questions, sampling, SDFTBaselineConfig(**shape), budget, out_dir=tmp_path,
+                   progress=False)
+    assert budget.generations == len(drawn) == 8  # 4 questions x 2 completions, one pass
+    assert budget.sampled_tokens == sum(drawn)

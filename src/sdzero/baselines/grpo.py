@@ -14,7 +14,8 @@ from pathlib import Path
 
 from transformers import PrinterCallback
 
-from sdzero.baselines.trl_common import BudgetCallback, TRLBaselineConfig, question_dataset, trl_arguments
+from sdzero.baselines.trl_common import (BudgetCallback, TRLBaselineConfig, question_dataset, sdzero_completions,
+                                         trl_arguments)
 from sdzero.budget import Budget, LearningCurve
 from sdzero.generation import Sample, SamplingConfig
 from sdzero.prompts import end_of_turn_ids, generator_prompt_ids
@@ -66,7 +67,15 @@ def train_grpo(model, tokenizer, questions: list[dict], verifier: Verifier, samp
                          scale_rewards=cfg.scale_rewards, num_iterations=1)
     curve = LearningCurve(budget, evaluate_fn)
     callback = BudgetCallback("grpo", budget, curve, MetricsLog(out_dir / "metrics.jsonl"), cfg.eval_every)
-    trainer = GRPOTrainer(model=model, reward_funcs=verifier_reward, args=args,
+    class SampledGRPOTrainer(GRPOTrainer):
+        def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+            completions = None if images or multimodal_fields else sdzero_completions(self, prompt_ids, sampling)
+            if completions is None:
+                return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                     has_tool_images)
+            return completions, None  # no sampling log-probs, as TRL's own transformers path
+
+    trainer = SampledGRPOTrainer(model=model, reward_funcs=verifier_reward, args=args,
                           train_dataset=question_dataset(questions, system_prompt), processing_class=tokenizer,
                           callbacks=[callback])
     if not progress:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from transformers import PrinterCallback
 
-from sdzero.baselines.trl_common import BudgetCallback, TRLBaselineConfig, question_dataset, trl_arguments
+from sdzero.baselines.trl_common import (BudgetCallback, TRLBaselineConfig, question_dataset, sdzero_completions,
+                                         trl_arguments)
 from sdzero.budget import Budget, LearningCurve
 from sdzero.generation import SamplingConfig
 from sdzero.prompts import generator_prompt_ids
@@ -62,6 +63,10 @@ def train_sdft(model, tokenizer, questions: list[dict], sampling: SamplingConfig
                            [len(ids) for ids in completion_ids])
             budget.trained(sum(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)))
             return result
+
+        def _generate_transformers(self, prompt_ids):
+            completions = sdzero_completions(self, prompt_ids, sampling)
+            return super()._generate_transformers(prompt_ids) if completions is None else (prompt_ids, completions)
 
     def demonstration(q: dict) -> str:
         try:

@@ -1,5 +1,6 @@
 """What the TRL-based baselines share: our questions as a TRL dataset, TRL arguments carrying our
-sampling settings, and a callback that logs the budget and measures the learning curve."""
+sampling settings, sampling with our `Generator`, and a callback that logs the budget and measures the
+learning curve."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 from sdzero.budget import Budget, LearningCurve
-from sdzero.generation import SamplingConfig
+from sdzero.generation import Generator, SamplingConfig
 from sdzero.prompts import chat_messages
 from sdzero.training import MetricsLog
 
@@ -23,6 +24,17 @@ def question_dataset(questions: list[dict], system_prompt: str | None, **columns
         {"prompt": chat_messages(q["problem"], system_prompt), "question_index": i,
          **{name: fn(q) for name, fn in columns.items()}}
         for i, q in enumerate(questions)])
+
+
+def sdzero_completions(trainer, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[list[int]] | None:
+    """Completions of `prompt_ids` (one each) drawn by our `Generator` from the trainer's model, as SD-Zero
+    and RFT draw theirs, so a comparison's wall times compare methods, not decoding loops (TRL's own
+    `generate` keeps decoding every row until the batch's last one ends). None where TRL must sample
+    itself: with vLLM, or over several processes, where its `generate` keeps them in step."""
+    if trainer.use_vllm or trainer.accelerator.num_processes > 1:
+        return None
+    generator = Generator(trainer.model, trainer.processing_class, sampling)
+    return [per_prompt[0].ids for per_prompt in generator.sample(prompt_ids, 1, progress=False)]
 
 
 @dataclass
