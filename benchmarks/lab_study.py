@@ -6,8 +6,8 @@
     RUNS/MODEL_sSEED/inspect_sdzero  `sdzero inspect`, SD-Zero student, SRT teacher
     RUNS/MODEL_nop1_sSEED            Phase 2 from the base model, without Phase 1, and its evaluation
 and this script reads them (whatever is there so far) and prints markdown tables: accuracy and the
-Phase 2 gains, generate-then-revise, and localisation ranked by both per-token measures (recomputed
-from each inspect's signals.jsonl). A missing run shows as "-".
+Phase 2 gains, generate-then-revise, localisation ranked by both per-token measures (recomputed
+from each inspect's signals.jsonl), and SRT's answers by control phrase. A missing run shows as "-".
 
     .venv/bin/python benchmarks/lab_study.py RUNS [--models lab-v2 lab-control] [--seeds 0 1 2] [--summary]
 """
@@ -20,6 +20,7 @@ import statistics
 from pathlib import Path
 
 from sdzero.analysis import MEASURES, TokenSignal, lab_problem, localization
+from sdzero.lab.task import reward
 from sdzero.prompts import ControlPhrases
 
 
@@ -111,6 +112,33 @@ def localization_table(root, model, seeds):
                       + f" | {fmt(mean(ratios), '.2f')} |")
 
 
+def srt_answers_table(root, model, seeds):
+    """SRT's sampled answers (its avg@8 evaluation) by the control phrase they hold: how often each, and how
+    often the first attempt and the final answer are right. Separates a better first attempt from a
+    better revision."""
+    print(f"\n### {model}: SRT's answers by control phrase (share; first attempt right -> final right)\n")
+    print("| seed | one attempt | \"start over\" | \"rephrase\" | first attempt right, all answers |")
+    print("|---|---|---|---|---|")
+    for seed in seeds:
+        run = root / f"{model}_s{seed}"
+        path = run / "eval" / "srt.jsonl"
+        if not path.exists():
+            continue
+        identity = (read_json(run / "run.json") or {}).get("identity", {})
+        phrases = ControlPhrases(**identity.get("control_phrases", {}))
+        groups = {"one": [], "wrong": [], "correct": []}
+        for row in map(json.loads, path.read_text().splitlines()):
+            problem = lab_problem(row)
+            first = row["response"].split("\n\n")[0]
+            kind = next((k for k in ("wrong", "correct") if getattr(phrases, k) in row["response"]), "one")
+            groups[kind].append((reward(first, problem), float(row["reward"])))
+        total = sum(map(len, groups.values()))
+        cells = [f"{len(g) / total:.2f}; {mean([a for a, _ in g]) or 0:.2f} -> {mean([b for _, b in g]) or 0:.2f}"
+                 for g in groups.values()]
+        first_right = mean([a for g in groups.values() for a, _ in g])
+        print(f"| {seed} | " + " | ".join(cells) + f" | {first_right:.3f} |")
+
+
 def summary_table(root, models, seeds):
     """One row per model and seed (and the model's mean): the README's table."""
     print("| model | seed | base | SRT | SD-Zero | Phase 2 without Phase 1 | base: correction | SRT: initial -> "
@@ -147,6 +175,7 @@ def main():
         accuracy_table(args.runs, model, args.seeds)
         revise_table(args.runs, model, args.seeds)
         localization_table(args.runs, model, args.seeds)
+        srt_answers_table(args.runs, model, args.seeds)
 
 
 if __name__ == "__main__":
