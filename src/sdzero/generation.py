@@ -169,9 +169,8 @@ class Generator:
         after most answers have ended cheap (one answer cut at max_new_tokens no longer keeps the whole
         batch running at full width)."""
         s = self.sampling
-        eot = torch.tensor(sorted(self.eot_ids), device=input_ids.device)
         rows: list[list[int]] = [[] for _ in range(len(input_ids))]
-        live = torch.arange(len(input_ids), device=input_ids.device)  # batch row -> index into rows
+        live = list(range(len(input_ids)))  # batch row -> index into rows
         positions = attention_mask.cumsum(-1) - 1  # left padding: each row's positions start at 0
         cache = DynamicCache(config=plain_model(self.model).config)
         cache_arg = {cache_keyword(self.model): cache}
@@ -180,15 +179,17 @@ class Generator:
         last = positions[:, -1]
         for step in range(s.max_new_tokens):
             tokens = next_tokens(out.logits[:, -1].float(), s.temperature, s.top_p)
-            for row, token in zip(live.tolist(), tokens.tolist()):
+            drawn = tokens.tolist()  # the step's one copy to the host
+            for row, token in zip(live, drawn):
                 rows[row].append(token)
-            going = ~torch.isin(tokens, eot)
-            if step == s.max_new_tokens - 1 or not going.any():
+            going = [i for i, token in enumerate(drawn) if token not in self.eot_ids]
+            if not going or step == s.max_new_tokens - 1:
                 break
-            if not going.all():
-                keep = going.nonzero().squeeze(1)
+            if len(going) < len(drawn):
+                keep = torch.tensor(going, device=tokens.device)
                 cache.batch_select_indices(keep)
-                live, tokens, last, attention_mask = live[keep], tokens[keep], last[keep], attention_mask[keep]
+                live = [live[i] for i in going]
+                tokens, last, attention_mask = tokens[keep], last[keep], attention_mask[keep]
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(live), 1)], dim=1)
             last = last + 1
             out = self.model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=last[:, None],
