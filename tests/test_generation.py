@@ -22,8 +22,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sdzero import lab
-from sdzero.generation import (Generator, Sample, SamplingConfig, VLLMGenerator, checkpoint_weights, make_generator,
-                               next_tokens)
+from sdzero.generation import (Generator, Sample, SamplingConfig, VLLMGenerator, checkpoint_weights, logits_settings,
+                               make_generator, next_tokens)
 from sdzero.prompts import end_of_turn_ids, generator_prompt_ids
 
 
@@ -133,6 +133,23 @@ def test_sampled_tokens_are_drawn_from_the_full_context_distribution(lab_model_a
             full = model(torch.tensor([prompt + samples[i].ids])).logits[0].log_softmax(-1)
         expected = full[len(prompt) - 1:len(prompt) - 1 + len(samples[i].ids)]
         assert torch.allclose(torch.stack(seen[i]), expected, atol=1e-4)
+
+
+def test_a_generation_config_that_changes_the_logits_is_applied_as_generate_applies_it(lab_model_and_tokenizer):
+    """A model saved with, say, a repetition penalty samples through transformers `generate`, which
+    applies it, as before the decoding loop existed; the lab model's own config has no such setting."""
+    model, tokenizer = lab_model_and_tokenizer
+    penalised = copy.deepcopy(model)
+    penalised.generation_config.repetition_penalty = 1.5
+    assert logits_settings(model) == [] and logits_settings(penalised) == ["repetition_penalty"]
+    prompts = lab_prompts(tokenizer, 4)
+    sampling = SamplingConfig(temperature=0.0, max_new_tokens=40)
+    ours = [s[0].ids for s in Generator(penalised, tokenizer, sampling).sample(prompts, 1, progress=False)]
+    plain = [s[0].ids for s in Generator(model, tokenizer, sampling).sample(prompts, 1, progress=False)]
+    eot = sorted(end_of_turn_ids(tokenizer))
+    reference = [penalised.generate(input_ids=torch.tensor([p]), do_sample=False, max_new_tokens=40, eos_token_id=eot,
+                                    pad_token_id=tokenizer.pad_token_id)[0, len(p):].tolist() for p in prompts]
+    assert ours == reference and ours != plain
 
 
 def reference_nucleus(logits: list[float], temperature: float, top_p: float) -> list[float]:

