@@ -49,13 +49,18 @@ def runs(root: Path, model: str, seed: int) -> dict:
             "gain_without_phase1": gain_without, "revise": report.get("revise", {})}
 
 
+def run_phrases(run: Path) -> ControlPhrases:
+    """The control phrases a run directory recorded in its run.json."""
+    identity = (read_json(run / "run.json") or {}).get("identity", {})
+    return ControlPhrases(**identity.get("control_phrases", {}))
+
+
 def located(inspect_dir: Path) -> dict | None:
     """localization() by both measures, recomputed from an inspect folder's signals.jsonl."""
     path = inspect_dir / "signals.jsonl"
     if not path.exists():
         return None
-    identity = (read_json(inspect_dir.parent / "run.json") or {}).get("identity", {})
-    phrases = ControlPhrases(**identity.get("control_phrases", {}))
+    phrases = run_phrases(inspect_dir.parent)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     signals = [TokenSignal(**{k: v for k, v in row.items() if k not in ("id", "first_wrong_step")}) for row in rows]
     problems = [lab_problem({"id": row["id"]}) for row in rows]
@@ -124,8 +129,7 @@ def srt_answers_table(root, model, seeds):
         path = run / "eval" / "srt.jsonl"
         if not path.exists():
             continue
-        identity = (read_json(run / "run.json") or {}).get("identity", {})
-        phrases = ControlPhrases(**identity.get("control_phrases", {}))
+        phrases = run_phrases(run)
         groups = {"one": [], "wrong": [], "correct": []}
         for row in map(json.loads, path.read_text().splitlines()):
             problem = lab_problem(row)
