@@ -242,7 +242,8 @@ def test_a_stage_with_nothing_to_train_exits_3_so_a_chain_stops(tmp_path, user):
 
 
 def test_ctrl_c_stops_with_one_line_saying_how_to_go_on(tmp_path):
-    command = [SDZERO, "collect", "--out", "runs/c", "--limit", "400", "--quiet"]
+    # enough problems that collection is still running 2 s after its first chunk is written
+    command = [SDZERO, "collect", "--out", "runs/c", "--set", "n_phase1=4000", "--quiet"]
     process = subprocess.Popen(command, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     attempts = tmp_path / "runs" / "c" / "phase1"
@@ -255,5 +256,5 @@ def test_ctrl_c_stops_with_one_line_saying_how_to_go_on(tmp_path):
     assert process.returncode == 130, err
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.strip()]
-    assert lines == [f"sdzero collect: interrupted; re-run sdzero collect --out runs/c --limit 400 --quiet to go "
-                     f"on with the problems not collected yet"]
+    assert lines == [f"sdzero collect: interrupted; re-run sdzero collect --out runs/c --set n_phase1=4000 --quiet "
+                     f"to go on with the problems not collected yet"]
