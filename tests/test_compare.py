@@ -9,7 +9,7 @@ import pytest
 
 from sdzero.budget import Budget, relative_gap
 from sdzero.cli import main
-from sdzero.compare import generations_to_reach, load_compare_config
+from sdzero.compare import first_point_at, load_compare_config, markdown_table
 
 CI_CONFIG = Path(__file__).parent.parent / "configs" / "compare_ci.yaml"
 
@@ -38,6 +38,10 @@ def test_report_has_every_method_with_its_budget(ci_run):
         # the curve starts at the base model and ends at the method's final budget
         assert m["curve"][0]["generations"] == 0
         assert m["curve"][-1]["generations"] == m["generations"]
+        # every point carries the wall time billed by then, which grows along the run up to the method's
+        walls = [point["wall_seconds"] for point in m["curve"]]
+        assert walls[0] == 0 and walls == sorted(walls) and walls[-1] <= m["wall_seconds"], (name, walls)
+        assert walls[-1] > 0.5 * m["wall_seconds"], (name, walls)  # the last point comes after nearly all of it
     assert "| sdzero |" in (ci_run / "report.md").read_text()
     assert (ci_run / "sample_efficiency.png").stat().st_size > 1000
 
@@ -135,12 +139,27 @@ def test_budget_counts_like_a_plain_tally():
         budget.sampled(["a", "b"], [1])
 
 
-def test_generations_to_reach_is_the_first_measured_point_at_the_level():
+def test_the_level_is_reached_at_the_first_measured_point_at_or_above_it():
     curve = [{"generations": 0, "accuracy_mean": 0.5}, {"generations": 100, "accuracy_mean": 0.6},
              {"generations": 300, "accuracy_mean": 0.8}, {"generations": 400, "accuracy_mean": 0.7}]
-    assert generations_to_reach(curve, 0.5) == 0
-    assert generations_to_reach(curve, 0.7) == 300
-    assert generations_to_reach(curve, 0.9) is None
+    assert first_point_at(curve, 0.5)["generations"] == 0
+    assert first_point_at(curve, 0.7)["generations"] == 300
+    assert first_point_at(curve, 0.9) is None
+
+
+def test_report_table_gives_generations_and_wall_time_to_reach_grpo_final():
+    def method(reach_generations, reach_wall):
+        return {"accuracy": 0.9, "accuracy_std": 0.0, "generations": 400, "sampled_tokens": 9000,
+                "trained_tokens": 20000, "wall_seconds": 120.0, "generations_to_reach_grpo_final": reach_generations,
+                "wall_seconds_to_reach_grpo_final": reach_wall}
+    report = {"k": 8, "base": {"accuracy": 0.5, "accuracy_std": 0.0}, "seeds": [0], "n_eval_problems": 10,
+              "metric": "avg@8", "curve_metric": "avg@2",
+              "methods": {"sdzero": method(300, 95.4), "rft": method(None, None), "grpo": method(400, 120.0),
+                          "sdft": method(200, None)}}
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[-2:] for line in markdown_table(report).splitlines()}
+    assert rows["sdzero"] == ["300", "95 |"]
+    assert rows["rft"] == ["not reached", " |"]
+    assert rows["sdft"] == ["200", "not recorded |"]  # a result from before curve points had wall times
 
 
 @pytest.mark.parametrize("method", ["grpo", "sdft"])

@@ -71,19 +71,21 @@ def relative_gap(actual: float, target: float) -> float:
 
 
 class LearningCurve:
-    """Accuracy against generations spent, evaluated along a run; the evaluations are not billed."""
+    """Accuracy against generations spent and wall time billed, evaluated along a run; the evaluations
+    are not billed."""
 
     def __init__(self, budget: Budget, evaluate_fn=None):
         self.budget, self.evaluate_fn = budget, evaluate_fn
         self.points: list[dict] = []
 
-    def point(self, model, generations: int | None = None, **extra) -> None:
-        """Evaluate `model` now; it has cost `generations` (default: the budget's count so far)."""
+    def point(self, model, generations: int | None = None, wall_seconds: float | None = None, **extra) -> None:
+        """Evaluate `model` now; it has cost `generations` and `wall_seconds` (default: the budget's so far)."""
         if self.evaluate_fn is None:
             return
         spent = self.budget.generations if generations is None else generations
         if self.points and self.points[-1]["generations"] == spent:
             return  # already measured at this budget
+        wall = self.budget.wall_seconds if wall_seconds is None else wall_seconds
         with self.budget.excluded():
             accuracy = self.evaluate_fn(model)
-        self.points.append({"generations": spent, "accuracy": accuracy, **extra})
+        self.points.append({"generations": spent, "wall_seconds": round(wall, 2), "accuracy": accuracy, **extra})

@@ -159,7 +159,10 @@ def run_sdzero(model, tokenizer, cfg: RunConfig, n1, n2, verifier, budget: Budge
     budget.trained(srt["trained_tokens"])
     phase1_generations = budget.generations
 
+    eval_walls = []  # the wall time billed when each Phase 2 evaluation starts
+
     def unbilled_curve(student) -> float:
+        eval_walls.append(round(budget.wall_seconds, 2))
         with budget.excluded():
             return curve_fn(student)
 
@@ -175,9 +178,13 @@ def run_sdzero(model, tokenizer, cfg: RunConfig, n1, n2, verifier, budget: Budge
     write_sdzero_metrics(out, collection, srt["trained_tokens"])
     curve = [{"generations": phase1_generations + h["step"] * distill_cfg.prompts_per_step,
               "accuracy": h["accuracy"], "step": h["step"]} for h in phase2["history"]]
+    # A resumed Phase 2 holds evaluations from an earlier process, whose wall time this budget never saw.
+    for point, wall in zip(curve[len(curve) - len(eval_walls):], eval_walls):
+        point["wall_seconds"] = wall
     if not curve or curve[-1]["step"] != distill_cfg.max_steps:
+        wall = round(budget.wall_seconds, 2)
         with budget.excluded():
-            curve.append({"generations": budget.generations, "accuracy": curve_fn(model),
+            curve.append({"generations": budget.generations, "wall_seconds": wall, "accuracy": curve_fn(model),
                           "step": distill_cfg.max_steps})
     return model, {"phase1": collection, "srt_steps": srt["steps"], "phase2_steps": distill_cfg.max_steps,
                    "curve": curve}
@@ -216,7 +223,7 @@ def run_method(method: str, cfg: RunConfig, ccfg: CompareConfig, seed: int, out:
 
     budget = Budget()
     if method == "base":
-        summary = {"curve": [{"generations": 0, "accuracy": curve_fn(model)}]}
+        summary = {"curve": [{"generations": 0, "wall_seconds": 0.0, "accuracy": curve_fn(model)}]}
     elif method == "sdzero":
         model, summary = run_sdzero(model, tokenizer, cfg, n1, n2, verifier, budget, method_dir,
                              target=ccfg.budget, curve_fn=curve_fn, progress=progress)
@@ -325,24 +332,28 @@ def mean_curve(rows: list[dict], base_rows: dict) -> list[dict]:
     curves = []
     for row in rows:
         base = base_rows.get(row["seed"])
-        points = ([{"generations": 0, "accuracy": base["summary"]["curve"][0]["accuracy"]}] if base else [])
+        points = ([{"generations": 0, "wall_seconds": 0.0, "accuracy": base["summary"]["curve"][0]["accuracy"]}]
+                  if base else [])
         curves.append(points + row["summary"]["curve"])
     n = min(map(len, curves))
     out = []
     for i in range(n):
         gens, accs = [c[i]["generations"] for c in curves], [c[i]["accuracy"] for c in curves]
         mean, std = _mean_std(accs)
-        out.append({"generations": statistics.fmean(gens), "accuracy_mean": mean, "accuracy_std": std})
+        walls = [c[i].get("wall_seconds") for c in curves]
+        out.append({"generations": statistics.fmean(gens), "accuracy_mean": mean, "accuracy_std": std,
+                    # results recorded before curve points carried their wall time have none
+                    "wall_seconds": statistics.fmean(walls) if None not in walls else None})
     return out
 
 
-def generations_to_reach(curve: list[dict], level: float) -> float | None:
-    """Budget of the first measured point of the mean curve at or above `level`; None if none is.
+def first_point_at(curve: list[dict], level: float) -> dict | None:
+    """The first measured point of the mean curve at or above `level`; None if none is.
 
     No interpolation: between two measured points a method may have no model at all (SD-Zero has
     none before SRT ends), so only measured points count.
     """
-    return next((point["generations"] for point in curve if point["accuracy_mean"] >= level), None)
+    return next((point for point in curve if point["accuracy_mean"] >= level), None)
 
 
 def write_report(out: Path, cfg: RunConfig, ccfg: CompareConfig, rows: list[dict]) -> dict:
@@ -370,7 +381,9 @@ def write_report(out: Path, cfg: RunConfig, ccfg: CompareConfig, rows: list[dict
     if "grpo" in methods and methods["grpo"]["curve"]:
         level = methods["grpo"]["curve"][-1]["accuracy_mean"]
         for entry in methods.values():
-            entry["generations_to_reach_grpo_final"] = generations_to_reach(entry["curve"], level)
+            reached = first_point_at(entry["curve"], level)
+            entry["generations_to_reach_grpo_final"] = None if reached is None else reached["generations"]
+            entry["wall_seconds_to_reach_grpo_final"] = None if reached is None else reached["wall_seconds"]
     report = {
         "base": {"accuracy": base_mean, "accuracy_std": base_std,
                  "accuracy_per_seed": [base_rows[s]["accuracy"] for s in sorted(base_rows)]},
@@ -391,17 +404,21 @@ def write_report(out: Path, cfg: RunConfig, ccfg: CompareConfig, rows: list[dict
 def markdown_table(report: dict) -> str:
     k = report["k"]
     lines = [f"| method | avg@{k} (mean ± std) | generations | sampled tokens | trained tokens | wall (s) | "
-             f"generations to reach GRPO's final |",
-             "|---|---|---|---|---|---|---|"]
+             f"generations to reach GRPO's final | wall (s) to reach it |",
+             "|---|---|---|---|---|---|---|---|"]
     base = report["base"]
-    lines.append(f"| base | {base['accuracy']:.3f} ± {base['accuracy_std']:.3f} | 0 | 0 | 0 | 0 | |")
+    lines.append(f"| base | {base['accuracy']:.3f} ± {base['accuracy_std']:.3f} | 0 | 0 | 0 | 0 | | |")
     for name, m in report["methods"].items():
-        reach = m.get("generations_to_reach_grpo_final")
-        reach_text = "not reached" if "generations_to_reach_grpo_final" in m and reach is None else \
-            (f"{reach:.0f}" if reach is not None else "")
+        reach = [m.get(f"{what}_to_reach_grpo_final") for what in ("generations", "wall_seconds")]
+        if "generations_to_reach_grpo_final" not in m:  # no GRPO in this comparison
+            reach_text = ["", ""]
+        elif reach[0] is None:
+            reach_text = ["not reached", ""]
+        else:
+            reach_text = [f"{value:.0f}" if value is not None else "not recorded" for value in reach]
         lines.append(f"| {name} | {m['accuracy']:.3f} ± {m['accuracy_std']:.3f} | {m['generations']:.0f} | "
                      f"{m['sampled_tokens']:.0f} | {m['trained_tokens']:.0f} | {m['wall_seconds']:.0f} | "
-                     f"{reach_text} |")
+                     f"{reach_text[0]} | {reach_text[1]} |")
     seeds = ", ".join(map(str, report["seeds"]))
     lines.append("")
     lines.append(f"{report['metric']} on {report['n_eval_problems']} held-out problems; seeds {seeds}; "

@@ -3,13 +3,15 @@ the verified-correct ones (de-duplicated), and fine-tune on them with NLL(answer
 
 All samples come from the starting model, so a smaller budget is simply a prefix of the questions:
 the learning curve point for a fraction f of the budget is an RFT run trained on the answers of the
-first f of the questions (from a copy of the starting model; those runs are not billed).
+first f of the questions (from a copy of the starting model; those runs are not billed). Its wall time
+is the fraction f of the sampling time plus that run's own training time.
 """
 
 from __future__ import annotations
 
 import copy
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,14 +107,18 @@ def train_rft(model, tokenizer, questions: list[dict], verifier: Verifier, gener
     kept = sample_correct(generator, questions, verifier, cfg, budget, system_prompt=system_prompt,
                           progress=progress)
     per_question = cfg.samples_per_question
+    sampling_seconds = budget.wall_seconds
     if evaluate_fn:
         for fraction in sorted(cfg.curve_fractions):
             n = max(1, round(fraction * len(questions)))
             with budget.excluded():
+                begin = time.time()
                 partial = copy.deepcopy(model)
                 fine_tune(partial, tokenizer, [e for rows in kept[:n] for e in rows], cfg, seed=seed,
                           progress=False)
-            curve.point(partial, generations=n * per_question)
+                training_seconds = time.time() - begin
+            curve.point(partial, generations=n * per_question,
+                        wall_seconds=sampling_seconds * n / len(questions) + training_seconds)
             del partial
     examples = [e for rows in kept for e in rows]
     log = MetricsLog(Path(out_dir) / "metrics.jsonl") if out_dir else None
