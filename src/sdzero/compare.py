@@ -39,7 +39,7 @@ import yaml
 
 from sdzero.baselines import (GRPOBaselineConfig, RFTConfig, SDFTBaselineConfig, train_grpo, train_rft,
                               train_sdft)
-from sdzero.budget import Budget, relative_gap
+from sdzero.budget import Budget, LearningCurve, relative_gap
 from sdzero.collect import collect
 from sdzero.config import RunConfig, config_to_yaml, from_layers, override_dict, read_yaml
 from sdzero.data import load_problem_sets
@@ -182,10 +182,9 @@ def run_sdzero(model, tokenizer, cfg: RunConfig, n1, n2, verifier, budget: Budge
     for point, wall in zip(curve[len(curve) - len(eval_walls):], eval_walls):
         point["wall_seconds"] = wall
     if not curve or curve[-1]["step"] != distill_cfg.max_steps:
-        wall = round(budget.wall_seconds, 2)
-        with budget.excluded():
-            curve.append({"generations": budget.generations, "wall_seconds": wall, "accuracy": curve_fn(model),
-                          "step": distill_cfg.max_steps})
+        final = LearningCurve(budget, curve_fn)
+        final.point(model, step=distill_cfg.max_steps)
+        curve += final.points
     return model, {"phase1": collection, "srt_steps": srt["steps"], "phase2_steps": distill_cfg.max_steps,
                    "curve": curve}
 
