@@ -22,6 +22,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sdzero import codesuites
 from sdzero.verifiers import code_language, is_call_test, last_boxed
 
 MATH_INSTRUCTION = "Solve the problem step by step, then give the final answer in \\boxed{}."
@@ -224,13 +225,20 @@ def _pick_fields(data: DataConfig, task: str, columns: list[str], source: str) -
         wanted = " or ".join(repr(n) for n in defaults)
         raise ValueError(f"{source}: no {wanted} column (set data.{role}); available columns: {columns}")
 
+    # HumanEval and MBPP rows need no mapping: their own columns are read (MBPP's problem is `text`).
+    suite = None
+    if task == "code" and data.tests_field is None and "tests" not in columns:
+        suite = codesuites.suite_format(columns)
+    problem_fields = TRL_PROBLEM_FIELDS if task == "columns" else PROBLEM_FIELDS
     fields = {"problem": require("problem_field", data.problem_field,
-                                 TRL_PROBLEM_FIELDS if task == "columns" else PROBLEM_FIELDS)}
+                                 problem_fields + (("text",) if suite == "mbpp" else ()))}
     if data.id_field is not None:
         fields["id"] = require("id_field", data.id_field, ())
     else:
-        fields["id"] = "id" if "id" in columns else None
-    if task == "code":
+        fields["id"] = next((n for n in ("id", "task_id") if n in columns and (n == "id" or suite)), None)
+    if suite is not None:
+        fields["tests"], fields["suite"] = None, suite
+    elif task == "code":
         fields["tests"] = require("tests_field", data.tests_field, ("tests",))
     elif task == "columns" and data.answer_field is None:
         fields["answer"] = fields["solution"] = None  # the reward functions read their gold columns themselves
@@ -321,7 +329,9 @@ def gold_answer(where: str, row: dict, answer_field: str, solution_field: str | 
 
 def parse_tests(where: str, value, name: str, row: dict | None = None) -> list[dict]:
     """Tests from a list, its JSON string, or two columns, as a list of
-    stdin tests {"input": str, "output": str} and call tests {"fn_name": str, "args": [...], "expected": value}.
+    stdin tests {"input": str, "output": str} and call tests {"fn_name": str, "args": [...], "expected": value}
+    (and check tests {"check", "entry_point", "prompt", "setup"}, as `validate_rows` makes them from HumanEval
+    and MBPP rows, see sdzero.codesuites).
 
     Call tests come from APPS/TACO's `input_output` ({"fn_name", "inputs": [[args...], ...],
     "outputs": [value, ...]}) and from LiveCodeBench's tests with "testtype": "functional" (one JSON
@@ -358,6 +368,9 @@ def parse_tests(where: str, value, name: str, row: dict | None = None) -> list[d
     for i, test in enumerate(value):
         if not isinstance(test, dict):
             raise ValueError(f"{where}: field {name}[{i}] must be an object with 'input' and 'output'")
+        if codesuites.is_check_test(test):  # HumanEval / MBPP, as written back by this loader
+            tests.append(codesuites.check_test(where, test, f"{name}[{i}]"))
+            continue
         if "fn_name" in test:  # already a call test (e.g. a row written back by this loader)
             fn_name = _function_name(where, test["fn_name"], f"{name}[{i}].fn_name")
             if not isinstance(test.get("args"), list) or "expected" not in test:
@@ -426,7 +439,11 @@ def validate_rows(
         # The whole row travels with the problem, so the verifier can read any column: a code row's
         # `language`, whatever your own reward function needs.
         problem = {**row, "id": problem_id, "problem": with_instruction(text, instruction)}
-        if task == "code":
+        if task == "code" and fields.get("suite"):
+            problem["tests"] = codesuites.suite_tests(where, row, fields["suite"])
+            if data.instruction is None:
+                problem["problem"] = with_instruction(text, codesuites.suite_instruction(problem["tests"][0]))
+        elif task == "code":
             problem["tests"] = parse_tests(where, row.get(fields["tests"]), fields["tests"], row)
             call_names = {t["fn_name"] for t in problem["tests"] if is_call_test(t)}
             if row.get("language") is not None:

@@ -5,8 +5,9 @@ as a plain callable with this signature, so a user's own reward function drops i
 
 - "lab":  the shipped lab task ("Answer: N").
 - "math": the last \\boxed{...} of the completion, checked against row["answer"] with math-verify.
-- "code": the last fenced code block, run in the sandbox against row["tests"]: stdin/stdout tests, or
-  call tests that call a function (or a `class Solution` method) and compare its return value.
+- "code": the last fenced code block, run in the sandbox against row["tests"]: stdin/stdout tests,
+  call tests that call a function (or a `class Solution` method) and compare its return value, or
+  check tests (HumanEval's check function, MBPP's asserts) that run in the program's process.
 """
 
 from __future__ import annotations
@@ -273,6 +274,30 @@ value = json.dumps(function(*spec["args"]))
 os.write(result_fd, (spec["token"] + " " + value + "\\n").encode())
 os._exit(0)
 """
+# The harness of check tests (HumanEval's check(candidate), MBPP's asserts): the checks need the
+# program's functions, so they run in its process, where the program may do anything the harness can.
+# Success is therefore one line holding a random token, written to a duplicate of stdout only after the
+# checks returned: the program's prints go to stderr, and exiting early (exit(0), os._exit(0), SystemExit
+# from inside the function) ends the process before the token is written. What this cannot stop is a
+# program that attacks the harness on purpose from inside (reads the token from its memory, patches the
+# modules the checks use, returns objects equal to everything): call tests, compared outside, can.
+CHECK_HARNESS = """\
+import json, os, sys
+spec = json.loads(sys.stdin.read())
+result_fd = os.dup(1)
+os.dup2(2, 1)
+namespace = {"__name__": "solution"}
+def run(code, filename):
+    exec(compile(code, filename, "exec", optimize=0), namespace)  # optimize=0: asserts are never stripped
+run(spec["setup"], "setup.py")
+with open("main.py", encoding="utf-8") as f:
+    run(f.read(), "main.py")
+run(spec["check"], "check.py")
+if spec["entry_point"] is not None:
+    namespace["check"](namespace[spec["entry_point"]])
+os.write(result_fd, (spec["token"] + "\\n").encode())
+os._exit(0)
+"""
 FLOAT_TOLERANCE = 1e-6
 """Return values: floats equal within this, relative or absolute; ints, strings and the rest exactly."""
 
@@ -313,10 +338,13 @@ def code_reward(
     (stdin = input, stdout == output after trimming trailing whitespace per line and at the end),
     call tests [{"fn_name", "args", "expected"}, ...] (the function, or that method of
     `class Solution`, called with args inside the sandbox; its return value compared with
-    `same_value`), or APPS/TACO's {"fn_name", "inputs", "outputs"}. Each test runs in its own
+    `same_value`), APPS/TACO's {"fn_name", "inputs", "outputs"}, or check tests
+    [{"check", "entry_point", "prompt", "setup"}] (HumanEval's check function, MBPP's asserts; the program
+    is built by `sdzero.codesuites.assemble_program`, see there). Each test runs in its own
     sandbox with a `timeout_s` wall-time limit. `language` is "python" or "cpp" (needs g++; stdin
     tests only). Without bubblewrap this raises SandboxUnavailable unless `allow_unsafe`.
     """
+    from sdzero.codesuites import is_check_test
     from sdzero.data import parse_tests
 
     language = code_language(language)
@@ -328,8 +356,8 @@ def code_reward(
     if not tests:
         return 0.0
     tests = parse_tests("code_reward", tests, "tests")
-    if language != "python" and any(is_call_test(t) for t in tests):
-        raise ValueError("call tests need a Python program: language must be python")
+    if language != "python" and any(is_call_test(t) or is_check_test(t) for t in tests):
+        raise ValueError("call tests and check tests need a Python program: language must be python")
     source = extract_program(completion).encode()
     limits = sandbox.Limits(wall_s=timeout_s)
     if language == "python":
@@ -343,6 +371,8 @@ def code_reward(
         files, argv = {"main": binary}, ["./main"]
 
     def passes(test: dict) -> bool:
+        if is_check_test(test):
+            return _passes_check(test, completion, limits, allow_unsafe)
         if is_call_test(test):
             return _passes_call(test, source, limits, allow_unsafe)
         result = sandbox.run(
@@ -383,6 +413,20 @@ def _passes_call(test: dict, source: bytes, limits: sandbox.Limits, allow_unsafe
     # APPS/TACO often wrap the return value in a list ([3] for 3), and not always: both count.
     wrapped = test.get("unwrap") and isinstance(expected, list) and len(expected) == 1
     return same_value(got, expected) or bool(wrapped and same_value(got, expected[0]))
+
+
+def _passes_check(test: dict, completion: str, limits: sandbox.Limits, allow_unsafe: bool) -> bool:
+    from sdzero.codesuites import assemble_program
+
+    token = secrets.token_hex(16)
+    spec = {"setup": test["setup"], "check": test["check"], "entry_point": test["entry_point"], "token": token}
+    program = assemble_program(completion, test).encode()
+    result = sandbox.run(
+        [sandbox.SANDBOX_PYTHON, "-I", "harness.py"], stdin=json.dumps(spec).encode(),
+        files={"main.py": program, "harness.py": CHECK_HARNESS.encode()}, limits=limits,
+        allow_unsafe=allow_unsafe,
+    )  # fmt: skip
+    return result.ok and result.stdout == token.encode() + b"\n"
 
 
 def compile_cpp(source: bytes, *, allow_unsafe: bool = False) -> bytes | None:
