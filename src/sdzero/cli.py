@@ -41,7 +41,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one configuration field, e.g. --set distill.lr=1e-4 (repeatable)")
     parser.add_argument("--seed", type=int, help="run seed (problem split, sampling, training order)")
-    parser.add_argument("--model", help='base model: "lab" (or "lab-v2", "lab-control"), a save_pretrained folder, or a hub id')
+    parser.add_argument("--model", help='base model: "lab" (or "lab-v2", "lab-control"), "smollm2-135m-instruct", a '
+                                        'save_pretrained folder, a .gguf file, or a hub id (see sdzero models)')
     parser.add_argument("--data", help="problems: a hub dataset id or a local .jsonl / .json / .parquet file "
                                        "(sets data.path)")
     parser.add_argument("--task", help='the verifier: "math", "code", "lab", or package.module:function')
@@ -125,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--quiet", action="store_true")
 
     _compare_parser(commands)
+    _models_parser(commands)
 
     lab = commands.add_parser("lab", help="the built-in lab task and base model")
     lab_commands = lab.add_subparsers(dest="lab_command", required=True, metavar="LAB_COMMAND")
@@ -489,8 +491,40 @@ def cmd_compare(args) -> None:
     print(f"wrote {args.out / 'report.json'}, {args.out / 'report.md'} and {args.out / 'sample_efficiency.png'}")
 
 
+# sdzero models: the models known by name, and any of them (or a GGUF file) as a plain Hugging Face folder.
+def _models_parser(commands) -> None:
+    models = commands.add_parser("models", help="list the models known by name; write one out as a plain folder",
+                                 description="Without NAME: every model name a config's model: accepts, where it "
+                                             "comes from, whether it is installed and its folder. With NAME (or a "
+                                             ".gguf file): materialise it and print its folder, or with --out write "
+                                             "it into OUT as a plain Hugging Face folder.")
+    models.add_argument("name", nargs="?", metavar="NAME", help="a model name from the list, or a .gguf file")
+    models.add_argument("--out", type=Path, help="write the model into this new folder")
+    models.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def cmd_models(args) -> None:
+    from sdzero.models import export, format_listing, listing
+
+    if args.name is None:
+        if args.out is not None:
+            raise ValueError("--out needs a NAME: sdzero models NAME --out DIR")
+        print(format_listing(listing()))
+    elif args.out is not None:
+        export(args.name, args.out)
+    else:
+        from sdzero.modeling import resolve_model_path
+
+        folder = resolve_model_path(args.name)
+        if not Path(folder).is_dir():
+            raise ValueError(f"unknown model name {args.name!r}; see sdzero models for the names, or give a "
+                             f".gguf file or a save_pretrained folder")
+        print(folder)
+
+
 COMMANDS = {"demo": cmd_demo, "run": cmd_demo, "collect": cmd_collect, "srt": cmd_srt, "distill": cmd_distill,
-            "eval": cmd_eval, "inspect": cmd_inspect, "lab": cmd_lab, "compare": cmd_compare}
+            "eval": cmd_eval, "inspect": cmd_inspect, "lab": cmd_lab, "compare": cmd_compare,
+            "models": cmd_models}
 
 
 def resume_hint(command: str, argv: list[str]) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from sdzero import lab
+from sdzero import lab, models
 from sdzero.checks import check_ranges
 from sdzero.training import is_fsdp2, unwrap
 
@@ -55,14 +55,18 @@ def looks_like_path(name: str) -> bool:
 
 
 def resolve_model_path(name: str) -> str:
-    """"lab", "lab-v2", "lab-control" -> a shipped lab model; a local path (checked: it must hold a saved
-    model); anything else is a hub id."""
+    """"lab", "lab-v2", "lab-control" -> a shipped lab model; a registered real model ("smollm2-135m-instruct")
+    or a GGUF file (or a folder holding one) -> its Hugging Face folder in the cache (built on first use, see
+    `sdzero.models`); a local path (checked: it must hold a saved model); anything else is a hub id."""
     if name in lab.LAB_MODELS:
         folder, preset = lab.LAB_MODELS[name]
         if not (folder / "config.json").exists():
             raise FileNotFoundError(f"the lab base model {name!r} is missing from {folder}; "
                                     f"rebuild it with: sdzero lab pretrain --preset {preset} --out {folder}")
         return str(folder)
+    real = models.real_model_folder(name)
+    if real is not None:
+        return real
     if not looks_like_path(name):
         return name
     path = Path(name).expanduser()

@@ -22,7 +22,7 @@ import shutil
 import time
 from pathlib import Path
 
-from sdzero import lab
+from sdzero import lab, models
 from sdzero.modeling import resolve_model_path, tokenizer_fingerprint
 
 RUN_FILE = "run.json"
@@ -57,7 +57,11 @@ def _hash_file(digest, path: Path) -> None:
 
 def model_fingerprint(name: str) -> str:
     """A fingerprint of a model's config and weights: a lab model or a local folder (a save_pretrained or a LoRA
-    adapter folder). A hub id is taken at its word: its fingerprint is its name."""
+    adapter folder). A hub id is taken at its word: its fingerprint is its name. A real model or GGUF file
+    is fingerprinted by its GGUF checksum (`sdzero.models.fingerprint`), without converting it."""
+    real = models.fingerprint(name)
+    if real is not None:
+        return real
     folder = Path(resolve_model_path(name)) if name in lab.LAB_MODELS else Path(name).expanduser()
     if not folder.is_dir():
         return f"hub:{name}"
