@@ -11,6 +11,7 @@ import yaml
 from sdzero.compare import load_compare_config
 from sdzero import config
 from sdzero.lab import LAB_MODELS
+from sdzero.models import REAL_MODELS
 from sdzero.generation import vllm_importable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,9 +37,9 @@ def load_config(path: Path):
 
 
 def check_reference(where: str, value: str | None) -> None:
-    """A model or dataset reference is a lab name ("lab" for the task, a shipped lab model), a hub id
-    owner/name, or a local path that exists."""
-    if value is None or value == "lab" or value in LAB_MODELS:
+    """A model or dataset reference is a lab name ("lab" for the task, a shipped lab model), a registered real
+    model, a hub id owner/name, or a local path that exists."""
+    if value is None or value == "lab" or value in LAB_MODELS or value in REAL_MODELS:
         return
     if value.startswith((".", "/", "~")) or "/" not in value or value.count("/") > 1:
         path = Path(value).expanduser()
@@ -64,7 +65,7 @@ def test_run_config_loads_validates_and_names_well_formed_references(path):
         check_reference(f"{where}: data.path", data.path)
         check_reference(f"{where}: data.eval_path", data.eval_path)
     if cfg.task != "lab":
-        assert data is not None and data.path, f"{where}: task {cfg.task!r} needs data.path"
+        assert data is not None and (data.path or data.source), f"{where}: task {cfg.task!r} needs data.path or source"
     # Every key written in the file is a field (load_config checked), and the file sets what the header
     # promises: nothing is left silently at a default that differs from the recipe's intent.
     raw = yaml.safe_load(path.read_text())

@@ -291,7 +291,7 @@ def test_lab_delegates_to_the_builtin_task():
     assert (sets.n1, sets.n2, sets.held_out) == lab.problem_sets(5, 6, 4, 7)
     with pytest.raises(ValueError, match="data.path is required for task 'math'"):
         load_problem_sets(DataConfig(), "math", 5, 6, 4, seed=7)
-    with pytest.raises(ValueError, match=r"unknown task 'maths'; choose one of \['code', 'lab', 'math'\]"):
+    with pytest.raises(ValueError, match=r"unknown task 'maths'; choose one of \['code', 'lab', 'math', 'reasoning-gym'\]"):
         load_problem_sets(DataConfig(), "maths", 5, 6, 4, seed=7)
 
 

@@ -446,11 +446,53 @@ def code_row_reward(completion: str, row: dict) -> float:
     return code_reward(completion, row["tests"], language=row.get("language", "python"))
 
 
+def reasoning_gym_reward(completion: str, row: dict) -> float:
+    """1.0 iff the row's reasoning-gym generator gives full marks to the answer its answer rule cuts from the
+    completion (see sdzero.gym)."""
+    from sdzero import gym
+
+    return gym.score(completion, row)
+
+
+def _reasoning_gym_extract(completion: str, row: dict) -> str | None:
+    from sdzero import gym
+
+    return gym.extract(completion, row)
+
+
 VERIFIERS: dict[str, Verifier] = {
     "lab": lab_reward,
     "math": math_row_reward,
     "code": code_row_reward,
+    "reasoning-gym": reasoning_gym_reward,
 }
+EXTRACTORS: dict[str, Callable[[str, dict], str | None]] = {
+    "lab": lambda completion, row: extract_answer(completion),
+    "math": lambda completion, row: last_boxed(completion),
+    "reasoning-gym": _reasoning_gym_extract,
+}
+"""Per built-in task: (completion, row) -> the final answer its verifier reads, None when there is nothing to
+extract (evaluation counts those answers). Your own reward function may carry one as its `extract` attribute."""
+
+
+def answer_extractor(function: Callable) -> Callable[[str, dict], str | None] | None:
+    """The `extract(completion, row)` of a reward function (built-in: EXTRACTORS; yours: its `extract`
+    attribute), or None when it has none."""
+    for name, verifier in VERIFIERS.items():
+        if verifier is function:
+            return EXTRACTORS.get(name)
+    return getattr(function, "extract", None)
+
+
+def no_answer_summary(functions: list[Callable], groups: list[list], problems: list[dict]) -> dict | None:
+    """{"count", "share"} of the responses (`groups`: the samples of each problem) from which no reward function
+    could extract an answer; None when none of the functions has an extractor."""
+    extractors = [e for e in map(answer_extractor, functions) if e is not None]
+    if not extractors:
+        return None
+    texts = [(sample.text, problem) for problem, group in zip(problems, groups) for sample in group]
+    count = sum(all(extract(text, problem) is None for extract in extractors) for text, problem in texts)
+    return {"count": count, "share": count / len(texts) if texts else 0.0}
 
 
 def get_verifier(name: str) -> Verifier:
