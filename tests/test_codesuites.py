@@ -175,3 +175,40 @@ def test_the_users_instruction_replaces_the_default(tmp_path):
     path = write_jsonl(tmp_path / "mbpp.jsonl", MBPP_ROWS)
     problems, _ = load_problems(str(path), DataConfig(instruction="Answer in Python."), "code")
     assert problems[0]["problem"] == MBPP_ROWS[0]["text"] + "\n\nAnswer in Python."
+
+
+@needs_sandbox
+def test_sdzero_check_counts_failures_and_errors(tmp_path, capsys):
+    from sdzero.cli import main
+
+    broken = {**MBPP_ROWS[0], "task_id": 13, "code": "def remove_Occ(s, ch):\n    return s\n"}
+    no_reference = {**MBPP_ROWS[1], "task_id": 14, "code": ""}
+    path = write_jsonl(tmp_path / "mbpp.jsonl", [*MBPP_ROWS, broken, no_reference])
+    out = tmp_path / "check"
+    argv = ["check", "--data", str(path), "--task", "code", "--solution-field", "code", "--quiet"]
+    assert main([*argv, "--out", str(out)]) == 1
+    assert "4 rows: 2 passed, 1 failed, 1 errors" in capsys.readouterr().out
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert [(f["id"], f["status"]) for f in failures] == [("13", "failed"), ("14", "error")]
+    assert failures[0]["completion"] == broken["code"] and "'code' is missing or empty" in failures[1]["reason"]
+    summary = json.loads((out / "check.json").read_text())
+    assert (summary["rows"], summary["passed"], summary["failed"], summary["errors"]) == (4, 2, 1, 1)
+
+    assert main([*argv, "--limit", "2"]) == 0  # the two good rows only
+    assert "2 rows: 2 passed" in capsys.readouterr().out
+    argv[-2] = "none"
+    assert main([*argv, "--limit", "2"]) == 1  # an empty response passes no row
+    assert "2 rows: 0 passed, 2 failed" in capsys.readouterr().out
+    argv[-2] = "answer"
+    assert main(argv) == 2  # not a field of the data
+    assert "--solution-field 'answer' is not a field" in capsys.readouterr().err
+
+
+@needs_sandbox
+def test_sdzero_check_on_the_humaneval_source(capsys):
+    from sdzero.cli import main
+
+    argv = ["check", "--data", "humaneval", "--task", "code", "--solution-field", "canonical_solution",
+            "--limit", "10", "--quiet"]
+    assert main(argv) == 0
+    assert "10 rows: 10 passed, 0 failed, 0 errors" in capsys.readouterr().out

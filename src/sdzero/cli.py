@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--quiet", action="store_true")
 
     _compare_parser(commands)
+    _check_parser(commands)
     _models_parser(commands)
 
     lab = commands.add_parser("lab", help="the built-in lab task and base model")
@@ -522,8 +523,57 @@ def cmd_models(args) -> None:
         print(folder)
 
 
+# sdzero check: does every row's own reference pass the run's verifier?
+def _check_parser(commands) -> None:
+    check = commands.add_parser("check", help="score each row's own reference solution with the run's verifier",
+                                description="Loads the problems as a run does, turns each row's reference (the "
+                                            "field --solution-field names) into a response and scores it: code as "
+                                            "it is, math as \\boxed{ref}, reasoning-gym in its answer format. "
+                                            "Exit code 0 when every row passes, 1 when some fail or error.")
+    check.add_argument("--data", required=True, metavar="FILE_OR_SOURCE",
+                       help="a .jsonl / .json / .parquet file, a hub dataset id, or a source: humaneval, "
+                            "reasoning-gym:NAME")
+    check.add_argument("--task", help='the verifier: "math", "code", ... (default: the config\'s)')
+    check.add_argument("--solution-field", required=True, metavar="FIELD",
+                       help="the field holding each row's reference (e.g. canonical_solution, code, answer); "
+                            '"none" scores a non-answer (an empty response for code, the problem text otherwise)')
+    check.add_argument("--out", type=Path, help="write OUT/failures.jsonl (failing and erroring rows, with the "
+                                                "reason) and OUT/check.json (the counts)")
+    check.add_argument("--config", type=Path, help="YAML run configuration (its data: and task: settings)")
+    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                       help="override one configuration field, e.g. --set data.tests_field=cases (repeatable)")
+    check.add_argument("--limit", type=int, help="check only the first N rows")
+    check.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+class SomeRowsFailed(Exception):
+    """`sdzero check` found rows whose reference does not pass."""
+
+
+def cmd_check(args) -> None:
+    from sdzero.config import load_config
+    from sdzero.data import SOURCES
+    from sdzero.datacheck import check_data, format_summary
+
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    prefix = args.data.partition(":")[0]
+    if prefix in SOURCES or prefix == "reasoning-gym":
+        where = ["data.path=null", f"data.source={args.data}"]
+    else:
+        where = ["data.source=null", f"data.path={args.data}"]
+    task = [f"task={args.task}"] if args.task else []
+    cfg = load_config(args.config, [*args.overrides, *where, *task])
+    summary = check_data(cfg, args.solution_field, limit=args.limit, out_dir=args.out, progress=not args.quiet)
+    print(format_summary(summary))
+    if args.out is not None:
+        print(f"wrote {args.out / 'failures.jsonl'} and {args.out / 'check.json'}")
+    if summary["passed"] != summary["rows"]:
+        raise SomeRowsFailed()
+
+
 COMMANDS = {"demo": cmd_demo, "run": cmd_demo, "collect": cmd_collect, "srt": cmd_srt, "distill": cmd_distill,
-            "eval": cmd_eval, "inspect": cmd_inspect, "lab": cmd_lab, "compare": cmd_compare,
+            "eval": cmd_eval, "inspect": cmd_inspect, "lab": cmd_lab, "compare": cmd_compare, "check": cmd_check,
             "models": cmd_models}
 
 
@@ -555,6 +605,8 @@ def main(argv: list[str] | None = None) -> int:
     except NothingToTrain as err:
         print(f"sdzero {args.command}: {err}", file=sys.stderr)
         return NOTHING_TO_TRAIN
+    except SomeRowsFailed:
+        return 1
     except KeyboardInterrupt:
         print(f"\nsdzero {args.command}: interrupted; {resume_hint(args.command, argv)}", file=sys.stderr)
         return INTERRUPTED

@@ -44,7 +44,7 @@ PROBLEM_FIELDS = ("problem", "question", "prompt")
 TRL_PROBLEM_FIELDS = ("prompt", "problem", "question")
 """TRL's trainers read `prompt`: rows judged only by TRL-style reward functions look there first."""
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
-SOURCES = {}
+SOURCES = {"humaneval": "sdzero.codesuites:humaneval_rows"}
 """`data.source` names (the part before any ":") -> "module:function" that makes that source's problem sets."""
 EVAL_SHUFFLE_SEED = 0
 """The held-out set is drawn with this fixed seed, so every run seed is evaluated on the same problems."""
