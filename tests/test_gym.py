@@ -59,6 +59,11 @@ def test_repeated_questions_are_dropped_and_counted():
     assert sets.skipped["train"]["reasons"]["same question as an earlier problem"] > 0
 
 
+def test_empty_sets_are_allowed():
+    sets = load_problem_sets(gym_data(), "reasoning-gym", 3, 0, 0, 0)
+    assert (len(sets.n1), sets.n2, sets.held_out) == (3, [], [])
+
+
 def test_rows_carry_what_scoring_needs_as_json():
     sets = load_problem_sets(gym_data(), "reasoning-gym", 2, 2, 2, 0)
     row = sets.held_out[0]

@@ -245,12 +245,18 @@ def problem_sets(data: DataConfig, task, n_phase1: int, n_phase2: int, n_eval: i
     train_limit = None if data.size is None else data.size - n_eval
     train_rows, train_repeats = _distinct_rows(name, data.options, rule, training_seed(seed),
                                                n_phase1 + n_phase2, train_limit, taken)
-    held_out, _ = validate_rows(held_rows, list(held_rows[0][1]) if held_rows else [], data, task, data.source)
-    train, _ = validate_rows(train_rows, list(train_rows[0][1]) if train_rows else [], data, task, data.source)
+    held_out, train = _validated(held_rows, data, task), _validated(train_rows, data, task)
     repeats = held_repeats + train_repeats
     skipped = {"count": repeats, "reasons": {"same question as an earlier problem": repeats} if repeats else {},
                "rows": []}
     return ProblemSets(train[:n_phase1], train[n_phase1:], held_out, skipped={"train": skipped})
+
+
+def _validated(rows: list[tuple[str, dict]], data: DataConfig, task) -> list[dict]:
+    """Generated rows as problems, through the same validation as a file's rows (instruction, ids)."""
+    if not rows:
+        return []
+    return validate_rows(rows, list(rows[0][1]), data, task, data.source)[0]
 
 
 def source_record(data: DataConfig) -> dict:
