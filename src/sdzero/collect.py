@@ -51,7 +51,8 @@ class CollectConfig:
     revision; every phrase more teaches the generator a longer chain of attempts ("... Let me rephrase
     the above solution. ... Let me rephrase ..."), which on the lab runs into the token cap."""
     chunk_size: int = 256
-    """Problems per incremental write."""
+    """Problems per incremental write. Each chunk is sampled together from a seed of its own, so a run keeps
+    its chunk size."""
 
     def validate(self) -> None:
         check_ranges("collect", self, {"answers_per_problem": ">= 1", "revisions_per_answer": ">= 1",

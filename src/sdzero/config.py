@@ -8,6 +8,7 @@ keys and wrongly typed values are refused with the file and the key named.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import yaml
 
 from sdzero.checks import check_ranges
 from sdzero.collect import CollectConfig
-from sdzero.data import DataConfig, check_source
+from sdzero.data import DataConfig
 from sdzero.distill import DistillConfig
 from sdzero.evaluate import FEEDBACK
 from sdzero.generation import SamplingConfig
@@ -26,6 +27,10 @@ from sdzero.prompts import ControlPhrases
 from sdzero.srt import SRTConfig
 from sdzero.training import LogConfig
 from sdzero.rewards import Verifier, make_verifier
+
+
+MAX_SEED = 2**32 - 1
+"""The largest run seed: numpy's limit, and far from torch's, so the seeds derived from it stay in range."""
 
 
 @dataclass
@@ -81,8 +86,7 @@ class RunConfig:
     see `sdzero.lab.model`), a local folder or a hub id (any causal LM whose tokenizer has a chat template)."""
     task: str | list[str] = "lab"
     """Verifier: "lab" (the built-in task), "math" (math-verify on the last \\boxed{}), "code" (tests run in the
-    sandbox), "reasoning-gym" (the generator's own score_answer, for data.source reasoning-gym:NAME),
-    "trl:accuracy_reward" or "trl:reasoning_accuracy_reward" (TRL's own, on the `solution` column), or
+    sandbox), "trl:accuracy_reward" or "trl:reasoning_accuracy_reward" (TRL's own, on the `solution` column), or
     "package.module:function" for your own reward function, either (completion, row) -> float or TRL's
     (prompts, completions, completion_ids, **columns) -> list[float | None]. A list names several functions,
     combined as in `reward_weights`."""
@@ -151,13 +155,15 @@ class RunConfig:
             raise ValueError("evolve needs evolve.sync_every or evolve.sync_patience: the synced run must sync")
         check_ranges("evolve", self.evolve, {"max_steps": ">= 1", "sync_every": ">= 1", "sync_patience": ">= 1",
                                              "eval_every": ">= 1"})
-        check_source(self.data, self.task)
-        if self.data.path is None and self.data.source is None and self.task != "lab":
+        if self.data.path is None and self.task != "lab":
             raise ValueError(f"data.path is required for task {self.task!r} (only the lab task has built-in problems)")
-        if self.data.path is None and self.data.source is None and (self.data.eval_path or self.data.eval_split):
+        if self.data.path is None and (self.data.eval_path or self.data.eval_split):
             raise ValueError("data.eval_path and data.eval_split need data.path: the lab task's problems are "
                              "built in, with their own held-out set")
         check_ranges("", self, {"n_phase1": ">= 1", "n_phase2": ">= 1"})
+        if not 0 <= self.seed <= MAX_SEED:
+            # refused here, not after the model has loaded: torch, numpy and random all take this range
+            raise ValueError(f"seed must be in [0, {MAX_SEED}], got {self.seed}")
         return self
 
 
@@ -191,6 +197,8 @@ def _coerce(value, annotation, where: str):
     if isinstance(annotation, type) and not isinstance(value, annotation) or \
             (annotation is int and isinstance(value, bool)):
         raise ValueError(f"{where}: expected {annotation.__name__}, got {value!r}")
+    if annotation is float and not math.isfinite(value):
+        raise ValueError(f"{where}: expected a finite number, got {value!r}")
     return value
 
 

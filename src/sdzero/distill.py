@@ -30,7 +30,7 @@ from accelerate.utils import DistributedType, broadcast_object_list
 from tqdm.auto import tqdm
 
 from sdzero.checks import check_ranges
-from sdzero.generation import Sample, SamplingConfig, make_generator
+from sdzero.generation import Sample, SamplingConfig, make_generator, own_random_state
 from sdzero.lab.task import PROBLEM_PREFIX, Problem, gold_digits
 from sdzero.losses import DIVERGENCES, per_token_divergence, teacher_topk
 from sdzero.prompts import (OVERFLOW, ControlPhrases, DistillLayout, bridge_ids, distill_layout, end_of_turn_ids,
@@ -203,7 +203,9 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
     def track(step: int) -> None:
         nonlocal best_weights
         # Sharded weights are gathered layer by layer as the model runs, so every process must take part.
-        accuracy = evaluate_fn(student) if accelerator.is_main_process or sharded else None
+        # On random states of its own: whether and how often it evaluates changes nothing the training draws.
+        with own_random_state():
+            accuracy = evaluate_fn(student) if accelerator.is_main_process or sharded else None
         accuracy = broadcast_object_list([accuracy])[0]
         history.append({"step": step, "accuracy": accuracy, "teacher_version": progress_state["teacher_version"]})
         if log:

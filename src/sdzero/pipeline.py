@@ -30,8 +30,8 @@ from sdzero.distill import distill, teacher_context_limit
 from sdzero.evaluate import evaluate, evaluate_revision
 from sdzero.generation import make_generator
 from sdzero.modeling import is_lora, load_model, load_tokenizer, max_positions, merged_for_saving, prepare_for_training
-from sdzero.rundir import (begin_stage, check_base_model, model_fingerprint, move_aside, open_run, phase1_settings,
-                           sdzero_settings, srt_settings, stale_folder)
+from sdzero.rundir import (RUN_OUTPUTS, begin_stage, check_base_model, differences, model_fingerprint, move_aside,
+                           open_run, phase1_settings, sdzero_settings, srt_settings, stage_settings, stale_folder)
 from sdzero.srt import train_srt
 from sdzero.training import full_weights, is_fsdp2, is_main_process, read_jsonl, seed_everything, wait_for_everyone
 
@@ -57,11 +57,21 @@ def problem_sets(cfg: RunConfig, record_dir: str | Path | None = None, log=print
 
 def curve_accuracy(cfg: RunConfig, generator, problems: list[dict], verifier):
     """Phase 2's `evaluate_fn`: avg@curve_k on `problems` of the weights the generator samples from
-    (Phase 2 refreshes it with the student's after every step)."""
+    (Phase 2 refreshes it with the student's after every step). Every point samples from the run seed on a
+    random state of its own: the curve compares weights on the same draws, and tracking it leaves the
+    rollouts Phase 2 trains on as they are."""
     def accuracy(student) -> float:
         return evaluate(generator, problems, verifier, k=cfg.eval.curve_k, system_prompt=cfg.system_prompt,
-                        progress=False)["accuracy"]
+                        progress=False, seed=cfg.seed)["accuracy"]
     return accuracy
+
+
+def evaluation_settings(cfg: RunConfig, problems: list[dict]) -> dict:
+    """What decides a stage's held-out evaluation: an earlier one is reused only under the same settings."""
+    return stage_settings(k=cfg.eval.k, problems=[p["id"] for p in problems], sampling=cfg.sampling,
+                          system_prompt=cfg.system_prompt,
+                          revise={"problems": cfg.eval.revise_problems, "k": cfg.eval.revise_k,
+                                  "feedback": cfg.eval.revise_feedback})
 
 
 def load_run_model(cfg: RunConfig, name: str | None = None):
@@ -117,7 +127,7 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True, 
         # A re-run recomputes every stage but collection (which goes on with the problems not done yet): the
         # old results move aside first, so that no file of the run is left from the previous one.
         stale = stale_folder(out)
-        moved = move_aside(out, ["srt", "sdzero", "eval", "report.json", "learning_curve.png"], stale)
+        moved = move_aside(out, ["srt", "sdzero", *RUN_OUTPUTS], stale)
         if moved:
             log(f"moved the previous {', '.join(moved)} to {stale}")
     (out / "config.yaml").write_text(config_to_yaml(cfg))
@@ -127,24 +137,30 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True, 
 
     def evaluate_stage(name: str) -> None:
         path = out / "eval" / f"{name}.json"
+        settings = evaluation_settings(cfg, held_out)
         if resume and path.exists():
-            results[name] = json.loads(path.read_text())
-            log(f"[{name}] avg@{cfg.eval.k} = {results[name]['accuracy']:.3f} (evaluated before; reused)")
-            return
-        seed_everything(cfg.seed)
+            earlier = json.loads(path.read_text())
+            found = differences(earlier.pop("settings", {}), settings)
+            if not found:
+                results[name] = earlier
+                log(f"[{name}] avg@{cfg.eval.k} = {results[name]['accuracy']:.3f} (evaluated before; reused)")
+                return
+            log(f"[{name}] evaluated before with other settings ({'; '.join(found[:3])}); evaluating again")
         results[name] = evaluate(generator, held_out, verifier, k=cfg.eval.k, system_prompt=cfg.system_prompt,
                                  samples_path=out / "eval" / f"{name}.jsonl", desc=f"evaluate {name}",
-                                 progress=progress)
+                                 progress=progress, seed=cfg.seed)
         log(f"[{name}] avg@{cfg.eval.k} = {results[name]['accuracy']:.3f}  "
             f"(mean length {results[name]['mean_length']:.1f} tokens)")
         if cfg.eval.revise_problems:
             revise = results[name]["revise"] = evaluate_revision(
                 generator, held_out[:cfg.eval.revise_problems], verifier, phrases, k=cfg.eval.revise_k,
                 feedback=cfg.eval.revise_feedback, system_prompt=cfg.system_prompt,
-                samples_path=out / "eval" / f"{name}_revise.jsonl", desc=f"revise {name}", progress=progress)
+                samples_path=out / "eval" / f"{name}_revise.jsonl", desc=f"revise {name}", progress=progress,
+                seed=cfg.seed + 2)
             log(f"[{name}] generate-then-revise: {revise['initial_accuracy']:.3f} -> {revise['revised_accuracy']:.3f}, "
                 f"correction rate {_pct(revise['correction_rate'])} of {revise['n_wrong']} wrong answers")
-        path.write_text(json.dumps(results[name], indent=1))  # last: a killed evaluation is redone
+        # last: a killed evaluation is redone; the settings say when a resumed run may reuse it
+        path.write_text(json.dumps({**results[name], "settings": settings}, indent=1))
 
     evaluate_stage("base")
 
@@ -193,7 +209,10 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True, 
                                 system_prompt=cfg.system_prompt, progress=progress, resume=resume,
                                 log_config=cfg.log, generator=generator))
     report = _write_report(out, cfg, results, collection, {"srt": srt_summary, "distill": distill_summary}, start)
-    plot_learning_curve(out / "learning_curve.png", distill_summary, results, cfg)
+    if distill_summary["history"]:
+        plot_learning_curve(out / "learning_curve.png", distill_summary, results, cfg)
+    else:
+        log("no learning_curve.png: Phase 2 tracked no held-out accuracy (set distill.eval_every to draw one)")
     return report
 
 
@@ -218,17 +237,20 @@ def _pct(x: float | None) -> str:
 
 
 def plot_learning_curve(path: Path, distill_summary: dict, results: dict, cfg: RunConfig) -> None:
+    """Phase 2's tracked held-out accuracy at each evaluated step (points joined by lines), with the stages'
+    final avg@k as horizontal references over the same steps. Needs at least one tracked evaluation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     history = distill_summary["history"]
+    if not history:
+        raise ValueError("no learning curve to draw: Phase 2 tracked no evaluation (distill.eval_every is off)")
     n_curve = min(cfg.eval.curve_problems, cfg.eval.n_problems)  # the curve's problems are the first held-out ones
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    if history:
-        ax.plot([h["step"] for h in history], [h["accuracy"] for h in history], marker="o",
-                label=f"student during Phase 2 (avg@{cfg.eval.curve_k}, {n_curve} problems)")
+    ax.plot([h["step"] for h in history], [h["accuracy"] for h in history], marker="o",
+            label=f"student during Phase 2 (avg@{cfg.eval.curve_k}, {n_curve} problems)")
     for name, style in (("base", ":"), ("srt", "--"), ("sdzero", "-")):
         if name in results:
             ax.axhline(results[name]["accuracy"], linestyle=style, color="gray",

@@ -130,9 +130,9 @@ class Verifier:
     def _values(function, batched: bool, samples: list[Sample], problems: list[dict]) -> list:
         name = getattr(function, "__name__", repr(function))
         if not batched:
-            values = [function(s.text, p) for s, p in zip(samples, problems)]
+            values = [_call(function, name, [p], s.text, p) for s, p in zip(samples, problems)]
         else:
-            values = list(function(**trl_arguments(samples, problems)))
+            values = list(_call(function, name, problems, **trl_arguments(samples, problems)))
             if len(values) != len(samples):
                 raise ValueError(f"the reward function {name!r} returned {len(values)} rewards for "
                                  f"{len(samples)} completions")
@@ -140,6 +140,18 @@ class Verifier:
             if value is not None and (isinstance(value, str) or not isinstance(value, (int, float))):
                 raise ValueError(f"the reward function {name!r} returned {value!r}; expected a number or None")
         return values
+
+
+def _call(function, name: str, problems: list[dict], *args, **kwargs):
+    """`function(*args, **kwargs)`; an exception it raises becomes a one-line error naming the function and the
+    problem (or the problems of a batch) it was scoring."""
+    try:
+        return function(*args, **kwargs)
+    except Exception as err:
+        ids = [str(p.get("id", "?")) for p in problems]
+        which = (f"problem {ids[0]}" if len(ids) == 1 else
+                 f"a batch of problems {', '.join(ids[:3])}" + (f" (and {len(ids) - 3} more)" if len(ids) > 3 else ""))
+        raise ValueError(f"the reward function {name!r} failed on {which}: {type(err).__name__}: {err}") from err
 
 
 def trl_arguments(samples: list[Sample], problems: list[dict]) -> dict:

@@ -11,14 +11,21 @@ and each stage folder (phase1/, srt/, sdzero/, an `sdzero eval --out` folder) re
 settings.json the settings that shaped its output. Every later command checks the run and its own
 stage before any work: a difference is refused in one line naming it, unless the command runs with
 `--restart`, which moves the outputs the difference makes stale to RUN/stale/<time>/ and starts over.
+
+One process writes into a run directory at a time: every command that writes into one first takes its lock
+(RUN/.lock, `hold_run`), which the kernel releases when the process ends, however it ends.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
+import os
+import shlex
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -28,11 +35,20 @@ from sdzero.modeling import resolve_model_path, tokenizer_fingerprint
 RUN_FILE = "run.json"
 SETTINGS_FILE = "settings.json"
 RESTART_HINT = "pass --restart to move the old outputs to {stale} and start again, or use another --out"
-STAGE_DEPENDENTS = {"phase1": ["srt", "sdzero", "eval"], "srt": ["sdzero", "eval"], "sdzero": ["eval"]}
+RUN_OUTPUTS = ["eval", "report.json", "learning_curve.png"]
+"""The run's evaluations, report and plot: every stage feeds them."""
+STAGE_DEPENDENTS = {"phase1": ["srt", "sdzero", *RUN_OUTPUTS], "srt": ["sdzero", *RUN_OUTPUTS],
+                    "sdzero": RUN_OUTPUTS}
 """What else a stage's outputs feed: restarting a stage makes these stale too."""
-NOT_SHAPING = {"save_every", "chunk_size", "batch_size", "micro_batch_size", "vllm_gpu_memory_utilization",
-               "vllm_enforce_eager"}
-"""Fields that change speed or memory, not what a stage produces; they may differ between runs of a stage."""
+NOT_SHAPING = {
+    "sampling": {"batch_size", "vllm_gpu_memory_utilization", "vllm_enforce_eager"},
+    "srt": {"save_every"},
+    "distill": {"save_every", "micro_batch_size"},
+}
+"""Per config section, the fields that change speed or memory, not what a stage produces; they may differ
+between runs of a stage. Not srt.batch_size (it is the optimiser's batch: the schedule), nor
+collect.chunk_size (each chunk is sampled as one batch from a seed of its own)."""
+LOCK_FILE = ".lock"
 FULL_HASH_BYTES = 256 << 20
 SAMPLED_BLOCKS, BLOCK_BYTES = 64, 1 << 20
 
@@ -112,6 +128,44 @@ def refusal(what: str, found: list[str], stale: Path) -> ValueError:
     return ValueError(f"{what} was made with other settings ({shown}); {RESTART_HINT.format(stale=stale)}")
 
 
+def hold_run(folder: str | Path) -> bool:
+    """Make this process the one writer of `folder` until it ends (or `release_run`); returns False when it
+    already was. Another process holding it is refused in one line naming it (pid and command).
+
+    The lock is an fcntl.flock on folder/.lock: the kernel drops it when the holder exits, even by SIGKILL,
+    so a killed run never leaves a stale lock behind."""
+    folder = Path(folder).resolve()
+    if folder in _HELD:
+        return False
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = (folder / LOCK_FILE).open("a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "a process that has not yet written its pid"
+        lock.close()
+        raise ValueError(f"{folder} is in use by another sdzero command ({holder}): one command writes into a "
+                         "run directory at a time; wait for it to end, or use another --out") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()}: {shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])}\n")
+    lock.flush()
+    _HELD[folder] = lock
+    return True
+
+
+def release_run(folder: str | Path) -> None:
+    """Let other processes write into `folder` again (after `hold_run`)."""
+    lock = _HELD.pop(Path(folder).resolve(), None)
+    if lock is not None:
+        lock.close()  # closing the last descriptor releases the flock
+
+
+_HELD: dict[Path, object] = {}
+"""The folders this process holds: their open lock files (the lock lives as long as the file stays open)."""
+
+
 def stale_folder(run_dir: Path) -> Path:
     return run_dir / "stale" / time.strftime("%Y%m%d-%H%M%S")
 
@@ -136,6 +190,8 @@ def open_run(run_dir: str | Path, cfg, *, limit: int | None = None, restart: boo
     A run-level difference is refused; with `restart`, everything of the old run moves to RUN/stale/<time>/.
     """
     run_dir = Path(run_dir)
+    if main_process and run_dir.is_dir():
+        hold_run(run_dir)  # a new directory is held from when it is first written (write_run, begin_stage)
     identity = run_identity(cfg)
     record = read_run(run_dir)
     if record is not None:
@@ -146,7 +202,8 @@ def open_run(run_dir: str | Path, cfg, *, limit: int | None = None, restart: boo
         if not restart:
             raise refusal(f"the run in {run_dir}", found, stale)
         if main_process:
-            moved = move_aside(run_dir, sorted(p.name for p in run_dir.iterdir() if p.name != "stale"), stale)
+            old = sorted(p.name for p in run_dir.iterdir() if p.name not in ("stale", LOCK_FILE))
+            moved = move_aside(run_dir, old, stale)
             log(f"moved the old run's {', '.join(moved)} to {stale}")
     elif (run_dir / "split.json").exists():
         # A directory from before run.json: its split is still checked (sdzero.data), its stages by their files.
@@ -154,9 +211,14 @@ def open_run(run_dir: str | Path, cfg, *, limit: int | None = None, restart: boo
     return {"identity": identity, "limit": limit, "base_model": None}
 
 
+def is_run(folder: Path) -> bool:
+    """True for a run directory (one a run has been recorded in)."""
+    return (folder / RUN_FILE).exists() or (folder / "split.json").exists()
+
+
 def write_run(run_dir: Path, record: dict) -> None:
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    hold_run(run_dir)
     (run_dir / RUN_FILE).write_text(json.dumps(record, indent=1) + "\n")
 
 
@@ -199,7 +261,7 @@ def stage_settings(**sections) -> dict:
     settings = {}
     for name, value in sections.items():
         if dataclasses.is_dataclass(value):
-            value = {k: v for k, v in dataclasses.asdict(value).items() if k not in NOT_SHAPING}
+            value = {k: v for k, v in dataclasses.asdict(value).items() if k not in NOT_SHAPING.get(name, ())}
         settings[name] = value
     return settings
 
@@ -215,6 +277,9 @@ def begin_stage(run_dir: str | Path, stage: str, settings: dict, *, restart: boo
     """
     run_dir = Path(run_dir)
     folder = run_dir / stage
+    if main_process:
+        # A folder outside any run (an `sdzero eval --out` elsewhere) is its own: its writer holds it alone.
+        hold_run(run_dir if is_run(run_dir) else folder)
     path = folder / SETTINGS_FILE
     if path.exists():
         recorded = json.loads(path.read_text())
