@@ -18,7 +18,7 @@ import yaml
 
 from sdzero.checks import check_ranges
 from sdzero.collect import CollectConfig
-from sdzero.data import DataConfig
+from sdzero.data import DataConfig, check_source
 from sdzero.distill import DistillConfig
 from sdzero.evaluate import FEEDBACK
 from sdzero.generation import SamplingConfig
@@ -86,7 +86,8 @@ class RunConfig:
     see `sdzero.lab.model`), a local folder or a hub id (any causal LM whose tokenizer has a chat template)."""
     task: str | list[str] = "lab"
     """Verifier: "lab" (the built-in task), "math" (math-verify on the last \\boxed{}), "code" (tests run in the
-    sandbox), "trl:accuracy_reward" or "trl:reasoning_accuracy_reward" (TRL's own, on the `solution` column), or
+    sandbox), "reasoning-gym" (the generator's own score_answer, for data.source reasoning-gym:NAME),
+    "trl:accuracy_reward" or "trl:reasoning_accuracy_reward" (TRL's own, on the `solution` column), or
     "package.module:function" for your own reward function, either (completion, row) -> float or TRL's
     (prompts, completions, completion_ids, **columns) -> list[float | None]. A list names several functions,
     combined as in `reward_weights`."""
@@ -155,9 +156,10 @@ class RunConfig:
             raise ValueError("evolve needs evolve.sync_every or evolve.sync_patience: the synced run must sync")
         check_ranges("evolve", self.evolve, {"max_steps": ">= 1", "sync_every": ">= 1", "sync_patience": ">= 1",
                                              "eval_every": ">= 1"})
-        if self.data.path is None and self.task != "lab":
+        check_source(self.data, self.task)
+        if self.data.path is None and self.data.source is None and self.task != "lab":
             raise ValueError(f"data.path is required for task {self.task!r} (only the lab task has built-in problems)")
-        if self.data.path is None and (self.data.eval_path or self.data.eval_split):
+        if self.data.path is None and self.data.source is None and (self.data.eval_path or self.data.eval_split):
             raise ValueError("data.eval_path and data.eval_split need data.path: the lab task's problems are "
                              "built in, with their own held-out set")
         check_ranges("", self, {"n_phase1": ">= 1", "n_phase2": ">= 1"})

@@ -38,12 +38,13 @@ CPP_INSTRUCTION = (
     "Write a complete C++17 program that reads the input from standard input and writes the "
     "answer to standard output. Give the whole program in one ```cpp code block."
 )
-DEFAULT_INSTRUCTIONS = {"math": MATH_INSTRUCTION, "code": CODE_INSTRUCTION, "lab": ""}
+DEFAULT_INSTRUCTIONS = {"math": MATH_INSTRUCTION, "code": CODE_INSTRUCTION, "lab": "", "reasoning-gym": ""}
+"""Each task's instruction; reasoning-gym's is that of its answer rule (sdzero.gym.RULE_INSTRUCTIONS)."""
 PROBLEM_FIELDS = ("problem", "question", "prompt")
 TRL_PROBLEM_FIELDS = ("prompt", "problem", "question")
 """TRL's trainers read `prompt`: rows judged only by TRL-style reward functions look there first."""
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
-SOURCES = {}
+SOURCES = {"humaneval": "sdzero.codesuites:humaneval_rows"}
 """`data.source` names (the part before any ":") -> "module:function" that makes that source's problem sets."""
 EVAL_SHUFFLE_SEED = 0
 """The held-out set is drawn with this fixed seed, so every run seed is evaluated on the same problems."""
@@ -240,6 +241,8 @@ def _pick_fields(data: DataConfig, task: str, columns: list[str], source: str) -
         fields["tests"], fields["suite"] = None, suite
     elif task == "code":
         fields["tests"] = require("tests_field", data.tests_field, ("tests",))
+    elif task == "reasoning-gym":
+        fields["answer"] = fields["solution"] = None  # the generator scores with the row as it is (some have no answer)
     elif task == "columns" and data.answer_field is None:
         fields["answer"] = fields["solution"] = None  # the reward functions read their gold columns themselves
     elif task in ("custom", "columns") and data.answer_field is None and not {"answer", "solution"} & set(columns):
@@ -428,6 +431,11 @@ def validate_rows(
     task = data_rules(task)
     fields = _pick_fields(data, task, columns, source)
     instruction = DEFAULT_INSTRUCTIONS.get(task, "") if data.instruction is None else data.instruction
+    if task == "reasoning-gym":
+        from sdzero import gym
+
+        rule = gym.answer_rule(data.answer_rule)
+        instruction = gym.instruction(rule) if data.instruction is None else instruction
     problems, reasons, skipped_rows, first_seen = [], Counter(), [], {}
     for n, (where, row) in enumerate(rows, 1):
         text = _problem(where, row, fields["problem"])
@@ -439,6 +447,9 @@ def validate_rows(
         # The whole row travels with the problem, so the verifier can read any column: a code row's
         # `language`, whatever your own reward function needs.
         problem = {**row, "id": problem_id, "problem": with_instruction(text, instruction)}
+        if task == "reasoning-gym":
+            _text(where, row, "generator")  # the generator that scores the row
+            problem["answer_rule"] = rule
         if task == "code" and fields.get("suite"):
             problem["tests"] = codesuites.suite_tests(where, row, fields["suite"])
             if data.instruction is None:
@@ -514,9 +525,48 @@ def eval_source(data: DataConfig) -> dict | None:
         return {"path": data.eval_path, "name": data.eval_name, "split": data.eval_split or "test"}
     if data.eval_split is None:
         return None
+    if data.path is None:
+        raise ValueError(f"data.eval_split needs data.path or data.eval_path: data.source {data.source!r} has no splits")
     if Path(data.path).expanduser().is_file():
         raise ValueError(f"data.eval_split needs data.eval_path: {data.path} is a single file, with no splits")
     return {"path": data.path, "name": data.eval_name or data.name, "split": data.eval_split}
+
+
+def is_gym_source(data: DataConfig) -> bool:
+    """True when `data.source` names a reasoning-gym generator (see sdzero.gym)."""
+    return data.source is not None and data.source.partition(":")[0] == "reasoning-gym"
+
+
+def check_source(data: DataConfig, task: str | list[str]) -> None:
+    """Refuse a `data.source` that cannot run (both path and source, an unknown source, a reasoning-gym
+    generator or options it refuses), before any model loads."""
+    if data.source is None:
+        if data_rules(task) == "reasoning-gym" and data.path is None:
+            raise ValueError("task 'reasoning-gym' needs data.source (reasoning-gym:NAME) or data.path")
+        return
+    if data.path is not None:
+        raise ValueError("data.path and data.source are both set; choose one")
+    if is_gym_source(data):
+        from sdzero import gym
+
+        gym.check_source(data, task)
+    elif data.source.partition(":")[0] not in SOURCES:
+        known = ", ".join(["reasoning-gym:NAME", *sorted(SOURCES)])
+        raise ValueError(f"data.source: unknown source {data.source!r}; choose one of {known}")
+
+
+def load_source_problems(data: DataConfig, task: str) -> tuple[list[dict], dict]:
+    """Validated problems of a row source: SOURCES[data.source before any ":"] names a function that takes the
+    DataConfig and returns rows [(where, row), ...] as `read_rows` does; they are read as a file's rows."""
+    import importlib
+
+    target = SOURCES[data.source.partition(":")[0]]
+    module_name, _, function_name = target.partition(":")
+    rows = getattr(importlib.import_module(module_name), function_name)(data)
+    if not rows:
+        raise ValueError(f"data.source {data.source!r}: no rows")
+    columns = list(dict.fromkeys(key for _, row in rows for key in row))
+    return validate_rows(rows, columns, data, task, data.source)
 
 
 def load_problem_sets(
@@ -530,8 +580,14 @@ def load_problem_sets(
 ) -> ProblemSets:
     """N1, N2 and held-out problems for a run; writes record_dir/split.json when record_dir is given."""
     rules = data_rules(task)  # refuses an unknown task
+    check_source(data, task)
     source, held_source = {"path": data.path, "name": data.name, "split": data.split}, None
-    if data.path is None:
+    if is_gym_source(data):
+        from sdzero import gym
+
+        sets = gym.problem_sets(data, task, n_phase1, n_phase2, n_eval, seed)
+        source, rule = gym.source_record(data), gym.SPLIT_RULE
+    elif data.path is None and data.source is None:
         if rules != "lab":
             raise ValueError(f"data.path is required for task {task!r} (only the lab task has built-in problems)")
         from sdzero import lab
@@ -541,7 +597,11 @@ def load_problem_sets(
         rule = "sdzero.lab.problem_sets (N1, N2 by the run seed; held-out by a fixed seed)"
     else:
         rule = SPLIT_RULE
-        pool, skipped = load_problems(data.path, data, task, name=data.name, split=data.split)
+        if data.source is not None:
+            pool, skipped = load_source_problems(data, task)
+            source = {"source": data.source, "options": data.options, "size": data.size}
+        else:
+            pool, skipped = load_problems(data.path, data, task, name=data.name, split=data.split)
         held_source = eval_source(data)
         if held_source is None:
             sets = ProblemSets(*split_problems(pool, n_phase1, n_phase2, n_eval, seed), skipped={"train": skipped})

@@ -18,6 +18,7 @@ from pathlib import Path
 from sdzero.generation import Generator
 from sdzero.prompts import ControlPhrases, bridge_ids, end_of_turn_ids, generator_prompt_ids, reviser_context_ids
 from sdzero.rewards import Verifier
+from sdzero.verifiers import no_answer_summary
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -59,6 +60,8 @@ def evaluate(generator: Generator, problems: list[dict], verifier: Verifier, *, 
         # answers cut by the token cap (scored by sampling.unfinished_reward)
         "unfinished": sum(not row["finished"] for row in rows) / len(rows),
         "no_reward": sum(row["reward"] is None for row in rows) / len(rows),
+        # answers with nothing to extract (no "Answer:", no \boxed{}, ...); None when the task cannot tell
+        "no_answer": no_answer_summary(Verifier.of(verifier).functions, samples, problems),
     }
     for j in sorted({2 ** i for i in range(k.bit_length()) if 2 ** i <= k} | {k}):
         report[f"pass@{j}"] = sum(pass_at_k(k, c, j) for c in correct_counts) / len(problems)
