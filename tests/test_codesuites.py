@@ -1,5 +1,6 @@
 """HumanEval and MBPP problems: loading, building the program from a completion, and the sandboxed checks."""
 
+import importlib.util
 import json
 
 import pytest
@@ -212,3 +213,13 @@ def test_sdzero_check_on_the_humaneval_source(capsys):
             "--limit", "10", "--quiet"]
     assert main(argv) == 0
     assert "10 rows: 10 passed, 0 failed, 0 errors" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("reasoning_gym") is None, reason="reasoning-gym is not installed")
+def test_sdzero_check_on_a_reasoning_gym_source(capsys):
+    from sdzero.cli import main
+
+    argv = ["check", "--data", "reasoning-gym:chain_sum", "--task", "reasoning-gym", "--limit", "5", "--quiet"]
+    assert main([*argv, "--solution-field", "answer"]) == 0  # written in the answer rule's format
+    assert main([*argv, "--solution-field", "none"]) == 1  # the question itself is no answer
+    assert "5 rows: 5 passed" in capsys.readouterr().out
