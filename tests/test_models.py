@@ -4,7 +4,9 @@ plain Hugging Face folders in a checksummed cache (sdzero.models), through `reso
 
 import dataclasses
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -99,7 +101,18 @@ def test_folder_problems_say_what_is_wrong(tmp_path):
     assert models.folder_problem(tmp_path / "absent") == "is missing"
 
 
-def test_a_gguf_file_and_a_folder_holding_it_load(smollm2_folder, gguf_path, tmp_path):
+def test_folders_left_by_killed_builds_are_removed_after_a_day(tmp_path):
+    old, recent, kept = (tmp_path / ".building-smol-abc"), (tmp_path / ".building-smol-def"), (tmp_path / "smol-1")
+    for folder in (old, recent, kept):
+        (folder / "part").mkdir(parents=True)
+    day_ago = time.time() - models.LEFTOVER_AGE_S - 60
+    os.utime(old, (day_ago, day_ago))
+    os.utime(kept, (day_ago, day_ago))
+    models.remove_leftovers(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".building-smol-def", "smol-1"]
+
+
+def test_a_gguf_file_and_a_folder_holding_it_load(smollm2_folder, gguf_path, tmp_path, capsys):
     held = tmp_path / "smol"
     held.mkdir()
     (held / "weights.gguf").symlink_to(gguf_path)
@@ -113,6 +126,9 @@ def test_a_gguf_file_and_a_folder_holding_it_load(smollm2_folder, gguf_path, tmp
     (held / "other.gguf").symlink_to(gguf_path)
     with pytest.raises(ValueError, match="holds 2 .gguf files"):
         resolve_model_path(str(held))
+    capsys.readouterr()
+    assert main(["models", str(tmp_path / "absent.gguf")]) == USAGE_ERROR
+    assert capsys.readouterr().err == f"sdzero models: error: GGUF file not found: {tmp_path / 'absent.gguf'}\n"
 
 
 def test_fingerprints_need_no_conversion(gguf_path, empty_cache, tmp_path):

@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,7 +89,9 @@ def gguf_file(name: str) -> Path | None:
     """The GGUF file that `name` gives: a .gguf file, or a folder holding exactly one .gguf and no
     config.json; None for anything else."""
     path = Path(name).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
+    if path.suffix == ".gguf" and not path.is_dir():
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {name}")
         return path
     if not path.is_dir() or (path / "config.json").exists():
         return None
@@ -227,6 +230,18 @@ def discard(folder: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
+LEFTOVER_AGE_S = 24 * 3600
+"""A temporary folder in the cache this much older than now belongs to a process that was killed."""
+
+
+def remove_leftovers(models_folder: Path) -> None:
+    """Delete the temporary folders that killed processes left in the cache (never one still being built:
+    no build takes a day)."""
+    for path in [*models_folder.glob(".building-*"), *models_folder.glob(".discarded-*")]:
+        if time.time() - path.stat().st_mtime > LEFTOVER_AGE_S:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def materialise(gguf: Path, folder: Path, source: dict, log=say) -> Path:
     """`folder` as a checked Hugging Face folder built from `gguf`: kept when it matches its manifest, built
     (or rebuilt) otherwise."""
@@ -237,6 +252,7 @@ def materialise(gguf: Path, folder: Path, source: dict, log=say) -> Path:
         log(f"sdzero: the cached model folder {folder} {problem}; rebuilding it")
         discard(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(folder.parent)
     building = Path(tempfile.mkdtemp(prefix=f".building-{folder.name}-", dir=folder.parent))
     try:
         build_folder(gguf, building)
