@@ -83,7 +83,8 @@ class RunConfig:
 
     model: str = "lab"
     """Base model: "lab" (the built-in lab model), "lab-v2" or "lab-control" (the lab's v2 and control models,
-    see `sdzero.lab.model`), a local folder or a hub id (any causal LM whose tokenizer has a chat template)."""
+    see `sdzero.lab.model`), a real model by name ("smollm2-135m-instruct"; `sdzero models` lists them), a .gguf
+    file, a local folder or a hub id (any causal LM whose tokenizer has a chat template)."""
     task: str | list[str] = "lab"
     """Verifier: "lab" (the built-in task), "math" (math-verify on the last \\boxed{}), "code" (tests run in the
     sandbox), "reasoning-gym" (the generator's own score_answer, for data.source reasoning-gym:NAME),
