@@ -1,18 +1,21 @@
-"""Sampling speed of the two backends, transformers `Generator` and `VLLMGenerator`, on the same prompts.
+"""Sampling speed of the backends on the same prompts: transformers `generate`, sdzero's decoding loop
+(`Generator`, which drops each answer once it has ended) and vLLM (`VLLMGenerator`).
 
-Both backends sample `--n` answers to each of `--prompts` lab prompts with the same `SamplingConfig`, in
-rounds that alternate their order (A, B, then B, A, ...) after one warm-up round each; figures are medians
-over the rounds. Two models:
+Each backend samples `--n` answers to each of `--prompts` prompts with the same `SamplingConfig`, in
+rounds that rotate their order after one warm-up round each; figures are medians over the rounds. Models:
 
 * `lab`: the shipped lab model (0.9M parameters), with its own answers (they end on their own, ~40 tokens);
 * `qwen3`: a random-weight Qwen3 of ~50M parameters (`--hidden`, `--layers`) with the lab tokenizer. Its
-  answers are random tokens, so they run to `--max-new-tokens` or stop by chance at the end-of-turn token.
+  answers are random tokens, so they run to `--max-new-tokens` or stop by chance at the end-of-turn token;
+* a real model by name or folder (`--model smollm2-135m-instruct`), on reasoning-gym chain_sum prompts (two
+  one-digit terms, the last-number instruction: the model's preset).
 
 Needs vLLM: run it in the venv `make test-vllm` builds (vLLM's CPU build), or on a GPU with `sdzero[vllm]`.
 
     .venv-vllm/bin/python benchmarks/generation.py --model lab
     .venv-vllm/bin/python benchmarks/generation.py --model qwen3 --max-new-tokens 256
     .venv-vllm/bin/python benchmarks/generation.py --model lab --vllm-eager   # vLLM without torch.compile
+    .venv-vllm/bin/python benchmarks/generation.py --model smollm2-135m-instruct --temperature 0.7
 
 Output is one `name: value` line per figure (see benchmarks/README.md).
 """
@@ -46,7 +49,7 @@ def report(name: str, value) -> None:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["lab", "qwen3"], default="lab")
+    parser.add_argument("--model", default="lab", help="lab, qwen3, or a real model by name or folder")
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--n", type=int, default=4, help="samples per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=160)
@@ -77,26 +80,38 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)  # before vLLM starts: its CPU worker pins the thread count
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model("lab", device="cpu")
+    lab_like = args.model in ("lab", "qwen3")
+    model, tokenizer = load_model("lab" if lab_like else args.model, device="cpu")
     if args.model == "qwen3":
         model = random_qwen3(tokenizer, args.hidden, args.layers)
     report("model", args.model)
     report("parameters_m", sum(p.numel() for p in model.parameters()) / 1e6)
     report("threads", torch.get_num_threads())
-    _, rows, _ = lab.problem_sets(0, args.prompts, 0, seed=args.seed)
+    if lab_like:
+        rows = lab.problem_sets(0, args.prompts, 0, seed=args.seed)[1]
+    else:
+        from sdzero.data import DataConfig
+        from sdzero.gym import problem_sets
+
+        data = DataConfig(source="reasoning-gym:chain_sum", answer_rule="last-number",
+                          options={"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1})
+        rows = problem_sets(data, "reasoning-gym", 0, args.prompts, 0, args.seed).n2
     prompts = [generator_prompt_ids(tokenizer, row["problem"]) for row in rows]
     sampling = SamplingConfig(temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                               batch_size=args.batch_size, vllm_enforce_eager=args.vllm_eager)
 
+    generate = Generator(model, tokenizer, sampling)
+    generate.drop_finished = False  # transformers `generate`, every row decoded until the batch's last one ends
     start = time.perf_counter()
-    backends = {"transformers": Generator(model, tokenizer, sampling),
+    backends = {"generate": generate, "loop": Generator(model, tokenizer, sampling),
                 "vllm": VLLMGenerator(model, tokenizer, sampling)}
     report("vllm_engine_start_s", time.perf_counter() - start)
 
     times = {name: [] for name in backends}
     tokens = {name: [] for name in backends}
     for round_ in range(args.rounds + 1):  # round 0 warms up each backend and is not counted
-        order = list(backends) if round_ % 2 else list(reversed(backends))
+        names = list(backends)
+        order = names[round_ % len(names):] + names[:round_ % len(names)]
         for name in order:
             start = time.perf_counter()
             samples = backends[name].sample(prompts, args.n, progress=False)
@@ -111,8 +126,9 @@ def main(argv=None) -> None:
         report(f"{name}_tokens_per_s", statistics.median(t / s for t, s in zip(tokens[name], times[name])))
         report(f"{name}_mean_answer_tokens", statistics.mean(tokens[name]) / count)
         report(f"{name}_round_s_all", " ".join(f"{s:.2f}" for s in times[name]))
-    report("vllm_over_transformers_samples_per_s",
-           statistics.median(times["transformers"]) / statistics.median(times["vllm"]))
+    for name in ("generate", "loop"):
+        report(f"vllm_over_{name}_samples_per_s", statistics.median(times[name]) / statistics.median(times["vllm"]))
+    report("loop_over_generate_samples_per_s", statistics.median(times["generate"]) / statistics.median(times["loop"]))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,10 @@ Four measurements, each printed as ``name: value`` lines (see benchmarks/README.
 4. Step time and memory again with a larger random lab-architecture model and long synthetic multi-attempt
    responses, then step time alone at other response lengths on that model.
 
+``--model smollm2-135m-instruct`` runs 1-3 on the real model (134.5M parameters, vocabulary 49152) with rollouts on
+reasoning-gym problems (``--source``, ``--options``, ``--answer-rule``; default: chain_sum with two one-digit terms,
+answers read as the last number, as the model's preset), scored by the generator's own ``score_answer``.
+
 ``--plain`` adds, beside the trainer's step, the step as it was before its fast path (full-vocabulary logits at
 every position, a full log-softmax before the top-k, a host copy in every micro-batch): before and after, side by
 side in one run. ``--micro-batch N`` also times the step in micro-batches of N samples, sorted by length as the
@@ -60,7 +64,7 @@ from sdzero.losses import per_token_divergence, teacher_topk  # noqa: E402
 from sdzero.prompts import (SEPARATOR, ControlPhrases, bridge_ids, distill_layout, end_of_turn_ids,  # noqa: E402
                             generator_prompt_ids)
 from sdzero.training import gather_positions, logits_at, make_optimizer, sft_step_loss  # noqa: E402
-from sdzero.verifiers import lab_reward  # noqa: E402
+from sdzero.verifiers import get_verifier, lab_reward  # noqa: E402
 
 MB = 1024 * 1024
 
@@ -104,6 +108,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     sized("--grpo-generations", "GRPO rollouts per prompt; GRPO gets e2e-prompts / grpo-generations prompts "
                                 "per step")
     sized("--memory-steps", "training steps run in each memory-measurement child process")
+    p.add_argument("--model", default="lab",
+                   help="the model of measurements 1-3: 'lab' (the shipped lab model, lab problems) or a real model "
+                        "by name, e.g. smollm2-135m-instruct (reasoning-gym problems; default: %(default)s)")
+    p.add_argument("--source", default="reasoning-gym:chain_sum", help="real model: the problems' data.source")
+    p.add_argument("--options", default='{"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}',
+                   help="real model: the generator's options, as JSON (default: %(default)s)")
+    p.add_argument("--answer-rule", default="last-number", help="real model: data.answer_rule (default: %(default)s)")
     p.add_argument("--long-hidden", type=int, default=256,
                    help="hidden size of the larger random lab model (default: %(default)s)")
     p.add_argument("--long-layers", type=int, default=6,
@@ -197,7 +208,8 @@ def median(values: list[float]) -> float:
 class ModelSpec:
     """Enough to rebuild the same model in a child process."""
 
-    kind: str  # "lab" (the shipped base model) or "random" (a larger random lab-architecture model)
+    kind: str  # "lab" (the shipped base model), "named" (a model by name) or "random" (a larger random lab model)
+    name: str = "lab"  # kind "named": a name load_model takes (smollm2-135m-instruct, ...)
     hidden: int = 0
     layers: int = 0
     heads: int = 4
@@ -208,6 +220,8 @@ class ModelSpec:
     def describe(self) -> str:
         if self.kind == "lab":
             return "shipped lab base model"
+        if self.kind == "named":
+            return self.name
         vocab = f", vocabulary padded to {self.vocab}" if self.vocab else ""
         return (f"random lab-architecture model, hidden {self.hidden}, {self.layers} layers, "
                 f"{self.heads} heads{vocab}")
@@ -221,8 +235,8 @@ def build(spec: ModelSpec, device: str):
     from sdzero.pipeline import load_model
 
     hf_logging.disable_progress_bar()
-    if spec.kind == "lab":
-        return load_model("lab", device)
+    if spec.kind in ("lab", "named"):
+        return load_model(spec.name, device)
     tokenizer = AutoTokenizer.from_pretrained(lab.BASE_MODEL_DIR)
     torch.manual_seed(spec.seed)
     cfg = PretrainConfig(hidden_size=spec.hidden, num_layers=spec.layers, num_heads=spec.heads,
@@ -265,11 +279,35 @@ class Batch:
         report(f"{prefix}phase2_teacher_padding_share", 1 - sum(teacher) / (max(teacher) * len(teacher)))
 
 
-def make_batch(prompts: list[list[int]], responses: list[list[int]], rows: list[dict], tokenizer) -> Batch:
+def main_spec(args) -> ModelSpec:
+    """The model of measurements 1-3."""
+    return ModelSpec("lab") if args.model == "lab" else ModelSpec("named", name=args.model)
+
+
+def problems(args, n: int, seed: int) -> list[dict]:
+    """`n` training problems for rollouts: lab problems, or the real model's reasoning-gym problems."""
+    if args.model == "lab":
+        return lab.problem_sets(0, n, 0, seed)[1]
+    import json
+
+    from sdzero.data import DataConfig
+    from sdzero.gym import problem_sets
+
+    data = DataConfig(source=args.source, options=json.loads(args.options), answer_rule=args.answer_rule)
+    return problem_sets(data, "reasoning-gym", 0, n, 0, seed).n2
+
+
+def reward_function(args):
+    """(completion, row) -> reward of the problems `problems` gives."""
+    return lab_reward if args.model == "lab" else get_verifier("reasoning-gym")
+
+
+def make_batch(prompts: list[list[int]], responses: list[list[int]], rows: list[dict], tokenizer,
+               reward=lab_reward) -> Batch:
     phrases = ControlPhrases()
     bridges = {r: bridge_ids(tokenizer, phrases, r) for r in (0.0, 1.0)}
     eot = end_of_turn_ids(tokenizer)
-    rewards = [lab_reward(tokenizer.decode(response, skip_special_tokens=True), row)
+    rewards = [reward(tokenizer.decode(response, skip_special_tokens=True), row)
                for response, row in zip(responses, rows)]
     layouts = [distill_layout(prompt, response, bridges[reward], eot, None)
                for prompt, response, reward in zip(prompts, responses, rewards)]
@@ -277,16 +315,16 @@ def make_batch(prompts: list[list[int]], responses: list[list[int]], rows: list[
                  pad_id=tokenizer.pad_token_id)
 
 
-def sampled_batch(model, tokenizer, size: int, max_new_tokens: int, seed: int) -> Batch:
-    """Real Phase 2 rollouts: lab training problems, one sample each from the model, temperature 1.0."""
+def sampled_batch(model, tokenizer, args, size: int, max_new_tokens: int, seed: int) -> Batch:
+    """Real Phase 2 rollouts: training problems, one sample each from the model, temperature 1.0."""
     from sdzero.generation import Generator, SamplingConfig
 
-    _, rows, _ = lab.problem_sets(0, size, 0, seed)
+    rows = problems(args, size, seed)
     prompts = [generator_prompt_ids(tokenizer, row["problem"]) for row in rows]
     torch.manual_seed(seed)
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=max_new_tokens, batch_size=max(size, 1))
     samples = Generator(model, tokenizer, sampling).sample(prompts, 1, progress=False)
-    return make_batch(prompts, [s[0].ids for s in samples], rows, tokenizer)
+    return make_batch(prompts, [s[0].ids for s in samples], rows, tokenizer, reward_function(args))
 
 
 def synthetic_batch(tokenizer, size: int, response_tokens: int, seed: int) -> Batch:
@@ -701,11 +739,6 @@ def peak_memory(spec: ModelSpec, batch: Batch, args, prefix: str) -> None:
 # 3. End-to-end: sdzero.distill.distill vs TRL GRPOTrainer
 
 
-def e2e_problems(n: int, seed: int) -> list[dict]:
-    _, rows, _ = lab.problem_sets(0, n, 0, seed)
-    return rows
-
-
 def run_sdzero(args, seed: int) -> dict:
     """distill() for e2e_steps steps; per-step wall times come from its own metrics.jsonl clock, per-step CPU
     times from the process's CPU clock read whenever distill() writes a step's record."""
@@ -732,8 +765,8 @@ def run_sdzero(args, seed: int) -> dict:
                 cpu_ends.append(time.process_time())
             super().write(record)
 
-    model, tokenizer = build(ModelSpec("lab"), args.device)
-    rows = e2e_problems(args.e2e_prompts * args.e2e_steps, args.seed)
+    model, tokenizer = build(main_spec(args), args.device)
+    rows = problems(args, args.e2e_prompts * args.e2e_steps, args.seed)
     sampling = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=args.max_new_tokens,
                               batch_size=args.e2e_prompts)
     cfg = DistillConfig(prompts_per_step=args.e2e_prompts, micro_batch_size=args.e2e_micro_batch,
@@ -744,7 +777,7 @@ def run_sdzero(args, seed: int) -> dict:
     try:
         with tempfile.TemporaryDirectory() as out:
             cpu_ends.append(time.process_time())
-            distill_module.distill(model, tokenizer, rows, lab_reward, ControlPhrases(), sampling, cfg,
+            distill_module.distill(model, tokenizer, rows, reward_function(args), ControlPhrases(), sampling, cfg,
                                    out_dir=out, seed=seed, progress=False)
             records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     finally:
@@ -765,16 +798,20 @@ def run_trl_grpo(args, seed: int) -> dict:
     from transformers import PrinterCallback, ProgressCallback, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    model, tokenizer = build(ModelSpec("lab"), args.device)
+    import json
+
+    model, tokenizer = build(main_spec(args), args.device)
     group = args.grpo_generations
     prompts_per_step = args.e2e_prompts // group
-    rows = e2e_problems(prompts_per_step * args.e2e_steps, args.seed)
+    rows = problems(args, prompts_per_step * args.e2e_steps, args.seed)
+    # The whole row travels as JSON, so GRPO's reward reads what sdzero's verifier reads.
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": row["problem"]}],
-                                  "answer": row["answer"]} for row in rows])
+                                  "row": json.dumps(row)} for row in rows])
+    verifier = reward_function(args)
 
-    def reward(completions, answer, **_):
-        return [lab_reward(c[0]["content"] if isinstance(c, list) else c, {"answer": a})
-                for c, a in zip(completions, answer)]
+    def reward(completions, row, **_):
+        return [verifier(c[0]["content"] if isinstance(c, list) else c, json.loads(r))
+                for c, r in zip(completions, row)]
 
     step_ends, cpu_ends, lengths, longest, generation_seconds, generation_cpu_seconds = [], [], [], [], [], []
 
@@ -829,7 +866,7 @@ def run_trl_grpo(args, seed: int) -> dict:
 
 
 def end_to_end(args) -> None:
-    report("e2e_model", ModelSpec("lab").describe())
+    report("e2e_model", main_spec(args).describe())
     report("e2e_samples_per_step", args.e2e_prompts)
     report("e2e_sdzero_layout", f"{args.e2e_prompts} prompts x 1 rollout")
     report("e2e_micro_batch", args.e2e_micro_batch)
@@ -929,10 +966,10 @@ def main(argv=None) -> None:
     report("reps", args.reps)
     report("top_k", args.top_k or "full vocabulary")
 
-    # Same model, same tokens: real rollouts of the shipped model on lab training problems.
-    small = ModelSpec("lab")
+    # Same model, same tokens: real rollouts of the model (the shipped lab model, or --model) on training problems.
+    small = main_spec(args)
     model, tokenizer = build(small, args.device)
-    batch = sampled_batch(model, tokenizer, args.batch, args.max_new_tokens, args.seed)
+    batch = sampled_batch(model, tokenizer, args, args.batch, args.max_new_tokens, args.seed)
     del model
     batch.describe("")
     time_steps(small, batch, args, "")
@@ -943,6 +980,10 @@ def main(argv=None) -> None:
         end_to_end(args)
 
     if not args.skip_long:
+        if args.model != "lab":  # the larger random model is a lab-architecture model with the lab tokenizer
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(lab.BASE_MODEL_DIR)
         long_batch = synthetic_batch(tokenizer, args.long_batch, args.long_response_tokens, args.seed)
         longest = max(len(l.teacher_ids) for l in long_batch.layouts)
         spec = ModelSpec("random", hidden=args.long_hidden, layers=args.long_layers, heads=args.long_heads,
