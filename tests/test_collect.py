@@ -80,3 +80,46 @@ def test_interrupted_collection_resumes_without_duplicates(tmp_path, lab_model_a
     ids = [a["id"] for a in read_jsonl(tmp_path / "attempts.jsonl")]
     assert ids == [p["id"] for p in problems] and summary["problems"] == 20
     assert json.loads((tmp_path / "attempts.jsonl").read_text().splitlines()[-1])["id"] == problems[-1]["id"]
+
+
+def test_every_answer_is_on_disk_kept_or_not(tmp_path, lab_model_and_tokenizer):
+    problems, _, _ = lab.problem_sets(16, 1, 1, seed=8)
+    cfg = CollectConfig(revisions_per_answer=3, chunk_size=8)
+    _collect(tmp_path, lab_model_and_tokenizer, cfg, problems)
+    by_id = {p["id"]: p for p in problems}
+    kept_rows = read_jsonl(tmp_path / "revisions.jsonl")
+    rejected = unfinished = 0
+    for line in read_jsonl(tmp_path / "attempts.jsonl"):
+        problem = by_id[line["id"]]
+        assert [a["reward"] for a in line["answers"]] == line["rewards"]
+        assert sum(r["kept"] for a in line["answers"] for r in a["revisions"]) == line["kept"]
+        assert sum(1 + len(a["revisions"]) for a in line["answers"]) == line["generations"]
+        assert sum(a["tokens"] + sum(r["tokens"] for r in a["revisions"]) for a in line["answers"]) \
+            == line["sampled_tokens"]
+        for answer in line["answers"]:
+            assert len(answer["revisions"]) == 3  # revise_correct: every first answer is revised
+            for sample in [answer, *answer["revisions"]]:
+                # an answer that did not finish ran to the token cap (120) and scores 0 (unfinished_reward)
+                assert sample["finished"] or sample["tokens"] == 120
+                assert sample["reward"] == (lab_reward(sample["text"], problem) if sample["finished"] else 0.0)
+            unfinished += sum(not sample["finished"] for sample in [answer, *answer["revisions"]])
+            for revision in answer["revisions"]:
+                rejected += not revision["kept"]
+        # the revisions marked kept are the ones revisions.jsonl holds (a repeat of a kept one is not kept)
+        assert sorted(r["text"] for a in line["answers"] for r in a["revisions"] if r["kept"]) \
+            == sorted(r["revised_text"] for r in kept_rows if r["id"] == line["id"])
+    assert rejected > 0 and kept_rows and unfinished > 0, "the example needs kept, rejected and unfinished answers"
+
+
+def test_a_resumed_collection_writes_the_same_bytes(tmp_path, lab_model_and_tokenizer):
+    problems, _, _ = lab.problem_sets(20, 1, 1, seed=9)
+    cfg = CollectConfig(chunk_size=5)
+    model, tokenizer = lab_model_and_tokenizer
+    generator = Generator(model, tokenizer, SamplingConfig(max_new_tokens=120, batch_size=64))
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    collect(generator, problems, lab_reward, ControlPhrases(), straight, cfg, progress=False, seed=3)
+    collect(generator, problems[:10], lab_reward, ControlPhrases(), resumed, cfg, progress=False, seed=3)
+    collect(generator, problems, lab_reward, ControlPhrases(), resumed, cfg, progress=False, seed=3)
+    for name in ("attempts.jsonl", "revisions.jsonl"):
+        assert (resumed / name).read_bytes() == (straight / name).read_bytes()
+    assert "answers" in read_jsonl(straight / "attempts.jsonl")[0]

@@ -8,6 +8,10 @@ are kept (de-duplicated) in revisions.jsonl, when both the first answer and the 
 degenerate loop (a repeated tail, or a chain of control phrases). Progress is written per chunk of problems to
 attempts.jsonl, and a restarted collection skips the problems already recorded there. A first answer that
 no reward function could judge (reward None) is not revised, and is counted (first_answers_without_reward).
+
+Each attempts line also keeps every answer sampled for its problem, kept or not (`answer_record`): the text,
+token count, whether it finished, and reward of each first answer, with its revisions nested under it. A
+collection that keeps nothing can thus be read answer by answer.
 """
 
 from __future__ import annotations
@@ -116,11 +120,12 @@ def collect(generator: Generator, problems: list[dict], verifier: Verifier, phra
         if main:
             # Per problem: its revisions, then its attempts line, which marks it done.
             with revisions_path.open("a") as revisions_out, attempts_path.open("a") as attempts_out:
-                for problem_id, rewards, rows, n, tokens in results:
+                for problem_id, rewards, rows, n, tokens, answers in results:
                     revisions_out.writelines(json.dumps(row) + "\n" for row in rows)
                     revisions_out.flush()
                     attempts_out.write(json.dumps({"id": problem_id, "rewards": rewards, "kept": len(rows),
-                                                   "generations": n, "sampled_tokens": tokens}) + "\n")
+                                                   "generations": n, "sampled_tokens": tokens,
+                                                   "answers": answers}) + "\n")
                     attempts_out.flush()
         state.wait_for_everyone()
         bar.update(len(block))
@@ -131,8 +136,8 @@ def collect(generator: Generator, problems: list[dict], verifier: Verifier, phra
 def collect_chunk(generator: Generator, chunk: list[dict], verifier: Verifier, phrases: ControlPhrases,
                   cfg: CollectConfig, system_prompt: str | None, seen: set) -> list[tuple]:
     """First answers and verified revisions of a chunk of problems: per problem, (id, first-answer rewards,
-    kept tuples, generations, tokens sampled). Each tuple records its tokenizer, without which its ids mean
-    nothing."""
+    kept tuples, generations, tokens sampled, every answer sampled as `answer_record`s). Each tuple records
+    its tokenizer, without which its ids mean nothing."""
     if not chunk:
         return []
     tokenizer = generator.tokenizer
@@ -142,12 +147,16 @@ def collect_chunk(generator: Generator, chunk: list[dict], verifier: Verifier, p
 
     # Everything to revise in this chunk, revised in one batched call.
     first_rewards = verifier.score_groups(first_answers, chunk, generator.sampling)
-    to_revise = []  # (problem index, first answer, reward)
+    # Every first answer of the chunk as attempts.jsonl keeps it; its revisions are added as they are judged.
+    answer_records = [[{**answer_record(answer, reward), "revisions": []} for answer, reward in zip(answers, rewards)]
+                      for answers, rewards in zip(first_answers, first_rewards)]
+    to_revise, revised_records = [], []  # (problem index, first answer, reward), and that answer's record
     for i, (answers, rewards) in enumerate(zip(first_answers, first_rewards)):
-        for answer, reward in zip(answers, rewards):
+        for answer, reward, record in zip(answers, rewards, answer_records[i]):
             if reward is None or (reward >= 1.0 and not cfg.revise_correct):
                 continue  # no reward: no control phrase to pick
             to_revise.append((i, answer, reward))
+            revised_records.append(record)
     contexts = [reviser_context_ids(prompts[i], answer.ids, bridge_ids(tokenizer, phrases, reward), eot)
                 for i, answer, reward in to_revise]
     revisions = generator.sample(contexts, cfg.revisions_per_answer, progress=False) if contexts else []
@@ -160,11 +169,14 @@ def collect_chunk(generator: Generator, chunk: list[dict], verifier: Verifier, p
         sampled_tokens[i] += sum(len(s.ids) for s in revised)
         generations[i] += len(revised)
     revision_rewards = verifier.score_groups(revisions, [chunk[i] for i, _, _ in to_revise], generator.sampling)
-    for (i, answer, reward), revised, verdicts in zip(to_revise, revisions, revision_rewards):
+    for (i, answer, reward), record, revised, verdicts in zip(to_revise, revised_records, revisions,
+                                                              revision_rewards):
         problem = chunk[i]
         for sample, verified in zip(revised, verdicts):
             key = (problem["id"], tuple(sample.ids))
-            if key in seen or not keep_revision(answer, sample, verified, phrases, cfg):
+            kept = key not in seen and keep_revision(answer, sample, verified, phrases, cfg)
+            record["revisions"].append({**answer_record(sample, verified), "kept": kept})
+            if not kept:
                 continue
             seen.add(key)
             kept_rows[i].append({
@@ -174,7 +186,14 @@ def collect_chunk(generator: Generator, chunk: list[dict], verifier: Verifier, p
                 "revised_text": sample.text, "revised_ids": sample.ids, "tokenizer": fingerprint,
             })
     return [(p["id"], *per_problem) for p, *per_problem in zip(chunk, first_rewards, kept_rows, generations,
-                                                                sampled_tokens)]
+                                                                sampled_tokens, answer_records)]
+
+
+def answer_record(sample: Sample, reward: float | None) -> dict:
+    """One sampled answer as attempts.jsonl keeps it: its text, token count, whether it finished (ended with
+    the end-of-turn token) and its reward. In the file a first answer also lists its revisions (empty when it
+    was not revised), and a revision says whether it was kept."""
+    return {"text": sample.text, "tokens": len(sample.ids), "finished": sample.finished, "reward": reward}
 
 
 def resume_state(attempts_path: Path, revisions_path: Path) -> tuple[set, set]:
