@@ -170,3 +170,49 @@ def test_the_teacher_context_defaults_to_the_teachers_positions(tmp_path, lab_mo
 
     with pytest.raises(ValueError, match="teacher_max_length=513 is past the teacher's 512 positions"):
         run(student, tokenizer, DistillConfig(teacher_max_length=513), None)
+
+
+def test_rollouts_are_written_every_n_steps_from_the_steps_own_values(tmp_path, lab_model_and_tokenizer):
+    student, tokenizer = copy.deepcopy(lab_model_and_tokenizer[0]), lab_model_and_tokenizer[1]
+    cfg = DistillConfig(prompts_per_step=6, micro_batch_size=4, max_steps=5, lr=1e-4, warmup_steps=1,
+                        rollouts_every=2)
+    run(student, tokenizer, cfg, None, out_dir=tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [2] * 6 + [4] * 6
+    _, n2, _ = lab.problem_sets(1, 16, 1, seed=0)
+    by_id = {p["id"]: p for p in n2}
+    metrics = {row["step"]: row for row in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())}
+    for step in (2, 4):
+        these = [row for row in rows if row["step"] == step]
+        for row in these:
+            assert row["reward"] == (lab_reward(row["response"], by_id[row["id"]]) if row["finished"] else 0.0)
+            assert row["finished"] or row["tokens"] == SAMPLING.max_new_tokens
+            d = row["divergence"]
+            assert 0.0 <= d["mean"] <= d["max"]
+            assert len(d["top_positions"]) == len(d["top_tokens"]) == min(5, row["tokens"])
+            assert all(0 <= t < row["tokens"] for t in d["top_positions"])
+            assert all(piece in row["response"] for piece in d["top_tokens"] if piece != tokenizer.eos_token)
+        # the token-weighted mean of the rollouts' means is the step's loss (no rollout is cut here)
+        assert not any(row["truncated"] for row in these)
+        total = sum(row["divergence"]["mean"] * row["tokens"] for row in these)
+        assert total / sum(row["tokens"] for row in these) == pytest.approx(metrics[step]["sdzero/kl"], rel=1e-5)
+        assert metrics[step]["sdzero/reward"] == pytest.approx(sum(row["reward"] for row in these) / 6)
+    off = copy.deepcopy(lab_model_and_tokenizer[0])
+    run(off, tokenizer, DistillConfig(**{**cfg.__dict__, "rollouts_every": None}), None, out_dir=tmp_path / "off")
+    assert not (tmp_path / "off" / "rollouts.jsonl").exists()
+    # the record draws nothing: the weights are those of the run that writes none
+    assert all(torch.equal(a, b) for a, b in zip(student.parameters(), off.parameters()))
+
+
+def test_rollouts_of_a_resumed_run_are_those_of_an_uninterrupted_one(tmp_path, lab_model_and_tokenizer):
+    tokenizer = lab_model_and_tokenizer[1]
+    cfg = DistillConfig(prompts_per_step=4, micro_batch_size=4, max_steps=4, lr=1e-3, warmup_steps=1,
+                        save_every=2, rollouts_every=1)
+    run(copy.deepcopy(lab_model_and_tokenizer[0]), tokenizer, cfg, None, out_dir=tmp_path / "whole")
+    # stopped after step 3, past its last checkpoint (step 2): the resumed run redoes step 3
+    run(copy.deepcopy(lab_model_and_tokenizer[0]), tokenizer, DistillConfig(**{**cfg.__dict__, "max_steps": 3}),
+        None, out_dir=tmp_path / "cut")
+    assert {json.loads(line)["step"] for line in (tmp_path / "cut" / "rollouts.jsonl").read_text().splitlines()} \
+        == {1, 2, 3}
+    run(copy.deepcopy(lab_model_and_tokenizer[0]), tokenizer, cfg, None, out_dir=tmp_path / "cut", resume=True)
+    assert (tmp_path / "cut" / "rollouts.jsonl").read_bytes() == (tmp_path / "whole" / "rollouts.jsonl").read_bytes()

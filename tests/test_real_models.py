@@ -154,6 +154,9 @@ def test_phase2_killed_mid_run_resumes_to_the_same_result(tmp_path, tiny_model):
     rewards = lambda run: [json.loads(line)["sdzero/reward"]  # noqa: E731
                            for line in (run / "sdzero" / "metrics.jsonl").read_text().splitlines()]
     assert rewards(killed) == rewards(straight)
+    # the rollouts of step 10 (distill.rollouts_every), written once and the same
+    rollouts = (killed / "sdzero" / "rollouts.jsonl").read_text()
+    assert rollouts == (straight / "sdzero" / "rollouts.jsonl").read_text() and '"step": 10' in rollouts
 
 
 def srt_command(run: Path, config: Path, *extra: str) -> list[str]:

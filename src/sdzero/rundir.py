@@ -43,7 +43,7 @@ STAGE_DEPENDENTS = {"phase1": ["srt", "sdzero", *RUN_OUTPUTS], "srt": ["sdzero",
 NOT_SHAPING = {
     "sampling": {"batch_size", "vllm_gpu_memory_utilization", "vllm_enforce_eager"},
     "srt": {"save_every"},
-    "distill": {"save_every", "micro_batch_size"},
+    "distill": {"save_every", "micro_batch_size", "rollouts_every"},
 }
 """Per config section, the fields that change speed or memory, not what a stage produces; they may differ
 between runs of a stage. Not srt.batch_size (it is the optimiser's batch: the schedule), nor
