@@ -16,7 +16,7 @@ from sdzero.generation import vllm_importable
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "accelerate" not in p.parts) + \
-    [ROOT / "src" / "sdzero" / "lab" / "demo.yaml"]
+    [ROOT / "src" / "sdzero" / "lab" / "demo.yaml"] + sorted((ROOT / "src" / "sdzero" / "presets").glob("*.yaml"))
 ACCELERATE_CONFIGS = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -145,3 +145,57 @@ def test_a_bad_value_is_blamed_on_the_layer_that_brought_it(tmp_path):
         config.load_config(path, ["distill.top_k=many"])
     modules = config.load_config(path, ["lora.target_modules=[q_proj, v_proj]"]).lora.target_modules
     assert modules == ["q_proj", "v_proj"]
+
+
+# ------------------------------------------------------------------------------------------
+# The settings a command uses without --config
+
+
+def test_without_a_config_each_model_gets_the_settings_made_for_it(tmp_path):
+    lab_demo = ROOT / "src" / "sdzero" / "lab" / "demo.yaml"
+    for model in (None, "lab", "lab-v2", "lab-control"):
+        chosen = config.default_settings(None, model)
+        assert chosen.path == lab_demo and chosen.description == f"the lab demo's ({lab_demo})", model
+    preset = config.default_settings(None, "smollm2-135m-instruct")
+    assert preset.path == ROOT / "src" / "sdzero" / "presets" / "smollm2-135m-instruct.yaml"
+    assert preset.description.startswith("preset smollm2-135m-instruct (")
+    for model in ("Qwen/Qwen3-0.6B", str(tmp_path / "my_model"), "model.gguf"):
+        assert config.default_settings(None, model) == config.Settings(None, "the paper's defaults"), model
+    # a stage folder of a run (RUN/srt) gets the settings the run recorded
+    run = tmp_path / "run"
+    (run / "srt").mkdir(parents=True)
+    (run / "config.yaml").write_text("model: lab\n")
+    (run / "run.json").write_text("{}")
+    assert config.default_settings(None, str(run / "srt")) == config.Settings(run / "config.yaml",
+                                                                             f"the run's ({run / 'config.yaml'})")
+    # a config file always wins, whatever the model
+    mine = tmp_path / "mine.yaml"
+    assert config.default_settings(mine, "smollm2-135m-instruct") == config.Settings(mine, str(mine))
+    assert config.default_settings(mine, None) == config.Settings(mine, str(mine))
+
+
+def test_every_registered_preset_is_shipped_and_names_its_model():
+    for name, entry in REAL_MODELS.items():
+        assert entry.preset is not None, f"{name} would run on the paper's 4B-7B settings"
+        path = ROOT / "src" / "sdzero" / "presets" / f"{entry.preset}.yaml"
+        assert config.load_config(path).model == name
+
+
+def test_the_smollm2_preset_holds_the_measured_setting_at_a_demo_size():
+    cfg = config.load_config(config.default_settings(None, "smollm2-135m-instruct").path)
+    assert cfg.task == "reasoning-gym" and cfg.data.source == "reasoning-gym:chain_sum"
+    assert cfg.data.options == {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
+    assert cfg.data.answer_rule == "last-number"
+    assert (cfg.sampling.temperature, cfg.sampling.max_new_tokens) == (0.7, 256)
+    assert (cfg.srt.lr, cfg.distill.lr) == (1e-5, 1e-6)
+    # chain_sum with two one-digit terms has 10 x 10 x {+, -} = 200 distinct questions
+    assert cfg.n_phase1 + cfg.n_phase2 + cfg.eval.n_problems <= 200
+    # every field the file sets has a comment saying why (the line itself or the one above it)
+    lines = (ROOT / "src" / "sdzero" / "presets" / "smollm2-135m-instruct.yaml").read_text().splitlines()
+    assert sum(line.lstrip().startswith("#") for line in lines) >= 12
+
+
+def test_an_empty_system_prompt_is_no_system_prompt():
+    assert config.load_config(None, ["system_prompt=''"]).system_prompt is None
+    assert config.load_config(None, ["system_prompt="]).system_prompt is None
+    assert config.load_config(None, ["system_prompt=Be brief."]).system_prompt == "Be brief."

