@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from sdzero.lab.task import Problem, write_solution
-from sdzero.prompts import (CONTROL_PRESETS, ControlPhrases, bridge_ids, distill_layout, end_of_turn_ids,
-                            generator_prompt_ids, reviser_context_ids, strip_end_of_turn)
+from sdzero.prompts import (CONTROL_PRESETS, ControlPhrases, bridge_ids, check_prompt_room, distill_layout,
+                            effective_system_prompt, end_of_turn_ids, generator_prompt_ids, reviser_context_ids,
+                            strip_end_of_turn, template_system_prompt)
 
 
 def test_control_phrases_follow_the_reward():
@@ -104,3 +105,43 @@ def test_overflow_cuts_only_the_second_copy_and_masks_what_cannot_fit():
 def test_strip_end_of_turn_drops_everything_after_the_end():
     assert strip_end_of_turn([5, 6, 99, 7], {99}) == [5, 6]
     assert strip_end_of_turn([5, 6], {99}) == [5, 6]
+
+
+# ------------------------------------------------------------------------------------------
+# The system turn the prompts actually carry, and prompts past the model's positions
+
+SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+def test_a_template_that_adds_its_own_system_turn_is_found_and_reproduced(smollm2_folder):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder)
+    assert template_system_prompt(tokenizer) == SMOLLM_SYSTEM
+    assert effective_system_prompt(tokenizer, None) == SMOLLM_SYSTEM
+    assert effective_system_prompt(tokenizer, "Be brief.") == "Be brief."
+    # the recorded message is exactly what the template put there: stating it lays out the same tokens
+    problem = "What is 3 + 4?"
+    assert generator_prompt_ids(tokenizer, problem, SMOLLM_SYSTEM) == generator_prompt_ids(tokenizer, problem)
+    assert SMOLLM_SYSTEM in tokenizer.decode(generator_prompt_ids(tokenizer, problem))
+
+
+def test_a_template_without_a_default_system_turn_records_none(lab_tokenizer):
+    assert template_system_prompt(lab_tokenizer) is None
+    assert effective_system_prompt(lab_tokenizer, None) is None
+    assert effective_system_prompt(lab_tokenizer, "") is None
+    assert effective_system_prompt(lab_tokenizer, "Be brief.") == "Be brief."
+
+
+def test_a_prompt_that_fills_the_models_positions_is_refused_naming_it(lab_tokenizer):
+    short = {"id": "short", "problem": "Running sum mod 10 of 1 2 3"}
+    long = {"id": "long-7", "problem": " ".join(["1 2 3"] * 200)}
+    length = len(generator_prompt_ids(lab_tokenizer, long["problem"]))
+    check_prompt_room(lab_tokenizer, {"N1": [short, long]}, None, length + 1)  # room for one answer token
+    check_prompt_room(lab_tokenizer, {"N1": [short, long]}, None, None)  # a model that declares no limit
+    with pytest.raises(ValueError, match=f"N2 problem 'long-7': its prompt is {length:,} tokens, the model has "
+                                         f"{length:,} positions \\(no room for an answer\\)"):
+        check_prompt_room(lab_tokenizer, {"N1": [short], "N2": [short, long]}, None, length)
+    # the system prompt counts: it is part of every prompt
+    with pytest.raises(ValueError, match="held-out problem 'long-7'"):
+        check_prompt_room(lab_tokenizer, {"held-out": [long]}, "Be brief.", length + 1)

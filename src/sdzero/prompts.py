@@ -82,6 +82,57 @@ def generator_prompt_ids(tokenizer, problem: str | list[dict], system_prompt: st
     return list(ids)
 
 
+SYSTEM_PROBE = "sdzero system probe 7d1f"
+USER_PROBE = "sdzero user probe 3c9a"
+
+
+def _render(tokenizer, messages: list[dict]) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+
+
+def template_system_prompt(tokenizer) -> str | None:
+    """The system message the chat template puts into a conversation that has none (SmolLM2's "You are a
+    helpful AI assistant named SmolLM, ..."), or None when it adds none.
+
+    Found by rendering one probe conversation with and without a system message: the text around the probe
+    system message is the template's wrapping of a system turn, and what that wrapping holds in the render
+    without one is the template's own message."""
+    user = [{"role": "user", "content": USER_PROBE}]
+    try:
+        with_system = _render(tokenizer, [{"role": "system", "content": SYSTEM_PROBE}, *user])
+    except Exception:  # a template that refuses system messages cannot add one of its own either
+        return None
+    without = _render(tokenizer, user)
+    if with_system.count(SYSTEM_PROBE) != 1:
+        return None
+    head, tail = with_system.split(SYSTEM_PROBE)
+    if len(without) < len(head) + len(tail) or not (without.startswith(head) and without.endswith(tail)):
+        return None
+    return without[len(head):len(without) - len(tail)] or None
+
+
+def effective_system_prompt(tokenizer, system_prompt: str | None) -> str | None:
+    """The system message every generator, reviser and teacher prompt actually carries: `system_prompt`
+    when one is set, else the chat template's own (None when it adds none)."""
+    return system_prompt or template_system_prompt(tokenizer)
+
+
+def check_prompt_room(tokenizer, sets: dict[str, list[dict]], system_prompt: str | None,
+                      positions: int | None) -> None:
+    """Refuse, in one line naming the problem, a prompt that fills the model's positions: its answer would
+    have no room. Collection, Phase 2 and evaluation check their problem sets ({name: problems}) with it
+    before any model loads. `positions`: the model's position limit (`modeling.max_positions`; None: none)."""
+    if positions is None:
+        return
+    for name, problems in sets.items():
+        for problem in problems:
+            length = len(generator_prompt_ids(tokenizer, problem["problem"], system_prompt))
+            if length >= positions:
+                raise ValueError(f"{name} problem {problem['id']!r}: its prompt is {length:,} tokens, the model has "
+                                 f"{positions:,} positions (no room for an answer); remove it from the data or "
+                                 f"shorten it (a run directory that recorded it then needs --restart or another --out)")
+
+
 def strip_end_of_turn(response_ids: list[int], eot_ids: set[int]) -> list[int]:
     """The response without its end-of-turn token and anything after it."""
     for i, token in enumerate(response_ids):
