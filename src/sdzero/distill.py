@@ -97,7 +97,8 @@ class DistillConfig:
     """Append the step's rollouts to rollouts.jsonl every N steps (None: never): per rollout its prompt id,
     response text, token count, whether it finished, reward, and a summary of the per-token divergence the
     step computed (mean, max, and the positions of the largest tokens). Nothing is recomputed and nothing is
-    drawn; measured cost on CPU: under 0.1% of a step that writes them (lab model, 32 rollouts)."""
+    drawn. Measured on CPU (lab model, ~80-token answers): 1.5 ms per recorded step of 32 rollouts (0.08% of
+    the step), 4.7 ms at 128 (0.07%); about 400 bytes per rollout."""
 
     def validate(self) -> None:
         if self.divergence not in DIVERGENCES:
