@@ -288,3 +288,71 @@ def test_report_page_loads_in_a_real_browser_and_shows_the_tokens(inspected, tmp
     broken.write_text((out / "index.html").read_text().replace("const n = document", "const n = documen"))
     _, console = load_in_chromium(broken)
     assert any("Uncaught" in line for line in console)
+
+
+@pytest.fixture(scope="module")
+def inspected_elsewhere(tmp_path_factory):
+    """`sdzero inspect` on a run of another task (the tiny model of tests/tiny.py on a JSONL of sums), whose
+    evaluation file is written by `evaluate` with a token cap that cuts some answers."""
+    import yaml
+
+    from sdzero.analysis import held_out_texts
+    from sdzero.config import load_config
+    from sdzero.evaluate import evaluate
+    from sdzero.generation import Generator
+    from sdzero.pipeline import load_model
+    from tiny import build_tiny_model, write_problems
+
+    tmp_path = tmp_path_factory.mktemp("inspect_tiny")
+    run = tmp_path / "run"
+    build_tiny_model(run / "srt")
+    settings = {"model": str(run / "srt"), "task": "tiny:even_length",
+                "data": {"path": str(write_problems(tmp_path / "problems.jsonl", 30))},
+                "n_phase1": 4, "n_phase2": 4, "sampling": {"max_new_tokens": 8}, "eval": {"k": 4, "n_problems": 6}}
+    (run / "config.yaml").write_text(yaml.safe_dump(settings))
+    cfg = load_config(run / "config.yaml")
+    model, tokenizer = load_model(str(run / "srt"), "cpu")
+    problems = [{"id": i, "problem": text} for i, text in held_out_texts(cfg, run).items()]
+    evaluate(Generator(model, tokenizer, cfg.sampling), problems, cfg.verifier(), k=4, progress=False, seed=0,
+             samples_path=run / "eval" / "srt.jsonl")
+    rows = [json.loads(line) for line in (run / "eval" / "srt.jsonl").read_text().splitlines()]
+    assert any(r["finished"] for r in rows) and not all(r["finished"] for r in rows), "needs cut and finished answers"
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "localization.json").write_text("{}")  # left by an earlier report
+    summary = inspect_run(run, out, n=24, progress=False)
+    return rows, out, summary, tokenizer
+
+
+def test_inspect_on_another_task_says_nothing_lab_only_and_marks_cut_answers(inspected_elsewhere):
+    rows, out, summary, tokenizer = inspected_elsewhere
+    text = format_summary(summary)
+    assert len(text.splitlines()) == 3, text  # responses, divergence, report
+    for lab_only in ("first wrong step", "chance", "token KL reward", "attempt", "n/a"):
+        assert lab_only not in text
+    assert not (out / "localization.json").exists() and summary["localization"] is None
+    page = (out / "index.html").read_text()
+    assert "first wrong step" not in page and 'class="t fw"' not in page
+
+    signals = [json.loads(line) for line in (out / "signals.jsonl").read_text().splitlines()]
+    assert len(signals) == summary["n"] == len(rows)
+    cut = [s for s in signals if not s["finished"]]
+    assert len(cut) == summary["n_cut"] == sum(not r["finished"] for r in rows) > 0
+    assert f"{len(cut)} cut by the token cap" in text
+    assert page.count('<span class="cut">cut by the token cap</span>') == len(cut)
+    assert page.count('<span class="end">end</span>') == len(signals) - len(cut)  # finished answers only
+    for s in signals:
+        assert "first_wrong_step" not in s
+        ids = tokenizer.encode(s["text"], add_special_tokens=False)
+        # a cut answer is scored on the tokens it has, with no end token made up for it
+        assert s["ids"] == (ids + [tokenizer.eos_token_id] if s["finished"] else ids)
+        assert len(s["divergence"]) == len(s["ids"])
+
+
+def test_inspect_on_a_missing_run_folder_is_one_line(tmp_path, capsys):
+    from sdzero.cli import main
+
+    with pytest.raises(FileNotFoundError, match=f"^run folder not found: {re.escape(str(tmp_path / 'nope'))}$"):
+        inspect_run(tmp_path / "nope", tmp_path / "out")
+    assert main(["inspect", "--run", str(tmp_path / "nope"), "--quiet"]) == 2
+    assert capsys.readouterr().err == f"sdzero inspect: error: run folder not found: {tmp_path / 'nope'}\n"

@@ -11,8 +11,9 @@ token y_t this module records
   student does.
 
 `bucket_shares` asks how concentrated the divergence is, `localization` whether on the lab task the
-largest value of a wrong answer falls on its first wrong step, and `inspect_run` writes both for a
-run directory together with one self-contained HTML page of coloured tokens.
+largest value of a wrong answer falls on its first wrong step, and `inspect_run` writes them for a
+run directory (localisation only on the lab task) together with one self-contained HTML page of
+coloured tokens. An answer cut by the token cap is read as it was sampled, without an end token.
 
 Localisation is measured on both quantities, and they answer different questions. The divergence
 compares whole distributions, so it is blind to which token was sampled: a slip the student gave 5%
@@ -58,6 +59,8 @@ class TokenSignal:
     token_kl_reward: list[float]
     reward: float
     phrase: str
+    finished: bool = True
+    """False for a response cut by the token cap: it has no end-of-turn token, and none is scored."""
 
     def tokens_in_span(self, start: int, end: int) -> list[int]:
         """Indices of the tokens that overlap the character span [start, end)."""
@@ -71,7 +74,8 @@ def token_signal(student, teacher, tokenizer, items, phrases: ControlPhrases, *,
                  progress: bool = False) -> list[TokenSignal]:
     """Per-token divergence and token KL reward for each (prompt_text, response_ids, reward) item.
 
-    `response_ids` are the response tokens as sampled (normally ending with the end-of-turn token).
+    `response_ids` are the response tokens as sampled: ending with the end-of-turn token when the
+    response finished, without one when it was cut by the token cap (its `finished` is then False).
     The divergence options mean what they mean in `DistillConfig`; the layout is Phase 2's. With
     `max_length` (Phase 2's `teacher_max_length`) responses are cut exactly as Phase 2 cuts them (an
     item whose prompt alone does not fit keeps no token), so the signal is the one training saw.
@@ -111,11 +115,12 @@ def token_signal(student, teacher, tokenizer, items, phrases: ControlPhrases, *,
     student.train(modes[0])
     teacher.train(modes[1])
     signals = []
-    for (prompt, response, reward, _), (div, kl_reward) in zip(rows, values):
+    for (prompt, response, reward, _), (div, kl_reward), item in zip(rows, values, items):
+        finished = bool(item[1]) and item[1][-1] in eot  # judged on the whole response, before any cut
         text, pieces, offsets = token_pieces(tokenizer, response)
         signals.append(TokenSignal(prompt=prompt, text=text, ids=response, tokens=pieces, offsets=offsets,
                                    divergence=div, token_kl_reward=kl_reward, reward=reward,
-                                   phrase=phrases.for_reward(reward)))
+                                   phrase=phrases.for_reward(reward), finished=finished))
     return signals
 
 
@@ -224,6 +229,14 @@ def _mix(rows: list[dict], n: int) -> list[dict]:
     return mixed[:n]
 
 
+def answer_finished(row: dict, max_new_tokens: int) -> bool:
+    """Whether an evaluation sample ended with the end-of-turn token: its "finished" field, or for a file
+    written without one, whether it stopped short of the token cap."""
+    if "finished" in row:
+        return bool(row["finished"])
+    return not row.get("tokens") or row["tokens"] < max_new_tokens
+
+
 def stage_model(run_dir: Path, cfg, stage: str) -> str:
     """The model of a stage of the run: "base" is the run's base model, any other name a folder of the
     run holding a saved model (srt, sdzero, ...)."""
@@ -252,7 +265,8 @@ def held_out_texts(cfg, run_dir: Path) -> dict[str, str]:
 
 def inspect_run(run_dir: str | Path, out_dir: str | Path, *, n: int = 200, student: str = "srt",
                 teacher: str = "srt", device: str | None = None, progress: bool = True) -> dict:
-    """Token-level report of a run: index.html, localization.json and signals.jsonl in `out_dir`.
+    """Token-level report of a run: index.html, signals.jsonl and, on the lab task, localization.json in
+    `out_dir`.
 
     The default pair, the SRT model as both student and teacher on its own answers, is the Phase 2
     signal at its first step: the one whose localisation the method relies on. student="sdzero"
@@ -262,15 +276,18 @@ def inspect_run(run_dir: str | Path, out_dir: str | Path, *, n: int = 200, stude
     takes up to `n` responses of run_dir/eval/<student>.jsonl, alternating wrong and right
     ones, and scores them with the run's control phrases and divergence settings (config.yaml, or
     the defaults without one). The evaluation file keeps the response text, not its token ids, so
-    the ids are rebuilt as tokenizer.encode(text) + [EOS]; a response that had been cut at
-    max_new_tokens thus gains an EOS, and a sampled non-canonical tokenization becomes canonical.
-    Returns the summary that `format_summary` prints.
+    the ids are rebuilt as tokenizer.encode(text), followed by EOS when the response finished (a response
+    cut at max_new_tokens gets none, and is marked cut); a sampled non-canonical tokenization becomes
+    canonical. The lab-only figures (first wrong step, localisation) are computed only when the responses
+    answer lab problems. Returns the summary that `format_summary` prints.
     """
     from sdzero.config import RunConfig, load_config
     from sdzero.pipeline import load_model
     from sdzero.training import read_jsonl
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder not found: {run_dir}")
     cfg = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").exists() else RunConfig()
     student_path, teacher_path = stage_model(run_dir, cfg, student), stage_model(run_dir, cfg, teacher)
     student_model, tokenizer = load_model(student_path, device)
@@ -292,7 +309,9 @@ def inspect_run(run_dir: str | Path, out_dir: str | Path, *, n: int = 200, stude
         if prompt is None:
             raise ValueError(f"{samples}: row {row.get('id')!r} is neither a lab problem nor a held-out problem of "
                              f"the run's data ({cfg.data.path})")
-        ids = tokenizer.encode(row["response"], add_special_tokens=False) + [tokenizer.eos_token_id]
+        ids = tokenizer.encode(row["response"], add_special_tokens=False)
+        if answer_finished(row, cfg.sampling.max_new_tokens):
+            ids.append(tokenizer.eos_token_id)
         items.append((prompt, ids, float(row["reward"])))
     d = cfg.distill
     signals = token_signal(student_model, teacher_model, tokenizer, items, cfg.phrases(), divergence=d.divergence,
@@ -302,21 +321,28 @@ def inspect_run(run_dir: str | Path, out_dir: str | Path, *, n: int = 200, stude
 
     wrong = [s for s in signals if s.reward < 1.0]
     right = [s for s in signals if s.reward >= 1.0]
-    loc = {measure: localization(signals, problems, cfg.phrases(), measure) for measure in MEASURES}
+    is_lab = any(problem is not None for problem in problems)
+    loc = {measure: localization(signals, problems, cfg.phrases(), measure) for measure in MEASURES} if is_lab else None
     spans = [first_wrong_step(s.text, p) if p is not None and s.reward < 1.0 else None
              for s, p in zip(signals, problems)]
     summary = {
         "student": student_path, "teacher": teacher_path, "divergence": d.divergence, "top_k": d.top_k,
         "n": len(signals), "n_wrong": len(wrong), "n_right": len(right),
+        "n_cut": sum(not s.finished for s in signals),
         "kl_mean_wrong": _mean(wrong), "kl_mean_right": _mean(right),
         "buckets": {"wrong": bucket_shares(wrong), "right": bucket_shares(right)},
         "localization": loc, "out_dir": str(out_dir),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "localization.json").write_text(json.dumps(loc, indent=2))
+    localization_path = out_dir / "localization.json"
+    if is_lab:
+        localization_path.write_text(json.dumps(loc, indent=2))
+    elif localization_path.exists():
+        localization_path.unlink()  # an earlier report's, on other answers
     with open(out_dir / "signals.jsonl", "w") as f:
         for row, signal, span in zip(rows, signals, spans):
-            f.write(json.dumps({"id": row.get("id"), **asdict(signal), "first_wrong_step": span}) + "\n")
+            lab_fields = {"first_wrong_step": span} if is_lab else {}
+            f.write(json.dumps({"id": row.get("id"), **asdict(signal), **lab_fields}) + "\n")
     entries = [(row.get("id"), s, span) for row, s, span in zip(rows, signals, spans)]
     (out_dir / "index.html").write_text(_page(entries, summary))
     return summary
@@ -345,15 +371,18 @@ def format_summary(summary: dict) -> str:
 
     n_buckets = len(summary["buckets"]["wrong"] or summary["buckets"]["right"]) or 20
     loc = summary["localization"]
+    cut = summary.get("n_cut", 0)
+    lab_lines = [] if loc is None else ["token KL reward: " + located(loc["token_kl_reward"]),
+                                        split("single_attempt"), split("multi_attempt"),
+                                        "divergence: " + located(loc["divergence"])]
     return "\n".join(line for line in [
-        f"{summary['n']} responses ({summary['n_wrong']} wrong, {summary['n_right']} right): "
+        f"{summary['n']} responses ({summary['n_wrong']} wrong, {summary['n_right']} right"
+        + (f"; {cut} cut by the token cap" if cut else "") + f"): "
         f"student {summary['student']} vs teacher {summary['teacher']}",
         f"mean per-token {summary['divergence']} divergence: wrong {num(summary['kl_mean_wrong'])}, "
         f"right {num(summary['kl_mean_right'])}; the top {1 / n_buckets:.0%} of tokens hold "
         f"{top(summary['buckets']['wrong'])} of it on wrong answers, {top(summary['buckets']['right'])} on right ones",
-        "token KL reward: " + located(loc["token_kl_reward"]),
-        split("single_attempt"), split("multi_attempt"),
-        "divergence: " + located(loc["divergence"]),
+        *lab_lines,
         f"report: {Path(summary['out_dir']) / 'index.html'}",
     ] if line)
 
@@ -371,6 +400,7 @@ body{font-family:system-ui,sans-serif;margin:2em;max-width:70em;color:#222}
 .top{outline:1px solid #000}
 .topd{border-bottom:2px dashed #000}
 .end{font-size:.75em;color:#777;border:1px solid #bbb;padding:0 2px}
+.cut{font-size:.75em;color:#a33;border:1px dashed #a33;padding:0 2px;margin-left:.3em}
 .legend span{display:inline-block;width:2.2em;text-align:center;font-size:.8em}
 .charts{display:flex;gap:2em;flex-wrap:wrap}
 """
@@ -408,12 +438,18 @@ def _response(index: int, row_id, signal: TokenSignal, span, scale: float) -> st
         title = f"token {t} (id {tid}) {piece!r}\ndivergence {div:.4g}\ntoken KL reward {kl_reward:+.4g}"
         classes = ("t" + (" fw" if t in step else "") + (" top" if t == top else "")
                    + (" topd" if t == top_divergence else ""))
-        shown = html.escape(piece) if piece else '<span class="end">end</span>'
+        # a piece with no text: the end-of-turn token that closes a finished answer, or a token whose text
+        # falls in its neighbour's (a part of one character), shown as a dot
+        ending = signal.finished and t == len(signal.ids) - 1
+        shown = html.escape(piece) if piece else f'<span class="end">{"end" if ending else "·"}</span>'
         spans.append(f'<span class="{classes}" style="background:{_colour(div, scale)}" data-d="{div:.6g}" '
                      f'data-r="{kl_reward:.6g}" title="{html.escape(title)}">{shown}</span>')
+    if not signal.finished:  # no end token was sampled: say so after the last token instead
+        spans.append('<span class="cut">cut by the token cap</span>')
     mean = sum(signal.divergence) / len(signal.divergence) if signal.divergence else 0.0
     meta = (f"#{index} · {html.escape(str(row_id))} · reward {signal.reward:g} · "
-            f"P_r: <q>{html.escape(signal.phrase)}</q> · {len(signal.ids)} tokens · mean divergence {mean:.3g}"
+            f"P_r: <q>{html.escape(signal.phrase)}</q> · {len(signal.ids)} tokens"
+            + ("" if signal.finished else " (cut by the token cap)") + f" · mean divergence {mean:.3g}"
             + (" · first wrong step underlined" if step else ""))
     return (f'<div class="resp"><div class="meta">{meta}</div>'
             f'<div class="meta">{html.escape(signal.prompt)}</div><div class="text">{"".join(spans)}</div></div>')
@@ -455,6 +491,10 @@ def _page(entries: list[tuple], summary: dict) -> str:
         loc = summary["localization"][measure]["wrong"]
         return "n/a" if loc["ratio"] is None else (f"{loc['top_kl_in_first_wrong_step']:.1%} vs chance "
                                                    f"{loc['chance']:.1%} (ratio {loc['ratio']:.2f}, n={loc['n']})")
+    lab = summary["localization"] is not None
+    located = (f"<p>Token with the highest token KL reward inside the first wrong step: {rate('token_kl_reward')};\n"
+               f"highest-divergence token: {rate('divergence')}.</p>") if lab else ""
+    underline = "On lab problems the first wrong step of a wrong answer is underlined;\n" if lab else ""
     charts = _chart("wrong answers (r = 0)", shares["wrong"], top) + _chart("right answers (r = 1)",
                                                                            shares["right"], top)
     sections = []
@@ -469,8 +509,8 @@ def _page(entries: list[tuple], summary: dict) -> str:
 <p>Student <code>{html.escape(summary['student'])}</code>, teacher <code>{html.escape(summary['teacher'])}</code>,
 {html.escape(str(summary['divergence']))} divergence on the teacher's top-{html.escape(str(summary['top_k']))} tokens.
 Each token is coloured by its Phase 2 loss term; hover for the numbers (divergence, and the token KL
-reward log p_S(y_t) - log p_T(y_t)). On lab problems the first wrong step of a wrong answer is underlined;
-each response's highest token KL reward is outlined, its highest divergence dashed underneath.</p>
+reward log p_S(y_t) - log p_T(y_t)). {underline}each response's highest token KL reward is outlined, its
+highest divergence dashed underneath. A response cut by the token cap is marked so; it has no end token.</p>
 <p>Colour by: <label><input type="radio" name="mode" id="mode-d" checked> divergence</label>
 <label><input type="radio" name="mode" id="mode-r"> token KL reward (red: the student likes the token more
 than the teacher; blue: less)</label> · <span id="status"></span></p>
@@ -479,8 +519,7 @@ than the teacher; blue: less)</label> · <span id="status"></span></p>
 <p>Tokens sorted by divergence and cut into {len(shares['wrong'] or shares['right'])} equal-count buckets;
 each bar is a bucket's share of the total divergence.</p>
 <div class="charts">{charts}</div>
-<p>Token with the highest token KL reward inside the first wrong step: {rate("token_kl_reward")};
-highest-divergence token: {rate("divergence")}.</p>
+{located}
 {"".join(sections)}
 <script>{_SCRIPT}</script>
 </body></html>
