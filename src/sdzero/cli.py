@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(evaluate)
 
     inspect = commands.add_parser("inspect", help="per-token teacher-student signal of a run, as HTML and text",
-                                  description="Writes OUT/index.html, OUT/localization.json and OUT/signals.jsonl.")
+                                  description="Writes OUT/index.html, OUT/signals.jsonl and, on the lab task, "
+                                              "OUT/localization.json.")
     inspect.add_argument("--run", type=Path, required=True, help="run directory (with srt/, sdzero/, eval/)")
     inspect.add_argument("--out", type=Path, help="output folder (default: RUN/inspect)")
     inspect.add_argument("--n", type=int, default=200, help="responses to analyse (default: %(default)s)")
