@@ -232,14 +232,16 @@ def test_malformed_code_tests(tmp_path, tests, message):
 
 def test_split_is_disjoint_deterministic_and_seeded():
     pool = math_rows(50)
-    n1, n2, held = split_problems(pool, 20, 15, 10, seed=1)
+    sets = split_problems(pool, 20, 15, 10, seed=1)
+    n1, n2, held = sets.n1, sets.n2, sets.held_out
     ids = [p["id"] for p in n1 + n2 + held]
-    assert (len(n1), len(n2), len(held)) == (20, 15, 10) and len(set(ids)) == 45
-    assert split_problems(pool, 20, 15, 10, seed=1) == (n1, n2, held)
-    m1, _, held_other_seed = split_problems(pool, 20, 15, 10, seed=2)
-    assert [p["id"] for p in m1] != [p["id"] for p in n1]
-    assert held_other_seed == held  # the held-out set does not move with the run seed
-    with pytest.raises(ValueError, match=r"the problem pool has 50 problems; requested n_phase1=30 \+ n_phase2=15 \+ n_eval=10 = 55"):
+    assert (len(n1), len(n2), len(held), len(sets.validation)) == (20, 15, 10, 0) and len(set(ids)) == 45
+    assert split_problems(pool, 20, 15, 10, seed=1) == sets
+    other_seed = split_problems(pool, 20, 15, 10, seed=2)
+    assert [p["id"] for p in other_seed.n1] != [p["id"] for p in n1]
+    assert other_seed.held_out == held  # the held-out set does not move with the run seed
+    with pytest.raises(ValueError, match=r"the problem pool has 50 problems; requested n_phase1=30 \+ n_phase2=15 \+ "
+                                         r"n_validation=0 \+ n_eval=10 = 55"):
         split_problems(pool, 30, 15, 10, seed=1)
 
 

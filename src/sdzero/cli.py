@@ -47,7 +47,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
                                        "(sets data.path)")
     parser.add_argument("--task", help='the verifier: "math", "code", "lab", or package.module:function')
     parser.add_argument("--max-new-tokens", type=int, help="longest sampled response")
-    parser.add_argument("--limit", type=int, help="use at most N problems in each set (N1, N2, held-out)")
+    parser.add_argument("--limit", type=int, help="use at most N problems in each set (N1, N2, validation, held-out)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--restart", action="store_true",
                         help="when OUT was made with other settings, move the outputs they make stale to "
@@ -175,6 +175,7 @@ def _run_config(args, run_dir: Path | None = None):
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
         cfg.n_phase1, cfg.n_phase2 = min(cfg.n_phase1, args.limit), min(cfg.n_phase2, args.limit)
         cfg.eval.n_problems = min(cfg.eval.n_problems, args.limit)
+        cfg.eval.validation_problems = min(cfg.eval.n_validation(), args.limit)
     from sdzero.training import seed_everything
 
     seed_everything(cfg.seed)
@@ -261,7 +262,7 @@ def cmd_collect(args) -> None:
     cfg = _run_config(args, args.out)
     record = _open_run(args, cfg)
     main = is_main_process()
-    n1, _, _ = problem_sets(cfg, record_dir=args.out)
+    n1 = problem_sets(cfg, record_dir=args.out).n1
     fingerprint = check_base_model(args.out, record, cfg, load_tokenizer(cfg.model), main_process=main)
     # Collection always continues the problems already done, so only the same settings may add to them.
     begin_stage(args.out, "phase1", phase1_settings(cfg, fingerprint), restart=args.restart, resume=True,
@@ -312,7 +313,7 @@ def cmd_distill(args) -> None:
     from sdzero.distill import check_teacher_room, distill, teacher_context_limit
     from sdzero.generation import make_generator
     from sdzero.modeling import load_tokenizer, max_positions, same_tokenizer
-    from sdzero.pipeline import curve_accuracy, load_run_model, problem_sets, save_stage, trainable
+    from sdzero.pipeline import curve_accuracy, curve_problems, load_run_model, problem_sets, save_stage, trainable
     from sdzero.rundir import begin_stage, check_base_model, check_tokenizer, model_fingerprint, sdzero_settings
     from sdzero.training import is_main_process, wait_for_everyone
 
@@ -333,7 +334,8 @@ def cmd_distill(args) -> None:
     if args.teacher and not same_tokenizer(tokenizer, load_tokenizer(args.teacher)):
         raise ValueError(f"the teacher {args.teacher} uses another tokenizer than the student {cfg.model}: it must "
                          "score the student's token ids, so both need the same vocabulary")
-    _, n2, held_out = problem_sets(cfg, record_dir=args.out)
+    sets = problem_sets(cfg, record_dir=args.out)
+    n2, validation = sets.n2, curve_problems(cfg, sets)
     check_teacher_room(tokenizer, n2, cfg.phrases(), cfg.distill.teacher_max_length, cfg.system_prompt)
     teacher_fingerprint = model_fingerprint(args.teacher) if args.teacher else "frozen copy of the student"
     begin_stage(args.out, "sdzero", sdzero_settings(cfg, model_fingerprint(cfg.model), teacher_fingerprint),
@@ -344,16 +346,16 @@ def cmd_distill(args) -> None:
     teacher = load_run_model(cfg, args.teacher)[0] if args.teacher else None
     model = trainable(model, cfg)
     verifier = cfg.verifier()
-    # The held-out curve, as `run` tracks it: eval_every, keep-best and the refresh rules depend on it.
+    # The validation curve, as `run` tracks it: eval_every, keep-best and the refresh rules depend on it.
     generator = make_generator(model, tokenizer, cfg.sampling)
-    curve = curve_accuracy(cfg, generator, held_out[:cfg.eval.curve_problems], verifier)
+    curve = curve_accuracy(cfg, generator, validation, verifier)
     summary = distill(model, tokenizer, n2, verifier, cfg.phrases(), cfg.sampling, cfg.distill,
                       teacher=teacher, out_dir=args.out / "sdzero", seed=cfg.seed, evaluate_fn=curve,
                       system_prompt=cfg.system_prompt, progress=not args.quiet, resume=args.resume,
                       log_config=cfg.log, generator=generator)
     save_stage(model, tokenizer, args.out / "sdzero", cfg, "sdzero")  # every process: the main one writes
-    best = (f"; kept the best tracked student, step {summary['best_step']} ({summary['best_accuracy']:.3f})"
-            if cfg.distill.keep_best and summary["best_step"] is not None else "")
+    best = (f"; kept the best student on the validation curve, step {summary['best_step']} "
+            f"({summary['best_accuracy']:.3f})" if cfg.distill.keep_best and summary["best_step"] is not None else "")
     say(f"{summary['steps']} steps in {summary['seconds']:.0f} s{best}; saved {args.out / 'sdzero'}")
 
 
@@ -382,7 +384,8 @@ def cmd_eval(args) -> None:
         cfg.eval.n_problems = args.n
     if run is None:
         cfg.n_phase1 = cfg.n_phase2 = 0  # only the held-out problems are needed
-        _, _, held_out = problem_sets(cfg)
+        cfg.eval.validation_problems = 0
+        held_out = problem_sets(cfg).held_out
     else:
         # The run's recorded held-out set, never a new draw: --n takes a prefix of it.
         split = json.loads((run / "split.json").read_text())
@@ -392,13 +395,13 @@ def cmd_eval(args) -> None:
                              f"(the others are training problems or not in the run)")
         cfg.n_phase1, cfg.n_phase2 = len(split["n_phase1"]), len(split["n_phase2"])
         cfg.eval.n_problems = len(split["held_out"])
+        cfg.eval.validation_problems = len(split.get("validation", []))  # none in a split from an older sdzero
         record = read_run(run)
         found = differences(record["identity"], run_identity(cfg)) if record else []
         if found:
             raise ValueError(f"this command's settings are not those of the run in {run} ({'; '.join(found[:3])}): "
                              f"evaluate with its configuration, --config {run / 'config.yaml'}")
-        _, _, held_out = problem_sets(cfg, record_dir=run)
-        held_out = held_out[:n]
+        held_out = problem_sets(cfg, record_dir=run).held_out[:n]
     if args.out:
         settings = stage_settings(model=model_fingerprint(cfg.model), problems=[p["id"] for p in held_out],
                                   k=cfg.eval.k, sampling=cfg.sampling,

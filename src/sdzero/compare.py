@@ -12,10 +12,15 @@ Budget matching (per seed), counted in generations (sampled responses):
     rounded to whole optimiser steps of prompts_per_step questions. A run whose actual generations
     differ from T by more than `compare.tolerance` (5%) is refused before it trains, and the report
     shows every method's actual budget.
-Sample-efficiency curves are measured on the first eval.curve_problems held-out problems at
-avg@eval.curve_k (the base model at 0 generations, then along each run, always at its final budget);
-those evaluations are not billed to any method. "Generations to reach GRPO" is the budget of the
-first point of a method's seed-mean curve at or above GRPO's final seed-mean curve accuracy.
+Sample-efficiency curves are measured on the first eval.curve_problems validation problems (training-side
+problems kept out of N1 and N2, the same for every seed) at avg@eval.curve_k (the base model at 0 generations,
+then along each run, always at its final budget); those evaluations are not billed to any method.
+"Generations to reach GRPO" is the budget of the first point of a method's seed-mean curve at or above GRPO's
+final seed-mean curve accuracy.
+
+Selection (`compare.selection`): "none" evaluates each method's final model on the held-out set; "validation"
+evaluates each method's model at its best validation curve point, chosen by the same rule on the same problems
+and k for every method. Either way nothing is chosen on the held-out problems.
 
 The run directory:
     config.yaml               the resolved configuration
@@ -47,12 +52,14 @@ from sdzero.distill import distill, teacher_context_limit
 from sdzero.evaluate import evaluate
 from sdzero.generation import Generator
 from sdzero.modeling import max_positions
-from sdzero.pipeline import load_run_model, trainable
+from sdzero.pipeline import curve_problems, load_run_model, trainable
 from sdzero.rundir import model_fingerprint, move_aside, stale_folder
 from sdzero.srt import train_srt
 from sdzero.training import read_jsonl, seed_everything
 
 METHODS = ("sdzero", "rft", "grpo", "sdft")
+SELECTIONS = ("none", "validation")
+"""`compare.selection`: the final model of each method, or its best point on the validation curve."""
 
 
 @dataclass
@@ -67,6 +74,9 @@ class CompareConfig:
     """Total generations per method; None = SD-Zero's actual count in each seed."""
     tolerance: float = 0.05
     """Largest allowed relative gap between a method's generations and the target."""
+    selection: str = "none"
+    """Which model of each method is evaluated on the held-out set: "none" = its final model; "validation" = its
+    model at its best validation curve point (the same problems, k and rule for every method)."""
     rft: RFTConfig = field(default_factory=RFTConfig)
     grpo: GRPOBaselineConfig = field(default_factory=GRPOBaselineConfig)
     sdft: SDFTBaselineConfig = field(default_factory=SDFTBaselineConfig)
@@ -87,6 +97,8 @@ class CompareConfig:
             raise ValueError(f"compare.budget must be >= 1 generation, got {self.budget}")
         if not 0 < self.tolerance < 1:
             raise ValueError(f"compare.tolerance must lie in (0, 1), got {self.tolerance}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"compare.selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
         return self
 
 
@@ -142,7 +154,8 @@ def run_sdzero(model, tokenizer, cfg: RunConfig, n1, n2, verifier, budget: Budge
     budget.question_ids.update(p["id"] for p in n1)
     budget.generations += collection["generations"]
     budget.sampled_tokens += collection["sampled_tokens"]
-    # Every method is judged on its final weights: no method picks its best point on the curve.
+    # Phase 2 never picks its own best point: with compare.selection "validation" every method's best point is
+    # picked the same way, by the curve function (BestOnValidation).
     distill_cfg = dataclasses.replace(cfg.distill, keep_best=False)
     if target is not None:
         steps = round((target - collection["generations"]) / distill_cfg.prompts_per_step)
@@ -189,6 +202,36 @@ def run_sdzero(model, tokenizer, cfg: RunConfig, n1, n2, verifier, budget: Budge
                    "curve": curve}
 
 
+class BestOnValidation:
+    """A curve function that also keeps the trainable weights of the best model it has evaluated (the first one
+    of the highest accuracy), so a method's held-out evaluation can use its best validation curve point."""
+
+    def __init__(self, accuracy_fn):
+        self.accuracy_fn = accuracy_fn
+        self.calls, self.best_accuracy, self.best_call, self.best_weights = 0, None, None, None
+
+    def __call__(self, model) -> float:
+        accuracy = self.accuracy_fn(model)
+        if self.best_accuracy is None or accuracy > self.best_accuracy:
+            # Only what training changes: a LoRA run keeps its adapters, a full fine-tune every weight.
+            self.best_weights = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+            self.best_accuracy, self.best_call = accuracy, self.calls
+        self.calls += 1
+        return accuracy
+
+    def restore(self, model, curve: list[dict]) -> dict:
+        """Load the best weights into `model`; which curve point they are (each evaluation is one point)."""
+        if self.best_weights is None:
+            raise ValueError("compare.selection validation: the method evaluated no validation curve point")
+        unexpected = model.load_state_dict(self.best_weights, strict=False).unexpected_keys
+        if unexpected:
+            raise ValueError(f"compare.selection validation: the best model's weights do not fit the trained model "
+                             f"({unexpected[0]!r})")
+        point = curve[self.best_call] if self.best_call < len(curve) else {}
+        return {"point": self.best_call, "generations": point.get("generations"),
+                "validation_accuracy": self.best_accuracy}
+
+
 def write_sdzero_metrics(out: Path, collection: dict, srt_trained_tokens: int) -> None:
     """SD-Zero's per-step metrics.jsonl for the whole method: SRT then Phase 2 steps, with budget counters
     that include Phase 1's collection (the stages' own logs count only their own stage)."""
@@ -210,15 +253,18 @@ def run_method(method: str, cfg: RunConfig, ccfg: CompareConfig, seed: int, out:
     """Train one method from the base model for one seed; returns its results row."""
     seed_everything(seed)
     verifier = cfg.verifier()
-    sets = load_problem_sets(cfg.data, cfg.task, cfg.n_phase1, cfg.n_phase2, cfg.eval.n_problems, seed)
-    n1, n2, held_out = sets.n1, sets.n2, sets.held_out
-    curve_problems = held_out[:cfg.eval.curve_problems]
+    sets = load_problem_sets(cfg.data, cfg.task, cfg.n_phase1, cfg.n_phase2, cfg.eval.n_problems, seed,
+                             n_validation=cfg.eval.n_validation())
+    n1, n2, held_out, validation = sets.n1, sets.n2, sets.held_out, curve_problems(cfg, sets)
     model, tokenizer = load_run_model(cfg)
     method_dir = out / f"seed{seed}" / method
 
-    def curve_fn(m) -> float:
-        return evaluate(Generator(m, tokenizer, cfg.sampling), curve_problems, verifier, k=cfg.eval.curve_k,
+    def validation_accuracy(m) -> float:
+        return evaluate(Generator(m, tokenizer, cfg.sampling), validation, verifier, k=cfg.eval.curve_k,
                         system_prompt=cfg.system_prompt, progress=False)["accuracy"]
+
+    selecting = ccfg.selection == "validation" and method != "base"
+    curve_fn = BestOnValidation(validation_accuracy) if selecting else validation_accuracy
 
     budget = Budget()
     if method == "base":
@@ -248,6 +294,10 @@ def run_method(method: str, cfg: RunConfig, ccfg: CompareConfig, seed: int, out:
             summary = train_sdft(model, tokenizer, questions, cfg.sampling, ccfg.sdft, budget,
                                  out_dir=method_dir, **common)
     spent = budget.summary()
+    if selecting:
+        summary["selected"] = curve_fn.restore(model, summary.get("curve", []))
+        log(f"[seed {seed}] {method}: evaluating its model of validation curve point {summary['selected']['point']} "
+            f"(validation avg@{cfg.eval.curve_k} = {summary['selected']['validation_accuracy']:.3f})")
     result = evaluate(Generator(model, tokenizer, cfg.sampling), held_out, verifier, k=cfg.eval.k,
                       system_prompt=cfg.system_prompt, samples_path=out / f"seed{seed}" / "eval" / f"{method}.jsonl",
                       desc=f"evaluate {method}", progress=progress)
@@ -316,6 +366,7 @@ def method_settings(cfg: RunConfig, ccfg: CompareConfig, method: str, target: in
         for key in ("collect", "srt", "distill"):
             run.pop(key)
     settings = {"run": run, "base_model": base_model, "target_generations": target, "tolerance": ccfg.tolerance,
+                "selection": ccfg.selection if method != "base" else None,
                 "method": dataclasses.asdict(getattr(ccfg, method)) if method in ("rft", "grpo", "sdft") else None}
     return json.loads(json.dumps(settings))
 
@@ -389,7 +440,8 @@ def write_report(out: Path, cfg: RunConfig, ccfg: CompareConfig, rows: list[dict
         "methods": methods,
         "metric": f"avg@{cfg.eval.k}", "k": cfg.eval.k, "n_eval_problems": cfg.eval.n_problems,
         "seeds": sorted({r["seed"] for r in rows}),
-        "curve_metric": f"avg@{cfg.eval.curve_k} on the first {cfg.eval.curve_problems} held-out problems",
+        "curve_metric": f"avg@{cfg.eval.curve_k} on the first {cfg.eval.curve_problems} validation problems",
+        "selection": selection_text(cfg, ccfg),
         "budget": {"target": ccfg.budget if ccfg.budget is not None else "SD-Zero's actual generations per seed",
                    "tolerance": ccfg.tolerance},
         "grpo_final_curve_accuracy": methods["grpo"]["curve"][-1]["accuracy_mean"] if "grpo" in methods else None,
@@ -398,6 +450,15 @@ def write_report(out: Path, cfg: RunConfig, ccfg: CompareConfig, rows: list[dict
     (out / "report.md").write_text(markdown_table(report))
     plot_curves(out / "sample_efficiency.png", report)
     return report
+
+
+def selection_text(cfg: RunConfig, ccfg: CompareConfig) -> str:
+    """How the model of each method evaluated on the held-out set was chosen, in the report's words."""
+    if ccfg.selection == "none":
+        return "none: each method's final model"
+    n_curve = min(cfg.eval.curve_problems, cfg.eval.n_validation())
+    return (f"validation: each method's model at its best validation curve point (avg@{cfg.eval.curve_k} on "
+            f"{n_curve} validation problems, the same for every method)")
 
 
 def markdown_table(report: dict) -> str:
@@ -421,7 +482,7 @@ def markdown_table(report: dict) -> str:
     seeds = ", ".join(map(str, report["seeds"]))
     lines.append("")
     lines.append(f"{report['metric']} on {report['n_eval_problems']} held-out problems; seeds {seeds}; "
-                 f"curves: {report['curve_metric']}.")
+                 f"curves: {report['curve_metric']}; selection: {report.get('selection', 'none')}.")
     return "\n".join(lines) + "\n"
 
 
@@ -445,7 +506,7 @@ def plot_curves(path: Path, report: dict) -> None:
     if report.get("grpo_final_curve_accuracy") is not None:
         ax.axhline(report["grpo_final_curve_accuracy"], linestyle=":", color="gray", label="GRPO final")
     ax.set_xlabel("generations sampled")
-    ax.set_ylabel(f"held-out accuracy ({report['curve_metric'].split(' on ')[0]})")
+    ax.set_ylabel(f"validation accuracy ({report['curve_metric'].split(' on ')[0]})")
     ax.set_title(f"Sample efficiency (mean ± std over {len(report['seeds'])} seed(s))")
     if ax.get_legend_handles_labels()[0]:  # nothing to label before the first method has finished
         ax.legend(fontsize=8)

@@ -41,8 +41,12 @@ class EvalConfig:
     """Samples per problem for avg@k (paper: 8)."""
     n_problems: int = 200
     """Held-out problems evaluated (the same ones for every run seed)."""
+    validation_problems: int | None = None
+    """Validation problems: taken from the training pool next to N1 and N2 (never held out, the same for every
+    run seed). Phase 2's learning curve, keep-best, the plateau rule and the gated refresh are measured on them,
+    so the held-out set only gives the final figures. None: eval.curve_problems."""
     curve_problems: int = 100
-    """Held-out problems used for the Phase 2 learning curve (avg@curve_k)."""
+    """Validation problems the Phase 2 learning curve (avg@curve_k) is measured on: the first N of them."""
     curve_k: int = 2
     """Samples per problem for the learning curve."""
     revise_problems: int = 100
@@ -54,10 +58,15 @@ class EvalConfig:
     always the wrong-answer phrase (no verifier consulted before revising)."""
 
     def validate(self) -> None:
-        check_ranges("eval", self, {"k": ">= 1", "n_problems": ">= 1", "curve_problems": ">= 1", "curve_k": ">= 1",
-                                    "revise_problems": ">= 0", "revise_k": ">= 1"})
+        check_ranges("eval", self, {"k": ">= 1", "n_problems": ">= 1", "validation_problems": ">= 1",
+                                    "curve_problems": ">= 1", "curve_k": ">= 1", "revise_problems": ">= 0",
+                                    "revise_k": ">= 1"})
         if self.revise_feedback not in FEEDBACK:
             raise ValueError(f"eval.revise_feedback must be one of {', '.join(FEEDBACK)}, got {self.revise_feedback!r}")
+
+    def n_validation(self) -> int:
+        """How many validation problems the run draws (validation_problems, or curve_problems when unset)."""
+        return self.curve_problems if self.validation_problems is None else self.validation_problems
 
 
 @dataclass
@@ -74,7 +83,8 @@ class EvolveConfig:
     """Synced run: copy the student into the teacher when the tracked accuracy has not improved for this
     many evaluations (None: only every sync_every steps)."""
     eval_every: int = 10
-    """Steps between evaluations of the tracked accuracy (avg@eval.curve_k on eval.curve_problems)."""
+    """Steps between evaluations of the tracked accuracy (avg@eval.curve_k on the first eval.curve_problems
+    validation problems)."""
 
 
 @dataclass

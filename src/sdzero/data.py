@@ -1,5 +1,5 @@
 """Problem sets: read math or code problems from a local file or a Hugging Face dataset, validate
-every row, and split them into disjoint N1 (Phase 1), N2 (Phase 2) and held-out evaluation sets.
+every row, and split them into disjoint N1 (Phase 1), N2 (Phase 2), validation and held-out evaluation sets.
 
 A math problem is `{"id", "problem", "answer"}`, a code problem `{"id", "problem", "tests"}` with
 stdin tests `[{"input": str, "output": str}, ...]` or call tests `[{"fn_name", "args", "expected"}, ...]`
@@ -47,10 +47,12 @@ FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 SOURCES = {"humaneval": "sdzero.codesuites:humaneval_rows"}
 """`data.source` names (the part before any ":") -> "module:function" that makes that source's problem sets."""
 EVAL_SHUFFLE_SEED = 0
-"""The held-out set is drawn with this fixed seed, so every run seed is evaluated on the same problems."""
+"""The held-out and validation sets are drawn with this fixed seed, so every run seed is evaluated (and its
+Phase 2 checkpoints are chosen) on the same problems."""
 SPLIT_RULE = (
     f"held_out = the first n_eval problems of the pool shuffled with seed {EVAL_SHUFFLE_SEED} (the same "
     "for every run seed; the whole eval set is shuffled instead when an eval file is given); "
+    "validation = the next n_validation problems of that shuffle (the first ones when an eval file is given); "
     "n_phase1 = the first n_phase1 of the remaining problems shuffled with the run seed, "
     "n_phase2 = the next n_phase2. Too few problems is an error."
 )
@@ -111,8 +113,14 @@ class ProblemSets:
     """The problems of one run, and what was left out of them."""
 
     n1: list[dict]
+    """Phase 1's problems (collection)."""
     n2: list[dict]
+    """Phase 2's problems (self-distillation)."""
     held_out: list[dict]
+    """The evaluation problems the final figures are reported on; nothing is chosen on them."""
+    validation: list[dict] = field(default_factory=list)
+    """Problems from the training side, disjoint from N1, N2 and held-out, the same for every run seed: Phase 2's
+    learning curve, keep-best, the plateau rule and the gated refresh are measured on them."""
     skipped: dict = field(default_factory=dict)
     """{"train": summary, "eval": summary}, each {"count", "reasons": {reason: count}, "rows": first 5}."""
 
@@ -504,19 +512,20 @@ def _shuffled(problems: list[dict], seed: int) -> list[dict]:
 
 
 def split_problems(
-    problems: list[dict], n_phase1: int, n_phase2: int, n_eval: int, seed: int
-) -> tuple[list[dict], list[dict], list[dict]]:
-    """Disjoint N1, N2 and held-out problems by SPLIT_RULE; an error when the pool is too small."""
-    wanted = n_phase1 + n_phase2 + n_eval
-    if min(n_phase1, n_phase2, n_eval) < 0 or wanted > len(problems):
+    problems: list[dict], n_phase1: int, n_phase2: int, n_eval: int, seed: int, n_validation: int = 0
+) -> ProblemSets:
+    """Disjoint N1, N2, validation and held-out problems by SPLIT_RULE; an error when the pool is too small."""
+    wanted = n_phase1 + n_phase2 + n_validation + n_eval
+    if min(n_phase1, n_phase2, n_validation, n_eval) < 0 or wanted > len(problems):
         raise ValueError(
             f"the problem pool has {len(problems)} problems; requested n_phase1={n_phase1} + "
-            f"n_phase2={n_phase2} + n_eval={n_eval} = {wanted}"
+            f"n_phase2={n_phase2} + n_validation={n_validation} + n_eval={n_eval} = {wanted}"
         )
-    held_out = _shuffled(problems, EVAL_SHUFFLE_SEED)[:n_eval]
-    held_ids = {p["id"] for p in held_out}
-    train = _shuffled([p for p in problems if p["id"] not in held_ids], seed)
-    return train[:n_phase1], train[n_phase1 : n_phase1 + n_phase2], held_out
+    fixed_order = _shuffled(problems, EVAL_SHUFFLE_SEED)  # the same for every run seed
+    held_out, validation = fixed_order[:n_eval], fixed_order[n_eval : n_eval + n_validation]
+    fixed_ids = {p["id"] for p in held_out + validation}
+    train = _shuffled([p for p in problems if p["id"] not in fixed_ids], seed)
+    return ProblemSets(train[:n_phase1], train[n_phase1 : n_phase1 + n_phase2], held_out, validation)
 
 
 def eval_source(data: DataConfig) -> dict | None:
@@ -577,24 +586,28 @@ def load_problem_sets(
     n_eval: int,
     seed: int,
     record_dir: str | Path | None = None,
+    n_validation: int = 0,
 ) -> ProblemSets:
-    """N1, N2 and held-out problems for a run; writes record_dir/split.json when record_dir is given."""
+    """N1, N2, validation and held-out problems for a run; writes record_dir/split.json when record_dir is given.
+    The validation problems come out of the training pool, next to N1 and N2 (not out of their counts)."""
     rules = data_rules(task)  # refuses an unknown task
     check_source(data, task)
     source, held_source = {"path": data.path, "name": data.name, "split": data.split}, None
     if is_gym_source(data):
         from sdzero import gym
 
-        sets = gym.problem_sets(data, task, n_phase1, n_phase2, n_eval, seed)
+        sets = gym.problem_sets(data, task, n_phase1, n_phase2, n_eval, seed, n_validation)
         source, rule = gym.source_record(data), gym.SPLIT_RULE
     elif data.path is None and data.source is None:
         if rules != "lab":
             raise ValueError(f"data.path is required for task {task!r} (only the lab task has built-in problems)")
         from sdzero import lab
 
-        sets = ProblemSets(*lab.problem_sets(n_phase1, n_phase2, n_eval, seed))
+        n1, n2, held_out = lab.problem_sets(n_phase1, n_phase2, n_eval, seed, n_validation)
+        sets = ProblemSets(n1, n2, held_out, lab.validation_problems(n_validation))
         source = {"builtin": "lab"}
-        rule = "sdzero.lab.problem_sets (N1, N2 by the run seed; held-out by a fixed seed)"
+        rule = ("sdzero.lab.problem_sets (N1, N2 by the run seed; validation from the training side and held-out, "
+                "each by a fixed seed)")
     else:
         rule = SPLIT_RULE
         if data.source is not None:
@@ -604,7 +617,8 @@ def load_problem_sets(
             pool, skipped = load_problems(data.path, data, task, name=data.name, split=data.split)
         held_source = eval_source(data)
         if held_source is None:
-            sets = ProblemSets(*split_problems(pool, n_phase1, n_phase2, n_eval, seed), skipped={"train": skipped})
+            sets = split_problems(pool, n_phase1, n_phase2, n_eval, seed, n_validation)
+            sets.skipped = {"train": skipped}
         else:
             evals, eval_skipped = load_problems(**held_source, data=data, task=task)
             if n_eval > len(evals):
@@ -618,14 +632,15 @@ def load_problem_sets(
                 skipped["reasons"]["same text as an evaluation problem"] = len(leaked)
                 skipped["rows"] = (skipped["rows"] + [f"id {i}" for i in leaked])[:5]
                 pool = [p for p in pool if json.dumps(p["problem"]) not in eval_texts]
-            n1, n2, _ = split_problems(pool, n_phase1, n_phase2, 0, seed)
-            held_out = _shuffled(evals, EVAL_SHUFFLE_SEED)[:n_eval]
-            sets = ProblemSets(n1, n2, held_out, skipped={"train": skipped, "eval": eval_skipped})
+            sets = split_problems(pool, n_phase1, n_phase2, 0, seed, n_validation)
+            sets.held_out = _shuffled(evals, EVAL_SHUFFLE_SEED)[:n_eval]
+            sets.skipped = {"train": skipped, "eval": eval_skipped}
     if record_dir is not None:
         record = {
             "task": task, "source": source, "eval_source": held_source, "seed": seed, "rule": rule,
             "n_phase1": [p["id"] for p in sets.n1], "n_phase2": [p["id"] for p in sets.n2],
-            "held_out": [p["id"] for p in sets.held_out], "skipped": sets.skipped,
+            "validation": [p["id"] for p in sets.validation], "held_out": [p["id"] for p in sets.held_out],
+            "skipped": sets.skipped,
         }  # fmt: skip
         path = Path(record_dir) / "split.json"
         if path.exists():
@@ -643,10 +658,18 @@ def check_split(path: Path, recorded: dict, drawn: dict) -> None:
         if recorded.get(key) != drawn[key]:
             raise ValueError(f"{path}: the run's split was drawn with {key} {recorded.get(key)!r}; this command has "
                              f"{drawn[key]!r} (use another --out for another split)")
-    for key in ("n_phase1", "n_phase2", "held_out"):
+    if "validation" not in recorded and drawn["validation"]:
+        # A split from before validation sets: its held-out set stays readable (a command that asks for no
+        # validation problems draws the same sets), but Phase 2 would choose on held-out problems.
+        raise ValueError(f"{path}: the run's split has no validation set (it was recorded by an older sdzero); pass "
+                         "--restart to start the run again with one, or use another --out")
+    recorded = {"validation": [], **recorded}
+    keys = ("n_phase1", "n_phase2", "validation", "held_out")
+    for key in keys:  # sizes first: another validation size moves N1 and N2 too, and is the cause to name
         if len(recorded[key]) != len(drawn[key]):
             raise ValueError(f"{path}: the run's {key} set has {len(recorded[key])} problems; this command asks for "
                              f"{len(drawn[key])} (keep the run's --limit and set sizes, or use another --out)")
+    for key in keys:
         moved = next((i for i in drawn[key] if i not in set(recorded[key])), None)
         if moved is not None:
             raise ValueError(f"{path}: problem {moved!r} is not in the run's recorded {key} set: the data changed "

@@ -4,11 +4,11 @@ With a frozen teacher, Phase 2 can at best make the generator as good as the SRT
 gain plateaus. Setting teacher <- student lets a better generator become a better reviser, whose
 signal is distilled in turn. `self_evolution` tests this on the lab task: starting from the same
 SRT model with the same seed (so both runs are identical up to the first sync), it trains Phase 2
-once with a frozen teacher and once with teacher sync, tracks held-out accuracy along the way,
-evaluates both final students with avg@k, and writes
+once with a frozen teacher and once with teacher sync, tracks validation accuracy along the way (the plateau
+rule and keep-best act on it), evaluates both resulting students with avg@k on the held-out set, and writes
 
     evolve/frozen/, evolve/synced/    metrics.jsonl of each run and its evaluation samples
-    evolve/report.json                both curves, the sync steps, final avg@k and lengths
+    evolve/report.json                both curves, the sync steps, final avg@k and lengths, and the selection
     evolve/self_evolution.png         accuracy over Phase 2 steps, sync points marked
 """
 
@@ -22,7 +22,8 @@ from sdzero.config import RunConfig
 from sdzero.distill import distill
 from sdzero.evaluate import evaluate
 from sdzero.generation import make_generator
-from sdzero.pipeline import curve_accuracy, load_run_model, problem_sets, run_pipeline, trainable
+from sdzero.pipeline import (curve_accuracy, curve_problems, load_run_model, problem_sets, run_pipeline, selection,
+                             trainable)
 from sdzero.rundir import open_run
 from sdzero.training import seed_everything
 
@@ -38,15 +39,15 @@ def self_evolution(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True
         run_pipeline(cfg, run_dir, progress=progress, log=log, limit=limit)
     open_run(run_dir, cfg, log=log)
     verifier = cfg.verifier()
-    _, n2, held_out = problem_sets(cfg, record_dir=run_dir, log=log)
-    curve_problems = held_out[:cfg.eval.curve_problems]
+    sets = problem_sets(cfg, record_dir=run_dir, log=log)
+    n2, held_out, curve = sets.n2, sets.held_out, curve_problems(cfg, sets)
     e = cfg.evolve
     runs = {"frozen": replace(cfg.distill, max_steps=e.max_steps, eval_every=e.eval_every, sync_every=None,
                               sync_patience=None),
             "synced": replace(cfg.distill, max_steps=e.max_steps, eval_every=e.eval_every, sync_every=e.sync_every,
                               sync_patience=e.sync_patience)}
     report = {"seed": cfg.seed, "metric": f"avg@{cfg.eval.k}", "curve_metric": f"avg@{cfg.eval.curve_k}",
-              "curve_problems": len(curve_problems), "evolve": asdict(e), "runs": {}}
+              "curve_problems": len(curve), "evolve": asdict(e), "runs": {}}
     for name, distill_cfg in runs.items():
         model, tokenizer = load_run_model(cfg, str(run_dir / "srt"))
         seed_everything(cfg.seed)
@@ -56,7 +57,7 @@ def self_evolution(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True
         log(f"self-evolution: Phase 2 with a {name} teacher, {e.max_steps} steps")
         summary = distill(model, tokenizer, n2, verifier, cfg.phrases(), cfg.sampling, distill_cfg,
                           out_dir=run_dir / "evolve" / name, seed=cfg.seed,
-                          evaluate_fn=curve_accuracy(cfg, generator, curve_problems, verifier),
+                          evaluate_fn=curve_accuracy(cfg, generator, curve, verifier),
                           system_prompt=cfg.system_prompt, progress=progress, log_config=cfg.log,
                           generator=generator)
         generator.refresh(model)
@@ -64,7 +65,9 @@ def self_evolution(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True
                          samples_path=run_dir / "evolve" / name / "eval.jsonl", desc=f"evaluate {name}",
                          progress=progress)
         report["runs"][name] = {"accuracy": final["accuracy"], "mean_length": final["mean_length"],
-                                "history": summary["history"], "syncs": summary["syncs"]}
+                                "history": summary["history"], "syncs": summary["syncs"],
+                                "selection": selection(cfg, summary["history"], summary["best_step"],
+                                                       distill_cfg.keep_best)}
         log(f"[{name}] avg@{cfg.eval.k} = {final['accuracy']:.3f} after {e.max_steps} steps, "
             f"teacher synced at steps {summary['syncs'] or 'none'}")
     report["gain"] = report["runs"]["synced"]["accuracy"] - report["runs"]["frozen"]["accuracy"]
@@ -91,7 +94,7 @@ def plot_self_evolution(path: Path, report: dict) -> None:
         for i, step in enumerate(run["syncs"]):
             ax.axvline(step, color=colour, linestyle="--", alpha=0.5, label="teacher sync" if i == 0 else None)
     ax.set_xlabel("Phase 2 step")
-    ax.set_ylabel(f"held-out accuracy ({report['curve_metric']}, {report['curve_problems']} problems)")
+    ax.set_ylabel(f"validation accuracy ({report['curve_metric']}, {report['curve_problems']} problems)")
     ax.set_title(f"Self-evolution: frozen vs synced teacher (seed {report['seed']})")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -27,6 +27,9 @@ SOURCE = "reasoning-gym"
 HELD_OUT_SEED = 2**31
 """Generator seed of the held-out stream; far from every training stream (entry i of seed s is drawn with
 random.Random(s + i), so nearby seeds would share most of their problems)."""
+VALIDATION_SEED = HELD_OUT_SEED + 2**30
+"""Generator seed of the validation stream: like the held-out stream, the same for every run seed, and far from
+it and from every training stream."""
 SEED_STRIDE = 2**20
 """Training stream of run seed s: generator seed (s * SEED_STRIDE) mod HELD_OUT_SEED, so runs with different
 seeds get different problems for their first million draws."""
@@ -35,9 +38,10 @@ MAX_DRAWS_PER_PROBLEM = 20
 whose settings allow only a few distinct questions is an error, not an endless loop."""
 SPLIT_RULE = (
     f"held_out = the first n_eval distinct questions of the generator at seed {HELD_OUT_SEED} (the same for "
-    f"every run seed); n_phase1, then n_phase2 = the next distinct questions, not held out, of the generator "
-    f"at seed (run seed * {SEED_STRIDE}) mod {HELD_OUT_SEED}, among its first data.size - n_eval "
-    "(default: as many as needed)."
+    f"every run seed); validation = the first n_validation distinct questions, not held out, of the generator "
+    f"at seed {VALIDATION_SEED} (the same for every run seed); n_phase1, then n_phase2 = the next distinct "
+    f"questions, neither held out nor validation, of the generator at seed (run seed * {SEED_STRIDE}) mod "
+    f"{HELD_OUT_SEED}, among its first data.size - n_eval - n_validation (default: as many as needed)."
 )
 
 DEFAULT_RULE = "answer-tags"
@@ -233,23 +237,28 @@ def training_seed(seed: int) -> int:
     return seed * SEED_STRIDE % HELD_OUT_SEED
 
 
-def problem_sets(data: DataConfig, task, n_phase1: int, n_phase2: int, n_eval: int, seed: int) -> ProblemSets:
-    """N1, N2 and held-out problems of a reasoning-gym source, by SPLIT_RULE."""
+def problem_sets(data: DataConfig, task, n_phase1: int, n_phase2: int, n_eval: int, seed: int,
+                 n_validation: int = 0) -> ProblemSets:
+    """N1, N2, validation and held-out problems of a reasoning-gym source, by SPLIT_RULE."""
     name = check_source(data, task)
-    needed = n_phase1 + n_phase2 + n_eval
+    needed = n_phase1 + n_phase2 + n_validation + n_eval
     if data.size is not None and data.size < needed:
         raise ValueError(f"data.size {data.size} is too small: the run needs n_phase1={n_phase1} + "
-                         f"n_phase2={n_phase2} + n_eval={n_eval} = {needed} problems")
+                         f"n_phase2={n_phase2} + n_validation={n_validation} + n_eval={n_eval} = {needed} problems")
     rule, taken = answer_rule(data.answer_rule), set()
+    # Held-out first, then validation, then training: the two fixed sets never depend on the run seed.
     held_rows, held_repeats = _distinct_rows(name, data.options, rule, HELD_OUT_SEED, n_eval, None, taken)
-    train_limit = None if data.size is None else data.size - n_eval
+    validation_rows, validation_repeats = _distinct_rows(name, data.options, rule, VALIDATION_SEED, n_validation,
+                                                         None, taken)
+    train_limit = None if data.size is None else data.size - n_eval - n_validation
     train_rows, train_repeats = _distinct_rows(name, data.options, rule, training_seed(seed),
                                                n_phase1 + n_phase2, train_limit, taken)
     held_out, train = _validated(held_rows, data, task), _validated(train_rows, data, task)
-    repeats = held_repeats + train_repeats
+    repeats = held_repeats + validation_repeats + train_repeats
     skipped = {"count": repeats, "reasons": {"same question as an earlier problem": repeats} if repeats else {},
                "rows": []}
-    return ProblemSets(train[:n_phase1], train[n_phase1:], held_out, skipped={"train": skipped})
+    return ProblemSets(train[:n_phase1], train[n_phase1:], held_out, _validated(validation_rows, data, task),
+                       skipped={"train": skipped})
 
 
 def _validated(rows: list[tuple[str, dict]], data: DataConfig, task) -> list[dict]:

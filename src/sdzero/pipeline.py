@@ -4,7 +4,7 @@ Every stage writes plain artifacts into the run directory:
 
     config.yaml                 the resolved configuration
     run.json                    the run's identity (seed, data, sets, phrases, base model), sdzero.rundir
-    split.json                  the ids of N1, N2 and the held-out problems
+    split.json                  the ids of N1, N2, the validation and the held-out problems
     */settings.json             the settings that made each stage's output
     phase1/attempts.jsonl       one line per N1 problem: first-answer rewards, revisions kept
     phase1/revisions.jsonl      the kept (x, y_init, P_r, y_revised) tuples, with token ids
@@ -12,8 +12,11 @@ Every stage writes plain artifacts into the run directory:
     sdzero/                     the SD-Zero model (save_pretrained) and its metrics.jsonl
     eval/<model>.jsonl          every evaluation sample with its reward; eval/<model>.json its report
     srt/summary.json, sdzero/summary.json   written last: the stage is done (`run --resume` reuses it)
-    report.json                 accuracies, lengths, counts, timings
-    learning_curve.png          held-out accuracy over Phase 2 steps
+    report.json                 accuracies, lengths, counts, timings, and how the SD-Zero model was selected
+    learning_curve.png          validation accuracy over Phase 2 steps
+
+Phase 2's learning curve, keep-best, the plateau rule and the gated refresh are measured on the validation
+problems (training-side problems kept out of N1 and N2); the held-out set only gives the final figures.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 from sdzero.cards import evaluation_figures, run_card_fields, write_model_card
 from sdzero.collect import collect
 from sdzero.config import RunConfig, config_to_yaml
-from sdzero.data import load_problem_sets
+from sdzero.data import ProblemSets, load_problem_sets
 from sdzero.distill import distill, teacher_context_limit
 from sdzero.evaluate import evaluate, evaluate_revision
 from sdzero.generation import make_generator
@@ -36,23 +39,41 @@ from sdzero.srt import train_srt
 from sdzero.training import full_weights, is_fsdp2, is_main_process, read_jsonl, seed_everything, wait_for_everyone
 
 
-def problem_sets(cfg: RunConfig, record_dir: str | Path | None = None, log=print):
-    """N1, N2 and the held-out problems of the run: recorded in record_dir/split.json by the first command,
-    checked against that record by every later one. Under `accelerate launch` the main process records."""
+def problem_sets(cfg: RunConfig, record_dir: str | Path | None = None, log=print) -> ProblemSets:
+    """N1, N2, the validation and the held-out problems of the run: recorded in record_dir/split.json by the
+    first command, checked against that record by every later one. Under `accelerate launch` the main process
+    records."""
     main = is_main_process()
+
+    def load() -> ProblemSets:
+        return load_problem_sets(cfg.data, cfg.task, cfg.n_phase1, cfg.n_phase2, cfg.eval.n_problems, cfg.seed,
+                                 record_dir=record_dir, n_validation=cfg.eval.n_validation())
+
     if main:
-        sets = load_problem_sets(cfg.data, cfg.task, cfg.n_phase1, cfg.n_phase2, cfg.eval.n_problems, cfg.seed,
-                                 record_dir=record_dir)
+        sets = load()
     wait_for_everyone()
     if not main:
-        sets = load_problem_sets(cfg.data, cfg.task, cfg.n_phase1, cfg.n_phase2, cfg.eval.n_problems, cfg.seed,
-                                 record_dir=record_dir)
-        return sets.n1, sets.n2, sets.held_out
+        return load()
     for part, skipped in sets.skipped.items():
         if skipped["count"]:
             log(f"skipped {skipped['count']} {part} rows without a usable gold answer: {skipped['reasons']} "
                 f"(first: {', '.join(skipped['rows'])})")
-    return sets.n1, sets.n2, sets.held_out
+    return sets
+
+
+def curve_problems(cfg: RunConfig, sets: ProblemSets) -> list[dict]:
+    """The problems of Phase 2's learning curve: the first eval.curve_problems validation problems. Keep-best,
+    the plateau rule and the gated refresh act on this curve, so none of them sees a held-out problem."""
+    return sets.validation[:cfg.eval.curve_problems]
+
+
+def selection(cfg: RunConfig, history: list[dict], best_step: int | None, keep_best: bool) -> str:
+    """How a Phase 2 model was chosen, for report.json: the best point of the validation curve, or the last step."""
+    if keep_best and best_step is not None and history:
+        n_curve = min(cfg.eval.curve_problems, cfg.eval.n_validation())
+        return (f"best of {len(history)} validation evaluations (avg@{cfg.eval.curve_k} on {n_curve} validation "
+                f"problems): step {best_step}")
+    return "last step"
 
 
 def curve_accuracy(cfg: RunConfig, generator, problems: list[dict], verifier):
@@ -119,8 +140,8 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True, 
     start = time.time()
     verifier = cfg.verifier()
     phrases = cfg.phrases()
-    n1, n2, held_out = problem_sets(cfg, record_dir=out, log=log)
-    curve_problems = held_out[:cfg.eval.curve_problems]
+    sets = problem_sets(cfg, record_dir=out, log=log)
+    n1, n2, held_out, curve = sets.n1, sets.n2, sets.held_out, curve_problems(cfg, sets)
     base_fingerprint = check_base_model(out, record, cfg, load_tokenizer(cfg.model))
     begin_stage(out, "phase1", phase1_settings(cfg, base_fingerprint), restart=restart, resume=True, log=log)
     if not resume:
@@ -205,18 +226,19 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True, 
         "sdzero", sdzero_settings(cfg, model_fingerprint(str(out / "srt")), "frozen copy of the student"),
         lambda student: distill(student, tokenizer, n2, verifier, phrases, cfg.sampling, cfg.distill,
                                 out_dir=out / "sdzero", seed=cfg.seed,
-                                evaluate_fn=curve_accuracy(cfg, generator, curve_problems, verifier),
+                                evaluate_fn=curve_accuracy(cfg, generator, curve, verifier),
                                 system_prompt=cfg.system_prompt, progress=progress, resume=resume,
                                 log_config=cfg.log, generator=generator))
     report = _write_report(out, cfg, results, collection, {"srt": srt_summary, "distill": distill_summary}, start)
     if distill_summary["history"]:
         plot_learning_curve(out / "learning_curve.png", distill_summary, results, cfg)
     else:
-        log("no learning_curve.png: Phase 2 tracked no held-out accuracy (set distill.eval_every to draw one)")
+        log("no learning_curve.png: Phase 2 tracked no validation accuracy (set distill.eval_every to draw one)")
     return report
 
 
 def _write_report(out: Path, cfg: RunConfig, results: dict, collection: dict, training: dict, start: float) -> dict:
+    distill_summary = training.get("distill", {})
     report = {
         "accuracy": {name: r["accuracy"] for name, r in results.items()},
         "mean_length": {name: r["mean_length"] for name, r in results.items()},
@@ -224,8 +246,10 @@ def _write_report(out: Path, cfg: RunConfig, results: dict, collection: dict, tr
         "revise": {name: r["revise"] for name, r in results.items() if "revise" in r},
         "metric": f"avg@{cfg.eval.k}", "k": cfg.eval.k, "n_eval_problems": cfg.eval.n_problems,
         "seed": cfg.seed, "phase1": collection,
-        "phase2_curve": training.get("distill", {}).get("history", []),
-        "teacher_syncs": training.get("distill", {}).get("syncs", []),
+        "selection": selection(cfg, distill_summary.get("history", []), distill_summary.get("best_step"),
+                               cfg.distill.keep_best) if distill_summary else None,
+        "phase2_curve": distill_summary.get("history", []),
+        "teacher_syncs": distill_summary.get("syncs", []),
         "wall_seconds": time.time() - start,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
@@ -237,8 +261,8 @@ def _pct(x: float | None) -> str:
 
 
 def plot_learning_curve(path: Path, distill_summary: dict, results: dict, cfg: RunConfig) -> None:
-    """Phase 2's tracked held-out accuracy at each evaluated step (points joined by lines), with the stages'
-    final avg@k as horizontal references over the same steps. Needs at least one tracked evaluation."""
+    """Phase 2's tracked validation accuracy at each evaluated step (points joined by lines), with the stages'
+    final held-out avg@k as horizontal references over the same steps. Needs at least one tracked evaluation."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -247,18 +271,18 @@ def plot_learning_curve(path: Path, distill_summary: dict, results: dict, cfg: R
     history = distill_summary["history"]
     if not history:
         raise ValueError("no learning curve to draw: Phase 2 tracked no evaluation (distill.eval_every is off)")
-    n_curve = min(cfg.eval.curve_problems, cfg.eval.n_problems)  # the curve's problems are the first held-out ones
+    n_curve = min(cfg.eval.curve_problems, cfg.eval.n_validation())  # the curve's are the first validation ones
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     ax.plot([h["step"] for h in history], [h["accuracy"] for h in history], marker="o",
-            label=f"student during Phase 2 (avg@{cfg.eval.curve_k}, {n_curve} problems)")
+            label=f"student during Phase 2 (validation avg@{cfg.eval.curve_k}, {n_curve} problems)")
     for name, style in (("base", ":"), ("srt", "--"), ("sdzero", "-")):
         if name in results:
             ax.axhline(results[name]["accuracy"], linestyle=style, color="gray",
-                       label=f"{name} (avg@{cfg.eval.k}) = {results[name]['accuracy']:.3f}")
+                       label=f"{name} (held-out avg@{cfg.eval.k}) = {results[name]['accuracy']:.3f}")
     for step in distill_summary.get("syncs", []):
         ax.axvline(step, color="tab:red", alpha=0.3)
     ax.set_xlabel("Phase 2 step")
-    ax.set_ylabel("held-out accuracy")
+    ax.set_ylabel("accuracy (curve: validation; lines: held-out)")
     ax.set_title(f"SD-Zero on {cfg.data.path or cfg.task}")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -97,7 +97,9 @@ def run_identity(cfg) -> dict:
     return {"seed": cfg.seed, "task": cfg.task, "reward_weights": cfg.reward_weights,
             "reward_threshold": cfg.reward_threshold, "data": dataclasses.asdict(cfg.data), "n_phase1": cfg.n_phase1,
             "n_phase2": cfg.n_phase2, "n_eval": cfg.eval.n_problems,
-            "control_phrases": dataclasses.asdict(cfg.phrases()), "system_prompt": cfg.system_prompt}
+            "control_phrases": dataclasses.asdict(cfg.phrases()), "system_prompt": cfg.system_prompt,
+            # A run from before validation sets has none, and no such key: its record still matches to be read.
+            **({"n_validation": cfg.eval.n_validation()} if cfg.eval.n_validation() else {})}
 
 
 def read_run(run_dir: str | Path) -> dict | None:

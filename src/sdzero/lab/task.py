@@ -77,9 +77,11 @@ def is_eval_problem(digits: tuple[int, ...]) -> bool:
 
 def sample_problems(n: int, *, split: str, seed: int, min_digits: int = 5, max_digits: int = 7,
                     exclude: set[str] | None = None) -> list[Problem]:
-    """`n` distinct problems from the "train" or "eval" split (disjoint by construction)."""
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    """`n` distinct problems from the "train" or "eval" split (disjoint by construction). "validation" draws
+    from the training side of the hash on a random stream of its own, so a validation problem is never an
+    evaluation problem; `exclude` keeps the training draws off it."""
+    if split not in ("train", "validation", "eval"):
+        raise ValueError(f"split must be 'train', 'validation' or 'eval', got {split!r}")
     rng = random.Random(f"{split}-{seed}")
     seen = set(exclude or ())
     problems = []
