@@ -154,6 +154,64 @@ def test_demo_the_quickstart_stages_and_the_lab_tools(lab_run):
 
 
 # ------------------------------------------------------------------------------------------
+# The settings a command uses without --config, and the line that says which
+
+
+def test_each_command_says_which_settings_it_used(user, sdzero_cache):
+    # distill prints its settings line, then refuses a teacher context past the model's positions: cheap and
+    # enough to see which settings were chosen (the refusal stays one line on stderr)
+    past = ["--out", "runs/new", "--set", "distill.teacher_max_length=9000"]
+    done = sdzero("distill", "--model", "lab", *past, cwd=user, expect=2)
+    assert done.stdout.startswith("settings: the lab demo's (") and done.stdout.rstrip().endswith("demo.yaml)")
+    done = sdzero("distill", "--model", "tiny", *past, cwd=user, expect=2)
+    assert done.stdout == "settings: the paper's defaults\n"
+    done = sdzero("distill", "--model", "tiny", "--config", "my_run.yaml", *past, cwd=user, expect=2)
+    assert done.stdout == "settings: my_run.yaml\n"
+    # `demo --model X` runs on X's settings, not the lab demo's
+    done = sdzero("demo", "--model", "tiny", "--out", "runs/new", "--set", "distill.teacher_max_length=9000",
+                  cwd=user, expect=2)
+    assert done.stdout == "settings: the paper's defaults\n"
+    # eval keeps stdout for its report: the line goes to stderr, once the model has loaded
+    done = sdzero("eval", "--model", "tiny", "--n", "2", "--k", "1", "--max-new-tokens", "4", "--quiet", cwd=user)
+    assert json.loads(done.stdout)["n_problems"] == 2 and "settings: the paper's defaults" in done.stderr
+    assert not (user / "runs" / "new").exists()
+
+
+def test_a_registered_real_model_gets_its_preset(user, smollm2_folder, sdzero_cache):
+    done = sdzero("distill", "--model", "smollm2-135m-instruct", "--out", "runs/new", "--set",
+                  "distill.teacher_max_length=9000", cwd=user, expect=2, env={"SDZERO_CACHE": str(sdzero_cache)})
+    assert done.stdout.startswith("settings: preset smollm2-135m-instruct (")
+    assert "distill.teacher_max_length=9000 is past the teacher's 8192 positions" in done.stderr
+
+
+def test_sets_larger_than_the_data_say_how_to_use_limit(user):
+    done = sdzero("collect", "--model", "tiny", "--data", "problems.jsonl", "--task", "tiny:even_length",
+                  "--out", "runs/hint", cwd=user, expect=2)
+    # the paper's defaults (6000 + 9000 + ...) on a 60-row file
+    assert "the problem pool has 60 problems; requested n_phase1=6000 + n_phase2=9000 + " in done.stderr
+    assert done.stderr.rstrip().endswith("; pass --limit N to use at most N problems per set, or lower n_phase1 / "
+                                         "n_phase2 / eval.n_problems")
+
+
+def test_a_prompt_past_the_models_positions_is_refused_in_collection_phase2_and_evaluation(user, tmp_path):
+    rows = [json.loads(line) for line in (user / "problems.jsonl").read_text().splitlines()]
+    long_rows = [{**row, "question": row["question"] + " Think." * 400} for row in rows[:30]]
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps(row) + "\n" for row in long_rows))
+    data = ["--config", "my_run.yaml", "--data", str(tmp_path / "long.jsonl"), "--limit", "4"]
+    run = tmp_path / "run"
+    done = sdzero("collect", *data, "--out", run, cwd=user, expect=2)
+    assert "N1 problem 'q" in done.stderr and "positions (no room for an answer)" in done.stderr
+    assert "the model has 512 positions" in done.stderr
+    done = sdzero("distill", *data, "--model", "tiny", "--out", tmp_path / "run2", cwd=user, expect=2)
+    assert "N2 problem 'q" in done.stderr and "the model has 512 positions" in done.stderr
+    done = sdzero("eval", *data, "--model", "tiny", cwd=user, expect=2)
+    assert "held-out problem 'q" in done.stderr and "the model has 512 positions" in done.stderr
+    done = sdzero("run", *data, "--out", tmp_path / "run3", cwd=user, expect=2)
+    assert "problem 'q" in done.stderr and "the model has 512 positions" in done.stderr
+    assert not (run / "phase1").exists() and not (tmp_path / "run3" / "phase1").exists()
+
+
+# ------------------------------------------------------------------------------------------
 # Error paths: exit 2, one line, no traceback
 
 

@@ -234,3 +234,24 @@ def test_a_killed_run_resumed_at_every_stage_ends_with_the_report_of_an_uninterr
         assert resumed[key] == whole[key], key
     assert (run / "sdzero" / "model.safetensors").read_bytes() == \
         (tmp_path / "whole" / "sdzero" / "model.safetensors").read_bytes()
+
+
+# 5. The system turn the run records is the one its prompts carry
+
+
+def test_run_json_records_the_system_turn_the_template_adds(home, smollm2_folder, staged):
+    from sdzero.config import load_config
+    from sdzero.rundir import run_identity
+
+    smollm = load_config(None, [f"model={smollm2_folder}"])
+    assert run_identity(smollm)["system_prompt"] == ("You are a helpful AI assistant named SmolLM, trained by "
+                                                     "Hugging Face")
+    # an empty system prompt is the same run as none, and a stated one is another run
+    assert run_identity(load_config(None, [f"model={smollm2_folder}", "system_prompt=''"])) == run_identity(smollm)
+    assert run_identity(load_config(None, [f"model={smollm2_folder}", "system_prompt=Be brief."]))[
+        "system_prompt"] == "Be brief."
+    # the lab's template and the tiny model's add none: null
+    assert run_identity(load_config(None, ["model=lab"]))["system_prompt"] is None
+    assert json.loads((staged / "run.json").read_text())["identity"]["system_prompt"] is None
+    assert sdzero(home, "eval", "--model", staged / "sdzero", "--set", "system_prompt=''", "--n", "2",
+                  "--out", staged / "ev_empty_system") == 0

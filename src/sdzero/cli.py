@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 DEMO_CONFIG = Path(__file__).parent / "lab" / "demo.yaml"
+"""The lab demo's settings (`sdzero.config.LAB_DEMO`)."""
 USAGE_ERROR = 2
 """Exit code of a refused command: bad settings, bad data, stages out of order, a missing file."""
 NOTHING_TO_TRAIN = 3
@@ -36,8 +37,10 @@ RESUME_HELP = ("continue a killed run: the stages and evaluations it finished ar
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, default=DEMO_CONFIG,
-                        help="YAML run configuration (default: the lab demo's, %(default)s)")
+    parser.add_argument("--config", type=Path,
+                        help="YAML run configuration (default: chosen by --model: the lab demo's for the lab models "
+                             "and without --model, a real model's preset, a run's own for its stage folders, "
+                             "otherwise the paper's defaults; the command prints which)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one configuration field, e.g. --set distill.lr=1e-4 (repeatable)")
     parser.add_argument("--seed", type=int, help="run seed (problem split, sampling, training order)")
@@ -154,10 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_config(args, run_dir: Path | None = None):
-    """The command's configuration. In a run directory that records a --limit, a command without --limit
-    uses the recorded one: the stage commands of a run work on the same sets."""
-    from sdzero.config import load_config
+_FROM_ARGS = object()
+
+
+def _run_config(args, run_dir: Path | None = None, model_flag=_FROM_ARGS, announce: bool = True):
+    """The command's configuration: --config, or the settings `default_settings` picks for the --model flag
+    (`model_flag`, when the command has put a default of its own into args.model). In a run directory that records a
+    --limit, a command without --limit uses the recorded one: the stage commands of a run work on the same sets.
+    `announce`: print the "settings: ..." line now (eval prints it on stderr once its model has loaded)."""
+    from sdzero.config import default_settings, load_config
     from sdzero.rundir import recorded_limit
 
     overrides = list(args.overrides)
@@ -167,7 +175,11 @@ def _run_config(args, run_dir: Path | None = None):
         value = getattr(args, flag, None)
         if value is not None:
             overrides.append(f"{key}={value}")
-    cfg = load_config(args.config, overrides)
+    settings = default_settings(args.config, args.model if model_flag is _FROM_ARGS else model_flag)
+    cfg = load_config(settings.path, overrides)
+    args.settings_line = f"settings: {settings.description}"
+    if announce:
+        say(args.settings_line)
     if getattr(args, "limit", None) is None and hasattr(args, "limit"):
         args.limit = recorded_limit(run_dir)
     if args.limit is not None:
@@ -254,8 +266,9 @@ def cmd_demo(args) -> None:
 def cmd_collect(args) -> None:
     from sdzero.collect import collect
     from sdzero.generation import make_generator
-    from sdzero.modeling import load_tokenizer
+    from sdzero.modeling import load_tokenizer, max_positions
     from sdzero.pipeline import load_run_model, problem_sets
+    from sdzero.prompts import check_prompt_room
     from sdzero.rundir import begin_stage, check_base_model, phase1_settings
     from sdzero.training import is_main_process, wait_for_everyone
 
@@ -263,7 +276,9 @@ def cmd_collect(args) -> None:
     record = _open_run(args, cfg)
     main = is_main_process()
     n1 = problem_sets(cfg, record_dir=args.out).n1
-    fingerprint = check_base_model(args.out, record, cfg, load_tokenizer(cfg.model), main_process=main)
+    tokenizer = load_tokenizer(cfg.model)
+    check_prompt_room(tokenizer, {"N1": n1}, cfg.system_prompt, max_positions(cfg.model))
+    fingerprint = check_base_model(args.out, record, cfg, tokenizer, main_process=main)
     # Collection always continues the problems already done, so only the same settings may add to them.
     begin_stage(args.out, "phase1", phase1_settings(cfg, fingerprint), restart=args.restart, resume=True,
                 main_process=main, log=say)
@@ -314,15 +329,17 @@ def cmd_distill(args) -> None:
     from sdzero.generation import make_generator
     from sdzero.modeling import load_tokenizer, max_positions, same_tokenizer
     from sdzero.pipeline import curve_accuracy, curve_problems, load_run_model, problem_sets, save_stage, trainable
+    from sdzero.prompts import check_prompt_room
     from sdzero.rundir import begin_stage, check_base_model, check_tokenizer, model_fingerprint, sdzero_settings
     from sdzero.training import is_main_process, wait_for_everyone
 
+    model_flag = args.model
     if args.model is None:
         if not (args.out / "srt" / "config.json").exists():
             raise FileNotFoundError(f"{args.out / 'srt'} holds no SRT model; run `sdzero srt --out {args.out}` first, "
                                     "or give the student with --model")
         args.model = str(args.out / "srt")
-    cfg = _run_config(args, args.out)
+    cfg = _run_config(args, args.out, model_flag=model_flag)
     teacher_context_limit(cfg.distill.teacher_max_length, max_positions(args.teacher or cfg.model))
     record = _open_run(args, cfg)
     main = is_main_process()
@@ -336,6 +353,7 @@ def cmd_distill(args) -> None:
                          "score the student's token ids, so both need the same vocabulary")
     sets = problem_sets(cfg, record_dir=args.out)
     n2, validation = sets.n2, curve_problems(cfg, sets)
+    check_prompt_room(tokenizer, {"N2": n2, "validation": validation}, cfg.system_prompt, max_positions(cfg.model))
     check_teacher_room(tokenizer, n2, cfg.phrases(), cfg.distill.teacher_max_length, cfg.system_prompt)
     teacher_fingerprint = model_fingerprint(args.teacher) if args.teacher else "frozen copy of the student"
     begin_stage(args.out, "sdzero", sdzero_settings(cfg, model_fingerprint(cfg.model), teacher_fingerprint),
@@ -375,11 +393,13 @@ def eval_run_dir(args) -> Path | None:
 def cmd_eval(args) -> None:
     from sdzero.evaluate import evaluate, evaluate_revision
     from sdzero.generation import make_generator
+    from sdzero.modeling import load_tokenizer, max_positions
     from sdzero.pipeline import load_run_model, problem_sets
+    from sdzero.prompts import check_prompt_room
     from sdzero.rundir import begin_stage, differences, model_fingerprint, read_run, run_identity, stage_settings
 
     run = eval_run_dir(args)
-    cfg = _run_config(args, run)
+    cfg = _run_config(args, run, announce=False)
     if args.n is not None:
         cfg.eval.n_problems = args.n
     if run is None:
@@ -408,9 +428,11 @@ def cmd_eval(args) -> None:
                                   revise={"k": cfg.eval.revise_k, "feedback": cfg.eval.revise_feedback}
                                   if args.revise else None)
         begin_stage(args.out.parent, args.out.name, settings, restart=args.restart, log=say)
+    check_prompt_room(load_tokenizer(cfg.model), {"held-out": held_out}, cfg.system_prompt, max_positions(cfg.model))
     if run is not None:
         print(f"evaluating the first {len(held_out)} problems of the held-out set of {run}", file=sys.stderr)
     model, tokenizer = load_run_model(cfg)
+    print(args.settings_line, file=sys.stderr)  # stdout is the report; every refusal has come before this line
     generator, verifier = make_generator(model, tokenizer, cfg.sampling), cfg.verifier()
     report = evaluate(generator, held_out, verifier, k=cfg.eval.k, system_prompt=cfg.system_prompt,
                       samples_path=args.out / "samples.jsonl" if args.out else None, progress=not args.quiet)
@@ -469,8 +491,8 @@ def _compare_parser(commands) -> None:
                                               "matched generations, evaluates all with the same avg@k, and writes "
                                               "OUT/report.json, OUT/report.md and OUT/sample_efficiency.png.")
     compare.add_argument("--out", type=Path, required=True, help="run directory (a re-run resumes it)")
-    compare.add_argument("--config", type=Path, default=DEMO_CONFIG,
-                         help="YAML run configuration with an optional compare: section (default: %(default)s)")
+    compare.add_argument("--config", type=Path,
+                         help="YAML run configuration with an optional compare: section (default: the lab demo's)")
     compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                          help="override one field, e.g. --set compare.grpo.lr=1e-5 (repeatable)")
     compare.add_argument("--methods", help="comma-separated subset of sdzero,rft,grpo,sdft")
@@ -482,6 +504,7 @@ def _compare_parser(commands) -> None:
 
 def cmd_compare(args) -> None:
     from sdzero.compare import compare, load_compare_config, markdown_table
+    from sdzero.config import default_settings
 
     overrides = list(args.overrides)
     for flag, key in (("methods", "compare.methods"), ("seeds", "compare.seeds"), ("budget", "compare.budget"),
@@ -489,7 +512,9 @@ def cmd_compare(args) -> None:
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value}")
-    cfg, ccfg = load_compare_config(args.config, overrides)
+    settings = default_settings(args.config, None)
+    cfg, ccfg = load_compare_config(settings.path, overrides)
+    print(f"settings: {settings.description}")
     set_threads()
     report = compare(cfg, ccfg, args.out, progress=not args.quiet)
     print("\n" + markdown_table(report))
@@ -568,6 +593,7 @@ def cmd_check(args) -> None:
         where = ["data.source=null", f"data.path={args.data}"]
     task = [f"task={args.task}"] if args.task else []
     cfg = load_config(args.config, [*args.overrides, *where, *task])
+    print("settings: " + (str(args.config) if args.config else "the paper's defaults"))
     summary = check_data(cfg, args.solution_field, limit=args.limit, out_dir=args.out, progress=not args.quiet)
     print(format_summary(summary))
     if args.out is not None:

@@ -511,6 +511,10 @@ def _shuffled(problems: list[dict], seed: int) -> list[dict]:
     return order
 
 
+SET_SIZE_HINT = "pass --limit N to use at most N problems per set, or lower n_phase1 / n_phase2 / eval.n_problems"
+"""How to ask for fewer problems, in every error about a set too large for its pool."""
+
+
 def split_problems(
     problems: list[dict], n_phase1: int, n_phase2: int, n_eval: int, seed: int, n_validation: int = 0
 ) -> ProblemSets:
@@ -519,7 +523,7 @@ def split_problems(
     if min(n_phase1, n_phase2, n_validation, n_eval) < 0 or wanted > len(problems):
         raise ValueError(
             f"the problem pool has {len(problems)} problems; requested n_phase1={n_phase1} + "
-            f"n_phase2={n_phase2} + n_validation={n_validation} + n_eval={n_eval} = {wanted}"
+            f"n_phase2={n_phase2} + n_validation={n_validation} + n_eval={n_eval} = {wanted}; {SET_SIZE_HINT}"
         )
     fixed_order = _shuffled(problems, EVAL_SHUFFLE_SEED)  # the same for every run seed
     held_out, validation = fixed_order[:n_eval], fixed_order[n_eval : n_eval + n_validation]
@@ -623,7 +627,7 @@ def load_problem_sets(
             evals, eval_skipped = load_problems(**held_source, data=data, task=task)
             if n_eval > len(evals):
                 raise ValueError(f"{held_source['path']}: the evaluation set has {len(evals)} problems; "
-                                 f"requested n_eval={n_eval}")  # fmt: skip
+                                 f"requested n_eval={n_eval}; {SET_SIZE_HINT}")  # fmt: skip
             # A training problem with the same text as an evaluation problem would leak it: leave it out.
             eval_texts = {json.dumps(p["problem"]) for p in evals}  # json: a conversation is a list
             leaked = [p["id"] for p in pool if json.dumps(p["problem"]) in eval_texts]

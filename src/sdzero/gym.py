@@ -19,7 +19,7 @@ import json
 import re
 from functools import lru_cache
 
-from sdzero.data import DataConfig, ProblemSets, data_rules, validate_rows
+from sdzero.data import SET_SIZE_HINT, DataConfig, ProblemSets, data_rules, validate_rows
 from sdzero.verifiers import last_boxed
 
 SOURCE = "reasoning-gym"
@@ -228,7 +228,8 @@ def _distinct_rows(name: str, options: dict, rule: str, seed: int, wanted: int, 
         rows.append((f"{SOURCE}:{name} seed {seed} entry {index}", _row(name, options, rule, entry)))
     if len(rows) < wanted:
         raise ValueError(f"data.size: {name} with options {options!r} made only {len(rows)} distinct new questions "
-                         f"in {most} draws, {wanted} needed; raise data.size or widen data.options")
+                         f"in {most} draws, {wanted} needed; raise data.size or widen data.options, or "
+                         f"{SET_SIZE_HINT}")
     return rows, repeats
 
 
@@ -244,7 +245,8 @@ def problem_sets(data: DataConfig, task, n_phase1: int, n_phase2: int, n_eval: i
     needed = n_phase1 + n_phase2 + n_validation + n_eval
     if data.size is not None and data.size < needed:
         raise ValueError(f"data.size {data.size} is too small: the run needs n_phase1={n_phase1} + "
-                         f"n_phase2={n_phase2} + n_validation={n_validation} + n_eval={n_eval} = {needed} problems")
+                         f"n_phase2={n_phase2} + n_validation={n_validation} + n_eval={n_eval} = {needed} problems; "
+                         f"{SET_SIZE_HINT}")
     rule, taken = answer_rule(data.answer_rule), set()
     # Held-out first, then validation, then training: the two fixed sets never depend on the run seed.
     held_rows, held_repeats = _distinct_rows(name, data.options, rule, HELD_OUT_SEED, n_eval, None, taken)

@@ -33,6 +33,7 @@ from sdzero.distill import distill, teacher_context_limit
 from sdzero.evaluate import evaluate, evaluate_revision
 from sdzero.generation import make_generator
 from sdzero.modeling import is_lora, load_model, load_tokenizer, max_positions, merged_for_saving, prepare_for_training
+from sdzero.prompts import check_prompt_room
 from sdzero.rundir import (RUN_OUTPUTS, begin_stage, check_base_model, differences, model_fingerprint, move_aside,
                            open_run, phase1_settings, sdzero_settings, srt_settings, stage_settings, stale_folder)
 from sdzero.srt import train_srt
@@ -142,6 +143,8 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True, 
     phrases = cfg.phrases()
     sets = problem_sets(cfg, record_dir=out, log=log)
     n1, n2, held_out, curve = sets.n1, sets.n2, sets.held_out, curve_problems(cfg, sets)
+    check_prompt_room(load_tokenizer(cfg.model), {"N1": n1, "N2": n2, "validation": curve, "held-out": held_out},
+                      cfg.system_prompt, max_positions(cfg.model))
     base_fingerprint = check_base_model(out, record, cfg, load_tokenizer(cfg.model))
     begin_stage(out, "phase1", phase1_settings(cfg, base_fingerprint), restart=restart, resume=True, log=log)
     if not resume:

@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 
 from sdzero import lab, models
-from sdzero.modeling import resolve_model_path, tokenizer_fingerprint
+from sdzero.modeling import load_tokenizer, resolve_model_path, tokenizer_fingerprint
+from sdzero.prompts import effective_system_prompt
 
 RUN_FILE = "run.json"
 SETTINGS_FILE = "settings.json"
@@ -93,11 +94,13 @@ def model_fingerprint(name: str) -> str:
 
 
 def run_identity(cfg) -> dict:
-    """The settings every stage of a run shares: a command that differs in one of them belongs to another run."""
+    """The settings every stage of a run shares: a command that differs in one of them belongs to another run.
+    The system prompt is the one the prompts carry: the chat template's own when the config sets none."""
+    system_prompt = effective_system_prompt(load_tokenizer(cfg.model), cfg.system_prompt)
     return {"seed": cfg.seed, "task": cfg.task, "reward_weights": cfg.reward_weights,
             "reward_threshold": cfg.reward_threshold, "data": dataclasses.asdict(cfg.data), "n_phase1": cfg.n_phase1,
             "n_phase2": cfg.n_phase2, "n_eval": cfg.eval.n_problems,
-            "control_phrases": dataclasses.asdict(cfg.phrases()), "system_prompt": cfg.system_prompt,
+            "control_phrases": dataclasses.asdict(cfg.phrases()), "system_prompt": system_prompt,
             # A run from before validation sets has none, and no such key: its record still matches to be read.
             **({"n_validation": cfg.eval.n_validation()} if cfg.eval.n_validation() else {})}
 
