@@ -223,7 +223,7 @@ def test_a_prompt_past_the_models_positions_is_refused_in_collection_phase2_and_
     # stages out of order, in a relative run directory (what --out gives)
     (["srt", "--out", "runs/new"], "runs/new/phase1/revisions.jsonl not found; run `sdzero collect --out runs/new`"),
     (["distill", "--out", "runs/new"], "runs/new/srt holds no SRT model; run `sdzero srt --out runs/new` first"),
-    (["inspect", "--run", "runs/new"], "runs/new has no stage 'srt'"),
+    (["inspect", "--run", "runs/new"], "run folder not found: runs/new"),
     # missing model folders, relative and absolute, and a hub id with no network and no cache
     (["eval", "--model", "runs/nothere"], "model folder not found: runs/nothere"),
     (["eval", "--model", "/nonexistent/folder"], "model folder not found: /nonexistent/folder"),

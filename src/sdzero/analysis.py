@@ -254,11 +254,12 @@ def held_out_texts(cfg, run_dir: Path) -> dict[str, str]:
     recorded in its split.json when it has one."""
     from sdzero.data import load_problem_sets
 
-    sizes = (0, 0, cfg.eval.n_problems)
+    sizes, n_validation = (0, 0, cfg.eval.n_problems), 0
     if (run_dir / "split.json").exists():
         split = json.loads((run_dir / "split.json").read_text())
         sizes = (len(split["n_phase1"]), len(split["n_phase2"]), len(split["held_out"]))
-    sets = load_problem_sets(cfg.data, cfg.task, *sizes, cfg.seed,
+        n_validation = len(split.get("validation", []))  # none in a split from an older sdzero
+    sets = load_problem_sets(cfg.data, cfg.task, *sizes, cfg.seed, n_validation=n_validation,
                              record_dir=run_dir if (run_dir / "split.json").exists() else None)
     return {p["id"]: p["problem"] for p in sets.held_out}
 
