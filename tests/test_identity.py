@@ -15,7 +15,6 @@ import pytest
 import torch
 import yaml
 
-from sdzero.cli import main
 from sdzero.config import load_config
 from sdzero.distill import DistillConfig, distill
 from sdzero.evaluate import evaluate
@@ -24,7 +23,7 @@ from sdzero.modeling import load_model
 from sdzero.pipeline import run_pipeline
 from sdzero.prompts import ControlPhrases
 from sdzero.rundir import hold_run, release_run
-from tiny import build_tiny_model, even_length, write_problems
+from tiny import build_tiny_model, even_length, refused, sdzero, write_problems
 
 TESTS = Path(__file__).parent
 QUIET = lambda *_: None  # noqa: E731
@@ -47,19 +46,6 @@ def home(tmp_path_factory) -> Path:
     }
     (home / "run.yaml").write_text(yaml.safe_dump(settings))
     return home
-
-
-def sdzero(home: Path, *args) -> int:
-    return main([*map(str, args), "--config", str(home / "run.yaml"), "--quiet"])
-
-
-def refused(home: Path, capsys, *args) -> str:
-    """Run a command that must be refused; returns its one-line error."""
-    capsys.readouterr()
-    assert sdzero(home, *args) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    return err
 
 
 def snapshot(folder: Path) -> dict:

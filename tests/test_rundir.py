@@ -13,11 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sdzero.cli import main
 from sdzero.modeling import load_tokenizer
 from sdzero.rundir import begin_stage, model_fingerprint
 from sdzero.srt import check_tuples
-from tiny import build_tiny_model, write_problems
+from tiny import build_tiny_model, refused, sdzero, write_problems
 
 TESTS = Path(__file__).parent
 
@@ -39,19 +38,6 @@ def home(tmp_path_factory) -> Path:
     }
     (home / "run.yaml").write_text(yaml.safe_dump(settings))
     return home
-
-
-def sdzero(home: Path, *args) -> int:
-    return main([*map(str, args), "--config", str(home / "run.yaml"), "--quiet"])
-
-
-def refused(home: Path, capsys, *args) -> str:
-    """Run a command that must be refused; returns its one-line error."""
-    capsys.readouterr()
-    assert sdzero(home, *args) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    return err
 
 
 @pytest.fixture(scope="module")

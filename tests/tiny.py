@@ -61,3 +61,19 @@ def write_problems(path: Path, n: int) -> Path:
 
 def even_length(completion: str, row: dict) -> float:
     return 1.0 if len(completion) % 2 == 0 else 0.0
+
+
+def sdzero(home: Path, *args) -> int:
+    """`sdzero ARGS` in this process, with the run config HOME/run.yaml."""
+    from sdzero.cli import main
+
+    return main([*map(str, args), "--config", str(home / "run.yaml"), "--quiet"])
+
+
+def refused(home: Path, capsys, *args) -> str:
+    """Run a command that must be refused; returns its one-line error."""
+    capsys.readouterr()
+    assert sdzero(home, *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
