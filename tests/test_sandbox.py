@@ -138,6 +138,14 @@ def test_infinite_loop_times_out():
     assert res.timed_out and res.returncode is None
 
 
+def test_a_loop_stopped_by_the_cpu_time_limit_is_a_time_out():
+    # The CPU limit (1 s) ends the loop long before the wall clock (10 s) would: SIGXCPU, reported as a time-out.
+    start = time.monotonic()
+    res = run_py("while True:\n    pass", wall_s=10.0, cpu_s=1.0)
+    assert res.timed_out and res.returncode is None
+    assert time.monotonic() - start < 8
+
+
 def test_output_flood_is_cut_off():
     src = "import sys\nfor _ in range(200 * 16):\n    sys.stdout.write('x' * 65536)"
     start = time.monotonic()

@@ -378,6 +378,10 @@ def _collect(proc: subprocess.Popen, limits: Limits, init_pidfd: int | None) -> 
             _kill(proc, init_pidfd)
         proc.stdout.close()
         proc.stderr.close()
+    # The CPU-time limit (RLIMIT_CPU, the wall time by default) can end a busy loop just before the wall clock
+    # does: killed by SIGXCPU (bwrap reports a child's signal as 128 + its number), which is a time-out too.
+    if proc.returncode in (-signal.SIGXCPU, 128 + signal.SIGXCPU):
+        timed_out = True
     return SandboxResult(
         returncode=None if (timed_out or exceeded) else proc.returncode,
         stdout=bytes(out[stdout_fd][: limits.output_bytes]),
