@@ -29,7 +29,7 @@ def test_report_has_every_method_with_its_budget(ci_run):
     report = json.loads((ci_run / "report.json").read_text())
     assert report["metric"] == "avg@2" and report["k"] == 2 and report["seeds"] == [0]
     assert 0.0 <= report["base"]["accuracy"] <= 1.0
-    assert set(report["methods"]) == {"sdzero", "rft", "grpo", "sdft"}
+    assert set(report["methods"]) == {"sdzero", "rft", "grpo", "sdft", "phase2"}
     for name, m in report["methods"].items():
         for key in ("accuracy", "accuracy_std", "generations", "sampled_tokens", "trained_tokens", "wall_seconds"):
             assert isinstance(m[key], (int, float)), (name, key)
@@ -56,6 +56,30 @@ def test_budgets_are_matched_within_five_percent_on_the_real_runs(ci_run):
             assert row["target_generations"] == sdzero["generations"]
             assert relative_gap(row["generations"], sdzero["generations"]) <= 0.05, row["method"]
             assert row["generations"] == row["questions"] * 4  # every question got G = 4 samples
+
+
+def test_phase2_alone_repeats_sdzeros_phase2_from_the_base_model(ci_run):
+    rows = {r["method"]: r for r in read_lines(ci_run / "results.jsonl")}
+    ablation, sdzero = rows["phase2"], rows["sdzero"]
+    assert ablation["summary"]["phase2_steps"] == sdzero["summary"]["phase2_steps"] == 2
+    # only Phase 2's rollouts, unmatched: 2 steps x 8 prompts, against SD-Zero's 64 + 16
+    assert ablation["generations"] == 16 and ablation["target_generations"] is None
+    assert [p["step"] for p in ablation["summary"]["curve"]] == [0, 1, 2]
+    assert (ci_run / "seed0" / "phase2" / "phase2" / "metrics.jsonl").exists()
+    assert not (ci_run / "seed0" / "phase2" / "phase1").exists()
+
+
+def test_base_srt_and_sdzero_are_measured_by_generate_then_revise(ci_run):
+    report = json.loads((ci_run / "report.json").read_text())
+    assert [(r["model"], r["seed"]) for r in report["revise"]] == [("base", 0), ("srt", 0), ("sdzero", 0)]
+    for r in report["revise"]:
+        assert r["n_answers"] == 4 and 0.0 <= r["revised_accuracy"] <= 1.0
+        wrong = round((1 - r["initial_accuracy"]) * 4)
+        assert r["n_wrong"] == wrong
+    for name in ("base", "srt", "sdzero"):
+        samples = read_lines(ci_run / "seed0" / "eval" / f"{name}_revise.jsonl")
+        assert len(samples) == 4 and all("revision" in s for s in samples)
+    assert "| srt | 0 | 4 |" in (ci_run / "report.md").read_text()
 
 
 def test_metrics_record_cumulative_budget_per_step(ci_run):
@@ -150,7 +174,8 @@ def test_the_level_is_reached_at_the_first_measured_point_at_or_above_it():
 def test_report_table_gives_generations_and_wall_time_to_reach_grpo_final():
     def method(reach_generations, reach_wall):
         return {"accuracy": 0.9, "accuracy_std": 0.0, "generations": 400, "sampled_tokens": 9000,
-                "trained_tokens": 20000, "wall_seconds": 120.0, "generations_to_reach_grpo_final": reach_generations,
+                "trained_tokens": 20000, "wall_seconds": 120.0, "mean_length": 30.0,
+                "generations_to_reach_grpo_final": reach_generations,
                 "wall_seconds_to_reach_grpo_final": reach_wall}
     report = {"k": 8, "base": {"accuracy": 0.5, "accuracy_std": 0.0}, "seeds": [0], "n_eval_problems": 10,
               "metric": "avg@8", "curve_metric": "avg@2",

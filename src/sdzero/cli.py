@@ -495,7 +495,7 @@ def _compare_parser(commands) -> None:
                          help="YAML run configuration with an optional compare: section (default: the lab demo's)")
     compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                          help="override one field, e.g. --set compare.grpo.lr=1e-5 (repeatable)")
-    compare.add_argument("--methods", help="comma-separated subset of sdzero,rft,grpo,sdft")
+    compare.add_argument("--methods", help="comma-separated subset of sdzero,rft,grpo,sdft,phase2 (phase2: Phase 2 alone from the base model)")
     compare.add_argument("--seeds", type=int, help="number of seeds")
     compare.add_argument("--seed", type=int, help="first seed")
     compare.add_argument("--budget", type=int, help="total generations per method (default: SD-Zero's actual count)")

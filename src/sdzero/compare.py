@@ -12,6 +12,10 @@ Budget matching (per seed), counted in generations (sampled responses):
     rounded to whole optimiser steps of prompts_per_step questions. A run whose actual generations
     differ from T by more than `compare.tolerance` (5%) is refused before it trains, and the report
     shows every method's actual budget.
+"phase2" is the ablation of Phase 1: Phase 2 alone from the base model, with SD-Zero's Phase 2 settings and steps
+(its generations are reported, not matched: it spends only Phase 2's). With eval.revise_problems > 0 the base model,
+SD-Zero's SRT model and the final SD-Zero model are also measured by generate-then-revise on the first
+eval.revise_problems held-out problems (unbilled).
 Sample-efficiency curves are measured on the first eval.curve_problems validation problems (training-side
 problems kept out of N1 and N2, the same for every seed) at avg@eval.curve_k (the base model at 0 generations,
 then along each run, always at its final budget); those evaluations are not billed to any method.
@@ -49,7 +53,7 @@ from sdzero.collect import collect
 from sdzero.config import RunConfig, config_to_yaml, from_layers, override_dict, read_yaml
 from sdzero.data import load_problem_sets
 from sdzero.distill import distill, teacher_context_limit
-from sdzero.evaluate import evaluate
+from sdzero.evaluate import evaluate, evaluate_revision
 from sdzero.generation import Generator
 from sdzero.modeling import max_positions
 from sdzero.pipeline import curve_problems, load_run_model, trainable
@@ -57,7 +61,9 @@ from sdzero.rundir import model_fingerprint, move_aside, stale_folder
 from sdzero.srt import train_srt
 from sdzero.training import read_jsonl, seed_everything
 
-METHODS = ("sdzero", "rft", "grpo", "sdft")
+METHODS = ("sdzero", "rft", "grpo", "sdft", "phase2")
+MATCHED = ("rft", "grpo", "sdft")
+"""The baselines whose generations are matched to the target budget."""
 SELECTIONS = ("none", "validation")
 """`compare.selection`: the final model of each method, or its best point on the validation curve."""
 
@@ -67,7 +73,7 @@ class CompareConfig:
     """`sdzero compare`: which methods, how many seeds, and the baselines' settings."""
 
     methods: str = "sdzero,rft,grpo,sdft"
-    """Comma-separated methods to run (from: sdzero, rft, grpo, sdft)."""
+    """Comma-separated methods to run (from: sdzero, rft, grpo, sdft, phase2 = Phase 2 alone from the base model)."""
     seeds: int = 3
     """Seeds run (the run seed, seed + 1, ...); each draws its own N1/N2 and sampling."""
     budget: int | None = None
@@ -144,7 +150,7 @@ def check_budget(method: str, planned: int, target: int, tolerance: float) -> No
 
 
 def run_sdzero(model, tokenizer, cfg: RunConfig, n1, n2, verifier, budget: Budget, out: Path, *, target: int | None,
-               curve_fn, progress: bool) -> tuple[object, dict]:
+               curve_fn, revise_fn, progress: bool) -> tuple[object, dict]:
     """SD-Zero through the pipeline's stages, billing Phase 1 (first answers + revisions) and Phase 2;
     returns the trained model and a summary."""
     generator = Generator(model, tokenizer, cfg.sampling)
@@ -154,15 +160,12 @@ def run_sdzero(model, tokenizer, cfg: RunConfig, n1, n2, verifier, budget: Budge
     budget.question_ids.update(p["id"] for p in n1)
     budget.generations += collection["generations"]
     budget.sampled_tokens += collection["sampled_tokens"]
-    # Phase 2 never picks its own best point: with compare.selection "validation" every method's best point is
-    # picked the same way, by the curve function (BestOnValidation).
-    distill_cfg = dataclasses.replace(cfg.distill, keep_best=False)
+    steps = cfg.distill.max_steps
     if target is not None:
-        steps = round((target - collection["generations"]) / distill_cfg.prompts_per_step)
+        steps = round((target - collection["generations"]) / cfg.distill.prompts_per_step)
         if steps < 1:
             raise ValueError(f"the budget of {target} generations leaves no Phase 2 step after Phase 1's "
                              f"{collection['generations']}; raise compare.budget or lower n_phase1")
-        distill_cfg.max_steps = steps
     tuples = read_jsonl(out / "phase1" / "revisions.jsonl")
     if not tuples:
         raise ValueError("SD-Zero's Phase 1 kept no verified revision; there is nothing for SRT to train on")
@@ -170,8 +173,24 @@ def run_sdzero(model, tokenizer, cfg: RunConfig, n1, n2, verifier, budget: Budge
     srt = train_srt(model, tokenizer, tuples, phrases, cfg.srt, out_dir=out / "srt", seed=cfg.seed,
                     system_prompt=cfg.system_prompt, progress=progress, log_config=cfg.log)
     budget.trained(srt["trained_tokens"])
-    phase1_generations = budget.generations
+    srt_revise = None
+    if revise_fn is not None:
+        with budget.excluded():
+            srt_revise = revise_fn(model, "srt")
+    model, phase2 = run_phase2(model, tokenizer, cfg, n2, verifier, budget, out / "phase2", steps=steps,
+                               curve_fn=curve_fn, progress=progress)
+    write_sdzero_metrics(out, collection, srt["trained_tokens"])
+    return model, {"phase1": collection, "srt_steps": srt["steps"], "srt_revise": srt_revise, **phase2}
 
+
+def run_phase2(model, tokenizer, cfg: RunConfig, n2, verifier, budget: Budget, out: Path, *, steps: int, curve_fn,
+               progress: bool) -> tuple[object, dict]:
+    """Phase 2 for `steps` steps from `model` (SRT's, or the base model for the "phase2" ablation), billing its
+    rollouts on top of what `budget` already holds; returns the model and its part of the summary."""
+    # Phase 2 never picks its own best point: with compare.selection "validation" every method's best point is
+    # picked the same way, by the curve function (BestOnValidation).
+    distill_cfg = dataclasses.replace(cfg.distill, keep_best=False, max_steps=steps)
+    first_generations = budget.generations
     eval_walls = []  # the wall time billed when each Phase 2 evaluation starts
 
     def unbilled_curve(student) -> float:
@@ -180,7 +199,7 @@ def run_sdzero(model, tokenizer, cfg: RunConfig, n1, n2, verifier, budget: Budge
             return curve_fn(student)
 
     model = trainable(model, cfg)
-    phase2 = distill(model, tokenizer, n2, verifier, phrases, cfg.sampling, distill_cfg, out_dir=out / "phase2",
+    phase2 = distill(model, tokenizer, n2, verifier, cfg.phrases(), cfg.sampling, distill_cfg, out_dir=out,
                      seed=cfg.seed, evaluate_fn=unbilled_curve if distill_cfg.eval_every else None,
                      system_prompt=cfg.system_prompt, progress=progress, log_config=cfg.log)
     budget.generations += phase2["generations"]
@@ -188,18 +207,16 @@ def run_sdzero(model, tokenizer, cfg: RunConfig, n1, n2, verifier, budget: Budge
     budget.trained(phase2["trained_tokens"])
     # Phase 2 walks a shuffle of N2 an epoch at a time, so its first len(N2) prompts are distinct.
     budget.question_ids.update(f"phase2-prompt-{i}" for i in range(min(len(n2), phase2["generations"])))
-    write_sdzero_metrics(out, collection, srt["trained_tokens"])
-    curve = [{"generations": phase1_generations + h["step"] * distill_cfg.prompts_per_step,
+    curve = [{"generations": first_generations + h["step"] * distill_cfg.prompts_per_step,
               "accuracy": h["accuracy"], "step": h["step"]} for h in phase2["history"]]
     # A resumed Phase 2 holds evaluations from an earlier process, whose wall time this budget never saw.
     for point, wall in zip(curve[len(curve) - len(eval_walls):], eval_walls):
         point["wall_seconds"] = wall
-    if not curve or curve[-1]["step"] != distill_cfg.max_steps:
+    if not curve or curve[-1]["step"] != steps:
         final = LearningCurve(budget, curve_fn)
-        final.point(model, step=distill_cfg.max_steps)
+        final.point(model, step=steps)
         curve += final.points
-    return model, {"phase1": collection, "srt_steps": srt["steps"], "phase2_steps": distill_cfg.max_steps,
-                   "curve": curve}
+    return model, {"phase2_steps": steps, "curve": curve}
 
 
 class BestOnValidation:
@@ -249,8 +266,9 @@ def write_sdzero_metrics(out: Path, collection: dict, srt_trained_tokens: int) -
 
 
 def run_method(method: str, cfg: RunConfig, ccfg: CompareConfig, seed: int, out: Path, *, target: int | None,
-               progress: bool, log) -> dict:
-    """Train one method from the base model for one seed; returns its results row."""
+               progress: bool, log, phase2_steps: int | None = None) -> dict:
+    """Train one method from the base model for one seed; returns its results row. `phase2_steps`: the "phase2"
+    ablation's steps (SD-Zero's Phase 2 steps in this seed; default distill.max_steps)."""
     seed_everything(seed)
     verifier = cfg.verifier()
     sets = load_problem_sets(cfg.data, cfg.task, cfg.n_phase1, cfg.n_phase2, cfg.eval.n_problems, seed,
@@ -266,12 +284,24 @@ def run_method(method: str, cfg: RunConfig, ccfg: CompareConfig, seed: int, out:
     selecting = ccfg.selection == "validation" and method != "base"
     curve_fn = BestOnValidation(validation_accuracy) if selecting else validation_accuracy
 
+    def revise(m, name: str) -> dict:
+        return evaluate_revision(Generator(m, tokenizer, cfg.sampling), held_out[:cfg.eval.revise_problems],
+                                 verifier, cfg.phrases(), k=cfg.eval.revise_k, feedback=cfg.eval.revise_feedback,
+                                 system_prompt=cfg.system_prompt, desc=f"revise {name}", progress=progress,
+                                 samples_path=out / f"seed{seed}" / "eval" / f"{name}_revise.jsonl")
+
+    revise_fn = revise if cfg.eval.revise_problems else None
+
     budget = Budget()
     if method == "base":
         summary = {"curve": [{"generations": 0, "wall_seconds": 0.0, "accuracy": curve_fn(model)}]}
     elif method == "sdzero":
         model, summary = run_sdzero(model, tokenizer, cfg, n1, n2, verifier, budget, method_dir,
-                             target=ccfg.budget, curve_fn=curve_fn, progress=progress)
+                                    target=ccfg.budget, curve_fn=curve_fn, revise_fn=revise_fn, progress=progress)
+    elif method == "phase2":
+        model, summary = run_phase2(model, tokenizer, cfg, n2, verifier, budget, method_dir / "phase2",
+                                    steps=phase2_steps or cfg.distill.max_steps, curve_fn=curve_fn,
+                                    progress=progress)
     else:
         n_questions = baseline_questions(method, target, ccfg)
         pool = n1 + n2
@@ -303,6 +333,8 @@ def run_method(method: str, cfg: RunConfig, ccfg: CompareConfig, seed: int, out:
                       desc=f"evaluate {method}", progress=progress)
     row = {"seed": seed, "method": method, "accuracy": result["accuracy"], "mean_length": result["mean_length"],
            **spent, "target_generations": target, "summary": summary}
+    if revise_fn is not None and method in ("base", "sdzero"):
+        row["revise"] = revise_fn(model, method)
     if method != "base":
         if target is not None:
             row["budget_gap"] = relative_gap(spent["generations"], target)
@@ -331,7 +363,13 @@ def compare(cfg: RunConfig, ccfg: CompareConfig, out_dir: str | Path, *, progres
     for seed in range(cfg.seed, cfg.seed + ccfg.seeds):
         seed_cfg = dataclasses.replace(cfg, seed=seed)
         for method in order:
-            if ccfg.budget is not None:
+            phase2_steps = None
+            if method == "phase2":
+                # the ablation repeats SD-Zero's Phase 2, unmatched: it spends no Phase 1 generations
+                target = None
+                if (seed, "sdzero") in done:
+                    phase2_steps = done[(seed, "sdzero")]["summary"]["phase2_steps"]
+            elif ccfg.budget is not None:
                 target = ccfg.budget
             elif method in ("base", "sdzero"):
                 target = None  # the base model spends nothing; SD-Zero's own count is the target
@@ -340,6 +378,8 @@ def compare(cfg: RunConfig, ccfg: CompareConfig, out_dir: str | Path, *, progres
             else:
                 target = sdzero_nominal_generations(cfg)
             settings = method_settings(seed_cfg, ccfg, method, target, base_model)
+            if phase2_steps is not None:
+                settings["phase2_steps"] = phase2_steps
             wanted.append((seed, method))
             old = done.get((seed, method))
             if old is not None and old.get("settings") == settings:
@@ -349,7 +389,8 @@ def compare(cfg: RunConfig, ccfg: CompareConfig, out_dir: str | Path, *, progres
                 move_aside(out, [f"seed{seed}/{method}", f"seed{seed}/eval/{method}.jsonl"], stale)
                 log(f"[seed {seed}] {method}: its recorded result was measured with other settings; recomputing "
                     f"(the old files are in {stale})")
-            row = run_method(method, seed_cfg, ccfg, seed, out, target=target, progress=progress, log=log)
+            row = run_method(method, seed_cfg, ccfg, seed, out, target=target, progress=progress, log=log,
+                             phase2_steps=phase2_steps)
             row["settings"] = settings
             done[(seed, method)] = row
             with results_path.open("a") as f:
@@ -362,9 +403,9 @@ def method_settings(cfg: RunConfig, ccfg: CompareConfig, method: str, target: in
     """What shapes one (seed, method) result: a re-run reuses the result only when all of it is unchanged
     (as JSON reads it back, so that a fresh value compares equal to a recorded one)."""
     run = {key: value for key, value in dataclasses.asdict(cfg).items() if key not in ("log", "evolve")}
-    if method != "sdzero":  # SD-Zero's own stages do not shape the other methods' results
-        for key in ("collect", "srt", "distill"):
-            run.pop(key)
+    # SD-Zero's own stages do not shape the other methods' results (the ablation keeps Phase 2's)
+    for key in {"sdzero": (), "phase2": ("collect", "srt")}.get(method, ("collect", "srt", "distill")):
+        run.pop(key)
     settings = {"run": run, "base_model": base_model, "target_generations": target, "tolerance": ccfg.tolerance,
                 "selection": ccfg.selection if method != "base" else None,
                 "method": dataclasses.asdict(getattr(ccfg, method)) if method in ("rft", "grpo", "sdft") else None}
@@ -436,7 +477,8 @@ def write_report(out: Path, cfg: RunConfig, ccfg: CompareConfig, rows: list[dict
             entry["wall_seconds_to_reach_grpo_final"] = None if reached is None else reached["wall_seconds"]
     report = {
         "base": {"accuracy": base_mean, "accuracy_std": base_std,
-                 "accuracy_per_seed": [base_rows[s]["accuracy"] for s in sorted(base_rows)]},
+                 "accuracy_per_seed": [base_rows[s]["accuracy"] for s in sorted(base_rows)],
+                 "mean_length": statistics.fmean(r["mean_length"] for r in base_rows.values()) if base_rows else None},
         "methods": methods,
         "metric": f"avg@{cfg.eval.k}", "k": cfg.eval.k, "n_eval_problems": cfg.eval.n_problems,
         "seeds": sorted({r["seed"] for r in rows}),
@@ -445,11 +487,23 @@ def write_report(out: Path, cfg: RunConfig, ccfg: CompareConfig, rows: list[dict
         "budget": {"target": ccfg.budget if ccfg.budget is not None else "SD-Zero's actual generations per seed",
                    "tolerance": ccfg.tolerance},
         "grpo_final_curve_accuracy": methods["grpo"]["curve"][-1]["accuracy_mean"] if "grpo" in methods else None,
+        "revise": revise_rows(rows),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(markdown_table(report))
     plot_curves(out / "sample_efficiency.png", report)
     return report
+
+
+def revise_rows(rows: list[dict]) -> list[dict]:
+    """Generate-then-revise of the base, SRT and SD-Zero models, one entry per (model, seed) measured."""
+    out = []
+    for row in sorted(rows, key=lambda r: r["seed"]):
+        measured = {"base": row.get("revise")} if row["method"] == "base" else \
+            {"srt": row["summary"].get("srt_revise"), "sdzero": row.get("revise")} if row["method"] == "sdzero" else {}
+        out += [{"model": name, "seed": row["seed"], **result} for name, result in measured.items() if result]
+    order = ["base", "srt", "sdzero"]
+    return sorted(out, key=lambda r: (order.index(r["model"]), r["seed"]))
 
 
 def selection_text(cfg: RunConfig, ccfg: CompareConfig) -> str:
@@ -463,11 +517,12 @@ def selection_text(cfg: RunConfig, ccfg: CompareConfig) -> str:
 
 def markdown_table(report: dict) -> str:
     k = report["k"]
-    lines = [f"| method | avg@{k} (mean ± std) | generations | sampled tokens | trained tokens | wall (s) | "
+    lines = [f"| method | avg@{k} (mean ± std) | length | generations | sampled tokens | trained tokens | wall (s) | "
              f"generations to reach GRPO's final | wall (s) to reach it |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     base = report["base"]
-    lines.append(f"| base | {base['accuracy']:.3f} ± {base['accuracy_std']:.3f} | 0 | 0 | 0 | 0 | | |")
+    base_length = "" if base.get("mean_length") is None else f"{base['mean_length']:.1f}"
+    lines.append(f"| base | {base['accuracy']:.3f} ± {base['accuracy_std']:.3f} | {base_length} | 0 | 0 | 0 | 0 | | |")
     for name, m in report["methods"].items():
         reach = [m.get(f"{what}_to_reach_grpo_final") for what in ("generations", "wall_seconds")]
         if "generations_to_reach_grpo_final" not in m:  # no GRPO in this comparison
@@ -476,13 +531,23 @@ def markdown_table(report: dict) -> str:
             reach_text = ["not reached", ""]
         else:
             reach_text = [f"{value:.0f}" if value is not None else "not recorded" for value in reach]
-        lines.append(f"| {name} | {m['accuracy']:.3f} ± {m['accuracy_std']:.3f} | {m['generations']:.0f} | "
+        lines.append(f"| {name} | {m['accuracy']:.3f} ± {m['accuracy_std']:.3f} | {m['mean_length']:.1f} | "
+                     f"{m['generations']:.0f} | "
                      f"{m['sampled_tokens']:.0f} | {m['trained_tokens']:.0f} | {m['wall_seconds']:.0f} | "
                      f"{reach_text[0]} | {reach_text[1]} |")
     seeds = ", ".join(map(str, report["seeds"]))
     lines.append("")
     lines.append(f"{report['metric']} on {report['n_eval_problems']} held-out problems; seeds {seeds}; "
                  f"curves: {report['curve_metric']}; selection: {report.get('selection', 'none')}.")
+    if report.get("revise"):
+        lines += ["", "Generate-then-revise (first answer, then one revision after the reward's phrase):", "",
+                  "| model | seed | answers | first | revised | correction | spoil | length first -> revised |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in report["revise"]:
+            rates = [("" if r[key] is None else f"{r[key]:.1%}") for key in ("correction_rate", "spoil_rate")]
+            lines.append(f"| {r['model']} | {r['seed']} | {r['n_answers']} | {r['initial_accuracy']:.3f} | "
+                         f"{r['revised_accuracy']:.3f} | {rates[0]} of {r['n_wrong']} | {rates[1]} | "
+                         f"{r['initial_length']:.1f} -> {r['revised_length']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
