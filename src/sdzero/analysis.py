@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sdzero.distill import micro_batch_tensors, teacher_context_limit
+from sdzero.errors import MissingFile, Refusal
 from sdzero.lab.task import PROBLEM_PREFIX, Problem, first_wrong_step
 from sdzero.losses import per_token_divergence, teacher_topk
 from sdzero.modeling import max_positions
@@ -174,9 +175,9 @@ def localization(signals: list[TokenSignal], problems_by_response: list[Problem 
     and its long teacher context is where a small teacher may stop being reliable.
     """
     if measure not in MEASURES:
-        raise ValueError(f"measure must be one of {MEASURES}, not {measure!r}")
+        raise Refusal(f"measure must be one of {MEASURES}, not {measure!r}")
     if len(problems_by_response) != len(signals):
-        raise ValueError(f"{len(signals)} signals but {len(problems_by_response)} problems")
+        raise Refusal(f"{len(signals)} signals but {len(problems_by_response)} problems")
     hits, chances, wrong, right = [], [], [], []
     for signal, problem in zip(signals, problems_by_response):
         values = getattr(signal, measure)
@@ -246,7 +247,7 @@ def stage_model(run_dir: Path, cfg, stage: str) -> str:
         return str(run_dir / stage)
     stages = ["base"] + sorted(d.name for d in run_dir.iterdir() if (d / "config.json").exists()) \
         if run_dir.is_dir() else ["base"]
-    raise FileNotFoundError(f"{run_dir} has no stage {stage!r}; its stages: {', '.join(stages)}")
+    raise MissingFile(f"{run_dir} has no stage {stage!r}; its stages: {', '.join(stages)}")
 
 
 def held_out_texts(cfg, run_dir: Path) -> dict[str, str]:
@@ -288,7 +289,7 @@ def inspect_run(run_dir: str | Path, out_dir: str | Path, *, n: int = 200, stude
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"run folder not found: {run_dir}")
+        raise MissingFile(f"run folder not found: {run_dir}")
     cfg = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").exists() else RunConfig()
     student_path, teacher_path = stage_model(run_dir, cfg, student), stage_model(run_dir, cfg, teacher)
     student_model, tokenizer = load_model(student_path, device)
@@ -296,7 +297,7 @@ def inspect_run(run_dir: str | Path, out_dir: str | Path, *, n: int = 200, stude
 
     samples = run_dir / "eval" / f"{student}.jsonl"
     if not samples.exists():
-        raise FileNotFoundError(f"{samples} not found: inspect reads the evaluation samples that `sdzero demo` and "
+        raise MissingFile(f"{samples} not found: inspect reads the evaluation samples that `sdzero demo` and "
                                 f"`sdzero run` write to {run_dir / 'eval'}")
     rows = _mix(read_jsonl(samples), n)
     problems = [lab_problem(row) for row in rows]
@@ -308,7 +309,7 @@ def inspect_run(run_dir: str | Path, out_dir: str | Path, *, n: int = 200, stude
             texts = texts or held_out_texts(cfg, run_dir)
             prompt = texts.get(str(row.get("id")))
         if prompt is None:
-            raise ValueError(f"{samples}: row {row.get('id')!r} is neither a lab problem nor a held-out problem of "
+            raise Refusal(f"{samples}: row {row.get('id')!r} is neither a lab problem nor a held-out problem of "
                              f"the run's data ({cfg.data.path})")
         ids = tokenizer.encode(row["response"], add_special_tokens=False)
         if answer_finished(row, cfg.sampling.max_new_tokens):

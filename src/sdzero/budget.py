@@ -19,6 +19,8 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from sdzero.errors import Refusal
+
 
 @dataclass
 class Budget:
@@ -33,7 +35,7 @@ class Budget:
     def sampled(self, question_ids: list, response_lengths: list[int]) -> None:
         """One sampled response per entry: the question it answers and its length in tokens."""
         if len(question_ids) != len(response_lengths):
-            raise ValueError(f"{len(question_ids)} question ids for {len(response_lengths)} responses")
+            raise Refusal(f"{len(question_ids)} question ids for {len(response_lengths)} responses")
         self.question_ids.update(question_ids)
         self.generations += len(response_lengths)
         self.sampled_tokens += sum(response_lengths)
@@ -66,7 +68,7 @@ class Budget:
 def relative_gap(actual: float, target: float) -> float:
     """|actual - target| / target: how far a method's budget is from the matched one."""
     if target <= 0:
-        raise ValueError(f"the target budget must be positive, got {target}")
+        raise Refusal(f"the target budget must be positive, got {target}")
     return abs(actual - target) / target
 
 

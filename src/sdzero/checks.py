@@ -3,6 +3,8 @@ line naming the field, instead of failing (or silently misbehaving) in the middl
 
 from __future__ import annotations
 
+from sdzero.errors import Refusal
+
 RULES = {
     ">= 1": lambda v: v >= 1,
     ">= 0": lambda v: v >= 0,
@@ -19,5 +21,5 @@ def check_ranges(section: str, settings, rules: dict[str, str]) -> None:
     for name, rule in rules.items():
         value = getattr(settings, name)
         if value is not None and not RULES[rule](value):
-            raise ValueError(f"{section + '.' if section else ''}{name} must be {rule}, got {value!r}")
+            raise Refusal(f"{section + '.' if section else ''}{name} must be {rule}, got {value!r}")
 

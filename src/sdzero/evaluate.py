@@ -15,6 +15,7 @@ import json
 from math import comb
 from pathlib import Path
 
+from sdzero.errors import Refusal
 from sdzero.generation import Generator
 from sdzero.prompts import ControlPhrases, bridge_ids, end_of_turn_ids, generator_prompt_ids, reviser_context_ids
 from sdzero.rewards import Verifier
@@ -24,7 +25,7 @@ from sdzero.verifiers import no_answer_summary
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Chance that at least one of k answers drawn without replacement from n (c correct) is correct."""
     if not 0 <= c <= n or not 1 <= k <= n:
-        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+        raise Refusal(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
     if n - c < k:
         return 1.0
     return 1.0 - comb(n - c, k) / comb(n, k)
@@ -38,9 +39,9 @@ def evaluate(generator: Generator, problems: list[dict], verifier: Verifier, *, 
     With `seed`, the answers are drawn from a random state of their own seeded with it, and the global one is
     left as it was: an evaluation in the middle of training changes nothing the training draws."""
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise Refusal(f"k must be >= 1, got {k}")
     if not problems:
-        raise ValueError("evaluation needs at least one problem; the evaluation set is empty")
+        raise Refusal("evaluation needs at least one problem; the evaluation set is empty")
     tokenizer = generator.tokenizer
     prompts = [generator_prompt_ids(tokenizer, p["problem"], system_prompt) for p in problems]
     samples = generator.sample(prompts, k, desc=desc, progress=progress, **seed_argument(seed))
@@ -98,11 +99,11 @@ def evaluate_revision(generator: Generator, problems: list[dict], verifier: Veri
     for `evaluate` (the revisions draw from seed + 1).
     """
     if feedback not in FEEDBACK:
-        raise ValueError(f"unknown revision feedback {feedback!r}; choose one of {', '.join(FEEDBACK)}")
+        raise Refusal(f"unknown revision feedback {feedback!r}; choose one of {', '.join(FEEDBACK)}")
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise Refusal(f"k must be >= 1, got {k}")
     if not problems:
-        raise ValueError("evaluation needs at least one problem; the evaluation set is empty")
+        raise Refusal("evaluation needs at least one problem; the evaluation set is empty")
     tokenizer = generator.tokenizer
     eot = end_of_turn_ids(tokenizer)
     prompts = [generator_prompt_ids(tokenizer, p["problem"], system_prompt) for p in problems]

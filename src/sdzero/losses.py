@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sdzero.errors import Refusal
+
 DIVERGENCES = ("forward", "reverse", "mixed")
 
 # Upper bound on log(sum of top-k probs): keeps log(1 - sum) finite when the
@@ -36,14 +38,14 @@ _MAX_TOPK_LOGMASS = -1e-7
 
 def _check_options(divergence: str, mixed_weight: float) -> None:
     if divergence not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {divergence!r}; expected one of: {', '.join(DIVERGENCES)}")
+        raise Refusal(f"unknown divergence {divergence!r}; expected one of: {', '.join(DIVERGENCES)}")
     if not 0.0 <= mixed_weight <= 1.0:
-        raise ValueError(f"mixed_weight must be in [0, 1], got {mixed_weight}")
+        raise Refusal(f"mixed_weight must be in [0, 1], got {mixed_weight}")
 
 
 def _check_shape(name: str, shape: torch.Size, expected_name: str, expected: torch.Size) -> None:
     if shape != expected:
-        raise ValueError(
+        raise ValueError(  # a caller's bug, not bad input: it keeps its traceback
             f"shape mismatch: {name} has shape {tuple(shape)} but {expected_name} has shape {tuple(expected)}"
         )
 
@@ -76,7 +78,7 @@ def teacher_topk(teacher_logits: Tensor, top_k: int | None) -> tuple[Tensor, Ten
     free the full teacher logits afterwards.
     """
     if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+        raise Refusal(f"top_k must be >= 1 or None, got {top_k}")
     logits = teacher_logits.detach().float()
     vocab = logits.size(-1)
     if top_k is None or top_k >= vocab:

@@ -18,6 +18,7 @@ import torch
 
 from sdzero import lab, models
 from sdzero.checks import check_ranges
+from sdzero.errors import MissingFile, Refusal
 from sdzero.training import is_fsdp2, unwrap
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -61,7 +62,7 @@ def resolve_model_path(name: str) -> str:
     if name in lab.LAB_MODELS:
         folder, preset = lab.LAB_MODELS[name]
         if not (folder / "config.json").exists():
-            raise FileNotFoundError(f"the lab base model {name!r} is missing from {folder}; "
+            raise MissingFile(f"the lab base model {name!r} is missing from {folder}; "
                                     f"rebuild it with: sdzero lab pretrain --preset {preset} --out {folder}")
         return str(folder)
     real = models.real_model_folder(name)
@@ -76,7 +77,7 @@ def resolve_model_path(name: str) -> str:
     hint = (f"; run `{made_by} --out {path.parent}` first" if made_by else
             "; give a folder written by save_pretrained, or a hub id such as Qwen/Qwen3-0.6B")
     what = "has no config.json" if path.is_dir() else "not found"
-    raise FileNotFoundError(f"model folder {what}: {name}{hint}")
+    raise MissingFile(f"model folder {what}: {name}{hint}")
 
 
 def hub_reachable(timeout_s: float = 3.0) -> bool:
@@ -108,7 +109,7 @@ def from_local_or_hub(load, name: str, path: str, **kwargs):
     except OSError:
         pass
     if not hub_reachable():
-        raise FileNotFoundError(f"model {name!r} is neither a local folder nor in the hub cache, and the hub "
+        raise MissingFile(f"model {name!r} is neither a local folder nor in the hub cache, and the hub "
                                 f"cannot be reached (offline?); download it once online, or give a local folder")
     from huggingface_hub.utils import logging as hub_logging
 
@@ -117,7 +118,7 @@ def from_local_or_hub(load, name: str, path: str, **kwargs):
         return load(path, **kwargs)
     except OSError as err:  # unknown id, gated repository, network error
         reason = str(err).strip().splitlines()[0]
-        raise FileNotFoundError(f"model {name!r} could not be loaded from the hub: {reason}") from None
+        raise MissingFile(f"model {name!r} could not be loaded from the hub: {reason}") from None
 
 
 def max_positions(model) -> int | None:
@@ -139,7 +140,7 @@ def load_tokenizer(name: str):
     path = name if (Path(name) / "adapter_config.json").exists() else resolve_model_path(name)
     tokenizer = from_local_or_hub(AutoTokenizer.from_pretrained, name, path)
     if tokenizer.chat_template is None:
-        raise ValueError(f"the tokenizer of {name} has no chat template; SD-Zero needs one to lay out turns")
+        raise Refusal(f"the tokenizer of {name} has no chat template; SD-Zero needs one to lay out turns")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -168,7 +169,7 @@ def resolve_dtype(name: str) -> torch.dtype:
     if name == "auto":
         return torch.float32
     if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose auto, {', '.join(DTYPES)}")
+        raise Refusal(f"unknown dtype {name!r}; choose auto, {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
@@ -277,7 +278,7 @@ class Teacher:
         """teacher <- these weights; with `from_main_process`, only the main process's state dict counts
         (sharded training gathers the full weights there) and the others receive it."""
         if self.adapter_off:
-            raise ValueError("teacher synchronisation is not available with a LoRA student whose teacher is the "
+            raise Refusal("teacher synchronisation is not available with a LoRA student whose teacher is the "
                              "adapter-free base model; train all weights (lora.enabled=false) or pass --teacher")
         if from_main_process:
             from accelerate.utils import broadcast

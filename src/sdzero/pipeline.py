@@ -30,6 +30,7 @@ from sdzero.collect import collect
 from sdzero.config import RunConfig, config_to_yaml
 from sdzero.data import ProblemSets, load_problem_sets
 from sdzero.distill import distill, teacher_context_limit
+from sdzero.errors import Refusal
 from sdzero.evaluate import evaluate, evaluate_revision
 from sdzero.generation import make_generator
 from sdzero.modeling import is_lora, load_model, load_tokenizer, max_positions, merged_for_saving, prepare_for_training
@@ -273,7 +274,7 @@ def plot_learning_curve(path: Path, distill_summary: dict, results: dict, cfg: R
 
     history = distill_summary["history"]
     if not history:
-        raise ValueError("no learning curve to draw: Phase 2 tracked no evaluation (distill.eval_every is off)")
+        raise Refusal("no learning curve to draw: Phase 2 tracked no evaluation (distill.eval_every is off)")
     n_curve = min(cfg.eval.curve_problems, cfg.eval.n_validation())  # the curve's are the first validation ones
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     ax.plot([h["step"] for h in history], [h["accuracy"] for h in history], marker="o",

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sdzero.errors import Refusal
+
 SEPARATOR = "\n\n"
 
 # name -> (phrase after a correct answer, phrase after a wrong one)
@@ -37,7 +39,7 @@ class ControlPhrases:
     @classmethod
     def preset(cls, name: str) -> "ControlPhrases":
         if name not in CONTROL_PRESETS:
-            raise ValueError(f"unknown control-phrase preset {name!r}; choose one of {sorted(CONTROL_PRESETS)}")
+            raise Refusal(f"unknown control-phrase preset {name!r}; choose one of {sorted(CONTROL_PRESETS)}")
         return cls(*CONTROL_PRESETS[name])
 
     def for_reward(self, reward: float) -> str:
@@ -128,7 +130,7 @@ def check_prompt_room(tokenizer, sets: dict[str, list[dict]], system_prompt: str
         for problem in problems:
             length = len(generator_prompt_ids(tokenizer, problem["problem"], system_prompt))
             if length >= positions:
-                raise ValueError(f"{name} problem {problem['id']!r}: its prompt is {length:,} tokens, the model has "
+                raise Refusal(f"{name} problem {problem['id']!r}: its prompt is {length:,} tokens, the model has "
                                  f"{positions:,} positions (no room for an answer); remove it from the data or "
                                  f"shorten it (a run directory that recorded it then needs --restart or another --out)")
 
@@ -200,7 +202,7 @@ def distill_layout(prompt_ids: list[int], response_ids: list[int], bridge: list[
     sample. A sample whose first copy alone leaves no room for one target is masked either way.
     """
     if overflow not in OVERFLOW:
-        raise ValueError(f"unknown overflow rule {overflow!r}; choose one of {', '.join(OVERFLOW)}")
+        raise Refusal(f"unknown overflow rule {overflow!r}; choose one of {', '.join(OVERFLOW)}")
     first_copy = strip_end_of_turn(response_ids, eot_ids)
     context = list(prompt_ids) + first_copy + list(bridge)
     response = list(response_ids)

@@ -26,6 +26,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Callable
 
+from sdzero.errors import Refusal
 from sdzero.generation import Sample, SamplingConfig
 from sdzero.verifiers import get_verifier
 
@@ -45,7 +46,7 @@ def is_batch_function(function: Callable) -> bool:
         return False
     if any(p.kind == p.VAR_KEYWORD for p in params):
         return True
-    raise ValueError(f"cannot tell how to call the reward function {getattr(function, '__name__', function)!r}: "
+    raise Refusal(f"cannot tell how to call the reward function {getattr(function, '__name__', function)!r}: "
                      "give it the signature (completion, problem) or TRL's (prompts, completions, completion_ids, "
                      "**kwargs)")
 
@@ -73,7 +74,7 @@ def task_names(task: str | list[str]) -> list[str]:
     """The reward functions a run's `task` names (one name, or a list of them)."""
     names = [task] if isinstance(task, str) else list(task)
     if not names:
-        raise ValueError("task names no reward function")
+        raise Refusal("task names no reward function")
     return names
 
 
@@ -88,7 +89,7 @@ class Verifier:
 
     def __post_init__(self):
         if len(self.weights) != len(self.functions):
-            raise ValueError(f"{len(self.weights)} reward weights for {len(self.functions)} reward functions")
+            raise Refusal(f"{len(self.weights)} reward weights for {len(self.functions)} reward functions")
         self.batched = [is_batch_function(f) for f in self.functions]
 
     @classmethod
@@ -134,11 +135,11 @@ class Verifier:
         else:
             values = list(_call(function, name, problems, **trl_arguments(samples, problems)))
             if len(values) != len(samples):
-                raise ValueError(f"the reward function {name!r} returned {len(values)} rewards for "
+                raise Refusal(f"the reward function {name!r} returned {len(values)} rewards for "
                                  f"{len(samples)} completions")
         for value in values:
             if value is not None and (isinstance(value, str) or not isinstance(value, (int, float))):
-                raise ValueError(f"the reward function {name!r} returned {value!r}; expected a number or None")
+                raise Refusal(f"the reward function {name!r} returned {value!r}; expected a number or None")
         return values
 
 
@@ -151,7 +152,7 @@ def _call(function, name: str, problems: list[dict], *args, **kwargs):
         ids = [str(p.get("id", "?")) for p in problems]
         which = (f"problem {ids[0]}" if len(ids) == 1 else
                  f"a batch of problems {', '.join(ids[:3])}" + (f" (and {len(ids) - 3} more)" if len(ids) > 3 else ""))
-        raise ValueError(f"the reward function {name!r} failed on {which}: {type(err).__name__}: {err}") from err
+        raise Refusal(f"the reward function {name!r} failed on {which}: {type(err).__name__}: {err}") from err
 
 
 def trl_arguments(samples: list[Sample], problems: list[dict]) -> dict:

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from sdzero import lab, models
+from sdzero.errors import Refusal
 from sdzero.modeling import load_tokenizer, resolve_model_path, tokenizer_fingerprint
 from sdzero.prompts import effective_system_prompt
 
@@ -150,7 +151,7 @@ def hold_run(folder: str | Path) -> bool:
         lock.seek(0)
         holder = lock.read().strip() or "a process that has not yet written its pid"
         lock.close()
-        raise ValueError(f"{folder} is in use by another sdzero command ({holder}): one command writes into a "
+        raise Refusal(f"{folder} is in use by another sdzero command ({holder}): one command writes into a "
                          "run directory at a time; wait for it to end, or use another --out") from None
     lock.seek(0)
     lock.truncate()
@@ -243,7 +244,7 @@ def check_base_model(run_dir: str | Path, record: dict, cfg, tokenizer, *, main_
             (Path(run_dir) / "config.yaml").write_text(config_to_yaml(cfg))
         return current["fingerprint"]
     if recorded["fingerprint"] != current["fingerprint"]:
-        raise ValueError(f"the run in {run_dir} has the base model {recorded['name']} (fingerprint "
+        raise Refusal(f"the run in {run_dir} has the base model {recorded['name']} (fingerprint "
                          f"{recorded['fingerprint']}); this command's model {name} differs ({current['fingerprint']}); "
                          + RESTART_HINT.format(stale=stale_folder(Path(run_dir))))
     return current["fingerprint"]
@@ -253,7 +254,7 @@ def check_tokenizer(run_dir: str | Path, record: dict, name: str, tokenizer) -> 
     """A model used in the run (a Phase 2 student or teacher) must read the run's token ids."""
     recorded = (record.get("base_model") or {}).get("tokenizer")
     if recorded is not None and recorded != tokenizer_fingerprint(tokenizer):
-        raise ValueError(f"{name} uses another tokenizer than the run in {run_dir} (base model "
+        raise Refusal(f"{name} uses another tokenizer than the run in {run_dir} (base model "
                          f"{record['base_model']['name']}): its token ids mean other text")
 
 
@@ -299,7 +300,7 @@ def begin_stage(run_dir: str | Path, stage: str, settings: dict, *, restart: boo
                 moved = move_aside(run_dir, [stage] + STAGE_DEPENDENTS.get(stage, []), stale)
                 log(f"moved {', '.join(moved)} to {stale}")
     elif resume and (folder / "checkpoint").exists():
-        raise ValueError(f"{folder}/checkpoint has no {SETTINGS_FILE} to say which settings made it, so it cannot "
+        raise Refusal(f"{folder}/checkpoint has no {SETTINGS_FILE} to say which settings made it, so it cannot "
                          f"be resumed safely; run without --resume to start the stage again")
     if not main_process:
         return

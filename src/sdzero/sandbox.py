@@ -36,6 +36,8 @@ import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 
+from sdzero.errors import Refusal
+
 # The system interpreter: the sandbox shows /usr only, so a virtualenv's python is not there.
 SANDBOX_PYTHON = "/usr/bin/python3"
 WORKDIR = "/sandbox"
@@ -217,7 +219,7 @@ def run(
     """
     files = files or {}
     if any("/" in name or name in ("", ".", "..") for name in files):
-        raise ValueError("file names must be plain names")
+        raise Refusal("file names must be plain names")
     fds = [_memfile(stdin)]
     try:
         if sandbox_available():

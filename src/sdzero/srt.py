@@ -18,6 +18,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from sdzero.checks import check_ranges
+from sdzero.errors import Refusal
 from sdzero.modeling import tokenizer_fingerprint
 from sdzero.prompts import ControlPhrases, bridge_ids, end_of_turn_ids, generator_prompt_ids, strip_end_of_turn
 from sdzero.training import (LogConfig, MetricsLog, check_finite, finish_trackers, load_checkpoint,
@@ -49,7 +50,7 @@ class SRTConfig:
 
     def validate(self) -> None:
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown SRT schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+            raise Refusal(f"unknown SRT schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         # grad_clip <= 0 would flip or zero every update: a clip is a positive norm
         check_ranges("srt", self, {"lr": "> 0", "epochs": ">= 1", "batch_size": ">= 1", "warmup_ratio": "in [0, 1)",
                                    "weight_decay": ">= 0", "grad_clip": "> 0", "save_every": ">= 1"})
@@ -71,11 +72,11 @@ def check_tuples(rows: list[dict], tokenizer, path: Path) -> None:
     fingerprint, vocab = tokenizer_fingerprint(tokenizer), len(tokenizer)
     for line, row in enumerate(rows, 1):
         if row.get("tokenizer", fingerprint) != fingerprint:
-            raise ValueError(f"{path}:{line}: the tuple was tokenized by another tokenizer (fingerprint "
+            raise Refusal(f"{path}:{line}: the tuple was tokenized by another tokenizer (fingerprint "
                              f"{row['tokenizer']}, the model's is {fingerprint}): collect again with this model")
         bad = next((i for i in row["init_ids"] + row["revised_ids"] if not 0 <= i < vocab), None)
         if bad is not None:
-            raise ValueError(f"{path}:{line}: token id {bad} is outside the model's vocabulary of {vocab}: the tuple "
+            raise Refusal(f"{path}:{line}: token id {bad} is outside the model's vocabulary of {vocab}: the tuple "
                              "was collected with another tokenizer")
 
 
@@ -98,7 +99,7 @@ def train_srt(model, tokenizer, rows: list[dict], phrases: ControlPhrases, cfg: 
     """
     cfg.validate()
     if not rows:
-        raise ValueError("SRT needs at least one kept revision tuple; collection kept none")
+        raise Refusal("SRT needs at least one kept revision tuple; collection kept none")
     examples = [revision_example(tokenizer, row, phrases, system_prompt) for row in rows]
     if cfg.schedule == "joint":
         stages = [("joint", examples)]

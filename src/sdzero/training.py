@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from sdzero.errors import Diverged, Refusal
 from sdzero.losses import sft_loss
 
 
@@ -152,7 +153,7 @@ def make_optimizer(model, lr: float, weight_decay: float = 0.0) -> torch.optim.O
 def make_schedule(optimizer, *, warmup_steps: int, total_steps: int, kind: str = "cosine"):
     """Linear warm-up, then cosine decay to zero or a constant rate."""
     if kind not in ("cosine", "constant"):
-        raise ValueError(f"unknown schedule {kind!r}; choose 'cosine' or 'constant'")
+        raise Refusal(f"unknown schedule {kind!r}; choose 'cosine' or 'constant'")
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -189,7 +190,7 @@ def make_accelerator(out_dir: str | Path | None = None, log: LogConfig | None = 
             try:
                 import wandb  # noqa: F401
             except ImportError:
-                raise ValueError("log.wandb is on but wandb is not installed: pip install 'sdzero[wandb]'") from None
+                raise Refusal("log.wandb is on but wandb is not installed: pip install 'sdzero[wandb]'") from None
             trackers.append("wandb")
     # Mixed precision: what `accelerate launch` / `accelerate config` chose, else bf16 autocast on a GPU
     # that has it (fp32 weights, bf16 compute), else none.
@@ -220,7 +221,7 @@ def check_finite(model, stage: str) -> None:
         if not torch.isfinite(local).all():
             bad.append(name)
     if bad:
-        raise FloatingPointError(f"{stage}: {len(bad)} weight tensors hold NaN or inf after training "
+        raise Diverged(f"{stage}: {len(bad)} weight tensors hold NaN or inf after training "
                                  f"(first: {bad[0]}); nothing was saved. {NAN_HINT}")
 
 
@@ -242,7 +243,7 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         loss = record.get("loss")
         if loss is not None and not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at {record.get('stage', 'training')} step {record.get('step')}. "
+            raise Diverged(f"loss is {loss} at {record.get('stage', 'training')} step {record.get('step')}. "
                                      f"{NAN_HINT}")
         if not self.main:
             return
@@ -338,5 +339,5 @@ def read_jsonl(path: str | Path, *, repair: bool = False) -> list[dict]:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
+            raise Refusal(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
     return rows

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from sdzero import sandbox
+from sdzero.errors import Refusal
 from sdzero.lab.task import extract_answer
 
 Verifier = Callable[[str, dict], float]
@@ -230,7 +231,7 @@ LANGUAGES = {"python": "python", "py": "python", "python3": "python", "cpp": "cp
 def code_language(name: str) -> str:
     """"python" or "cpp" for any of their names in LANGUAGES; an error for anything else."""
     if not isinstance(name, str) or name.lower() not in LANGUAGES:
-        raise ValueError(f"unsupported language {name!r}; use one of {', '.join(LANGUAGES)}")
+        raise Refusal(f"unsupported language {name!r}; use one of {', '.join(LANGUAGES)}")
     return LANGUAGES[name.lower()]
 
 
@@ -357,7 +358,7 @@ def code_reward(
         return 0.0
     tests = parse_tests("code_reward", tests, "tests")
     if language != "python" and any(is_call_test(t) or is_check_test(t) for t in tests):
-        raise ValueError("call tests and check tests need a Python program: language must be python")
+        raise Refusal("call tests and check tests need a Python program: language must be python")
     source = extract_program(completion).encode()
     limits = sandbox.Limits(wall_s=timeout_s)
     if language == "python":
@@ -501,14 +502,14 @@ def get_verifier(name: str) -> Verifier:
         return VERIFIERS[name]
     module_name, sep, function_name = name.partition(":")
     if not sep:
-        raise ValueError(f"unknown verifier {name!r}; choose one of {sorted(VERIFIERS)} "
+        raise Refusal(f"unknown verifier {name!r}; choose one of {sorted(VERIFIERS)} "
                          "or name your own function as package.module:function")
     import importlib
 
     try:
         function = getattr(importlib.import_module(module_name), function_name)
     except (ImportError, AttributeError) as err:
-        raise ValueError(f"cannot load the reward function {name!r}: {err}") from None
+        raise Refusal(f"cannot load the reward function {name!r}: {err}") from None
     if not callable(function):
-        raise ValueError(f"the reward function {name!r} is not callable")
+        raise Refusal(f"the reward function {name!r} is not callable")
     return function

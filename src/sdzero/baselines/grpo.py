@@ -17,6 +17,7 @@ from transformers import PrinterCallback
 from sdzero.baselines.trl_common import (BudgetCallback, TRLBaselineConfig, question_dataset, sdzero_completions,
                                          trl_arguments)
 from sdzero.budget import Budget, LearningCurve
+from sdzero.errors import Refusal
 from sdzero.generation import Sample, SamplingConfig
 from sdzero.prompts import end_of_turn_ids, generator_prompt_ids
 from sdzero.rewards import Verifier
@@ -46,7 +47,7 @@ def train_grpo(model, tokenizer, questions: list[dict], verifier: Verifier, samp
     from trl import GRPOConfig, GRPOTrainer
 
     if not questions:
-        raise ValueError("GRPO needs at least one question; the question set is empty")
+        raise Refusal("GRPO needs at least one question; the question set is empty")
     out_dir = Path(out_dir)
     prompt_lengths = [len(generator_prompt_ids(tokenizer, q["problem"], system_prompt)) for q in questions]
 

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sdzero.budget import Budget, LearningCurve
+from sdzero.errors import Refusal
 from sdzero.generation import Generator
 from sdzero.prompts import generator_prompt_ids
 from sdzero.training import MetricsLog, make_optimizer, make_schedule, sft_step_loss
@@ -100,9 +101,9 @@ def train_rft(model, tokenizer, questions: list[dict], verifier: Verifier, gener
               system_prompt: str | None = None, progress: bool = True) -> dict:
     """Sample, filter and fine-tune `model` in place (`generator` samples from `model`); returns a summary."""
     if not questions:
-        raise ValueError("RFT needs at least one question; the question set is empty")
+        raise Refusal("RFT needs at least one question; the question set is empty")
     if any(not 0 < f < 1 for f in cfg.curve_fractions):
-        raise ValueError(f"rft.curve_fractions must lie strictly between 0 and 1, got {cfg.curve_fractions}")
+        raise Refusal(f"rft.curve_fractions must lie strictly between 0 and 1, got {cfg.curve_fractions}")
     curve = LearningCurve(budget, evaluate_fn)
     kept = sample_correct(generator, questions, verifier, cfg, budget, system_prompt=system_prompt,
                           progress=progress)

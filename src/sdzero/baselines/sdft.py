@@ -21,6 +21,7 @@ from transformers import PrinterCallback
 from sdzero.baselines.trl_common import (BudgetCallback, TRLBaselineConfig, question_dataset, sdzero_completions,
                                          trl_arguments)
 from sdzero.budget import Budget, LearningCurve
+from sdzero.errors import Refusal
 from sdzero.generation import SamplingConfig
 from sdzero.prompts import generator_prompt_ids
 from sdzero.training import MetricsLog
@@ -49,7 +50,7 @@ def train_sdft(model, tokenizer, questions: list[dict], sampling: SamplingConfig
     from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 
     if not questions:
-        raise ValueError("SDFT needs at least one question; the question set is empty")
+        raise Refusal("SDFT needs at least one question; the question set is empty")
     out_dir = Path(out_dir)
     # TRL passes only prompt token ids down to generation; map them back to the questions they ask.
     question_of_prompt = {tuple(generator_prompt_ids(tokenizer, q["problem"], system_prompt)): q["id"]
@@ -72,7 +73,7 @@ def train_sdft(model, tokenizer, questions: list[dict], sampling: SamplingConfig
         try:
             return cfg.demonstration.format(**q)
         except KeyError as err:
-            raise ValueError(f"sdft.demonstration names the field {err} that question {q.get('id')!r} lacks") from None
+            raise Refusal(f"sdft.demonstration names the field {err} that question {q.get('id')!r} lacks") from None
 
     args = trl_arguments(SDFTConfig, cfg, out_dir=out_dir, sampling=sampling, seed=seed, progress=progress,
                          teacher_model_kind=cfg.teacher, teacher_update_rate=cfg.teacher_update_rate,

@@ -11,6 +11,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 from sdzero.budget import Budget, LearningCurve
+from sdzero.errors import Refusal
 from sdzero.generation import Generator, SamplingConfig
 from sdzero.prompts import chat_messages
 from sdzero.training import MetricsLog
@@ -61,7 +62,7 @@ def trl_arguments(config_class, cfg: TRLBaselineConfig, *, out_dir: Path, sampli
     our temperature / top_p / max_new_tokens, plain fp32 without gradient checkpointing, no checkpoints."""
     completions_per_step = cfg.prompts_per_step * cfg.num_generations
     if completions_per_step % cfg.micro_batch_size:
-        raise ValueError(f"prompts_per_step x num_generations ({completions_per_step}) must be a multiple of "
+        raise Refusal(f"prompts_per_step x num_generations ({completions_per_step}) must be a multiple of "
                          f"micro_batch_size ({cfg.micro_batch_size})")
     return config_class(
         output_dir=str(out_dir / "trl"), num_train_epochs=1, seed=seed, data_seed=seed,

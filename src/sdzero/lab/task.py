@@ -28,6 +28,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdzero.errors import Refusal
+
 PROBLEM_PREFIX = "Running sum mod 10 of "
 STEP_RE = re.compile(r"[a-z]: (\d)\+(\d)=(\d)")
 NAMES = "abcdefghij"
@@ -59,14 +61,14 @@ class Problem:
     @classmethod
     def from_id(cls, problem_id: str) -> "Problem":
         if not (problem_id.startswith("lab-") and problem_id[4:].isdigit()):
-            raise ValueError(f"not a lab problem id: {problem_id!r}")
+            raise Refusal(f"not a lab problem id: {problem_id!r}")
         return cls(tuple(int(d) for d in problem_id[4:]))
 
     @classmethod
     def from_row(cls, row: dict) -> "Problem":
         text = row["problem"]
         if not text.startswith(PROBLEM_PREFIX):
-            raise ValueError(f"not a lab problem: {text!r}")
+            raise Refusal(f"not a lab problem: {text!r}")
         return cls(tuple(int(item.split("=")[1]) for item in text[len(PROBLEM_PREFIX):].split()))
 
 
@@ -81,7 +83,7 @@ def sample_problems(n: int, *, split: str, seed: int, min_digits: int = 5, max_d
     from the training side of the hash on a random stream of its own, so a validation problem is never an
     evaluation problem; `exclude` keeps the training draws off it."""
     if split not in ("train", "validation", "eval"):
-        raise ValueError(f"split must be 'train', 'validation' or 'eval', got {split!r}")
+        raise Refusal(f"split must be 'train', 'validation' or 'eval', got {split!r}")
     rng = random.Random(f"{split}-{seed}")
     seen = set(exclude or ())
     problems = []
@@ -89,7 +91,7 @@ def sample_problems(n: int, *, split: str, seed: int, min_digits: int = 5, max_d
     while len(problems) < n:
         attempts += 1
         if attempts > 100 * n + 10_000:
-            raise ValueError(f"could not draw {n} distinct {split} problems")
+            raise Refusal(f"could not draw {n} distinct {split} problems")
         length = rng.randint(min_digits, max_digits)
         digits = tuple(rng.randrange(10) for _ in range(length))
         problem = Problem(digits)
@@ -147,7 +149,7 @@ def error_counts(samples_path: str | Path) -> dict:
                 row = json.loads(line)
                 problem, response, right = Problem.from_id(row["id"]), row["response"], row["reward"] > 0
             except (ValueError, KeyError, TypeError) as err:
-                raise ValueError(f"{samples_path}, line {line_number}: not a lab evaluation sample ({err})") from None
+                raise Refusal(f"{samples_path}, line {line_number}: not a lab evaluation sample ({err})") from None
             answers += 1
             if not right:
                 wrong += 1
