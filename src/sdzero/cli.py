@@ -400,6 +400,7 @@ def cmd_eval(args) -> None:
     from sdzero.pipeline import load_run_model, problem_sets
     from sdzero.prompts import check_prompt_room
     from sdzero.rundir import begin_stage, differences, model_fingerprint, read_run, run_identity, stage_settings
+    from sdzero.training import read_json
 
     run = eval_run_dir(args)
     cfg = _run_config(args, run, announce=False)
@@ -411,7 +412,7 @@ def cmd_eval(args) -> None:
         held_out = problem_sets(cfg).held_out
     else:
         # The run's recorded held-out set, never a new draw: --n takes a prefix of it.
-        split = json.loads((run / "split.json").read_text())
+        split = read_json(run / "split.json")
         n = cfg.eval.n_problems if args.n is not None else len(split["held_out"])
         if n > len(split["held_out"]):
             raise Refusal(f"--n {n}: the held-out set of {run} has {len(split['held_out'])} problems "
@@ -476,7 +477,12 @@ def cmd_lab(args) -> None:
         from sdzero.lab.task import error_counts
 
         for path in args.files:
-            counts = error_counts(path)
+            if not path.is_file():
+                raise MissingFile(f"evaluation samples not found: {path}")
+            try:
+                counts = error_counts(path)
+            except UnicodeDecodeError as err:
+                raise Refusal(f"{path}: not UTF-8 text ({err.reason})") from err
             kinds = ", ".join(f"{kind} {n}" for kind, n in counts["kinds"].items())
             print(f"{path}: {counts['answers']} answers, {counts['wrong']} wrong; first error of their first "
                   f"attempt: {kinds}")

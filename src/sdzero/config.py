@@ -253,10 +253,21 @@ def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise MissingFile(f"config file not found: {path}")
+    if not path.is_file():
+        raise Refusal(f"{path} is not a file: --config takes a YAML file")
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise Refusal(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
     except yaml.YAMLError as err:
-        raise Refusal(f"{path}: not valid YAML ({err})") from None
+        raise Refusal(f"{path}: not valid YAML ({yaml_problem(err)})") from err
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML parse error in one line (PyYAML's own message spans several, with a picture of the place)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(str(getattr(err, "problem", None) or err).split())
 
 
 def override_dict(item: str) -> dict:
@@ -269,7 +280,10 @@ def override_dict(item: str) -> dict:
     parts = key.strip().split(".")
     for part in parts[:-1]:
         cursor = cursor.setdefault(part, {})
-    cursor[parts[-1]] = yaml.safe_load(raw)
+    try:
+        cursor[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise Refusal(f"--set {item}: the value is not valid YAML ({yaml_problem(err)})") from err
     return nested
 
 

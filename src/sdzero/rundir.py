@@ -33,6 +33,7 @@ from sdzero import lab, models
 from sdzero.errors import Refusal
 from sdzero.modeling import load_tokenizer, resolve_model_path, tokenizer_fingerprint
 from sdzero.prompts import effective_system_prompt
+from sdzero.training import read_json
 
 RUN_FILE = "run.json"
 SETTINGS_FILE = "settings.json"
@@ -108,7 +109,7 @@ def run_identity(cfg) -> dict:
 
 def read_run(run_dir: str | Path) -> dict | None:
     path = Path(run_dir) / RUN_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    return read_json(path) if path.exists() else None
 
 
 def recorded_limit(run_dir: str | Path | None) -> int | None:
@@ -129,9 +130,9 @@ def differences(recorded: dict, current: dict, prefix: str = "") -> list[str]:
     return found
 
 
-def refusal(what: str, found: list[str], stale: Path) -> ValueError:
+def refusal(what: str, found: list[str], stale: Path) -> Refusal:
     shown = "; ".join(found[:3]) + (f" (and {len(found) - 3} more)" if len(found) > 3 else "")
-    return ValueError(f"{what} was made with other settings ({shown}); {RESTART_HINT.format(stale=stale)}")
+    return Refusal(f"{what} was made with other settings ({shown}); {RESTART_HINT.format(stale=stale)}")
 
 
 def hold_run(folder: str | Path) -> bool:
@@ -288,7 +289,7 @@ def begin_stage(run_dir: str | Path, stage: str, settings: dict, *, restart: boo
         hold_run(run_dir if is_run(run_dir) else folder)
     path = folder / SETTINGS_FILE
     if path.exists():
-        recorded = json.loads(path.read_text())
+        recorded = read_json(path)
         found = differences(recorded, settings)
         if resume:
             found = [f for f in found if f.split(":")[0] not in resume_may_change]

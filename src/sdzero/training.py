@@ -339,5 +339,37 @@ def read_jsonl(path: str | Path, *, repair: bool = False) -> list[dict]:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as err:
-            raise Refusal(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
+            raise Refusal(f"{path}:{line_no}: not valid JSON ({err.msg})") from err
     return rows
+
+
+def read_json(path: str | Path):
+    """The JSON value in a file (a run's run.json or split.json, a stage's settings or summary); a broken file
+    is a refusal naming it and the line."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise Refusal(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+    except json.JSONDecodeError as err:
+        raise Refusal(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from err
+
+
+SIGNAL_DIR = "SDZERO_TEST_SIGNAL_DIR"
+"""Environment variable naming the folder where the tests wait for a run to reach a point (see `reached`)."""
+
+
+def reached(point: str) -> None:
+    """The run has got to `point` (e.g. "phase2-step-3": that step is done and its checkpoint, if due, written).
+
+    For the tests that kill a run at a known moment: with $SDZERO_TEST_SIGNAL_DIR set, DIR/point is touched; where
+    the test has made DIR/point a FIFO, the run stops here, reading it, until the test (which opens it for writing
+    once the run is there) kills the process, or closes the FIFO to let it go on."""
+    folder = os.environ.get(SIGNAL_DIR)
+    if not folder:
+        return
+    marker = Path(folder) / point
+    if marker.is_fifo():
+        marker.read_bytes()
+    else:
+        marker.touch()
