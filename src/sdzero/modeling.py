@@ -103,7 +103,11 @@ def from_local_or_hub(load, name: str, path: str, **kwargs):
     """`load(path)` (a transformers from_pretrained): a local folder as it is; a hub id from the cache
     first, then from the hub. Failures end in one line naming the model."""
     if Path(path).is_dir():
-        return load(path, **kwargs)
+        try:
+            return load(path, **kwargs)
+        except (OSError, ValueError) as err:  # a broken or unknown config, tokenizer or weights file
+            reason = str(err).strip().splitlines()[0]
+            raise Refusal(f"model {name!r} could not be loaded from {path}: {reason}") from err
     try:
         return load(path, local_files_only=True, **kwargs)
     except OSError:
@@ -127,7 +131,7 @@ def max_positions(model) -> int | None:
     if isinstance(model, str):
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(resolve_model_path(model))
+        config = from_local_or_hub(AutoConfig.from_pretrained, model, resolve_model_path(model))
     else:
         config = getattr(unwrap(model), "config", None)
     return getattr(config, "max_position_embeddings", None)
@@ -203,8 +207,12 @@ def prepare_for_training(model, *, gradient_checkpointing: bool = False, lora: L
         from peft import LoraConfig as PeftLoraConfig
         from peft import get_peft_model
 
-        model = get_peft_model(model, PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                     target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+        settings = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                  target_modules=lora.target_modules, task_type="CAUSAL_LM")
+        try:
+            model = get_peft_model(model, settings)
+        except ValueError as err:  # peft's refusal of the settings, e.g. target modules the model lacks
+            raise Refusal(f"lora: {err}") from err
     return model
 
 

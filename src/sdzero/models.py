@@ -21,6 +21,7 @@ import os
 import re
 import shlex
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -210,7 +211,10 @@ def build_folder(gguf: Path, out: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (ValueError, struct.error) as err:  # not a GGUF file, or one cut short
+        raise Refusal(f"{gguf} could not be read as a GGUF file: {err}") from err
     if tokenizer.chat_template is None:
         raise Refusal(f"{gguf} has no chat template in its metadata; SD-Zero needs one to lay out turns")
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
