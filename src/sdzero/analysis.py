@@ -39,7 +39,7 @@ from sdzero.losses import per_token_divergence, teacher_topk
 from sdzero.modeling import max_positions
 from sdzero.prompts import (ControlPhrases, bridge_ids, distill_layout, end_of_turn_ids, generator_prompt_ids,
                             token_pieces)
-from sdzero.training import logits_at, model_device
+from sdzero.training import logits_at, model_device, read_json
 
 
 @dataclass
@@ -257,7 +257,7 @@ def held_out_texts(cfg, run_dir: Path) -> dict[str, str]:
 
     sizes, n_validation = (0, 0, cfg.eval.n_problems), 0
     if (run_dir / "split.json").exists():
-        split = json.loads((run_dir / "split.json").read_text())
+        split = read_json(run_dir / "split.json")
         sizes = (len(split["n_phase1"]), len(split["n_phase2"]), len(split["held_out"]))
         n_validation = len(split.get("validation", []))  # none in a split from an older sdzero
     sets = load_problem_sets(cfg.data, cfg.task, *sizes, cfg.seed, n_validation=n_validation,

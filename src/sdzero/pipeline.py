@@ -38,7 +38,8 @@ from sdzero.prompts import check_prompt_room
 from sdzero.rundir import (RUN_OUTPUTS, begin_stage, check_base_model, differences, model_fingerprint, move_aside,
                            open_run, phase1_settings, sdzero_settings, srt_settings, stage_settings, stale_folder)
 from sdzero.srt import train_srt
-from sdzero.training import full_weights, is_fsdp2, is_main_process, read_jsonl, seed_everything, wait_for_everyone
+from sdzero.training import (full_weights, is_fsdp2, is_main_process, read_json, read_jsonl, seed_everything,
+                             wait_for_everyone)
 
 
 def problem_sets(cfg: RunConfig, record_dir: str | Path | None = None, log=print) -> ProblemSets:
@@ -164,7 +165,7 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True, 
         path = out / "eval" / f"{name}.json"
         settings = evaluation_settings(cfg, held_out)
         if resume and path.exists():
-            earlier = json.loads(path.read_text())
+            earlier = read_json(path)
             found = differences(earlier.pop("settings", {}), settings)
             if not found:
                 results[name] = earlier
@@ -210,7 +211,7 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True, 
             model = load_run_model(cfg, str(out / stage))[0]
             generator.refresh(model)
             evaluate_stage(stage)
-            return json.loads((out / stage / "summary.json").read_text())
+            return read_json(out / stage / "summary.json")
         model = trainable(model, cfg)
         seed_everything(cfg.seed)
         summary = train(model)
