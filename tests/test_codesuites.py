@@ -6,9 +6,10 @@ import json
 import pytest
 
 from sdzero import sandbox
-from sdzero.codesuites import assemble_program, humaneval_rows
-from sdzero.data import DataConfig, load_problems, parse_tests, validate_rows
-from sdzero.verifiers import code_reward, code_row_reward
+from sdzero.data import DataConfig, load_problems, validate_rows
+from sdzero.tasks.code import assemble_program, code_reward, code_row_reward
+from sdzero.tasks.code_rows import parse_tests
+from sdzero.tasks.codesuites import humaneval_rows
 
 needs_sandbox = pytest.mark.skipif(not sandbox.sandbox_available(), reason="bubblewrap missing")
 

@@ -6,8 +6,8 @@ from sdzero import lab
 from sdzero.collect import CollectConfig, collect, is_degenerate, keep_revision
 from sdzero.generation import Generator, Sample, SamplingConfig
 from sdzero.prompts import ControlPhrases
+from sdzero.tasks.lab import lab_reward
 from sdzero.training import read_jsonl
-from sdzero.verifiers import lab_reward
 
 
 def test_keep_revision_filters():

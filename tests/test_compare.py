@@ -195,7 +195,7 @@ def test_trl_baselines_sample_with_our_generator(method, lab_model_and_tokenizer
     from sdzero.baselines.sdft import SDFTBaselineConfig, train_sdft
     from sdzero.generation import Generator, SamplingConfig
     from sdzero.lab import problem_sets
-    from sdzero.verifiers import lab_reward
+    from sdzero.tasks.lab import lab_reward
 
     drawn = []
     sample = Generator.sample

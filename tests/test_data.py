@@ -7,15 +7,11 @@ import json
 import pytest
 
 from sdzero import lab
-from sdzero.data import (
-    CODE_INSTRUCTION,
-    MATH_INSTRUCTION,
-    DataConfig,
-    load_problem_sets,
-    load_problems,
-    split_problems,
-)
-from sdzero.verifiers import code_row_reward, math_row_reward
+from sdzero.data import DataConfig, load_problem_sets, load_problems
+from sdzero.splits import split_problems
+from sdzero.tasks.code import code_row_reward
+from sdzero.tasks.code_rows import CODE_INSTRUCTION
+from sdzero.tasks.math import MATH_INSTRUCTION, math_row_reward
 
 RAW = DataConfig(instruction="")  # no instruction appended: problems compare equal to the input text
 

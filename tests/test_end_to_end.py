@@ -57,7 +57,7 @@ def test_teacher_sync_every_n_steps(tmp_path, lab_model_and_tokenizer):
     from sdzero.distill import DistillConfig, distill
     from sdzero.generation import SamplingConfig
     from sdzero.prompts import ControlPhrases
-    from sdzero.verifiers import lab_reward
+    from sdzero.tasks.lab import lab_reward
 
     student = copy.deepcopy(lab_model_and_tokenizer[0])
     tokenizer = lab_model_and_tokenizer[1]

@@ -10,7 +10,7 @@ from sdzero.generation import Generator, Sample, SamplingConfig
 from sdzero.lab.task import sample_problems
 from sdzero.prompts import ControlPhrases, end_of_turn_ids, strip_end_of_turn
 from sdzero.rewards import Verifier
-from sdzero.verifiers import lab_reward
+from sdzero.tasks.lab import lab_reward
 
 
 def score(function, sample, problem, sampling):

@@ -7,13 +7,14 @@ import json
 import pytest
 
 from sdzero import data as data_module
-from sdzero import gym
 from sdzero.config import load_config
 from sdzero.data import DataConfig, load_problem_sets
 from sdzero.evaluate import evaluate
 from sdzero.generation import Generator, Sample, SamplingConfig
 from sdzero.rewards import make_verifier
-from sdzero.verifiers import lab_reward
+from sdzero.tasks import reasoning_gym as gym
+from sdzero.tasks.lab import lab_reward
+from sdzero.tasks.math import MATH_INSTRUCTION
 
 CHAIN_SUM = {"min_terms": 2, "max_terms": 2}
 
@@ -232,7 +233,7 @@ def test_a_row_source_is_read_validated_and_split_like_a_file(monkeypatch, tmp_p
     data = DataConfig(source="numbers", size=40)
     sets = load_problem_sets(data, "math", 10, 10, 10, 0, record_dir=tmp_path)
     assert len(ids(sets.n1) | ids(sets.n2) | ids(sets.held_out)) == 30
-    assert sets.n1[0]["problem"].endswith(data_module.MATH_INSTRUCTION)
+    assert sets.n1[0]["problem"].endswith(MATH_INSTRUCTION)
     assert json.loads((tmp_path / "split.json").read_text())["source"] == {"source": "numbers", "options": {},
                                                                            "size": 40}
     other = load_problem_sets(data, "math", 10, 10, 10, 1)

@@ -13,8 +13,8 @@ from sdzero.generation import Sample, SamplingConfig
 from sdzero.lab.task import Problem, gold_digits, write_solution
 from sdzero.modeling import Teacher
 from sdzero.prompts import ControlPhrases, DistillLayout, generator_prompt_ids
+from sdzero.tasks.lab import lab_reward
 from sdzero.training import make_accelerator
-from sdzero.verifiers import lab_reward
 
 SAMPLING = SamplingConfig(max_new_tokens=60)
 

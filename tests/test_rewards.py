@@ -17,7 +17,7 @@ from sdzero.generation import Generator, Sample, SamplingConfig
 from sdzero.lab.task import extract_answer
 from sdzero.prompts import ControlPhrases, bridge_ids, end_of_turn_ids, generator_prompt_ids, reviser_context_ids
 from sdzero.rewards import Verifier, is_batch_function, make_verifier
-from sdzero.verifiers import lab_reward
+from sdzero.tasks.lab import lab_reward
 from tiny import build_tiny_model
 
 SCORE_ALL = SamplingConfig(unfinished_reward="score")

@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 from sdzero import sandbox
-from sdzero.verifiers import code_reward
+from sdzero.tasks.code import code_reward
 
 pytestmark = pytest.mark.skipif(
     not sandbox.sandbox_available(), reason="bubblewrap missing (apt-get install bubblewrap)"

@@ -9,32 +9,26 @@ from pathlib import Path
 
 import pytest
 
-from sdzero import sandbox, verifiers
+from sdzero import sandbox
 from sdzero.data import DataConfig, load_problems
-from sdzero.verifiers import (
-    VERIFIERS,
-    code_reward,
-    code_row_reward,
-    extract_program,
-    get_verifier,
-    lab_reward,
-    last_boxed,
-    math_reward,
-    normalize_output,
-)
+from sdzero.tasks import REWARD_FUNCTIONS, reward_function
+from sdzero.tasks import math as math_task
+from sdzero.tasks.code import code_reward, code_row_reward, extract_program, normalize_output, same_value
+from sdzero.tasks.lab import lab_reward
+from sdzero.tasks.math import last_boxed, math_reward
 
 needs_sandbox = pytest.mark.skipif(not sandbox.sandbox_available(), reason="bubblewrap missing")
 needs_gxx = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not installed")
 
 
 def test_registry():
-    assert get_verifier("lab") is lab_reward
+    assert reward_function("lab") is lab_reward
     assert lab_reward("3+5=8. Answer: 8", {"answer": "8"}) == 1.0
-    assert VERIFIERS["math"]("so \\boxed{4}", {"answer": "4"}) == 1.0
-    assert get_verifier("math").__name__ == "math_row_reward"
-    assert get_verifier("code").__name__ == "code_row_reward"
+    assert REWARD_FUNCTIONS["math"]("so \\boxed{4}", {"answer": "4"}) == 1.0
+    assert reward_function("math").__name__ == "math_row_reward"
+    assert reward_function("code").__name__ == "code_row_reward"
     with pytest.raises(ValueError):
-        get_verifier("nope")
+        reward_function("nope")
 
 
 # ---- math ---------------------------------------------------------------------------------
@@ -93,15 +87,15 @@ def test_math_pathological_inputs_are_quick_zeros(pred):
 
 def test_math_hard_deadline_kills_a_stuck_worker(monkeypatch):
     # With the worker's own timeouts out of reach, only the parent's deadline can stop it.
-    monkeypatch.setattr(verifiers, "_op_timeout", lambda timeout_s: 600)
+    monkeypatch.setattr(math_task, "_op_timeout", lambda timeout_s: 600)
     math_reward("\\boxed{1}", "1")
-    before = verifiers._MATH.proc.pid
+    before = math_task._MATH.proc.pid
     start = time.monotonic()
     assert math_reward("\\boxed{9^{9^{9}}}", "5", timeout_s=1.5) == 0.0
     assert time.monotonic() - start < 3
-    assert verifiers._MATH.proc is None  # killed; the next call starts a fresh one
+    assert math_task._MATH.proc is None  # killed; the next call starts a fresh one
     monkeypatch.undo()
-    assert math_reward("\\boxed{2}", "2") == 1.0 and verifiers._MATH.proc.pid != before
+    assert math_reward("\\boxed{2}", "2") == 1.0 and math_task._MATH.proc.pid != before
 
 
 def test_math_off_the_main_thread():
@@ -149,7 +143,7 @@ def test_code_right_and_wrong():
     assert code_reward(wrong, DOUBLE_TESTS) == 0.0
     assert code_reward("```python\nraise SystemExit(1)\n```", DOUBLE_TESTS) == 0.0
     assert code_reward("```python\nprint(int(input()) * 2\n```", DOUBLE_TESTS) == 0.0  # syntax
-    assert VERIFIERS["code"](right, {"tests": DOUBLE_TESTS}) == 1.0
+    assert REWARD_FUNCTIONS["code"](right, {"tests": DOUBLE_TESTS}) == 1.0
 
 
 @needs_sandbox
@@ -233,7 +227,7 @@ def test_fixture_problems_right_and_wrong(fixture, config):
     ([1], 1, False), ("1", 1, False), (None, None, True), (float("nan"), float("nan"), False),
 ])
 def test_same_value(got, expected, same):
-    assert verifiers.same_value(got, expected) is same
+    assert same_value(got, expected) is same
 
 
 APPS_ADD = {"fn_name": "add", "inputs": [[1, 2], [5, -5]], "outputs": [[3], [0]]}

@@ -1,11 +1,10 @@
-"""Problem sets: read math or code problems from a local file or a Hugging Face dataset, validate
-every row, and split them into disjoint N1 (Phase 1), N2 (Phase 2), validation and held-out evaluation sets.
+"""Problem sets: read problems from a local file, a Hugging Face dataset or a row source, validate every row, and
+split them (sdzero.splits) into disjoint N1 (Phase 1), N2 (Phase 2), validation and held-out evaluation sets.
 
-A math problem is `{"id", "problem", "answer"}`, a code problem `{"id", "problem", "tests"}` with
-stdin tests `[{"input": str, "output": str}, ...]` or call tests `[{"fn_name", "args", "expected"}, ...]`
-(read from APPS/TACO's `input_output` and LiveCodeBench's functional tests). Malformed rows stop the
-run with one error naming the file, the line or row, and the field. Math rows without a usable gold answer are skipped,
-and counted in the summary that `load_problem_sets` returns and records in split.json.
+Each row becomes a problem `{"id", "problem", ...}` by its task's rules: a math row gets its gold `answer`
+(sdzero.tasks.math), a code row its `tests` (sdzero.tasks.code_rows), a reasoning-gym row its answer rule.
+Malformed rows stop the run with one error naming the file, the line or row, and the field. Math rows without a
+usable gold answer are skipped, and counted in the summary that `load_problem_sets` returns and records in split.json.
 
 TRL's dataset formats load as they are: the problem is a string ("standard") or a list of messages
 ("conversational", system turn included), which the chat template renders as it stands. Rows judged only
@@ -16,47 +15,26 @@ them, and a row they cannot judge gets a None reward rather than being skipped h
 from __future__ import annotations
 
 import json
-import math
-import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdzero import codesuites
 from sdzero.errors import MissingFile, Refusal
-from sdzero.verifiers import code_language, is_call_test, last_boxed
+from sdzero.splits import (EVAL_SHUFFLE_SEED, SET_SIZE_HINT, SPLIT_RULE, ProblemSets, record_split, shuffled,
+                           split_problems)
+from sdzero.tasks import code_rows, codesuites, reasoning_gym
+from sdzero.tasks.code_rows import CODE_INSTRUCTION
+from sdzero.tasks.math import MATH_INSTRUCTION, gold_answer
 
-MATH_INSTRUCTION = "Solve the problem step by step, then give the final answer in \\boxed{}."
-CODE_INSTRUCTION = (
-    "Write a complete Python program that reads the input from standard input and writes the "
-    "answer to standard output. Give the whole program in one ```python code block."
-)
-CALL_INSTRUCTION = (
-    "Write the Python function `{fn_name}` (as a method of `class Solution` when the problem gives that "
-    "class) so that it returns the answer. Give the whole code in one ```python code block."
-)
-CPP_INSTRUCTION = (
-    "Write a complete C++17 program that reads the input from standard input and writes the "
-    "answer to standard output. Give the whole program in one ```cpp code block."
-)
 DEFAULT_INSTRUCTIONS = {"math": MATH_INSTRUCTION, "code": CODE_INSTRUCTION, "lab": "", "reasoning-gym": ""}
-"""Each task's instruction; reasoning-gym's is that of its answer rule (sdzero.gym.RULE_INSTRUCTIONS)."""
+"""Each built-in task's instruction; reasoning-gym's is that of its answer rule
+(sdzero.tasks.reasoning_gym.RULE_INSTRUCTIONS), code's depends on the row (sdzero.tasks.code_rows)."""
 PROBLEM_FIELDS = ("problem", "question", "prompt")
 TRL_PROBLEM_FIELDS = ("prompt", "problem", "question")
 """TRL's trainers read `prompt`: rows judged only by TRL-style reward functions look there first."""
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
-SOURCES = {"humaneval": "sdzero.codesuites:humaneval_rows"}
+SOURCES = {"humaneval": "sdzero.tasks.codesuites:humaneval_rows"}
 """`data.source` names (the part before any ":") -> "module:function" that makes that source's problem sets."""
-EVAL_SHUFFLE_SEED = 0
-"""The held-out and validation sets are drawn with this fixed seed, so every run seed is evaluated (and its
-Phase 2 checkpoints are chosen) on the same problems."""
-SPLIT_RULE = (
-    f"held_out = the first n_eval problems of the pool shuffled with seed {EVAL_SHUFFLE_SEED} (the same "
-    "for every run seed; the whole eval set is shuffled instead when an eval file is given); "
-    "validation = the next n_validation problems of that shuffle (the first ones when an eval file is given); "
-    "n_phase1 = the first n_phase1 of the remaining problems shuffled with the run seed, "
-    "n_phase2 = the next n_phase2. Too few problems is an error."
-)
 
 
 @dataclass
@@ -107,23 +85,6 @@ class DataConfig:
     by step, final answer in \\boxed{}; code: one ```python program using stdin/stdout, or ```cpp for rows
     whose `language` is cpp; lab: none);
     "" = no instruction."""
-
-
-@dataclass
-class ProblemSets:
-    """The problems of one run, and what was left out of them."""
-
-    n1: list[dict]
-    """Phase 1's problems (collection)."""
-    n2: list[dict]
-    """Phase 2's problems (self-distillation)."""
-    held_out: list[dict]
-    """The evaluation problems the final figures are reported on; nothing is chosen on them."""
-    validation: list[dict] = field(default_factory=list)
-    """Problems from the training side, disjoint from N1, N2 and held-out, the same for every run seed: Phase 2's
-    learning curve, keep-best, the plateau rule and the gated refresh are measured on them."""
-    skipped: dict = field(default_factory=dict)
-    """{"train": summary, "eval": summary}, each {"count", "reasons": {reason: count}, "rows": first 5}."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -209,7 +170,8 @@ def data_rules(task: str | list[str]) -> str:
     """Which rules read the rows of `task` (one name or a list): those of the first built-in task named
     ("lab", "math", "code"), else "custom" when one of your own functions has the signature
     (completion, row), else "columns" (only TRL-style functions: columns kept as they are)."""
-    from sdzero.rewards import is_batch_function, reward_function, task_names
+    from sdzero.rewards import is_batch_function, task_names
+    from sdzero.tasks import reward_function
 
     names = task_names(task)
     for name in names:
@@ -315,124 +277,6 @@ def _row_id(where: str, row: dict, name: str) -> str:
     return str(value)
 
 
-def gold_answer(where: str, row: dict, answer_field: str, solution_field: str | None) -> tuple[str | None, str]:
-    """(answer, "") or (None, why it was skipped). A value holding \\boxed{...} gives its last box;
-    a value from `solution_field` must hold one (a whole solution is never an answer)."""
-    value = row.get(answer_field)
-    if isinstance(value, bool) or not isinstance(value, (str, int, float, type(None))):
-        got = type(value).__name__
-        raise Refusal(f"{where}: field {answer_field!r} must be a string or a number, got {got}")
-    if isinstance(value, float) and math.isnan(value):  # NaN: how pandas-written files mark a missing value
-        value = None
-    source = answer_field
-    blank = value is None or not str(value).strip()
-    if blank and solution_field and isinstance(row.get(solution_field), str):
-        value, source = row[solution_field], solution_field
-    if value is None or not str(value).strip():
-        return None, f"no {answer_field!r}" + (f" and no {solution_field!r}" if solution_field else "")
-    text = str(value)
-    if "\\boxed" in text or source == solution_field:
-        boxed = last_boxed(text)
-        if boxed is None or not boxed.strip():
-            return None, f"no complete \\boxed{{...}} in {source!r}"
-        return boxed.strip(), ""
-    return text.strip(), ""
-
-
-def parse_tests(where: str, value, name: str, row: dict | None = None) -> list[dict]:
-    """Tests from a list, its JSON string, or two columns, as a list of
-    stdin tests {"input": str, "output": str} and call tests {"fn_name": str, "args": [...], "expected": value}
-    (and check tests {"check", "entry_point", "prompt", "setup"}, as `validate_rows` makes them from HumanEval
-    and MBPP rows, see sdzero.codesuites).
-
-    Call tests come from APPS/TACO's `input_output` ({"fn_name", "inputs": [[args...], ...],
-    "outputs": [value, ...]}) and from LiveCodeBench's tests with "testtype": "functional" (one JSON
-    argument per line of "input", the return value as JSON in "output", the function named by the
-    row's metadata.func_name).
-    """
-    if value is None:
-        raise Refusal(f"{where}: field {name!r} is missing")
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as err:
-            raise Refusal(f"{where}: field {name!r} is a string but not valid JSON ({err.msg})") from None
-    if isinstance(value, dict):  # column style: {"input": [...], "output": [...]} (or inputs/outputs)
-        ins, outs = value.get("input", value.get("inputs")), value.get("output", value.get("outputs"))
-        if not isinstance(ins, list) or not isinstance(outs, list) or len(ins) != len(outs):
-            expected = "{'input': [...], 'output': [...]} lists of equal length"
-            raise Refusal(f"{where}: field {name!r}: expected {expected}")
-        if value.get("fn_name") is not None:  # APPS/TACO call-based
-            fn_name = _function_name(where, value["fn_name"], f"{name}.fn_name")
-            for i, args in enumerate(ins):
-                if not isinstance(args, list):
-                    got = type(args).__name__
-                    raise Refusal(f"{where}: field {name}.inputs[{i}] must be a list of arguments, got {got}")
-            # "unwrap": APPS/TACO often write a return value v as [v]; the verifier accepts both.
-            value = [{"fn_name": fn_name, "args": a, "expected": o, "unwrap": True} for a, o in zip(ins, outs)]
-        else:
-            value = [{"input": i, "output": o} for i, o in zip(ins, outs)]
-    if not isinstance(value, list):
-        raise Refusal(f"{where}: field {name!r} must be a list of tests, got {type(value).__name__}")
-    if not value:
-        raise Refusal(f"{where}: field {name!r} is empty")
-    tests = []
-    for i, test in enumerate(value):
-        if not isinstance(test, dict):
-            raise Refusal(f"{where}: field {name}[{i}] must be an object with 'input' and 'output'")
-        if codesuites.is_check_test(test):  # HumanEval / MBPP, as written back by this loader
-            tests.append(codesuites.check_test(where, test, f"{name}[{i}]"))
-            continue
-        if "fn_name" in test:  # already a call test (e.g. a row written back by this loader)
-            fn_name = _function_name(where, test["fn_name"], f"{name}[{i}].fn_name")
-            if not isinstance(test.get("args"), list) or "expected" not in test:
-                raise Refusal(f"{where}: field {name}[{i}]: a call test needs 'args' (a list) and 'expected'")
-            tests.append({"fn_name": fn_name, "args": test["args"], "expected": test["expected"],
-                          **({"unwrap": True} if test.get("unwrap") else {})})  # fmt: skip
-            continue
-        for key in ("input", "output"):
-            if not isinstance(test.get(key), str):
-                got = "missing" if test.get(key) is None else type(test[key]).__name__
-                raise Refusal(f"{where}: field {name}[{i}].{key} must be a string, got {got}")
-        if test.get("testtype") == "functional":  # LiveCodeBench
-            tests.append(_functional_test(where, test, f"{name}[{i}]", row))
-        else:
-            tests.append({"input": test["input"], "output": test["output"]})
-    return tests
-
-
-def _function_name(where: str, value, field_name: str) -> str:
-    if not isinstance(value, str) or not value.isidentifier():
-        raise Refusal(f"{where}: field {field_name} must be a function name, got {value!r}")
-    return value
-
-
-def _functional_test(where: str, test: dict, field_name: str, row: dict | None) -> dict:
-    """A LiveCodeBench functional test as a call test; the function is the row's metadata.func_name."""
-    metadata = (row or {}).get("metadata")
-    if isinstance(metadata, str):
-        try:
-            metadata = json.loads(metadata)
-        except json.JSONDecodeError as err:
-            raise Refusal(f"{where}: field 'metadata' is a string but not valid JSON ({err.msg})") from None
-    if not isinstance(metadata, dict) or metadata.get("func_name") is None:
-        raise Refusal(f"{where}: field {field_name} is a functional test, but the row has no metadata.func_name")
-    fn_name = _function_name(where, metadata["func_name"], "metadata.func_name")
-    args = []
-    for line_no, line in enumerate(test["input"].splitlines(), 1):
-        if line.strip():
-            try:
-                args.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                where_field = f"{where}: field {field_name}.input line {line_no}"
-                raise Refusal(f"{where_field}: not valid JSON ({err.msg})") from None
-    try:
-        expected = json.loads(test["output"])
-    except json.JSONDecodeError as err:
-        raise Refusal(f"{where}: field {field_name}.output: not valid JSON ({err.msg})") from None
-    return {"fn_name": fn_name, "args": args, "expected": expected}
-
-
 def validate_rows(
     rows: list[tuple[str, dict]], columns: list, data: DataConfig, task: str, source: str
 ) -> tuple[list[dict], dict]:
@@ -441,10 +285,9 @@ def validate_rows(
     fields = _pick_fields(data, task, columns, source)
     instruction = DEFAULT_INSTRUCTIONS.get(task, "") if data.instruction is None else data.instruction
     if task == "reasoning-gym":
-        from sdzero import gym
-
-        rule = gym.answer_rule(data.answer_rule)
-        instruction = gym.instruction(rule) if data.instruction is None else instruction
+        rule = reasoning_gym.answer_rule(data.answer_rule)
+        instruction = reasoning_gym.instruction(rule) if data.instruction is None else instruction
+    suite = fields.get("suite")  # HumanEval or MBPP rows, read by their own columns
     problems, reasons, skipped_rows, first_seen = [], Counter(), [], {}
     for n, (where, row) in enumerate(rows, 1):
         text = _problem(where, row, fields["problem"])
@@ -459,28 +302,10 @@ def validate_rows(
         if task == "reasoning-gym":
             _text(where, row, "generator")  # the generator that scores the row
             problem["answer_rule"] = rule
-        if task == "code" and fields.get("suite"):
-            problem["tests"] = codesuites.suite_tests(where, row, fields["suite"])
+        if task == "code":
+            problem.update(code_rows.code_fields(where, row, fields["tests"], suite))
             if data.instruction is None:
-                problem["problem"] = with_instruction(text, codesuites.suite_instruction(problem["tests"][0]))
-        elif task == "code":
-            problem["tests"] = parse_tests(where, row.get(fields["tests"]), fields["tests"], row)
-            call_names = {t["fn_name"] for t in problem["tests"] if is_call_test(t)}
-            if row.get("language") is not None:
-                try:
-                    problem["language"] = code_language(row["language"])
-                except ValueError as err:
-                    raise Refusal(f"{where}: field 'language': {err}") from None
-                if call_names and problem["language"] != "python":
-                    raise Refusal(f"{where}: field 'language': call tests need Python, got {row['language']!r}")
-                if data.instruction is None and problem["language"] == "cpp":
-                    problem["problem"] = with_instruction(text, CPP_INSTRUCTION)
-            if data.instruction is None and call_names:
-                call_instruction = CALL_INSTRUCTION.format(fn_name=sorted(call_names)[0])
-                starter = row.get("starter_code")  # APPS, TACO and LiveCodeBench all name it so
-                if isinstance(starter, str) and starter.strip():
-                    call_instruction += f" Start from:\n```python\n{starter.rstrip()}\n```"
-                problem["problem"] = with_instruction(text, call_instruction)
+                problem["problem"] = with_instruction(text, code_rows.default_instruction(problem, row, suite))
         elif fields["answer"] is not None:
             answer, why = gold_answer(where, row, fields["answer"], fields["solution"])
             if answer is None:
@@ -502,37 +327,6 @@ def load_problems(
     return validate_rows(rows, columns, data, task, path)
 
 
-# ------------------------------------------------------------------------------------------
-# Splitting
-
-
-def _shuffled(problems: list[dict], seed: int) -> list[dict]:
-    order = list(problems)
-    random.Random(seed).shuffle(order)
-    return order
-
-
-SET_SIZE_HINT = "pass --limit N to use at most N problems per set, or lower n_phase1 / n_phase2 / eval.n_problems"
-"""How to ask for fewer problems, in every error about a set too large for its pool."""
-
-
-def split_problems(
-    problems: list[dict], n_phase1: int, n_phase2: int, n_eval: int, seed: int, n_validation: int = 0
-) -> ProblemSets:
-    """Disjoint N1, N2, validation and held-out problems by SPLIT_RULE; an error when the pool is too small."""
-    wanted = n_phase1 + n_phase2 + n_validation + n_eval
-    if min(n_phase1, n_phase2, n_validation, n_eval) < 0 or wanted > len(problems):
-        raise Refusal(
-            f"the problem pool has {len(problems)} problems; requested n_phase1={n_phase1} + "
-            f"n_phase2={n_phase2} + n_validation={n_validation} + n_eval={n_eval} = {wanted}; {SET_SIZE_HINT}"
-        )
-    fixed_order = _shuffled(problems, EVAL_SHUFFLE_SEED)  # the same for every run seed
-    held_out, validation = fixed_order[:n_eval], fixed_order[n_eval : n_eval + n_validation]
-    fixed_ids = {p["id"] for p in held_out + validation}
-    train = _shuffled([p for p in problems if p["id"] not in fixed_ids], seed)
-    return ProblemSets(train[:n_phase1], train[n_phase1 : n_phase1 + n_phase2], held_out, validation)
-
-
 def eval_source(data: DataConfig) -> dict | None:
     """Where the held-out set is read from: {"path", "name", "split"}, or None = carved from the pool."""
     if data.eval_path is not None:
@@ -547,7 +341,7 @@ def eval_source(data: DataConfig) -> dict | None:
 
 
 def is_gym_source(data: DataConfig) -> bool:
-    """True when `data.source` names a reasoning-gym generator (see sdzero.gym)."""
+    """True when `data.source` names a reasoning-gym generator (see sdzero.tasks.reasoning_gym)."""
     return data.source is not None and data.source.partition(":")[0] == "reasoning-gym"
 
 
@@ -561,9 +355,7 @@ def check_source(data: DataConfig, task: str | list[str]) -> None:
     if data.path is not None:
         raise Refusal("data.path and data.source are both set; choose one")
     if is_gym_source(data):
-        from sdzero import gym
-
-        gym.check_source(data, task)
+        reasoning_gym.check_source(data, task, data_rules(task))
     elif data.source.partition(":")[0] not in SOURCES:
         known = ", ".join(["reasoning-gym:NAME", *sorted(SOURCES)])
         raise Refusal(f"data.source: unknown source {data.source!r}; choose one of {known}")
@@ -583,6 +375,19 @@ def load_source_problems(data: DataConfig, task: str) -> tuple[list[dict], dict]
     return validate_rows(rows, columns, data, task, data.source)
 
 
+def generated_problem_sets(data: DataConfig, task, n_phase1: int, n_phase2: int, n_eval: int, seed: int,
+                           n_validation: int = 0) -> ProblemSets:
+    """N1, N2, validation and held-out problems of a reasoning-gym source, drawn by its SPLIT_RULE
+    (sdzero.tasks.reasoning_gym); the generated rows are validated as a file's rows are (instruction, ids)."""
+    check_source(data, task)
+    rows, repeats = reasoning_gym.generated_rows(data, n_phase1, n_phase2, n_eval, seed, n_validation)
+    held_out, train, validation = (validate_rows(rows[key], list(rows[key][0][1]), data, task, data.source)[0]
+                                   if rows[key] else [] for key in ("held_out", "train", "validation"))
+    reasons = {"same question as an earlier problem": repeats} if repeats else {}
+    return ProblemSets(train[:n_phase1], train[n_phase1:], held_out, validation,
+                       skipped={"train": {"count": repeats, "reasons": reasons, "rows": []}})
+
+
 def load_problem_sets(
     data: DataConfig,
     task: str,
@@ -599,10 +404,8 @@ def load_problem_sets(
     check_source(data, task)
     source, held_source = {"path": data.path, "name": data.name, "split": data.split}, None
     if is_gym_source(data):
-        from sdzero import gym
-
-        sets = gym.problem_sets(data, task, n_phase1, n_phase2, n_eval, seed, n_validation)
-        source, rule = gym.source_record(data), gym.SPLIT_RULE
+        sets = generated_problem_sets(data, task, n_phase1, n_phase2, n_eval, seed, n_validation)
+        source, rule = reasoning_gym.source_record(data), reasoning_gym.SPLIT_RULE
     elif data.path is None and data.source is None:
         if rules != "lab":
             raise Refusal(f"data.path is required for task {task!r} (only the lab task has built-in problems)")
@@ -638,44 +441,9 @@ def load_problem_sets(
                 skipped["rows"] = (skipped["rows"] + [f"id {i}" for i in leaked])[:5]
                 pool = [p for p in pool if json.dumps(p["problem"]) not in eval_texts]
             sets = split_problems(pool, n_phase1, n_phase2, 0, seed, n_validation)
-            sets.held_out = _shuffled(evals, EVAL_SHUFFLE_SEED)[:n_eval]
+            sets.held_out = shuffled(evals, EVAL_SHUFFLE_SEED)[:n_eval]
             sets.skipped = {"train": skipped, "eval": eval_skipped}
     if record_dir is not None:
-        record = {
-            "task": task, "source": source, "eval_source": held_source, "seed": seed, "rule": rule,
-            "n_phase1": [p["id"] for p in sets.n1], "n_phase2": [p["id"] for p in sets.n2],
-            "validation": [p["id"] for p in sets.validation], "held_out": [p["id"] for p in sets.held_out],
-            "skipped": sets.skipped,
-        }  # fmt: skip
-        path = Path(record_dir) / "split.json"
-        if path.exists():
-            check_split(path, json.loads(path.read_text()), record)
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(record, indent=1) + "\n")
+        record_split(record_dir, {"task": task, "source": source, "eval_source": held_source, "seed": seed,
+                                  "rule": rule}, sets)
     return sets
-
-
-def check_split(path: Path, recorded: dict, drawn: dict) -> None:
-    """A run has one split: the sets drawn now must be the recorded ones, or the command is refused,
-    naming what differs (a command never redraws a run's split)."""
-    for key in ("task", "source", "eval_source", "seed"):
-        if recorded.get(key) != drawn[key]:
-            raise Refusal(f"{path}: the run's split was drawn with {key} {recorded.get(key)!r}; this command has "
-                             f"{drawn[key]!r} (use another --out for another split)")
-    if "validation" not in recorded and drawn["validation"]:
-        # A split from before validation sets: its held-out set stays readable (a command that asks for no
-        # validation problems draws the same sets), but Phase 2 would choose on held-out problems.
-        raise Refusal(f"{path}: the run's split has no validation set (it was recorded by an older sdzero); pass "
-                         "--restart to start the run again with one, or use another --out")
-    recorded = {"validation": [], **recorded}
-    keys = ("n_phase1", "n_phase2", "validation", "held_out")
-    for key in keys:  # sizes first: another validation size moves N1 and N2 too, and is the cause to name
-        if len(recorded[key]) != len(drawn[key]):
-            raise Refusal(f"{path}: the run's {key} set has {len(recorded[key])} problems; this command asks for "
-                             f"{len(drawn[key])} (keep the run's --limit and set sizes, or use another --out)")
-    for key in keys:
-        moved = next((i for i in drawn[key] if i not in set(recorded[key])), None)
-        if moved is not None:
-            raise Refusal(f"{path}: problem {moved!r} is not in the run's recorded {key} set: the data changed "
-                             "since the split was recorded (use another --out for the new data)")

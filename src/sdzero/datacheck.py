@@ -18,6 +18,7 @@ from pathlib import Path
 
 from sdzero.errors import Refusal
 from sdzero.generation import Sample
+from sdzero.tasks import reasoning_gym
 
 NO_SOLUTION = "none"
 """The --solution-field value that scores a non-answer: an empty completion (code), the problem text (others)."""
@@ -32,11 +33,9 @@ def load_check_problems(cfg, limit: int | None = None) -> list[dict]:
     data, task = cfg.data, cfg.task
     data_module.check_source(data, task)
     if data_module.is_gym_source(data):
-        from sdzero import gym
-
         count = limit or data.size or GYM_CHECK_SIZE
         # The held-out stream, as a run evaluates it; the one training problem it asks for is not checked.
-        problems = gym.problem_sets(replace(data, size=None), task, 1, 0, count, cfg.seed).held_out
+        problems = data_module.generated_problem_sets(replace(data, size=None), task, 1, 0, count, cfg.seed).held_out
     elif data.source is not None:
         problems, _ = data_module.load_source_problems(data, task)
     elif data.path is not None:
@@ -52,7 +51,7 @@ def _problem_text(problem: dict) -> str:
 
 
 def reference_completion(problem: dict, field: str, rules: str, answer_rule: str | None = None) -> str:
-    """The completion that states the row's reference in FIELD as the task's verifier reads it: code as it is
+    """The completion that states the row's reference in FIELD as the task's reward function reads it: code as it is
     (a body or a whole program), math as \\boxed{ref}, reasoning-gym in its answer rule's format, the lab
     task as "Answer: ref", anything else as it is. FIELD "none": a non-answer."""
     if field == NO_SOLUTION:
@@ -66,9 +65,7 @@ def reference_completion(problem: dict, field: str, rules: str, answer_rule: str
     if rules == "math":
         return f"\\boxed{{{reference}}}"
     if rules == "reasoning-gym" or ("generator" in problem and "answer_rule" in problem):
-        from sdzero.gym import reference_completion as gym_completion
-
-        return gym_completion(reference, problem.get("answer_rule") or answer_rule)
+        return reasoning_gym.reference_completion(reference, problem.get("answer_rule") or answer_rule)
     if rules == "lab":
         return f"Answer: {reference}"
     return reference

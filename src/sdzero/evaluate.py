@@ -19,7 +19,7 @@ from sdzero.errors import Refusal
 from sdzero.generation import Generator
 from sdzero.prompts import ControlPhrases, bridge_ids, end_of_turn_ids, generator_prompt_ids, reviser_context_ids
 from sdzero.rewards import Verifier
-from sdzero.verifiers import no_answer_summary
+from sdzero.tasks import no_answer_summary
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -3,8 +3,8 @@ thresholded into a pass/fail verdict.
 
 A reward function is either of two kinds, told apart by its signature:
 
-* per sample, sdzero's own: `fn(completion: str, problem: dict) -> float` (the built-in lab, math and
-  code verifiers);
+* per sample, sdzero's own: `fn(completion: str, problem: dict) -> float` (the built-in tasks' reward
+  functions, sdzero.tasks);
 * per batch, as TRL's GRPOTrainer calls it: `fn(prompts=..., completions=..., completion_ids=..., **columns)
   -> list[float | None]`, recognised by a `completions` parameter (or by taking only keywords). It is called
   once per batch of rollouts, with every other column of the rows as a keyword holding one value per
@@ -28,11 +28,7 @@ from typing import Callable
 
 from sdzero.errors import Refusal
 from sdzero.generation import Sample, SamplingConfig
-from sdzero.verifiers import get_verifier
-
-TRL_REWARDS = {"trl:accuracy_reward": "accuracy_reward",
-               "trl:reasoning_accuracy_reward": "reasoning_accuracy_reward"}
-"""Built-in names for TRL's own reward functions (`trl.rewards`), which read the `solution` column."""
+from sdzero.tasks import reward_function
 
 
 def is_batch_function(function: Callable) -> bool:
@@ -49,25 +45,6 @@ def is_batch_function(function: Callable) -> bool:
     raise Refusal(f"cannot tell how to call the reward function {getattr(function, '__name__', function)!r}: "
                      "give it the signature (completion, problem) or TRL's (prompts, completions, completion_ids, "
                      "**kwargs)")
-
-
-def _trl_reward(name: str) -> Callable:
-    import trl.rewards
-
-    trl_function = getattr(trl.rewards, TRL_REWARDS[name])
-
-    def reward(prompts, completions, completion_ids, **columns):
-        # TRL's accuracy rewards read completion[0]["content"]: give them messages for string prompts too.
-        messages = [c if isinstance(c, list) else [{"role": "assistant", "content": c}] for c in completions]
-        return trl_function(prompts=prompts, completions=messages, completion_ids=completion_ids, **columns)
-
-    reward.__name__ = TRL_REWARDS[name]
-    return reward
-
-
-def reward_function(name: str) -> Callable:
-    """A reward function by name: a built-in verifier, one of TRL_REWARDS, or "package.module:function"."""
-    return _trl_reward(name) if name in TRL_REWARDS else get_verifier(name)
 
 
 def task_names(task: str | list[str]) -> list[str]:

@@ -23,8 +23,8 @@ from sdzero import lab
 from sdzero.distill import DistillConfig, distill
 from sdzero.generation import Generator, SamplingConfig, VLLMGenerator, make_generator, vllm_cpu_build
 from sdzero.prompts import ControlPhrases, end_of_turn_ids, generator_prompt_ids
+from sdzero.tasks.lab import lab_reward
 from sdzero.training import read_jsonl
-from sdzero.verifiers import lab_reward
 
 
 def prompts_and_rows(tokenizer, n: int, seed: int = 3):

@@ -2,7 +2,8 @@
 
 - HumanEval rows: `prompt` (the signature and docstring), `test` (code defining `check(candidate)`) and
   `entry_point` (the function's name). The model completes the function: its answer may be the body alone
-  or the whole function (with imports and helpers); `assemble_program` tells which and builds the program.
+  or the whole function (with imports and helpers); `sdzero.tasks.code.assemble_program` tells which and
+  builds the program.
 - MBPP rows: `test_list` (assert lines), optional `test_setup_code` (code run first) or `test_imports` (the
   sanitized set's import lines); the problem is `text` (or `prompt`). The answer is a whole program.
 
@@ -18,12 +19,10 @@ import builtins
 import gzip
 import importlib.util
 import json
-import textwrap
 from collections import Counter
 from pathlib import Path
 
 from sdzero.errors import MissingFile, Refusal
-from sdzero.verifiers import extract_program
 
 HUMANEVAL_FIELDS = ("prompt", "test", "entry_point")
 """The columns that make a row a HumanEval problem."""
@@ -48,11 +47,6 @@ def suite_format(columns: list[str]) -> str | None:
     if all(name in columns for name in MBPP_FIELDS):
         return "mbpp"
     return None
-
-
-def is_check_test(test: dict) -> bool:
-    """A check test (HumanEval's check function or MBPP's asserts), as opposed to stdin and call tests."""
-    return "check" in test
 
 
 def _code(where: str, row: dict, name: str, *, required: bool = True) -> str:
@@ -111,22 +105,6 @@ def mbpp_test(where: str, row: dict) -> dict:
     return {"check": check, "entry_point": None, "prompt": "", "setup": setup}
 
 
-def check_test(where: str, test: dict, field_name: str) -> dict:
-    """A check test as written back by the loader ({"check", "entry_point", "prompt", "setup"}), checked."""
-    for key in ("check", "prompt", "setup"):
-        if not isinstance(test.get(key, ""), str):
-            raise Refusal(f"{where}: field {field_name}.{key} must be a string, got {type(test[key]).__name__}")
-    entry_point = test.get("entry_point")
-    if entry_point is not None and (not isinstance(entry_point, str) or not entry_point.isidentifier()):
-        raise Refusal(f"{where}: field {field_name}.entry_point must be a function name, got {entry_point!r}")
-    if not test["check"].strip():
-        raise Refusal(f"{where}: field {field_name}.check is empty")
-    if test.get("prompt") and entry_point is None:
-        raise Refusal(f"{where}: field {field_name}: a check test with a prompt needs its entry_point")
-    return {"check": test["check"], "entry_point": entry_point, "prompt": test.get("prompt", ""),
-            "setup": test.get("setup", "")}
-
-
 def suite_tests(where: str, row: dict, fmt: str) -> list[dict]:
     """The tests of a row in format `fmt` ("humaneval" or "mbpp"): one check test."""
     return [humaneval_test(where, row) if fmt == "humaneval" else mbpp_test(where, row)]
@@ -155,64 +133,6 @@ def suite_instruction(test: dict) -> str:
         return MBPP_INSTRUCTION.replace("the Python function `{entry_point}`", "the Python code").format(
             example=example)
     return MBPP_INSTRUCTION.format(entry_point=name, example=example)
-
-
-# ------------------------------------------------------------------------------------------
-# Building the program from a completion
-
-
-def _parses(code: str) -> ast.Module | None:
-    try:
-        return ast.parse(code)
-    except SyntaxError:
-        return None
-
-
-def _compiles(code: str) -> bool:
-    # compile, not ast.parse: a `return` outside any function is an error only when compiled.
-    try:
-        compile(code, "main.py", "exec", dont_inherit=True)
-    except (SyntaxError, ValueError):
-        return False
-    return True
-
-
-def defines_function(code: str, name: str) -> bool:
-    """True iff `code` (as it is, or dedented) defines the function `name` at its top level."""
-    for text in (code, textwrap.dedent(code)):
-        module = _parses(text)
-        if module is not None:
-            return any(isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name
-                       for node in module.body)
-    return False
-
-
-def _as_body(code: str) -> str:
-    """`code` indented as a function body: kept as it is when its first line is indented, else indented 4."""
-    lines = [line for line in code.splitlines() if line.strip()]
-    if lines and not lines[0][0].isspace():
-        return textwrap.indent(textwrap.dedent(code), "    ")
-    return code
-
-
-def assemble_program(completion: str, test: dict) -> str:
-    """The program a completion stands for (its last fenced block when it has one, else all of it).
-
-    MBPP (no prompt): the code as it is. HumanEval: when the code defines the entry point itself it is the
-    whole function, put after the prompt (whose imports and helpers it may use; its own definition replaces
-    the prompt's empty one); otherwise it is the body, appended to the prompt (indented when written flush).
-    """
-    code = extract_program(completion)
-    prompt = test["prompt"]
-    if not prompt:
-        return code
-    if defines_function(code, test["entry_point"]):
-        whole = code if _parses(code) is not None else textwrap.dedent(code)
-        return prompt.rstrip() + "\n\n\n" + whole.strip("\n") + "\n"
-    body = prompt + code
-    if not _compiles(body) and _compiles(prompt + _as_body(code)):
-        body = prompt + _as_body(code)
-    return body.rstrip() + "\n"
 
 
 # ------------------------------------------------------------------------------------------

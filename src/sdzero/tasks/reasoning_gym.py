@@ -6,10 +6,12 @@ its settings in `data.options`. The held-out set comes from a fixed seed, so it 
 N1 and N2 come from the run seed. A question met twice (in one stream, or in training and held-out) is kept
 once, where it came first (held-out first), so the three sets are disjoint.
 
-Before scoring, the final answer is cut from the response by `data.answer_rule` (ANSWER_RULES); the problem
-ends with that rule's instruction (RULE_INSTRUCTIONS) unless `data.instruction` is set. r = 1 iff
-`score_answer` returns 1.0 or more: generators give partial credit (e.g. 0.01 for a badly formatted answer),
-but SD-Zero needs a verdict, since it picks the control phrase P_r by r and keeps only right revisions.
+sdzero.data reads the generated rows (`generated_rows`) as it reads a file's, once `check_source` has refused a
+source that cannot run. Before scoring, the final answer is cut from the response by `data.answer_rule`
+(ANSWER_RULES); the problem ends with that rule's instruction (RULE_INSTRUCTIONS) unless `data.instruction` is
+set. r = 1 iff `score_answer` returns 1.0 or more: generators give partial credit (e.g. 0.01 for a badly
+formatted answer), but SD-Zero needs a verdict, since it picks the control phrase P_r by r and keeps only right
+revisions.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ import json
 import re
 from functools import lru_cache
 
-from sdzero.data import SET_SIZE_HINT, DataConfig, ProblemSets, data_rules, validate_rows
 from sdzero.errors import Refusal
-from sdzero.verifiers import last_boxed
+from sdzero.splits import SET_SIZE_HINT
+from sdzero.tasks.math import last_boxed
 
 SOURCE = "reasoning-gym"
 """`data.source` prefix and task name of reasoning-gym problems."""
@@ -165,15 +167,16 @@ def scorer(name: str, options: dict):
     return _scorer(name, json.dumps(options, sort_keys=True))
 
 
-def check_source(data: DataConfig, task) -> str:
-    """Refuse a reasoning-gym source that cannot run, before anything loads; returns the generator name."""
+def check_source(data, task, rules: str) -> str:
+    """Refuse a reasoning-gym source (`data`, the run's DataConfig) that cannot run, before anything loads; returns
+    the generator name. `rules` are those that read the rows of the run's `task` (sdzero.data.data_rules)."""
     name = generator_name(data.source)
     if data.path is not None:
         raise Refusal("data.path and data.source are both set; choose one")
     if data.eval_path is not None or data.eval_split is not None:
         raise Refusal("data.eval_path and data.eval_split do not apply to a reasoning-gym source: its held-out "
                          "set is generated")
-    if data_rules(task) != SOURCE:
+    if rules != SOURCE:
         raise Refusal(f"data.source {data.source!r} needs task {SOURCE!r} (its generator scores the answers), "
                          f"got task {task!r}")
     if data.size is not None and data.size < 1:
@@ -239,10 +242,12 @@ def training_seed(seed: int) -> int:
     return seed * SEED_STRIDE % HELD_OUT_SEED
 
 
-def problem_sets(data: DataConfig, task, n_phase1: int, n_phase2: int, n_eval: int, seed: int,
-                 n_validation: int = 0) -> ProblemSets:
-    """N1, N2, validation and held-out problems of a reasoning-gym source, by SPLIT_RULE."""
-    name = check_source(data, task)
+def generated_rows(data, n_phase1: int, n_phase2: int, n_eval: int, seed: int,
+                   n_validation: int = 0) -> tuple[dict[str, list[tuple[str, dict]]], int]:
+    """The rows of a reasoning-gym source (`data`, the run's DataConfig, checked by check_source), drawn by
+    SPLIT_RULE: {"held_out", "validation", "train"} -> [(where, row), ...], the training rows N1's then N2's;
+    and the count of repeated questions passed over."""
+    name = generator_name(data.source)
     needed = n_phase1 + n_phase2 + n_validation + n_eval
     if data.size is not None and data.size < needed:
         raise Refusal(f"data.size {data.size} is too small: the run needs n_phase1={n_phase1} + "
@@ -256,22 +261,11 @@ def problem_sets(data: DataConfig, task, n_phase1: int, n_phase2: int, n_eval: i
     train_limit = None if data.size is None else data.size - n_eval - n_validation
     train_rows, train_repeats = _distinct_rows(name, data.options, rule, training_seed(seed),
                                                n_phase1 + n_phase2, train_limit, taken)
-    held_out, train = _validated(held_rows, data, task), _validated(train_rows, data, task)
-    repeats = held_repeats + validation_repeats + train_repeats
-    skipped = {"count": repeats, "reasons": {"same question as an earlier problem": repeats} if repeats else {},
-               "rows": []}
-    return ProblemSets(train[:n_phase1], train[n_phase1:], held_out, _validated(validation_rows, data, task),
-                       skipped={"train": skipped})
+    rows = {"held_out": held_rows, "validation": validation_rows, "train": train_rows}
+    return rows, held_repeats + validation_repeats + train_repeats
 
 
-def _validated(rows: list[tuple[str, dict]], data: DataConfig, task) -> list[dict]:
-    """Generated rows as problems, through the same validation as a file's rows (instruction, ids)."""
-    if not rows:
-        return []
-    return validate_rows(rows, list(rows[0][1]), data, task, data.source)[0]
-
-
-def source_record(data: DataConfig) -> dict:
+def source_record(data) -> dict:
     """What split.json records as the source of a reasoning-gym run."""
     return {"source": data.source, "options": _json_safe(data.options), "size": data.size}
 
@@ -285,8 +279,9 @@ def extract(completion: str, row: dict) -> str | None:
     return ANSWER_RULES[answer_rule(row.get("answer_rule"))](completion)
 
 
-def score(completion: str, row: dict) -> float:
-    """1.0 iff the row's generator scores the extracted answer 1.0 or more, else 0.0 (see the module docstring)."""
+def reasoning_gym_reward(completion: str, row: dict) -> float:
+    """1.0 iff the row's generator gives full marks (1.0 or more) to the answer its answer rule cuts from the
+    completion, else 0.0 (see the module docstring)."""
     for key in ("generator", "metadata"):
         if key not in row:
             raise Refusal(f"problem {row.get('id')!r}: field {key!r} is missing (a reasoning-gym row names its "
