@@ -31,7 +31,7 @@ from sdzero import lab  # noqa: E402
 from sdzero.generation import Generator, SamplingConfig  # noqa: E402
 from sdzero.pipeline import load_model  # noqa: E402
 from sdzero.prompts import generator_prompt_ids  # noqa: E402
-from sdzero.verifiers import lab_reward  # noqa: E402
+from sdzero.tasks.lab import lab_reward  # noqa: E402
 
 
 def report(name: str, value) -> None:

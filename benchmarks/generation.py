@@ -90,12 +90,11 @@ def main(argv=None) -> None:
     if lab_like:
         rows = lab.problem_sets(0, args.prompts, 0, seed=args.seed)[1]
     else:
-        from sdzero.data import DataConfig
-        from sdzero.gym import problem_sets
+        from sdzero.data import DataConfig, generated_problem_sets
 
         data = DataConfig(source="reasoning-gym:chain_sum", answer_rule="last-number",
                           options={"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1})
-        rows = problem_sets(data, "reasoning-gym", 0, args.prompts, 0, args.seed).n2
+        rows = generated_problem_sets(data, "reasoning-gym", 0, args.prompts, 0, args.seed).n2
     prompts = [generator_prompt_ids(tokenizer, row["problem"]) for row in rows]
     sampling = SamplingConfig(temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                               batch_size=args.batch_size, vllm_enforce_eager=args.vllm_eager)

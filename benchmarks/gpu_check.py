@@ -29,7 +29,7 @@ from sdzero.evaluate import evaluate
 from sdzero.generation import Generator, SamplingConfig, VLLMGenerator, vllm_importable
 from sdzero.pipeline import load_model
 from sdzero.prompts import ControlPhrases, generator_prompt_ids
-from sdzero.verifiers import lab_reward
+from sdzero.tasks.lab import lab_reward
 
 
 def report(name: str, value) -> None:

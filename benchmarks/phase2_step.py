@@ -63,8 +63,9 @@ from sdzero.lab.task import sample_problems, write_solution  # noqa: E402
 from sdzero.losses import per_token_divergence, teacher_topk  # noqa: E402
 from sdzero.prompts import (SEPARATOR, ControlPhrases, bridge_ids, distill_layout, end_of_turn_ids,  # noqa: E402
                             generator_prompt_ids)
+from sdzero.tasks import reward_function as task_reward  # noqa: E402
+from sdzero.tasks.lab import lab_reward  # noqa: E402
 from sdzero.training import gather_positions, logits_at, make_optimizer, sft_step_loss  # noqa: E402
-from sdzero.verifiers import get_verifier, lab_reward  # noqa: E402
 
 MB = 1024 * 1024
 
@@ -290,16 +291,15 @@ def problems(args, n: int, seed: int) -> list[dict]:
         return lab.problem_sets(0, n, 0, seed)[1]
     import json
 
-    from sdzero.data import DataConfig
-    from sdzero.gym import problem_sets
+    from sdzero.data import DataConfig, generated_problem_sets
 
     data = DataConfig(source=args.source, options=json.loads(args.options), answer_rule=args.answer_rule)
-    return problem_sets(data, "reasoning-gym", 0, n, 0, seed).n2
+    return generated_problem_sets(data, "reasoning-gym", 0, n, 0, seed).n2
 
 
 def reward_function(args):
     """(completion, row) -> reward of the problems `problems` gives."""
-    return lab_reward if args.model == "lab" else get_verifier("reasoning-gym")
+    return lab_reward if args.model == "lab" else task_reward("reasoning-gym")
 
 
 def make_batch(prompts: list[list[int]], responses: list[list[int]], rows: list[dict], tokenizer,

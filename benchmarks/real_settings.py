@@ -56,21 +56,21 @@ def key(setting) -> str:
 
 def distinct_questions(name: str, options: dict, draws: int = 5000) -> int:
     """Distinct questions among the generator's first `draws` at the search seed (a lower bound of its space)."""
-    from sdzero.gym import make_dataset
+    from sdzero.tasks.reasoning_gym import make_dataset
 
     dataset = make_dataset(name, options, size=draws, seed=SEARCH_SEED)
     return len({dataset[i]["question"] for i in range(draws)})
 
 
 def measure(model, tokenizer, setting, n_problems: int, k: int) -> dict:
-    from sdzero.data import DataConfig
+    from sdzero.data import DataConfig, generated_problem_sets
     from sdzero.generation import Generator, SamplingConfig
-    from sdzero.gym import extract, problem_sets, score
     from sdzero.prompts import generator_prompt_ids
+    from sdzero.tasks.reasoning_gym import extract, reasoning_gym_reward
 
     name, options, rule, instruction, temperature, max_new_tokens = setting
     data = DataConfig(source=f"reasoning-gym:{name}", options=options, answer_rule=rule, instruction=instruction)
-    problems = problem_sets(data, "reasoning-gym", 0, n_problems, 0, SEARCH_SEED).n2
+    problems = generated_problem_sets(data, "reasoning-gym", 0, n_problems, 0, SEARCH_SEED).n2
     contexts = [generator_prompt_ids(tokenizer, p["problem"]) for p in problems]
     sampling = SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens, batch_size=64)
     torch.manual_seed(0)
@@ -79,7 +79,7 @@ def measure(model, tokenizer, setting, n_problems: int, k: int) -> dict:
     seconds = time.perf_counter() - start
     answers = [(s, p) for group, p in zip(groups, problems) for s in group]
     # As a run scores (sampling.unfinished_reward: zero): an answer cut by the cap is wrong.
-    right = [s.finished and score(s.text, p) == 1.0 for s, p in answers]
+    right = [s.finished and reasoning_gym_reward(s.text, p) == 1.0 for s, p in answers]
     return {
         "setting": key(setting), "generator": name, "options": options, "rule": rule,
         "instruction": instruction or "(the rule's own)", "temperature": temperature, "max_new_tokens": max_new_tokens,

@@ -24,7 +24,7 @@ from sdzero.generation import Generator, SamplingConfig
 from sdzero.modeling import Teacher, load_model
 from sdzero.prompts import (ControlPhrases, DistillLayout, bridge_ids, distill_layout, end_of_turn_ids,
                             generator_prompt_ids, strip_end_of_turn)
-from sdzero.verifiers import lab_reward
+from sdzero.tasks.lab import lab_reward
 
 
 def both_copies_cut(prompt: list[int], response: list[int], bridge: list[int], eot: set[int],
