@@ -330,6 +330,7 @@ def cmd_srt(args) -> None:
 def cmd_distill(args) -> None:
     from sdzero.distill import check_teacher_room, distill, teacher_context_limit
     from sdzero.generation import make_generator
+    from sdzero.lab.diagnostics import gold_digit_tokens
     from sdzero.modeling import load_tokenizer, max_positions, same_tokenizer
     from sdzero.pipeline import curve_accuracy, curve_problems, load_run_model, problem_sets, save_stage, trainable
     from sdzero.prompts import check_prompt_room
@@ -373,7 +374,8 @@ def cmd_distill(args) -> None:
     summary = distill(model, tokenizer, n2, verifier, cfg.phrases(), cfg.sampling, cfg.distill,
                       teacher=teacher, out_dir=args.out / "sdzero", seed=cfg.seed, evaluate_fn=curve,
                       system_prompt=cfg.system_prompt, progress=not args.quiet, resume=args.resume,
-                      log_config=cfg.log, generator=generator)
+                      log_config=cfg.log, generator=generator,
+                      diagnostics=gold_digit_tokens if cfg.task == "lab" else None)
     save_stage(model, tokenizer, args.out / "sdzero", cfg, "sdzero")  # every process: the main one writes
     best = (f"; kept the best student on the validation curve, step {summary['best_step']} "
             f"({summary['best_accuracy']:.3f})" if cfg.distill.keep_best and summary["best_step"] is not None else "")
@@ -543,7 +545,8 @@ def _models_parser(commands) -> None:
 
 
 def cmd_models(args) -> None:
-    from sdzero.models import export, format_listing, listing
+    from sdzero.modeling import export
+    from sdzero.models import format_listing, listing
 
     if args.name is None:
         if args.out is not None:

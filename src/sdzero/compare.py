@@ -56,6 +56,7 @@ from sdzero.distill import distill, teacher_context_limit
 from sdzero.errors import Refusal
 from sdzero.evaluate import evaluate, evaluate_revision
 from sdzero.generation import Generator
+from sdzero.lab.diagnostics import gold_digit_tokens
 from sdzero.modeling import max_positions
 from sdzero.pipeline import curve_problems, load_run_model, trainable
 from sdzero.rundir import model_fingerprint, move_aside, stale_folder
@@ -202,7 +203,8 @@ def run_phase2(model, tokenizer, cfg: RunConfig, n2, verifier, budget: Budget, o
     model = trainable(model, cfg)
     phase2 = distill(model, tokenizer, n2, verifier, cfg.phrases(), cfg.sampling, distill_cfg, out_dir=out,
                      seed=cfg.seed, evaluate_fn=unbilled_curve if distill_cfg.eval_every else None,
-                     system_prompt=cfg.system_prompt, progress=progress, log_config=cfg.log)
+                     system_prompt=cfg.system_prompt, progress=progress, log_config=cfg.log,
+                     diagnostics=gold_digit_tokens if cfg.task == "lab" else None)
     budget.generations += phase2["generations"]
     budget.sampled_tokens += phase2["sampled_tokens"]
     budget.trained(phase2["trained_tokens"])

@@ -22,6 +22,7 @@ from sdzero.config import RunConfig
 from sdzero.distill import distill
 from sdzero.evaluate import evaluate
 from sdzero.generation import make_generator
+from sdzero.lab.diagnostics import gold_digit_tokens
 from sdzero.pipeline import (curve_accuracy, curve_problems, load_run_model, problem_sets, run_pipeline, selection,
                              trainable)
 from sdzero.rundir import open_run
@@ -59,7 +60,7 @@ def self_evolution(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True
                           out_dir=run_dir / "evolve" / name, seed=cfg.seed,
                           evaluate_fn=curve_accuracy(cfg, generator, curve, verifier),
                           system_prompt=cfg.system_prompt, progress=progress, log_config=cfg.log,
-                          generator=generator)
+                          generator=generator, diagnostics=gold_digit_tokens if cfg.task == "lab" else None)
         generator.refresh(model)
         final = evaluate(generator, held_out, verifier, k=cfg.eval.k, system_prompt=cfg.system_prompt,
                          samples_path=run_dir / "evolve" / name / "eval.jsonl", desc=f"evaluate {name}",

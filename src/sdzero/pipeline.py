@@ -33,6 +33,7 @@ from sdzero.distill import distill, teacher_context_limit
 from sdzero.errors import Refusal
 from sdzero.evaluate import evaluate, evaluate_revision
 from sdzero.generation import make_generator
+from sdzero.lab.diagnostics import gold_digit_tokens
 from sdzero.modeling import is_lora, load_model, load_tokenizer, max_positions, merged_for_saving, prepare_for_training
 from sdzero.prompts import check_prompt_room
 from sdzero.rundir import (RUN_OUTPUTS, begin_stage, check_base_model, differences, model_fingerprint, move_aside,
@@ -233,7 +234,8 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True, 
                                 out_dir=out / "sdzero", seed=cfg.seed,
                                 evaluate_fn=curve_accuracy(cfg, generator, curve, verifier),
                                 system_prompt=cfg.system_prompt, progress=progress, resume=resume,
-                                log_config=cfg.log, generator=generator))
+                                log_config=cfg.log, generator=generator,
+                                diagnostics=gold_digit_tokens if cfg.task == "lab" else None))
     report = _write_report(out, cfg, results, collection, {"srt": srt_summary, "distill": distill_summary}, start)
     if distill_summary["history"]:
         plot_learning_curve(out / "learning_curve.png", distill_summary, results, cfg)
