@@ -19,8 +19,9 @@ import argparse
 import torch
 
 from sdzero import lab
-from sdzero.distill import DistillConfig, lab_gold_tokens, micro_batch_divergence
+from sdzero.distill import DistillConfig, micro_batch_divergence
 from sdzero.generation import Generator, SamplingConfig
+from sdzero.lab.diagnostics import gold_digit_tokens
 from sdzero.modeling import Teacher, load_model
 from sdzero.prompts import (ControlPhrases, DistillLayout, bridge_ids, distill_layout, end_of_turn_ids,
                             generator_prompt_ids, strip_end_of_turn)
@@ -72,7 +73,7 @@ def main() -> None:
             with torch.no_grad():
                 _, diagnostics = micro_batch_divergence(model, teacher, [layout], tokenizer.pad_token_id, "cpu", cfg)
             top = diagnostics["teacher_top"][0].tolist()
-            for t, token in lab_gold_tokens(tokenizer, y, problem):
+            for t, token in gold_digit_tokens(tokenizer, y, problem):
                 if t < layout.n_targets:
                     counts[layout.truncated][0] += top[t] == token
                     counts[layout.truncated][1] += 1
