@@ -13,13 +13,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tiny import build_tiny_model, write_problems
+from sdzero.cli import COMMANDS, USAGE_ERROR, main
+from tiny import build_tiny_model, hold_at, stop_at, write_problems
 
 TESTS = Path(__file__).parent
 SDZERO = shutil.which("sdzero", path=str(Path(sys.executable).parent)) or shutil.which("sdzero")
@@ -300,19 +300,112 @@ def test_a_stage_with_nothing_to_train_exits_3_so_a_chain_stops(tmp_path, user):
 
 
 def test_ctrl_c_stops_with_one_line_saying_how_to_go_on(tmp_path):
-    # enough problems that collection is still running 2 s after its first chunk is written
-    command = [SDZERO, "collect", "--out", "runs/c", "--set", "n_phase1=4000", "--quiet"]
-    process = subprocess.Popen(command, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
-    attempts = tmp_path / "runs" / "c" / "phase1"
-    deadline = time.time() + 120
-    while not attempts.exists() and time.time() < deadline and process.poll() is None:
-        time.sleep(0.5)  # wait until collection is under way
-    time.sleep(2)
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=120)
-    assert process.returncode == 130, err
+    signals = tmp_path / "signals"
+    fifo = hold_at(signals, "collect-chunk-1")  # Ctrl-C once collection has written its first chunk
+    process = subprocess.Popen([SDZERO, "collect", "--out", "runs/c", "--set", "collect.chunk_size=4", "--quiet"],
+                               cwd=tmp_path,
+                               env={**ENV, "SDZERO_TEST_SIGNAL_DIR": str(signals)}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    assert stop_at(process, fifo, signal.SIGINT) == 130
+    err = process.communicate(timeout=120)[1]
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.strip()]
-    assert lines == [f"sdzero collect: interrupted; re-run sdzero collect --out runs/c --set n_phase1=4000 --quiet "
-                     f"to go on with the problems not collected yet"]
+    assert lines == ["sdzero collect: interrupted; re-run sdzero collect --out runs/c --set collect.chunk_size=4 "
+                     "--quiet to go on with the problems not collected yet"]
+
+
+# ------------------------------------------------------------------------------------------
+# What main() turns into one line and exit 2 (a refusal), and what it lets through (anything else)
+
+
+def main_in_process(argv: list, capsys) -> tuple[int, str]:
+    """`sdzero ARGV` through sdzero.cli.main in this process: its exit code and its stderr."""
+    capsys.readouterr()
+    code = main([*map(str, argv)])
+    return code, capsys.readouterr().err
+
+
+def test_a_refusal_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("SDZERO_DEBUG", raising=False)
+    code, err = main_in_process(["demo", "--out", tmp_path / "run", "--set", "srt.epochs=0"], capsys)
+    assert code == USAGE_ERROR == 2
+    assert len(err.splitlines()) == 1 and err.startswith("sdzero demo: error: ") and "srt.epochs must be >= 1" in err
+
+
+def test_sdzero_debug_shows_the_traceback_of_a_refusal_too(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SDZERO_DEBUG", "1")
+    code, err = main_in_process(["demo", "--out", tmp_path / "run", "--set", "srt.epochs=0"], capsys)
+    assert code == USAGE_ERROR
+    lines = err.splitlines()
+    assert lines[0] == "Traceback (most recent call last):" and "cmd_demo" in err
+    assert any(line.startswith("sdzero.errors.Refusal: ") for line in lines)
+    assert lines[-1].startswith("sdzero demo: error: ") and "srt.epochs must be >= 1" in lines[-1]
+
+
+@pytest.mark.parametrize("bug", [KeyError("held_out"), ValueError("a library's own ValueError")])
+def test_an_error_that_is_not_a_refusal_keeps_its_traceback(monkeypatch, bug):
+    # A stand-in for a bug: the command function is replaced by one that fails with an error of our code
+    # (KeyError) or of a library (a plain ValueError, which is not a Refusal). Neither may become exit 2.
+    def command_with_a_bug(args):
+        raise bug
+
+    monkeypatch.setitem(COMMANDS, "models", command_with_a_bug)
+    with pytest.raises(type(bug)) as raised:
+        main(["models"])
+    assert raised.value is bug
+
+
+def write_bytes(path: Path, content: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
+# (files to write, the command, what its one line must say). Each is an error a library raises on a user's
+# bad file or setting; sdzero names the file or setting in a refusal.
+BROKEN_INPUTS = {
+    "config not UTF-8": ({"run.yaml": b"seed: 1\nmodel: \xff\n"}, ["demo", "--config", "{dir}/run.yaml"],
+                         "{dir}/run.yaml: not UTF-8 text"),
+    "config not YAML": ({"run.yaml": b"seed: 1\nsrt:\n  lr: [1\n"}, ["demo", "--config", "{dir}/run.yaml"],
+                        "{dir}/run.yaml: not valid YAML (line 4, column 1: expected ',' or ']'"),
+    "--set not YAML": ({}, ["demo", "--set", "srt.lr=[1"], "--set srt.lr=[1: the value is not valid YAML (line 1, "),
+    "config a folder": ({"folder/x": b""}, ["demo", "--config", "{dir}/folder"], "{dir}/folder is not a file"),
+    "run.json broken": ({"run/run.json": b"{"}, ["collect", "--out", "{dir}/run"],
+                        "{dir}/run/run.json:1: not valid JSON"),
+    "split.json broken": ({"run/split.json": b"[", "run/run.json": b"{}"}, ["eval", "--run", "{dir}/run"],
+                          "{dir}/run/split.json:1: not valid JSON"),
+    "samples not found": ({}, ["lab", "errors", "{dir}/nothere.jsonl"],
+                          "evaluation samples not found: {dir}/nothere.jsonl"),
+    "samples not UTF-8": ({"samples.jsonl": b"\xff\n"}, ["lab", "errors", "{dir}/samples.jsonl"],
+                          "{dir}/samples.jsonl: not UTF-8 text"),
+    "model config broken": ({"junk/config.json": b"{"}, ["eval", "--model", "{dir}/junk"],
+                            "model '{dir}/junk' could not be loaded from {dir}/junk: "),
+    "model config unknown": ({"junk/config.json": b"{}"}, ["eval", "--model", "{dir}/junk"],
+                             "model '{dir}/junk' could not be loaded from {dir}/junk: "),
+}
+
+
+@pytest.mark.parametrize("files, argv, message", BROKEN_INPUTS.values(), ids=BROKEN_INPUTS.keys())
+def test_a_broken_input_file_is_a_refusal_naming_it(tmp_path, capsys, files, argv, message):
+    for name, content in files.items():
+        write_bytes(tmp_path / name, content)
+    code, err = main_in_process([arg.format(dir=tmp_path) for arg in argv], capsys)
+    assert code == USAGE_ERROR, err
+    assert len(err.splitlines()) == 1 and message.format(dir=tmp_path) in err, err
+
+
+def test_lora_modules_the_model_lacks_are_a_refusal(user, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(user)
+    code, err = main_in_process(["distill", "--config", "my_run.yaml", "--out", tmp_path / "run", "--model", "tiny",
+                                 "--set", "lora.enabled=true", "--set", "lora.target_modules=[nosuch]", "--quiet"],
+                                capsys)
+    assert code == USAGE_ERROR, err
+    assert len(err.splitlines()) == 1 and "lora: Target modules {'nosuch'} not found in the base model" in err
+
+
+def test_a_file_that_is_not_gguf_is_a_refusal(tmp_path, capsys, sdzero_cache):
+    pytest.importorskip("gguf")
+    fake = write_bytes(tmp_path / "model.gguf", b"GGUF" + bytes(4))
+    code, err = main_in_process(["models", fake, "--out", tmp_path / "plain"], capsys)
+    assert code == USAGE_ERROR, err
+    assert len(err.splitlines()) == 1 and f"{fake} could not be read as a GGUF file" in err

@@ -8,6 +8,9 @@ deterministic verdict, so a random model gets both rewards and Phase 1 keeps rev
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 CHAT_TEMPLATE = (
@@ -77,3 +80,33 @@ def refused(home: Path, capsys, *args) -> str:
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     return err
+
+
+def hold_at(signal_dir: Path, point: str) -> Path:
+    """The FIFO at which a run started with SDZERO_TEST_SIGNAL_DIR=signal_dir waits when it gets to `point`
+    (see sdzero.training.reached); make it before the run starts."""
+    signal_dir.mkdir(parents=True, exist_ok=True)
+    fifo = signal_dir / point
+    os.mkfifo(fifo)
+    return fifo
+
+
+def stop_at(process, fifo: Path, sig: int = signal.SIGKILL, timeout: float = 300) -> int:
+    """Wait until `process` waits at `fifo` (made by `hold_at`), send it `sig` there and return its exit code
+    (-sig when the signal ended it). The FIFO is removed, so a resumed run goes past the point."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # opens once the run is reading the FIFO
+            break
+        except OSError:  # no reader yet
+            if process.poll() is not None or time.time() > deadline:
+                process.kill()
+                raise AssertionError(f"the run did not get to {fifo.name} (exit code {process.wait()})") from None
+            time.sleep(0.05)
+    try:
+        process.send_signal(sig)
+        return process.wait(timeout=timeout)
+    finally:
+        os.close(writer)
+        fifo.unlink()

@@ -30,7 +30,7 @@ from sdzero.modeling import tokenizer_fingerprint
 from sdzero.prompts import (ControlPhrases, bridge_ids, end_of_turn_ids, generator_prompt_ids,
                             reviser_context_ids)
 from sdzero.rewards import Verifier
-from sdzero.training import process_state, read_jsonl, seed_everything
+from sdzero.training import process_state, reached, read_jsonl, seed_everything
 
 # Openers that flatter the feedback instead of solving the problem; the official release drops them.
 SYCOPHANTIC_OPENERS = re.compile(r"^\W*(you'?re (absolutely )?right|you are (absolutely )?right|i apologi[sz]e"
@@ -128,6 +128,7 @@ def collect(generator: Generator, problems: list[dict], verifier: Verifier, phra
                                                    "answers": answers}) + "\n")
                     attempts_out.flush()
         state.wait_for_everyone()
+        reached(f"collect-chunk-{start // (cfg.chunk_size * world) + 1}")
         bar.update(len(block))
     bar.close()
     return collection_summary(out_dir, cfg)

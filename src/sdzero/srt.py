@@ -22,7 +22,8 @@ from sdzero.errors import Refusal
 from sdzero.modeling import tokenizer_fingerprint
 from sdzero.prompts import ControlPhrases, bridge_ids, end_of_turn_ids, generator_prompt_ids, strip_end_of_turn
 from sdzero.training import (LogConfig, MetricsLog, check_finite, finish_trackers, load_checkpoint,
-                             make_accelerator, make_optimizer, make_schedule, prepare, save_checkpoint, sft_step_loss)
+                             make_accelerator, make_optimizer, make_schedule, prepare, reached, save_checkpoint,
+                             sft_step_loss)
 
 SCHEDULES = ("joint", "two_stage")
 
@@ -180,6 +181,7 @@ def train_srt(model, tokenizer, rows: list[dict], phrases: ControlPhrases, cfg: 
                     save_checkpoint(accelerator, checkpoint_dir,
                                     {"stage_index": stage_index, "step": step, "stage_step": stage_step,
                                      "trained_tokens": trained_tokens}, model=wrapped, optimizer=optimizer)
+                reached(f"srt-step-{step}")
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
         bar.close()

@@ -356,20 +356,16 @@ def read_json(path: str | Path):
 
 
 SIGNAL_DIR = "SDZERO_TEST_SIGNAL_DIR"
-"""Environment variable naming the folder where the tests wait for a run to reach a point (see `reached`)."""
+"""Environment variable naming the folder where tests hold a run at a point to kill it there (see `reached`)."""
 
 
 def reached(point: str) -> None:
-    """The run has got to `point` (e.g. "phase2-step-3": that step is done and its checkpoint, if due, written).
+    """The run has got to `point`: "collect-chunk-N" (N chunks of this command written), "srt-step-N",
+    "phase2-step-N" (step N done and its checkpoint, when one is due, written).
 
-    For the tests that kill a run at a known moment: with $SDZERO_TEST_SIGNAL_DIR set, DIR/point is touched; where
-    the test has made DIR/point a FIFO, the run stops here, reading it, until the test (which opens it for writing
-    once the run is there) kills the process, or closes the FIFO to let it go on."""
+    For the tests that kill a run at a known moment: where $SDZERO_TEST_SIGNAL_DIR/point is a FIFO (the test
+    made it), the run waits here reading it until the test, which opens it once the run is there, kills the
+    process (or closes it, and the run goes on). Otherwise nothing happens."""
     folder = os.environ.get(SIGNAL_DIR)
-    if not folder:
-        return
-    marker = Path(folder) / point
-    if marker.is_fifo():
-        marker.read_bytes()
-    else:
-        marker.touch()
+    if folder and (Path(folder) / point).is_fifo():
+        (Path(folder) / point).read_bytes()
