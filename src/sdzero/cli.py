@@ -545,7 +545,8 @@ def _models_parser(commands) -> None:
 
 
 def cmd_models(args) -> None:
-    from sdzero.models import export, format_listing, listing
+    from sdzero.modeling import export
+    from sdzero.models import format_listing, listing
 
     if args.name is None:
         if args.out is not None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +80,30 @@ def resolve_model_path(name: str) -> str:
             "; give a folder written by save_pretrained, or a hub id such as Qwen/Qwen3-0.6B")
     what = "has no config.json" if path.is_dir() else "not found"
     raise MissingFile(f"model folder {what}: {name}{hint}")
+
+
+def export(name: str, out: Path, log=models.say) -> Path:
+    """Write the model `name` (any name a config accepts that resolves to a local folder) into `out` as a
+    plain Hugging Face folder."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise Refusal(f"--out {out} already exists and is not an empty folder; give a new folder")
+    folder = Path(resolve_model_path(name))
+    if not folder.is_dir():
+        raise Refusal(f"{name!r} is a hub id, not a local or registered model; nothing to write")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    copying = Path(tempfile.mkdtemp(prefix=f".copying-{out.name}-", dir=out.parent))
+    try:
+        shutil.copytree(folder, copying, dirs_exist_ok=True)
+        models.readable_by_all(copying)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        copying.rename(out)
+    except BaseException:
+        shutil.rmtree(copying, ignore_errors=True)
+        raise
+    log(f"sdzero: wrote {name} to {out}")
+    return out
 
 
 def hub_reachable(timeout_s: float = 3.0) -> bool:

@@ -343,32 +343,6 @@ def fingerprint(name: str) -> str | None:
 # `sdzero models`
 
 
-def export(name: str, out: Path, log=say) -> Path:
-    """Write the model `name` (any name a config accepts that resolves to a local folder) into `out` as a
-    plain Hugging Face folder."""
-    from sdzero.modeling import resolve_model_path
-
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise Refusal(f"--out {out} already exists and is not an empty folder; give a new folder")
-    folder = Path(resolve_model_path(name))
-    if not folder.is_dir():
-        raise Refusal(f"{name!r} is a hub id, not a local or registered model; nothing to write")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    copying = Path(tempfile.mkdtemp(prefix=f".copying-{out.name}-", dir=out.parent))
-    try:
-        shutil.copytree(folder, copying, dirs_exist_ok=True)
-        readable_by_all(copying)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        copying.rename(out)
-    except BaseException:
-        shutil.rmtree(copying, ignore_errors=True)
-        raise
-    log(f"sdzero: wrote {name} to {out}")
-    return out
-
-
 def listing() -> list[dict]:
     """Every known model name: where it comes from, whether it is installed, and its cached folder."""
     from sdzero.lab import LAB_MODELS
