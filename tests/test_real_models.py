@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from sdzero.cli import main
 from sdzero.config import load_config
 from sdzero.pipeline import run_pipeline
-from tiny import build_tiny_model, write_problems
+from tiny import build_tiny_model, hold_at, stop_at, write_problems
 
 TESTS = Path(__file__).parent
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
@@ -131,19 +130,13 @@ def test_phase2_killed_mid_run_resumes_to_the_same_result(tmp_path, tiny_model):
     straight = tmp_path / "straight"
     subprocess.run(distill_command(straight, config, 12, *model), env=ENV, check=True, capture_output=True)
 
-    killed = tmp_path / "killed"
-    process = subprocess.Popen(distill_command(killed, config, 12, *model), env=ENV, stdout=subprocess.DEVNULL,
+    killed, signals = tmp_path / "killed", tmp_path / "signals"
+    fifo = hold_at(signals, "phase2-step-3")
+    process = subprocess.Popen(distill_command(killed, config, 12, *model),
+                               env=dict(ENV, SDZERO_TEST_SIGNAL_DIR=str(signals)), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    state = killed / "sdzero" / "checkpoint" / "state.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        if state.exists() and json.loads(state.read_text())["step"] >= 3:
-            process.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
-    done_before = json.loads(state.read_text())["step"]
-    assert done_before < 12
+    assert stop_at(process, fifo) == -signal.SIGKILL, "the run ended before it could be killed"
+    assert json.loads((killed / "sdzero" / "checkpoint" / "state.json").read_text())["step"] == 3
 
     subprocess.run(distill_command(killed, config, 12, *model, "--resume"), env=ENV, check=True, capture_output=True)
     steps = [json.loads(line)["step"] for line in (killed / "sdzero" / "metrics.jsonl").read_text().splitlines()]
@@ -183,23 +176,15 @@ def test_two_stage_srt_killed_in_stage_2_resumes_to_the_same_result(tmp_path, ti
 
     subprocess.run(srt_command(straight, config), env=ENV, check=True, capture_output=True)
 
-    process = subprocess.Popen(srt_command(killed, config), env=ENV, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    state, metrics = killed / "srt" / "checkpoint" / "state.json", killed / "srt" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        try:
-            saved = json.loads(state.read_text())
-            logged = [json.loads(line) for line in metrics.read_text().splitlines()]
-        except (OSError, ValueError):  # not written yet, or caught mid-write
-            saved, logged = None, []
-        if saved and saved["stage_index"] == 1 and any(
-                m["stage"] == "srt/revision" and m["step"] > saved["step"] for m in logged):
-            process.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.002)
-    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
-    saved = json.loads(state.read_text())
+    # killed in stage 2 one step after its checkpoint of step 21: the resumed run redoes step 22
+    signals = tmp_path / "signals"
+    fifo = hold_at(signals, f"srt-step-{stage_1 + 4}")
+    process = subprocess.Popen(srt_command(killed, config), env=dict(ENV, SDZERO_TEST_SIGNAL_DIR=str(signals)),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert stop_at(process, fifo) == -signal.SIGKILL, "the run ended before it could be killed"
+    saved = json.loads((killed / "srt" / "checkpoint" / "state.json").read_text())
+    logged = [json.loads(line) for line in (killed / "srt" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["stage"] == "srt/revision" and logged[-1]["step"] > saved["step"]
     assert saved["stage_index"] == 1 and stage_1 < saved["step"] < stage_1 + stage_2
     assert saved["stage_step"] == saved["step"] - stage_1
 
@@ -223,15 +208,12 @@ def test_collection_killed_mid_run_resumes_without_duplicates(tmp_path, tiny_mod
     config = write_config(tmp_path / "run.yaml", settings)
     run = tmp_path / "run"
     command = [sys.executable, "-m", "sdzero.cli", "collect", "--out", str(run), "--config", str(config), "--quiet"]
-    process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    signals = tmp_path / "signals"
+    fifo = hold_at(signals, "collect-chunk-2")  # 8 of the 40 problems written
+    process = subprocess.Popen(command, env=dict(ENV, SDZERO_TEST_SIGNAL_DIR=str(signals)),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert stop_at(process, fifo) == -signal.SIGKILL, "the collection ended before it could be killed"
     attempts = run / "phase1" / "attempts.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        if attempts.exists() and len(attempts.read_text().splitlines()) >= 8:
-            process.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    assert process.wait() == -signal.SIGKILL, "the collection ended before it could be killed"
     subprocess.run(command, env=ENV, check=True, capture_output=True)
 
     ids = [json.loads(line)["id"] for line in attempts.read_text().splitlines()]

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import yaml
 from sdzero.modeling import load_tokenizer
 from sdzero.rundir import begin_stage, model_fingerprint
 from sdzero.srt import check_tuples
-from tiny import build_tiny_model, refused, sdzero, write_problems
+from tiny import build_tiny_model, hold_at, refused, sdzero, stop_at, write_problems
 
 TESTS = Path(__file__).parent
 
@@ -199,20 +198,14 @@ def test_a_killed_run_resumed_at_every_stage_ends_with_the_report_of_an_uninterr
                 *extra]
 
     subprocess.run(command(tmp_path / "whole"), env=env, check=True, capture_output=True, timeout=600)
-    run = tmp_path / "killed"
-    attempts = run / "phase1" / "attempts.jsonl"
-    kill_points = [  # inside collection, inside SRT, inside Phase 2
-        lambda: attempts.exists() and 0 < len(attempts.read_text().splitlines()) < 12,
-        lambda: (run / "srt" / "checkpoint" / "state.json").exists(),
-        lambda: (run / "sdzero" / "checkpoint" / "state.json").exists(),
-    ]
-    for i, inside in enumerate(kill_points):
-        process = subprocess.Popen(command(run, *(["--resume"] if i else [])), env=env,
+    run, signals = tmp_path / "killed", tmp_path / "signals"
+    # inside collection (1 chunk of 6 written), inside SRT and inside Phase 2 (each at its first checkpoint)
+    for i, point in enumerate(["collect-chunk-1", "srt-step-1", "phase2-step-1"]):
+        fifo = hold_at(signals, point)
+        process = subprocess.Popen(command(run, *(["--resume"] if i else [])),
+                                   env=dict(env, SDZERO_TEST_SIGNAL_DIR=str(signals)),
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        while process.poll() is None and not inside():
-            time.sleep(0.002)
-        process.kill()
-        assert process.wait() == -signal.SIGKILL, f"the run ended before kill point {i} was reached"
+        assert stop_at(process, fifo) == -signal.SIGKILL, f"the run ended before {point}"
     subprocess.run(command(run, "--resume"), env=env, check=True, capture_output=True, timeout=600)
 
     whole, resumed = (json.loads((out / "report.json").read_text()) for out in (tmp_path / "whole", run))

@@ -40,7 +40,7 @@ from sdzero.phase2_io import (ROLLOUTS_FILE, PromptOrder, divergence_summary, dr
 from sdzero.phase2_rules import Progress
 from sdzero.phase2_stats import StepStats
 from sdzero.training import (LogConfig, MetricsLog, check_finite, finish_trackers, is_fsdp2, logits_at,
-                             make_accelerator, make_optimizer, make_schedule, pad_right, prepare)
+                             make_accelerator, make_optimizer, make_schedule, pad_right, prepare, reached)
 from sdzero.rewards import Verifier
 
 Diagnostics = Callable[[object, Sample, dict], list[tuple[int, int]]]
@@ -182,6 +182,7 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
         if run.checkpoint_dir and cfg.save_every and step % cfg.save_every == 0:
             save_phase2(run.accelerator, run.checkpoint_dir, state, order, run.teacher, run.best_weights, run.model,
                         run.optimizer)
+        reached(f"phase2-step-{step}")
     return finish(run, state, start)
 
 
