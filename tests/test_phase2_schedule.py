@@ -1,18 +1,20 @@
 """Phase 2 around the step, on the real lab model: keep-best, the gated teacher refresh, the teacher's
-precision, and the per-step diagnostics in metrics.jsonl."""
+precision, and the per-step diagnostics in metrics.jsonl (the lab's gold digits through `diagnostics`). The
+rules alone, on plain sequences, are in test_phase2_rules.py."""
 
 import copy
 import json
+import random
 
 import pytest
 import torch
 from sdzero import lab
-from sdzero.distill import (DistillConfig, distill, lab_gold_tokens, length_tail, micro_batch_divergence,
-                            refresh_gate_open)
+from sdzero.distill import DistillConfig, distill, micro_batch_divergence
 from sdzero.generation import Sample, SamplingConfig
+from sdzero.lab.diagnostics import gold_digit_tokens, token_spans
 from sdzero.lab.task import Problem, gold_digits, write_solution
 from sdzero.modeling import Teacher
-from sdzero.prompts import ControlPhrases, DistillLayout, generator_prompt_ids
+from sdzero.prompts import ControlPhrases, DistillLayout, generator_prompt_ids, token_pieces
 from sdzero.tasks.lab import lab_reward
 from sdzero.training import make_accelerator
 
@@ -70,13 +72,6 @@ def test_keep_best_survives_a_resume(tmp_path, lab_model_and_tokenizer):
 
 
 def test_gated_refresh_needs_a_gain_and_a_tail_that_held(lab_model_and_tokenizer):
-    cfg = DistillConfig(refresh_margin=0.05, refresh_tail_growth=0.1, eval_every=1)
-    state = {"accuracy": 0.5, "tail": 40.0, "lengths": [40] * 10}
-    assert refresh_gate_open(0.56, state, cfg)
-    assert not refresh_gate_open(0.54, state, cfg)                           # gain below the margin
-    assert not refresh_gate_open(0.9, dict(state, lengths=[40] * 8 + [60] * 2), cfg)  # the tail grew by 50%
-    assert length_tail(list(range(1, 11))) == 10 and length_tail([7]) == 7
-
     student, tokenizer = copy.deepcopy(lab_model_and_tokenizer[0]), lab_model_and_tokenizer[1]
     cfg = DistillConfig(prompts_per_step=4, micro_batch_size=4, max_steps=4, lr=1e-3, warmup_steps=1, eval_every=1,
                         refresh_margin=0.1, refresh_tail_growth=10.0, keep_best=False)
@@ -126,13 +121,20 @@ def test_teacher_equal_to_the_student_gives_zero_divergence_under_bf16_autocast(
 def test_metrics_carry_the_diagnostics(tmp_path, lab_model_and_tokenizer):
     student, tokenizer = copy.deepcopy(lab_model_and_tokenizer[0]), lab_model_and_tokenizer[1]
     cfg = DistillConfig(prompts_per_step=8, micro_batch_size=4, max_steps=2, lr=1e-4, warmup_steps=1)
-    run(student, tokenizer, cfg, None, out_dir=tmp_path)
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    run(student, tokenizer, cfg, None, out_dir=tmp_path / "lab", diagnostics=gold_digit_tokens)
+    rows = [json.loads(line) for line in (tmp_path / "lab" / "metrics.jsonl").read_text().splitlines()]
     for row in rows:
         assert 0.0 <= row["sdzero/unfinished"] <= 1.0
         assert 0.0 < row["sdzero/entropy"] < torch.log(torch.tensor(float(len(tokenizer)))).item()
         assert 0.0 < row["sdzero/student_topk_mass"] <= 1.0 + 1e-6
         assert 0.5 < row["sdzero/teacher_gold_agreement"] <= 1.0
+    # without diagnostics the same run has no agreement to report, and trains the same
+    plain = copy.deepcopy(lab_model_and_tokenizer[0])
+    run(plain, tokenizer, cfg, None, out_dir=tmp_path / "plain")
+    plain_rows = [json.loads(line) for line in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()]
+    assert not any("sdzero/teacher_gold_agreement" in row for row in plain_rows)
+    assert [row["loss"] for row in plain_rows] == [row["loss"] for row in rows]
+    assert all(torch.equal(a, b) for a, b in zip(student.parameters(), plain.parameters()))
 
 
 def test_gold_digits_and_their_tokens(lab_tokenizer):
@@ -146,11 +148,39 @@ def test_gold_digits_and_their_tokens(lab_tokenizer):
     assert [d for _, d in digits] == gold + gold
     assert [text[i] for i, _ in digits][:9] == list("358821189")
     ids = lab_tokenizer.encode(text, add_special_tokens=False) + [lab_tokenizer.eos_token_id]
-    tokens = lab_gold_tokens(lab_tokenizer, Sample(ids=ids, text=text, finished=True), problem.to_row())
+    tokens = gold_digit_tokens(lab_tokenizer, Sample(ids=ids, text=text, finished=True), problem.to_row())
     assert len(tokens) == 18
     assert [lab_tokenizer.decode([ids[t]]) for t, _ in tokens][:9] == list("358821189")
     assert [lab_tokenizer.decode([token]) for _, token in tokens] == [str(d) for d in gold + gold]
-    assert lab_gold_tokens(lab_tokenizer, Sample(ids=ids, text=text, finished=True), {"problem": "x", "id": 1}) == []
+    with pytest.raises(ValueError, match="not a lab problem"):
+        gold_digit_tokens(lab_tokenizer, Sample(ids=ids, text=text, finished=True), {"problem": "x", "id": 1})
+
+
+def test_token_spans_are_the_growing_prefix_spans(lab_tokenizer, tmp_path):
+    """token_spans decodes each token once where that gives the ranges of `token_pieces` (which decodes every
+    growing prefix): the lab's answers, random token ids (partial UTF-8 among them), and a byte-level
+    tokenizer of another vocabulary on text with multi-byte characters."""
+    from tiny import build_tiny_model
+    from transformers import AutoTokenizer
+
+    problem = Problem((3, 5, 2, 8))
+    answer = lab_tokenizer.encode(write_solution(problem), add_special_tokens=False) + [lab_tokenizer.eos_token_id]
+    one_by_one = "".join(lab_tokenizer.decode([i], skip_special_tokens=True) for i in answer)
+    assert one_by_one == lab_tokenizer.decode(answer, skip_special_tokens=True)  # a lab answer takes the fast way
+    assert token_spans(lab_tokenizer, answer) == token_pieces(lab_tokenizer, answer)[2]
+
+    tiny = AutoTokenizer.from_pretrained(build_tiny_model(tmp_path / "tiny"))
+    rng = random.Random(0)
+    for tokenizer in (lab_tokenizer, tiny):
+        texts = ["Wait, 3+5=8 \u00e9t\u00e9 \u20ac 12 \U0001f600.", "Let me rephrase: \u00fc\u00f6 2 + 3 = 5"]
+        cases = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
+        cases += [[rng.randrange(len(tokenizer)) for _ in range(rng.randint(0, 30))] for _ in range(300)]
+        tiled = 0
+        for ids in cases:
+            assert token_spans(tokenizer, ids) == token_pieces(tokenizer, ids)[2], ids
+            tiled += "".join(tokenizer.decode([i], skip_special_tokens=True) for i in ids) == \
+                tokenizer.decode(ids, skip_special_tokens=True)
+        assert 0 < tiled < len(cases)  # both ways were taken
 
 
 def test_the_teacher_context_defaults_to_the_teachers_positions(tmp_path, lab_model_and_tokenizer):
