@@ -129,17 +129,16 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
             seed: int = 0, evaluate_fn: Callable[[object], float] | None = None,
             system_prompt: str | None = None, progress: bool = True, resume: bool = False,
             log_config: LogConfig | None = None, generator=None, diagnostics: Diagnostics | None = None) -> dict:
-    """Train `student` in place. Without `teacher`, the teacher is a frozen copy of the starting student
-    (or, for a LoRA student, the student with its adapter switched off).
+    """Train `student` in place. Without `teacher`, the teacher is a frozen copy of the starting student (or, for a
+    LoRA student, the student with its adapter switched off).
 
-    Runs in every process of `accelerate launch`: each process samples its share of the step's
-    prompts, and gradients are averaged across processes. `evaluate_fn(model) -> accuracy` is called
-    every `cfg.eval_every` steps and after the last (on the main process); with `cfg.keep_best` the
-    student ends with the weights of its best evaluation. With `out_dir`, metrics go to
-    out_dir/metrics.jsonl and a checkpoint to out_dir/checkpoint every `cfg.save_every` steps;
-    `resume=True` continues from that checkpoint. `generator` (default: one made from `sampling`) draws
-    the rollouts; it is refreshed with the student's weights after every optimiser step. `diagnostics`
-    (see `Diagnostics`) adds the task's own check of the teacher's targets. Returns a summary with the
+    Runs in every process of `accelerate launch`: each process samples its share of the step's prompts, and
+    gradients are averaged across processes. `evaluate_fn(model) -> accuracy` is called every `cfg.eval_every` steps
+    and after the last (on the main process); with `cfg.keep_best` the student ends with the weights of its best
+    evaluation. With `out_dir`, metrics go to out_dir/metrics.jsonl and a checkpoint to out_dir/checkpoint every
+    `cfg.save_every` steps; `resume=True` continues from that checkpoint. `generator` (default: one made from
+    `sampling`) draws the rollouts; it is refreshed with the student's weights after every optimiser step.
+    `diagnostics` (see `Diagnostics`) adds the task's own check of the teacher's targets. Returns a summary with the
     evaluation history, the best step and the steps at which the teacher was refreshed.
     """
     cfg.validate()
