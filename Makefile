@@ -8,7 +8,7 @@ BIN = $(VENV)/bin
 VLLM_VENV ?= .venv-vllm
 VLLM_BIN = $(VLLM_VENV)/bin
 
-.PHONY: setup setup-vllm browser demo test test-vllm
+.PHONY: setup setup-vllm browser demo test test-fast test-vllm
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -34,6 +34,11 @@ browser:
 
 test: setup browser
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# While working on the code: the suite without the tests marked slow (whole runs, the sdzero command in a
+# subprocess, training loops, the real model). `make test` (and CI) runs them all.
+test-fast: setup browser
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
 # vLLM's CPU build pins torch==2.13.0+cpu (the CPU wheel, installed first as for the main venv) and a
 # transformers older than the main venv's. pip brings torchvision, torchaudio and torchcodec with it, built

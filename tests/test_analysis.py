@@ -259,6 +259,7 @@ def load_in_chromium(page: Path, fragment: str = "") -> tuple[str, list[str]]:
     return result.stdout, console
 
 
+@pytest.mark.slow
 def test_report_page_loads_in_a_real_browser_and_shows_the_tokens(inspected, tmp_path):
     rows, out, summary = inspected
     dom, console = load_in_chromium(out / "index.html")

@@ -1,5 +1,6 @@
 """Model cards: every saved stage folder carries a README.md with valid front matter and the run's facts."""
 
+import pytest
 import yaml
 from transformers import AutoModelForCausalLM
 
@@ -62,6 +63,7 @@ def test_hub_ids_are_told_from_paths(tmp_path):
     assert not is_hub_id("a/b/c")
 
 
+@pytest.mark.slow
 def test_command_line_stages_write_cards(tmp_path):
     tiny = ["--limit", "24", "--quiet", "--max-new-tokens", "100", "--set", "srt.epochs=1",
             "--set", "distill.prompts_per_step=4", "--set", "distill.micro_batch_size=4"]

@@ -77,6 +77,7 @@ def lab_run(tmp_path_factory) -> Path:
 # Every command as the README and the docs show it
 
 
+@pytest.mark.slow
 def test_run_and_the_stages_on_a_local_model_and_file(user):
     done = sdzero("run", "--config", "my_run.yaml", "--out", "runs/mine", "--quiet", cwd=user)
     report = json.loads((user / "runs" / "mine" / "report.json").read_text())
@@ -113,6 +114,7 @@ def test_run_and_the_stages_on_a_local_model_and_file(user):
            "--out", "runs/mine/inspect_base", "--quiet", cwd=user)
 
 
+@pytest.mark.slow
 def test_a_hub_id_loads_from_the_hub_cache_without_a_network(user):
     # A download cannot happen here: the tiny model is laid out as the hub client caches a repository.
     cache = user / "hub_cache"
@@ -128,6 +130,7 @@ def test_a_hub_id_loads_from_the_hub_cache_without_a_network(user):
     assert "model 'someone/other' is neither a local folder nor in the hub cache" in done.stderr
 
 
+@pytest.mark.slow
 def test_demo_the_quickstart_stages_and_the_lab_tools(lab_run):
     done = sdzero("demo", "--out", "runs/demo", "--self-evolve", "--limit", "8", "--set", "evolve.max_steps=2",
                   "--set", "evolve.eval_every=1", *LAB_TINY, "--quiet", cwd=lab_run)
@@ -157,6 +160,7 @@ def test_demo_the_quickstart_stages_and_the_lab_tools(lab_run):
 # The settings a command uses without --config, and the line that says which
 
 
+@pytest.mark.slow
 def test_each_command_says_which_settings_it_used(user, sdzero_cache):
     # distill prints its settings line, then refuses a teacher context past the model's positions: cheap and
     # enough to see which settings were chosen (the refusal stays one line on stderr)
@@ -177,6 +181,7 @@ def test_each_command_says_which_settings_it_used(user, sdzero_cache):
     assert not (user / "runs" / "new").exists()
 
 
+@pytest.mark.slow
 def test_a_registered_real_model_gets_its_preset(user, smollm2_folder, sdzero_cache):
     done = sdzero("distill", "--model", "smollm2-135m-instruct", "--out", "runs/new", "--set",
                   "distill.teacher_max_length=9000", cwd=user, expect=2, env={"SDZERO_CACHE": str(sdzero_cache)})
@@ -184,6 +189,7 @@ def test_a_registered_real_model_gets_its_preset(user, smollm2_folder, sdzero_ca
     assert "distill.teacher_max_length=9000 is past the teacher's 8192 positions" in done.stderr
 
 
+@pytest.mark.slow
 def test_sets_larger_than_the_data_say_how_to_use_limit(user):
     done = sdzero("collect", "--model", "tiny", "--data", "problems.jsonl", "--task", "tiny:even_length",
                   "--out", "runs/hint", cwd=user, expect=2)
@@ -193,6 +199,7 @@ def test_sets_larger_than_the_data_say_how_to_use_limit(user):
                                          "n_phase2 / eval.n_problems")
 
 
+@pytest.mark.slow
 def test_a_prompt_past_the_models_positions_is_refused_in_collection_phase2_and_evaluation(user, tmp_path):
     rows = [json.loads(line) for line in (user / "problems.jsonl").read_text().splitlines()]
     long_rows = [{**row, "question": row["question"] + " Think." * 400} for row in rows[:30]]
@@ -215,6 +222,7 @@ def test_a_prompt_past_the_models_positions_is_refused_in_collection_phase2_and_
 # Error paths: exit 2, one line, no traceback
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     (["demo", "--frobnicate"], "unrecognized arguments: --frobnicate"),
@@ -260,6 +268,7 @@ def test_refused_in_one_line(tmp_path, args, message):
     assert not (tmp_path / "runs" / "new").exists(), "a refused command must not start the run directory"
 
 
+@pytest.mark.slow
 def test_refusals_that_need_the_models_come_before_any_file_is_touched(user):
     run = user / "runs" / "refusals"
     sdzero("collect", "--config", "my_run.yaml", "--out", run, "--quiet", cwd=user)
@@ -285,6 +294,7 @@ def test_refusals_that_need_the_models_come_before_any_file_is_touched(user):
     assert not (diverged / "srt" / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_a_stage_with_nothing_to_train_exits_3_so_a_chain_stops(tmp_path, user):
     # math-verify never accepts a random model's text: no first answer is right, no revision is kept
     config = tmp_path / "math.yaml"
@@ -299,6 +309,7 @@ def test_a_stage_with_nothing_to_train_exits_3_so_a_chain_stops(tmp_path, user):
     assert chain.returncode == 3 and "went-on" not in chain.stdout
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_with_one_line_saying_how_to_go_on(tmp_path):
     signals = tmp_path / "signals"
     fifo = hold_at(signals, "collect-chunk-1")  # Ctrl-C once collection has written its first chunk

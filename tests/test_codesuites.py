@@ -36,6 +36,7 @@ def test_humaneval_rows_come_from_the_package(humaneval):
     assert "`has_close_elements`" in first["problem"]
 
 
+@pytest.mark.slow
 @needs_sandbox
 def test_every_canonical_solution_passes_and_every_bare_prompt_fails(humaneval):
     # The whole set takes about 6 s on one core.
@@ -206,6 +207,7 @@ def test_sdzero_check_counts_failures_and_errors(tmp_path, capsys):
     assert "--solution-field 'answer' is not a field" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @needs_sandbox
 def test_sdzero_check_on_the_humaneval_source(capsys):
     from sdzero.cli import main

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from sdzero import lab
 from sdzero.collect import CollectConfig, collect, is_degenerate, keep_revision
 from sdzero.generation import Generator, Sample, SamplingConfig
@@ -42,6 +44,7 @@ def _collect(tmp_path, model_and_tokenizer, cfg, problems):
     return collect(generator, problems, lab_reward, ControlPhrases(), tmp_path, cfg, progress=False)
 
 
+@pytest.mark.slow
 def test_collection_keeps_only_verified_distinct_revisions_and_resumes(tmp_path, lab_model_and_tokenizer):
     problems, _, _ = lab.problem_sets(24, 1, 1, seed=5)
     cfg = CollectConfig(revisions_per_answer=3, chunk_size=10)
@@ -72,6 +75,7 @@ def test_official_option_revises_only_wrong_answers(tmp_path, lab_model_and_toke
     assert all(row["init_reward"] == 0.0 for row in read_jsonl(tmp_path / "revisions.jsonl"))
 
 
+@pytest.mark.slow
 def test_interrupted_collection_resumes_without_duplicates(tmp_path, lab_model_and_tokenizer):
     problems, _, _ = lab.problem_sets(20, 1, 1, seed=7)
     cfg = CollectConfig(chunk_size=5)
@@ -82,6 +86,7 @@ def test_interrupted_collection_resumes_without_duplicates(tmp_path, lab_model_a
     assert json.loads((tmp_path / "attempts.jsonl").read_text().splitlines()[-1])["id"] == problems[-1]["id"]
 
 
+@pytest.mark.slow
 def test_every_answer_is_on_disk_kept_or_not(tmp_path, lab_model_and_tokenizer):
     problems, _, _ = lab.problem_sets(16, 1, 1, seed=8)
     cfg = CollectConfig(revisions_per_answer=3, chunk_size=8)
@@ -111,6 +116,7 @@ def test_every_answer_is_on_disk_kept_or_not(tmp_path, lab_model_and_tokenizer):
     assert rejected > 0 and kept_rows and unfinished > 0, "the example needs kept, rejected and unfinished answers"
 
 
+@pytest.mark.slow
 def test_a_resumed_collection_writes_the_same_bytes(tmp_path, lab_model_and_tokenizer):
     problems, _, _ = lab.problem_sets(20, 1, 1, seed=9)
     cfg = CollectConfig(chunk_size=5)

@@ -25,6 +25,7 @@ def read_lines(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_report_has_every_method_with_its_budget(ci_run):
     report = json.loads((ci_run / "report.json").read_text())
     assert report["metric"] == "avg@2" and report["k"] == 2 and report["seeds"] == [0]
@@ -46,6 +47,7 @@ def test_report_has_every_method_with_its_budget(ci_run):
     assert (ci_run / "sample_efficiency.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_budgets_are_matched_within_five_percent_on_the_real_runs(ci_run):
     rows = read_lines(ci_run / "results.jsonl")
     sdzero = next(r for r in rows if r["method"] == "sdzero")
@@ -58,6 +60,7 @@ def test_budgets_are_matched_within_five_percent_on_the_real_runs(ci_run):
             assert row["generations"] == row["questions"] * 4  # every question got G = 4 samples
 
 
+@pytest.mark.slow
 def test_phase2_alone_repeats_sdzeros_phase2_from_the_base_model(ci_run):
     rows = {r["method"]: r for r in read_lines(ci_run / "results.jsonl")}
     ablation, sdzero = rows["phase2"], rows["sdzero"]
@@ -69,6 +72,7 @@ def test_phase2_alone_repeats_sdzeros_phase2_from_the_base_model(ci_run):
     assert not (ci_run / "seed0" / "phase2" / "phase1").exists()
 
 
+@pytest.mark.slow
 def test_base_srt_and_sdzero_are_measured_by_generate_then_revise(ci_run):
     report = json.loads((ci_run / "report.json").read_text())
     assert [(r["model"], r["seed"]) for r in report["revise"]] == [("base", 0), ("srt", 0), ("sdzero", 0)]
@@ -82,6 +86,7 @@ def test_base_srt_and_sdzero_are_measured_by_generate_then_revise(ci_run):
     assert "| srt | 0 | 4 |" in (ci_run / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_metrics_record_cumulative_budget_per_step(ci_run):
     for method in ("sdzero", "rft", "grpo", "sdft"):
         steps = [m for m in read_lines(ci_run / "seed0" / method / "metrics.jsonl") if "loss" in m]
@@ -97,12 +102,14 @@ def test_metrics_record_cumulative_budget_per_step(ci_run):
     assert sum(a["generations"] for a in attempts) == 64
 
 
+@pytest.mark.slow
 def test_rerun_resumes_without_training_again(ci_run, capsys):
     before = (ci_run / "results.jsonl").read_text()
     assert main(["compare", "--config", str(CI_CONFIG), "--out", str(ci_run), "--quiet"]) == 0
     assert (ci_run / "results.jsonl").read_text() == before
 
 
+@pytest.mark.slow
 def test_a_rerun_with_other_settings_recomputes_and_labels_only_what_it_measured(ci_run, tmp_path):
     import shutil
 
@@ -187,6 +194,7 @@ def test_report_table_gives_generations_and_wall_time_to_reach_grpo_final():
     assert rows["sdft"] == ["200", "not recorded |"]  # a result from before curve points had wall times
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["grpo", "sdft"])
 def test_trl_baselines_sample_with_our_generator(method, lab_model_and_tokenizer, tmp_path, monkeypatch):
     """GRPO's and SDFT's completions come from sdzero's `Generator`, as SD-Zero's and RFT's do, so wall

@@ -27,6 +27,7 @@ def test_fences_are_found():
     assert len(blocks) >= 4 and all(code.strip() for _, code in blocks)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", [p for p in PAGES if python_blocks(p)], ids=lambda p: str(p.relative_to(ROOT)))
 def test_python_examples_run(page, tmp_path):
     parts = []

@@ -17,6 +17,7 @@ TINY = ["n_phase1=48", "n_phase2=16", "sampling.max_new_tokens=120", "srt.epochs
         "distill.keep_best=false"]
 
 
+@pytest.mark.slow
 def test_pipeline_runs_end_to_end_and_saves_loadable_models(tmp_path):
     from sdzero.cli import DEMO_CONFIG
 
@@ -50,6 +51,7 @@ def test_pipeline_runs_end_to_end_and_saves_loadable_models(tmp_path):
     assert moved, "Phase 2 left the weights unchanged"
 
 
+@pytest.mark.slow
 def test_teacher_sync_every_n_steps(tmp_path, lab_model_and_tokenizer):
     import copy
 

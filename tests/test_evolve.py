@@ -9,6 +9,7 @@ from sdzero.evolve import self_evolution
 from sdzero.pipeline import save_stage
 
 
+@pytest.mark.slow
 def test_frozen_and_synced_runs_match_until_the_first_sync_then_differ(tmp_path, lab_model_and_tokenizer):
     model, tokenizer = lab_model_and_tokenizer
     cfg = load_config(overrides=[

@@ -19,6 +19,8 @@ import yaml
 
 from tiny import build_tiny_model
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "from-trl.md"
 FENCE = re.compile(r"^```[^\n]*\n# (?P<name>[\w.]+)\n(?P<body>.*?)^```\s*$", re.S | re.M)

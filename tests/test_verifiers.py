@@ -114,6 +114,7 @@ def _math_job(args):
     return math_reward(*args)
 
 
+@pytest.mark.slow
 def test_math_in_multiprocessing_workers():
     math_reward("\\boxed{1}", "1")  # the parent's own worker exists before the fork
     jobs = [("\\boxed{\\frac{1}{2}}", "0.5"), ("\\boxed{3}", "4"), ("\\boxed{9^{9^{9^{9}}}}", "1")]
