@@ -101,9 +101,14 @@ def read_rows(path: str, name: str | None = None, split: str = "train") -> tuple
         elif suffix == ".json":
             rows = _read_json(local)
         elif suffix == ".parquet":
+            import pyarrow
             import pyarrow.parquet as pq
 
-            rows = [(f"{local} row {i}", row) for i, row in enumerate(pq.read_table(local).to_pylist(), 1)]
+            try:
+                table = pq.read_table(local)
+            except pyarrow.ArrowException as err:  # not a Parquet file, or one cut short
+                raise Refusal(f"{local}: not a readable Parquet file ({err})") from err
+            rows = [(f"{local} row {i}", row) for i, row in enumerate(table.to_pylist(), 1)]
         else:
             supported = ", ".join(FILE_SUFFIXES)
             raise Refusal(f"{local}: unsupported file type {suffix!r}; use one of {supported}")
@@ -119,23 +124,28 @@ def read_rows(path: str, name: str | None = None, split: str = "train") -> tuple
 
 def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
     rows = []
-    with path.open(encoding="utf-8-sig") as f:  # utf-8-sig: a byte order mark (some Windows editors) is skipped
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise Refusal(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise Refusal(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-            rows.append((f"{path}:{line_no}", row))
+    try:
+        with path.open(encoding="utf-8-sig") as f:  # utf-8-sig: a byte order mark (some Windows editors) is skipped
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise Refusal(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
+                if not isinstance(row, dict):
+                    raise Refusal(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
+                rows.append((f"{path}:{line_no}", row))
+    except UnicodeDecodeError as err:
+        raise Refusal(f"{path}: not UTF-8 text ({err.reason})") from err
     return rows
 
 
 def _read_json(path: Path) -> list[tuple[str, dict]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise Refusal(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
     except json.JSONDecodeError as err:
         raise Refusal(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
     if not isinstance(data, list):

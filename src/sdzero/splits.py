@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdzero.errors import Refusal
+from sdzero.training import read_json
 
 EVAL_SHUFFLE_SEED = 0
 """The held-out and validation sets are drawn with this fixed seed, so every run seed is evaluated (and its
@@ -83,7 +84,7 @@ def record_split(record_dir: str | Path, identity: dict, sets: ProblemSets) -> N
     }  # fmt: skip
     path = Path(record_dir) / "split.json"
     if path.exists():
-        check_split(path, json.loads(path.read_text()), record)
+        check_split(path, read_json(path), record)
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=1) + "\n")
