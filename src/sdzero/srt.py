@@ -9,7 +9,6 @@ release) first trains L_generation on the tuples whose first answer was wrong, t
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import dataclass
@@ -22,8 +21,8 @@ from sdzero.errors import Refusal
 from sdzero.modeling import tokenizer_fingerprint
 from sdzero.prompts import ControlPhrases, bridge_ids, end_of_turn_ids, generator_prompt_ids, strip_end_of_turn
 from sdzero.training import (LogConfig, MetricsLog, check_finite, finish_trackers, load_checkpoint,
-                             make_accelerator, make_optimizer, make_schedule, prepare, reached, save_checkpoint,
-                             sft_step_loss)
+                             make_accelerator, make_optimizer, make_schedule, prepare, reached, read_json,
+                             save_checkpoint, sft_step_loss)
 
 SCHEDULES = ("joint", "two_stage")
 
@@ -85,7 +84,7 @@ def checkpoint_stage(checkpoint_dir: Path) -> int | None:
     """The stage index of the checkpoint that `load_checkpoint` would restore, or None without one."""
     for folder in (checkpoint_dir, checkpoint_dir.with_name(checkpoint_dir.name + ".old")):
         if (folder / "state.json").exists():
-            return json.loads((folder / "state.json").read_text())["stage_index"]
+            return read_json(folder / "state.json")["stage_index"]
     return None
 
 

@@ -317,7 +317,7 @@ def load_checkpoint(accelerator, folder: str | Path, model=None, optimizer=None)
         saved = {"model": model_state, "optimizer": optimizer_state}
         dcp.load(saved, checkpoint_id=folder / "sharded")
         set_state_dict(model, optimizer, model_state_dict=saved["model"], optim_state_dict=saved["optimizer"])
-    state = json.loads((folder / "state.json").read_text())
+    state = read_json(folder / "state.json")
     state["folder"] = str(folder)
     return state
 
