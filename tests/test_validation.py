@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdzero import pipeline
+from sdzero import pipeline, stages
 from sdzero.cli import main
 from sdzero.compare import BestOnValidation, load_compare_config
 from sdzero.config import load_config
@@ -135,7 +135,8 @@ def test_the_curve_and_keep_best_see_only_validation_problems(tmp_path, monkeypa
         seen.append((ids(problems), kwargs["k"]))
         return real_evaluate(generator, problems, verifier, **kwargs)
 
-    monkeypatch.setattr(pipeline, "evaluate", recording_evaluate)
+    monkeypatch.setattr(pipeline, "evaluate", recording_evaluate)  # the held-out evaluations
+    monkeypatch.setattr(stages, "evaluate", recording_evaluate)  # Phase 2's curve
     cfg = load_config(DEMO_CONFIG, TINY)
     report = pipeline.run_pipeline(cfg, tmp_path, progress=False, log=lambda *_: None)
     split = json.loads((tmp_path / "split.json").read_text())

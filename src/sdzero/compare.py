@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,19 +47,21 @@ import yaml
 from sdzero.baselines import (GRPOBaselineConfig, RFTConfig, SDFTBaselineConfig, train_grpo, train_rft,
                               train_sdft)
 from sdzero.budget import Budget, LearningCurve, relative_gap
-from sdzero.collect import collect
+from sdzero.compare_report import write_report
 from sdzero.config import RunConfig, config_to_yaml, from_layers, override_dict, read_yaml
 from sdzero.data import load_problem_sets
-from sdzero.distill import distill, teacher_context_limit
+from sdzero.distill import teacher_context_limit
 from sdzero.errors import Refusal
 from sdzero.evaluate import evaluate, evaluate_revision
 from sdzero.generation import Generator
-from sdzero.lab.diagnostics import gold_digit_tokens
 from sdzero.modeling import max_positions
-from sdzero.pipeline import curve_problems, load_run_model, trainable
 from sdzero.rundir import model_fingerprint, move_aside, stale_folder
-from sdzero.srt import train_srt
+from sdzero.stages import (Stages, curve_problems, load_run_model, phase2_prompt_ids, run_collect, run_phase2,
+                           run_srt, trainable)
 from sdzero.training import read_jsonl, seed_everything
+
+# Imported from here by the command line and the tests.
+from sdzero.compare_report import first_point_at, markdown_table  # noqa: F401
 
 METHODS = ("sdzero", "rft", "grpo", "sdft", "phase2")
 MATCHED = ("rft", "grpo", "sdft")
@@ -151,15 +151,13 @@ def check_budget(method: str, planned: int, target: int, tolerance: float) -> No
                          f"the batch sizes")
 
 
-def run_sdzero(model, tokenizer, cfg: RunConfig, n1, n2, verifier, budget: Budget, out: Path, *, target: int | None,
-               curve_fn, revise_fn, progress: bool) -> tuple[object, dict]:
-    """SD-Zero through the pipeline's stages, billing Phase 1 (first answers + revisions) and Phase 2;
-    returns the trained model and a summary."""
-    generator = Generator(model, tokenizer, cfg.sampling)
-    phrases = cfg.phrases()
-    collection = collect(generator, n1, verifier, phrases, out / "phase1", cfg.collect,
-                         system_prompt=cfg.system_prompt, progress=progress)
-    budget.question_ids.update(p["id"] for p in n1)
+def run_sdzero(stages: Stages, model, budget: Budget, *, target: int | None, curve_fn, revise_fn
+               ) -> tuple[object, dict]:
+    """SD-Zero through its stages (sdzero.stages) in its method folder, billing Phase 1 (first answers +
+    revisions) and Phase 2; returns the trained model and a summary."""
+    cfg = stages.cfg
+    collection = run_collect(stages, Generator(model, stages.tokenizer, cfg.sampling))
+    budget.question_ids.update(p["id"] for p in stages.sets.n1)
     budget.generations += collection["generations"]
     budget.sampled_tokens += collection["sampled_tokens"]
     steps = cfg.distill.max_steps
@@ -167,31 +165,27 @@ def run_sdzero(model, tokenizer, cfg: RunConfig, n1, n2, verifier, budget: Budge
         steps = round((target - collection["generations"]) / cfg.distill.prompts_per_step)
         if steps < 1:
             raise Refusal(f"the budget of {target} generations leaves no Phase 2 step after Phase 1's "
-                             f"{collection['generations']}; raise compare.budget or lower n_phase1")
-    tuples = read_jsonl(out / "phase1" / "revisions.jsonl")
+                          f"{collection['generations']}; raise compare.budget or lower n_phase1")
+    tuples = read_jsonl(stages.folder("phase1") / "revisions.jsonl")
     if not tuples:
         raise Refusal("SD-Zero's Phase 1 kept no verified revision; there is nothing for SRT to train on")
-    model = trainable(model, cfg)
-    srt = train_srt(model, tokenizer, tuples, phrases, cfg.srt, out_dir=out / "srt", seed=cfg.seed,
-                    system_prompt=cfg.system_prompt, progress=progress, log_config=cfg.log)
+    model, srt = run_srt(stages, tuples, model)
     budget.trained(srt["trained_tokens"])
     srt_revise = None
     if revise_fn is not None:
         with budget.excluded():
             srt_revise = revise_fn(model, "srt")
-    model, phase2 = run_phase2(model, tokenizer, cfg, n2, verifier, budget, out / "phase2", steps=steps,
-                               curve_fn=curve_fn, progress=progress)
-    write_sdzero_metrics(out, collection, srt["trained_tokens"])
+    model, phase2 = billed_phase2(stages, model, budget, steps=steps, curve_fn=curve_fn)
+    write_sdzero_metrics(stages.out, collection, srt["trained_tokens"])
     return model, {"phase1": collection, "srt_steps": srt["steps"], "srt_revise": srt_revise, **phase2}
 
 
-def run_phase2(model, tokenizer, cfg: RunConfig, n2, verifier, budget: Budget, out: Path, *, steps: int, curve_fn,
-               progress: bool) -> tuple[object, dict]:
+def billed_phase2(stages: Stages, model, budget: Budget, *, steps: int, curve_fn) -> tuple[object, dict]:
     """Phase 2 for `steps` steps from `model` (SRT's, or the base model for the "phase2" ablation), billing its
     rollouts on top of what `budget` already holds; returns the model and its part of the summary."""
     # Phase 2 never picks its own best point: with compare.selection "validation" every method's best point is
     # picked the same way, by the curve function (BestOnValidation).
-    distill_cfg = dataclasses.replace(cfg.distill, keep_best=False, max_steps=steps)
+    distill_cfg = dataclasses.replace(stages.cfg.distill, keep_best=False, max_steps=steps)
     first_generations = budget.generations
     eval_walls = []  # the wall time billed when each Phase 2 evaluation starts
 
@@ -200,16 +194,12 @@ def run_phase2(model, tokenizer, cfg: RunConfig, n2, verifier, budget: Budget, o
         with budget.excluded():
             return curve_fn(student)
 
-    model = trainable(model, cfg)
-    phase2 = distill(model, tokenizer, n2, verifier, cfg.phrases(), cfg.sampling, distill_cfg, out_dir=out,
-                     seed=cfg.seed, evaluate_fn=unbilled_curve if distill_cfg.eval_every else None,
-                     system_prompt=cfg.system_prompt, progress=progress, log_config=cfg.log,
-                     diagnostics=gold_digit_tokens if cfg.task == "lab" else None)
+    model, phase2 = run_phase2(stages, model, curve_fn=unbilled_curve, distill_cfg=distill_cfg)
     budget.generations += phase2["generations"]
     budget.sampled_tokens += phase2["sampled_tokens"]
     budget.trained(phase2["trained_tokens"])
-    # Phase 2 walks a shuffle of N2 an epoch at a time, so its first len(N2) prompts are distinct.
-    budget.question_ids.update(f"phase2-prompt-{i}" for i in range(min(len(n2), phase2["generations"])))
+    budget.question_ids.update(phase2_prompt_ids(stages.sets.n2, stages.cfg.seed,
+                                                 steps * distill_cfg.prompts_per_step))
     curve = [{"generations": first_generations + h["step"] * distill_cfg.prompts_per_step,
               "accuracy": h["accuracy"], "step": h["step"]} for h in phase2["history"]]
     # A resumed Phase 2 holds evaluations from an earlier process, whose wall time this budget never saw.
@@ -268,6 +258,40 @@ def write_sdzero_metrics(out: Path, collection: dict, srt_trained_tokens: int) -
     (out / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
+def method_stages(cfg: RunConfig, sets, method_dir: Path, *, seed: int, progress: bool, log) -> Stages:
+    """SD-Zero's stages in a method folder, which is no run directory (results.jsonl records what shaped each
+    result): no stage is recorded or saved, and each stage goes on from the random state the one before left,
+    as when compare's results were first recorded. Phase 2 writes into method_dir/phase2."""
+    return Stages(cfg, method_dir, sets=sets, progress=progress, seeded=False, folders={"sdzero": "phase2"},
+                  log=lambda *values: log(f"[seed {seed}] {method_dir.name}:", *values))
+
+
+def train_baseline(method: str, model, tokenizer, cfg: RunConfig, ccfg: CompareConfig, pool: list[dict], verifier,
+                   budget: Budget, method_dir: Path, *, target: int, curve_fn, seed: int, progress: bool, log):
+    """RFT, GRPO or SDFT on the first questions of `pool` (N1 + N2) for about `target` generations, billed to
+    `budget`; returns the trained model and the method's summary."""
+    n_questions = baseline_questions(method, target, ccfg)
+    if n_questions > len(pool):
+        raise Refusal(f"{method} needs {n_questions} questions for {target} generations but N1 + N2 holds "
+                      f"{len(pool)}; raise n_phase2 or lower the budget")
+    check_budget(method, n_questions * per_question(method, ccfg), target, ccfg.tolerance)
+    questions = pool[:n_questions]
+    log(f"[seed {seed}] {method}: {n_questions} questions x {per_question(method, ccfg)} "
+        f"= {n_questions * per_question(method, ccfg)} generations (target {target})")
+    model = trainable(model, cfg)  # the same LoRA / gradient checkpointing settings as SD-Zero
+    common = dict(seed=seed, evaluate_fn=curve_fn, system_prompt=cfg.system_prompt, progress=progress)
+    if method == "rft":
+        summary = train_rft(model, tokenizer, questions, verifier, Generator(model, tokenizer, cfg.sampling),
+                            ccfg.rft, budget, out_dir=method_dir, **common)
+    elif method == "grpo":
+        summary = train_grpo(model, tokenizer, questions, verifier, cfg.sampling, ccfg.grpo, budget,
+                             out_dir=method_dir, **common)
+    else:
+        summary = train_sdft(model, tokenizer, questions, cfg.sampling, ccfg.sdft, budget,
+                             out_dir=method_dir, **common)
+    return model, summary
+
+
 def run_method(method: str, cfg: RunConfig, ccfg: CompareConfig, seed: int, out: Path, *, target: int | None,
                progress: bool, log, phase2_steps: int | None = None) -> dict:
     """Train one method from the base model for one seed; returns its results row. `phase2_steps`: the "phase2"
@@ -276,7 +300,7 @@ def run_method(method: str, cfg: RunConfig, ccfg: CompareConfig, seed: int, out:
     verifier = cfg.verifier()
     sets = load_problem_sets(cfg.data, cfg.task, cfg.n_phase1, cfg.n_phase2, cfg.eval.n_problems, seed,
                              n_validation=cfg.eval.n_validation())
-    n1, n2, held_out, validation = sets.n1, sets.n2, sets.held_out, curve_problems(cfg, sets)
+    held_out, validation = sets.held_out, curve_problems(cfg, sets)
     model, tokenizer = load_run_model(cfg)
     method_dir = out / f"seed{seed}" / method
 
@@ -294,38 +318,20 @@ def run_method(method: str, cfg: RunConfig, ccfg: CompareConfig, seed: int, out:
                                  samples_path=out / f"seed{seed}" / "eval" / f"{name}_revise.jsonl")
 
     revise_fn = revise if cfg.eval.revise_problems else None
-
     budget = Budget()
     if method == "base":
         summary = {"curve": [{"generations": 0, "wall_seconds": 0.0, "accuracy": curve_fn(model)}]}
     elif method == "sdzero":
-        model, summary = run_sdzero(model, tokenizer, cfg, n1, n2, verifier, budget, method_dir,
-                                    target=ccfg.budget, curve_fn=curve_fn, revise_fn=revise_fn, progress=progress)
+        stages = method_stages(cfg, sets, method_dir, seed=seed, progress=progress, log=log)
+        model, summary = run_sdzero(stages, model, budget, target=ccfg.budget, curve_fn=curve_fn, revise_fn=revise_fn)
     elif method == "phase2":
-        model, summary = run_phase2(model, tokenizer, cfg, n2, verifier, budget, method_dir / "phase2",
-                                    steps=phase2_steps or cfg.distill.max_steps, curve_fn=curve_fn,
-                                    progress=progress)
+        stages = method_stages(cfg, sets, method_dir, seed=seed, progress=progress, log=log)
+        model, summary = billed_phase2(stages, model, budget, steps=phase2_steps or cfg.distill.max_steps,
+                                       curve_fn=curve_fn)
     else:
-        n_questions = baseline_questions(method, target, ccfg)
-        pool = n1 + n2
-        if n_questions > len(pool):
-            raise Refusal(f"{method} needs {n_questions} questions for {target} generations but N1 + N2 holds "
-                             f"{len(pool)}; raise n_phase2 or lower the budget")
-        check_budget(method, n_questions * per_question(method, ccfg), target, ccfg.tolerance)
-        questions = pool[:n_questions]
-        log(f"[seed {seed}] {method}: {n_questions} questions x {per_question(method, ccfg)} "
-            f"= {n_questions * per_question(method, ccfg)} generations (target {target})")
-        model = trainable(model, cfg)  # the same LoRA / gradient checkpointing settings as SD-Zero
-        common = dict(seed=seed, evaluate_fn=curve_fn, system_prompt=cfg.system_prompt, progress=progress)
-        if method == "rft":
-            summary = train_rft(model, tokenizer, questions, verifier, Generator(model, tokenizer, cfg.sampling),
-                                ccfg.rft, budget, out_dir=method_dir, **common)
-        elif method == "grpo":
-            summary = train_grpo(model, tokenizer, questions, verifier, cfg.sampling, ccfg.grpo, budget,
-                                 out_dir=method_dir, **common)
-        else:
-            summary = train_sdft(model, tokenizer, questions, cfg.sampling, ccfg.sdft, budget,
-                                 out_dir=method_dir, **common)
+        model, summary = train_baseline(method, model, tokenizer, cfg, ccfg, sets.n1 + sets.n2, verifier, budget,
+                                        method_dir, target=target, curve_fn=curve_fn, seed=seed, progress=progress,
+                                        log=log)
     spent = budget.summary()
     if selecting:
         summary["selected"] = curve_fn.restore(model, summary.get("curve", []))
@@ -361,7 +367,8 @@ def compare(cfg: RunConfig, ccfg: CompareConfig, out_dir: str | Path, *, progres
     methods = ccfg.method_list()
     base_model = model_fingerprint(cfg.model)
     # SD-Zero first: without a fixed budget its actual count is the baselines' target.
-    order = ["base"] + [m for m in METHODS if m in methods]
+    reported = [m for m in METHODS if m in methods]
+    order = ["base"] + reported
     wanted = []
     for seed in range(cfg.seed, cfg.seed + ccfg.seeds):
         seed_cfg = dataclasses.replace(cfg, seed=seed)
@@ -398,8 +405,8 @@ def compare(cfg: RunConfig, ccfg: CompareConfig, out_dir: str | Path, *, progres
             done[(seed, method)] = row
             with results_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-            write_report(out, cfg, ccfg, [done[key] for key in wanted])
-    return write_report(out, cfg, ccfg, [done[key] for key in wanted])
+            write_report(out, cfg, ccfg, reported, [done[key] for key in wanted])
+    return write_report(out, cfg, ccfg, reported, [done[key] for key in wanted])
 
 
 def method_settings(cfg: RunConfig, ccfg: CompareConfig, method: str, target: int | None, base_model: str) -> dict:
@@ -413,171 +420,3 @@ def method_settings(cfg: RunConfig, ccfg: CompareConfig, method: str, target: in
                 "selection": ccfg.selection if method != "base" else None,
                 "method": dataclasses.asdict(getattr(ccfg, method)) if method in ("rft", "grpo", "sdft") else None}
     return json.loads(json.dumps(settings))
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def mean_curve(rows: list[dict], base_rows: dict) -> list[dict]:
-    """Per method, the seed-mean curve: point i averaged over the seeds (base at 0 generations first)."""
-    curves = []
-    for row in rows:
-        base = base_rows.get(row["seed"])
-        points = ([{"generations": 0, "wall_seconds": 0.0, "accuracy": base["summary"]["curve"][0]["accuracy"]}]
-                  if base else [])
-        curves.append(points + row["summary"]["curve"])
-    n = min(map(len, curves))
-    out = []
-    for i in range(n):
-        gens, accs = [c[i]["generations"] for c in curves], [c[i]["accuracy"] for c in curves]
-        mean, std = _mean_std(accs)
-        walls = [c[i].get("wall_seconds") for c in curves]
-        out.append({"generations": statistics.fmean(gens), "accuracy_mean": mean, "accuracy_std": std,
-                    # results recorded before curve points carried their wall time have none
-                    "wall_seconds": statistics.fmean(walls) if None not in walls else None})
-    return out
-
-
-def first_point_at(curve: list[dict], level: float) -> dict | None:
-    """The first measured point of the mean curve at or above `level`; None if none is.
-
-    No interpolation: between two measured points a method may have no model at all (SD-Zero has
-    none before SRT ends), so only measured points count.
-    """
-    return next((point for point in curve if point["accuracy_mean"] >= level), None)
-
-
-def write_report(out: Path, cfg: RunConfig, ccfg: CompareConfig, rows: list[dict]) -> dict:
-    base_rows = {r["seed"]: r for r in rows if r["method"] == "base"}
-    base_mean, base_std = _mean_std([r["accuracy"] for r in base_rows.values()])
-    methods = {}
-    for name in [m for m in METHODS if m in ccfg.method_list()]:
-        mrows = sorted((r for r in rows if r["method"] == name), key=lambda r: r["seed"])
-        if not mrows:
-            continue
-        mean, std = _mean_std([r["accuracy"] for r in mrows])
-        entry = {"accuracy": mean, "accuracy_std": std, "seeds": [r["seed"] for r in mrows],
-                 "accuracy_per_seed": [r["accuracy"] for r in mrows]}
-        for key in ("questions", "generations", "sampled_tokens", "trained_tokens", "wall_seconds", "mean_length"):
-            entry[key] = statistics.fmean(r[key] for r in mrows)
-            entry[f"{key}_per_seed"] = [r[key] for r in mrows]
-        entry["target_generations_per_seed"] = [r["target_generations"] for r in mrows]
-        gaps = [r["budget_gap"] for r in mrows if r.get("budget_gap") is not None]
-        entry["max_budget_gap"] = max(gaps) if gaps else None
-        entry["curve"] = mean_curve(mrows, base_rows)
-        settings = mrows[0]["summary"].get("settings")
-        if settings:
-            entry["settings"] = settings
-        methods[name] = entry
-    if "grpo" in methods and methods["grpo"]["curve"]:
-        level = methods["grpo"]["curve"][-1]["accuracy_mean"]
-        for entry in methods.values():
-            reached = first_point_at(entry["curve"], level)
-            entry["generations_to_reach_grpo_final"] = None if reached is None else reached["generations"]
-            entry["wall_seconds_to_reach_grpo_final"] = None if reached is None else reached["wall_seconds"]
-    report = {
-        "base": {"accuracy": base_mean, "accuracy_std": base_std,
-                 "accuracy_per_seed": [base_rows[s]["accuracy"] for s in sorted(base_rows)],
-                 "mean_length": statistics.fmean(r["mean_length"] for r in base_rows.values()) if base_rows else None},
-        "methods": methods,
-        "metric": f"avg@{cfg.eval.k}", "k": cfg.eval.k, "n_eval_problems": cfg.eval.n_problems,
-        "seeds": sorted({r["seed"] for r in rows}),
-        "curve_metric": f"avg@{cfg.eval.curve_k} on the first {cfg.eval.curve_problems} validation problems",
-        "selection": selection_text(cfg, ccfg),
-        "budget": {"target": ccfg.budget if ccfg.budget is not None else "SD-Zero's actual generations per seed",
-                   "tolerance": ccfg.tolerance},
-        "grpo_final_curve_accuracy": methods["grpo"]["curve"][-1]["accuracy_mean"] if "grpo" in methods else None,
-        "revise": revise_rows(rows),
-    }
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(markdown_table(report))
-    plot_curves(out / "sample_efficiency.png", report)
-    return report
-
-
-def revise_rows(rows: list[dict]) -> list[dict]:
-    """Generate-then-revise of the base, SRT and SD-Zero models, one entry per (model, seed) measured."""
-    out = []
-    for row in sorted(rows, key=lambda r: r["seed"]):
-        measured = {"base": row.get("revise")} if row["method"] == "base" else \
-            {"srt": row["summary"].get("srt_revise"), "sdzero": row.get("revise")} if row["method"] == "sdzero" else {}
-        out += [{"model": name, "seed": row["seed"], **result} for name, result in measured.items() if result]
-    order = ["base", "srt", "sdzero"]
-    return sorted(out, key=lambda r: (order.index(r["model"]), r["seed"]))
-
-
-def selection_text(cfg: RunConfig, ccfg: CompareConfig) -> str:
-    """How the model of each method evaluated on the held-out set was chosen, in the report's words."""
-    if ccfg.selection == "none":
-        return "none: each method's final model"
-    n_curve = min(cfg.eval.curve_problems, cfg.eval.n_validation())
-    return (f"validation: each method's model at its best validation curve point (avg@{cfg.eval.curve_k} on "
-            f"{n_curve} validation problems, the same for every method)")
-
-
-def markdown_table(report: dict) -> str:
-    k = report["k"]
-    lines = [f"| method | avg@{k} (mean ± std) | length | generations | sampled tokens | trained tokens | wall (s) | "
-             f"generations to reach GRPO's final | wall (s) to reach it |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    base = report["base"]
-    base_length = "" if base.get("mean_length") is None else f"{base['mean_length']:.1f}"
-    lines.append(f"| base | {base['accuracy']:.3f} ± {base['accuracy_std']:.3f} | {base_length} | 0 | 0 | 0 | 0 | | |")
-    for name, m in report["methods"].items():
-        reach = [m.get(f"{what}_to_reach_grpo_final") for what in ("generations", "wall_seconds")]
-        if "generations_to_reach_grpo_final" not in m:  # no GRPO in this comparison
-            reach_text = ["", ""]
-        elif reach[0] is None:
-            reach_text = ["not reached", ""]
-        else:
-            reach_text = [f"{value:.0f}" if value is not None else "not recorded" for value in reach]
-        lines.append(f"| {name} | {m['accuracy']:.3f} ± {m['accuracy_std']:.3f} | {m['mean_length']:.1f} | "
-                     f"{m['generations']:.0f} | "
-                     f"{m['sampled_tokens']:.0f} | {m['trained_tokens']:.0f} | {m['wall_seconds']:.0f} | "
-                     f"{reach_text[0]} | {reach_text[1]} |")
-    seeds = ", ".join(map(str, report["seeds"]))
-    lines.append("")
-    lines.append(f"{report['metric']} on {report['n_eval_problems']} held-out problems; seeds {seeds}; "
-                 f"curves: {report['curve_metric']}; selection: {report.get('selection', 'none')}.")
-    if report.get("revise"):
-        lines += ["", "Generate-then-revise (first answer, then one revision after the reward's phrase):", "",
-                  "| model | seed | answers | first | revised | correction | spoil | length first -> revised |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in report["revise"]:
-            rates = [("" if r[key] is None else f"{r[key]:.1%}") for key in ("correction_rate", "spoil_rate")]
-            lines.append(f"| {r['model']} | {r['seed']} | {r['n_answers']} | {r['initial_accuracy']:.3f} | "
-                         f"{r['revised_accuracy']:.3f} | {rates[0]} of {r['n_wrong']} | {rates[1]} | "
-                         f"{r['initial_length']:.1f} -> {r['revised_length']:.1f} |")
-    return "\n".join(lines) + "\n"
-
-
-def plot_curves(path: Path, report: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.8, 4.2))
-    for name, m in report["methods"].items():
-        curve = m["curve"]
-        if not curve:
-            continue
-        x = [p["generations"] for p in curve]
-        y = [p["accuracy_mean"] for p in curve]
-        s = [0.0 if math.isnan(p["accuracy_std"]) else p["accuracy_std"] for p in curve]
-        line, = ax.plot(x, y, marker="o", label=name)
-        ax.fill_between(x, [a - b for a, b in zip(y, s)], [a + b for a, b in zip(y, s)], color=line.get_color(),
-                        alpha=0.15)
-    if report.get("grpo_final_curve_accuracy") is not None:
-        ax.axhline(report["grpo_final_curve_accuracy"], linestyle=":", color="gray", label="GRPO final")
-    ax.set_xlabel("generations sampled")
-    ax.set_ylabel(f"validation accuracy ({report['curve_metric'].split(' on ')[0]})")
-    ax.set_title(f"Sample efficiency (mean ± std over {len(report['seeds'])} seed(s))")
-    if ax.get_legend_handles_labels()[0]:  # nothing to label before the first method has finished
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
