@@ -88,6 +88,19 @@ def checkpoint_stage(checkpoint_dir: Path) -> int | None:
     return None
 
 
+def srt_step(accelerator, model, optimizer, groups: list[list[tuple[list[int], list[int]]]], pad_id: int,
+             grad_clip: float):
+    """One SRT optimiser step: the mean NLL of each group of (context, target) pairs, summed over the groups
+    (one forward pass for all of them), then backward, gradient clipping and the optimiser step. Returns the
+    loss. `train_srt` trains with it; `benchmarks/phase2_step.py` times it as the SFT step."""
+    loss = sum(sft_step_loss(model, groups, pad_id))
+    optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss
+
+
 def train_srt(model, tokenizer, rows: list[dict], phrases: ControlPhrases, cfg: SRTConfig, *,
               out_dir: str | Path | None = None, seed: int = 0, system_prompt: str | None = None,
               progress: bool = True, resume: bool = False, log_config: LogConfig | None = None) -> dict:
@@ -159,16 +172,8 @@ def train_srt(model, tokenizer, rows: list[dict], phrases: ControlPhrases, cfg: 
                     used = (rev, gen) if stage == "joint" else (gen,) if stage == "generation" else (rev,)
                     trained_tokens += sum(len(c) + len(t) for c, t in used)
                 revision, generation = [b[0] for b in batch], [b[1] for b in batch]
-                if stage == "joint":
-                    loss = sum(sft_step_loss(wrapped, [revision, generation], pad_id))
-                elif stage == "generation":
-                    loss = sft_step_loss(wrapped, [generation], pad_id)[0]
-                else:
-                    loss = sft_step_loss(wrapped, [revision], pad_id)[0]
-                optimizer.zero_grad(set_to_none=True)
-                accelerator.backward(loss)
-                accelerator.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip)
-                optimizer.step()
+                groups = {"joint": [revision, generation], "generation": [generation], "revision": [revision]}[stage]
+                loss = srt_step(accelerator, wrapped, optimizer, groups, pad_id, cfg.grad_clip)
                 schedule.step()
                 step, stage_step = step + 1, stage_step + 1
                 if log:
