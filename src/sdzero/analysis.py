@@ -13,7 +13,8 @@ token y_t this module records
 `bucket_shares` asks how concentrated the divergence is, `localization` whether on the lab task the
 largest value of a wrong answer falls on its first wrong step, and `inspect_run` writes them for a
 run directory (localisation only on the lab task) together with one self-contained HTML page of
-coloured tokens. An answer cut by the token cap is read as it was sampled, without an end token.
+coloured tokens (sdzero.inspect_page). An answer cut by the token cap is read as it was sampled,
+without an end token.
 
 Localisation is measured on both quantities, and they answer different questions. The divergence
 compares whole distributions, so it is blind to which token was sampled: a slip the student gave 5%
@@ -24,7 +25,6 @@ on the step to revise.
 
 from __future__ import annotations
 
-import html
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from sdzero.distill import micro_batch_tensors, teacher_context_limit
 from sdzero.errors import MissingFile, Refusal
+from sdzero.inspect_page import report_page
 from sdzero.lab.task import PROBLEM_PREFIX, Problem, first_wrong_step
 from sdzero.losses import per_token_divergence, teacher_topk
 from sdzero.modeling import max_positions
@@ -265,6 +266,43 @@ def held_out_texts(cfg, run_dir: Path) -> dict[str, str]:
     return {p["id"]: p["problem"] for p in sets.held_out}
 
 
+def _signal_items(rows: list[dict], problems: list[Problem | None], cfg, run_dir: Path, tokenizer,
+                  samples: Path) -> list[tuple]:
+    """(prompt text, response ids, reward) of each evaluation row, as `token_signal` takes them."""
+    texts = None  # id -> problem text, from the run's data, read only when a row is not a lab problem
+    items = []
+    for row, problem in zip(rows, problems):
+        prompt = row.get("problem") or (problem.text if problem else None)
+        if prompt is None:
+            texts = texts or held_out_texts(cfg, run_dir)
+            prompt = texts.get(str(row.get("id")))
+        if prompt is None:
+            raise Refusal(f"{samples}: row {row.get('id')!r} is neither a lab problem nor a held-out problem of "
+                             f"the run's data ({cfg.data.path})")
+        ids = tokenizer.encode(row["response"], add_special_tokens=False)
+        if answer_finished(row, cfg.sampling.max_new_tokens):
+            ids.append(tokenizer.eos_token_id)
+        items.append((prompt, ids, float(row["reward"])))
+    return items
+
+
+def _write_report(out_dir: Path, rows: list[dict], signals: list[TokenSignal], spans: list, summary: dict,
+                  is_lab: bool) -> None:
+    """localization.json (on the lab task), signals.jsonl and index.html in `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    localization_path = out_dir / "localization.json"
+    if is_lab:
+        localization_path.write_text(json.dumps(summary["localization"], indent=2))
+    elif localization_path.exists():
+        localization_path.unlink()  # an earlier report's, on other answers
+    with open(out_dir / "signals.jsonl", "w") as f:
+        for row, signal, span in zip(rows, signals, spans):
+            lab_fields = {"first_wrong_step": span} if is_lab else {}
+            f.write(json.dumps({"id": row.get("id"), **asdict(signal), **lab_fields}) + "\n")
+    entries = [(row.get("id"), s, span) for row, s, span in zip(rows, signals, spans)]
+    (out_dir / "index.html").write_text(report_page(entries, summary))
+
+
 def inspect_run(run_dir: str | Path, out_dir: str | Path, *, n: int = 200, student: str = "srt",
                 teacher: str = "srt", device: str | None = None, progress: bool = True) -> dict:
     """Token-level report of a run: index.html, signals.jsonl and, on the lab task, localization.json in
@@ -301,20 +339,7 @@ def inspect_run(run_dir: str | Path, out_dir: str | Path, *, n: int = 200, stude
                                 f"`sdzero run` write to {run_dir / 'eval'}")
     rows = _mix(read_jsonl(samples), n)
     problems = [lab_problem(row) for row in rows]
-    texts = None  # id -> problem text, from the run's data, read only when a row is not a lab problem
-    items = []
-    for row, problem in zip(rows, problems):
-        prompt = row.get("problem") or (problem.text if problem else None)
-        if prompt is None:
-            texts = texts or held_out_texts(cfg, run_dir)
-            prompt = texts.get(str(row.get("id")))
-        if prompt is None:
-            raise Refusal(f"{samples}: row {row.get('id')!r} is neither a lab problem nor a held-out problem of "
-                             f"the run's data ({cfg.data.path})")
-        ids = tokenizer.encode(row["response"], add_special_tokens=False)
-        if answer_finished(row, cfg.sampling.max_new_tokens):
-            ids.append(tokenizer.eos_token_id)
-        items.append((prompt, ids, float(row["reward"])))
+    items = _signal_items(rows, problems, cfg, run_dir, tokenizer, samples)
     d = cfg.distill
     signals = token_signal(student_model, teacher_model, tokenizer, items, cfg.phrases(), divergence=d.divergence,
                            top_k=d.top_k, mixed_weight=d.mixed_weight, tail_bucket=d.tail_bucket,
@@ -335,18 +360,7 @@ def inspect_run(run_dir: str | Path, out_dir: str | Path, *, n: int = 200, stude
         "buckets": {"wrong": bucket_shares(wrong), "right": bucket_shares(right)},
         "localization": loc, "out_dir": str(out_dir),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    localization_path = out_dir / "localization.json"
-    if is_lab:
-        localization_path.write_text(json.dumps(loc, indent=2))
-    elif localization_path.exists():
-        localization_path.unlink()  # an earlier report's, on other answers
-    with open(out_dir / "signals.jsonl", "w") as f:
-        for row, signal, span in zip(rows, signals, spans):
-            lab_fields = {"first_wrong_step": span} if is_lab else {}
-            f.write(json.dumps({"id": row.get("id"), **asdict(signal), **lab_fields}) + "\n")
-    entries = [(row.get("id"), s, span) for row, s, span in zip(rows, signals, spans)]
-    (out_dir / "index.html").write_text(_page(entries, summary))
+    _write_report(out_dir, rows, signals, spans, summary, is_lab)
     return summary
 
 
@@ -387,142 +401,3 @@ def format_summary(summary: dict) -> str:
         *lab_lines,
         f"report: {Path(summary['out_dir']) / 'index.html'}",
     ] if line)
-
-
-# ------------------------------------------------------------------------------------------
-# HTML page (everything inline; every piece of model text goes through html.escape)
-
-_STYLE = """
-body{font-family:system-ui,sans-serif;margin:2em;max-width:70em;color:#222}
-.resp{border:1px solid #ddd;border-radius:4px;margin:.8em 0;padding:.5em .8em}
-.meta{font-size:.85em;color:#555;margin-bottom:.3em}
-.text{font-family:ui-monospace,monospace;white-space:pre-wrap;line-height:1.7}
-.t{border-radius:2px}
-.fw{text-decoration:underline 2px #1f4fd1;text-underline-offset:3px}
-.top{outline:1px solid #000}
-.topd{border-bottom:2px dashed #000}
-.end{font-size:.75em;color:#777;border:1px solid #bbb;padding:0 2px}
-.cut{font-size:.75em;color:#a33;border:1px dashed #a33;padding:0 2px;margin-left:.3em}
-.legend span{display:inline-block;width:2.2em;text-align:center;font-size:.8em}
-.charts{display:flex;gap:2em;flex-wrap:wrap}
-"""
-
-
-def _colour(value: float, scale: float) -> str:
-    alpha = min(1.0, max(0.0, value / scale)) if scale > 0 else 0.0
-    return f"rgba(214,39,40,{alpha:.3f})"
-
-
-def _chart(title: str, shares: list[float], top: float) -> str:
-    width, height, pad = 360, 150, 20
-    bars = []
-    for b, share in enumerate(shares):
-        w = (width - 2 * pad) / len(shares)
-        h = (height - 2 * pad) * share / top if top > 0 else 0
-        bars.append(f'<rect x="{pad + b * w + 1:.1f}" y="{height - pad - h:.1f}" width="{w - 2:.1f}" '
-                    f'height="{h:.1f}" fill="#d62728"><title>bucket {b + 1}: {share:.1%}</title></rect>')
-    label = f"{html.escape(title)}: top bucket {shares[0]:.1%}" if shares else f"{html.escape(title)}: no tokens"
-    return (f'<figure><svg width="{width}" height="{height}" role="img">'
-            f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#888"/>'
-            + "".join(bars) + f"</svg><figcaption>{label}</figcaption></figure>")
-
-
-def _response(index: int, row_id, signal: TokenSignal, span, scale: float) -> str:
-    step = set(signal.tokens_in_span(*span)) if span else set()
-
-    def argmax(values):
-        return max(range(len(values)), key=values.__getitem__) if values else None
-
-    top, top_divergence = argmax(signal.token_kl_reward), argmax(signal.divergence)
-    spans = []
-    for t, (piece, tid, div, kl_reward) in enumerate(zip(signal.tokens, signal.ids, signal.divergence,
-                                                        signal.token_kl_reward)):
-        title = f"token {t} (id {tid}) {piece!r}\ndivergence {div:.4g}\ntoken KL reward {kl_reward:+.4g}"
-        classes = ("t" + (" fw" if t in step else "") + (" top" if t == top else "")
-                   + (" topd" if t == top_divergence else ""))
-        # a piece with no text: the end-of-turn token that closes a finished answer, or a token whose text
-        # falls in its neighbour's (a part of one character), shown as a dot
-        ending = signal.finished and t == len(signal.ids) - 1
-        shown = html.escape(piece) if piece else f'<span class="end">{"end" if ending else "·"}</span>'
-        spans.append(f'<span class="{classes}" style="background:{_colour(div, scale)}" data-d="{div:.6g}" '
-                     f'data-r="{kl_reward:.6g}" title="{html.escape(title)}">{shown}</span>')
-    if not signal.finished:  # no end token was sampled: say so after the last token instead
-        spans.append('<span class="cut">cut by the token cap</span>')
-    mean = sum(signal.divergence) / len(signal.divergence) if signal.divergence else 0.0
-    meta = (f"#{index} · {html.escape(str(row_id))} · reward {signal.reward:g} · "
-            f"P_r: <q>{html.escape(signal.phrase)}</q> · {len(signal.ids)} tokens"
-            + ("" if signal.finished else " (cut by the token cap)") + f" · mean divergence {mean:.3g}"
-            + (" · first wrong step underlined" if step else ""))
-    return (f'<div class="resp"><div class="meta">{meta}</div>'
-            f'<div class="meta">{html.escape(signal.prompt)}</div><div class="text">{"".join(spans)}</div></div>')
-
-
-# Recolours the tokens by the chosen signal (the page is coloured by divergence without it), and
-# says how many tokens the page shows. "#reward" in the address opens the page on the token KL reward.
-_SCRIPT = """
-const tokens = Array.from(document.querySelectorAll('.t'));
-function scaleOf(values) {
-  const sorted = values.map(Math.abs).sort((a, b) => a - b);
-  return sorted.length ? sorted[Math.floor(0.99 * (sorted.length - 1))] || 1 : 1;
-}
-const scales = {d: scaleOf(tokens.map(t => +t.dataset.d)), r: scaleOf(tokens.map(t => +t.dataset.r))};
-function paint(mode) {
-  for (const t of tokens) {
-    const v = +t.dataset[mode], a = Math.min(1, Math.abs(v) / scales[mode]).toFixed(3);
-    t.style.background = v >= 0 ? `rgba(214,39,40,${a})` : `rgba(31,79,209,${a})`;
-  }
-  document.getElementById('mode-' + mode).checked = true;
-}
-for (const mode of ['d', 'r']) document.getElementById('mode-' + mode).addEventListener('change', () => paint(mode));
-if (location.hash === '#reward') paint('r');
-const n = document.querySelectorAll('.resp').length;
-document.getElementById('status').textContent = `${tokens.length} tokens in ${n} responses`;
-"""
-
-
-def _page(entries: list[tuple], summary: dict) -> str:
-    values = sorted(d for _, s, _ in entries for d in s.divergence)
-    # colour by the 99th percentile, so that a handful of outliers does not wash out the rest
-    scale = values[int(0.99 * (len(values) - 1))] if values else 1.0
-    legend = "".join(f'<span style="background:{_colour(scale * i / 5, scale)}">{scale * i / 5:.2g}</span>'
-                     for i in range(6))
-    shares = summary["buckets"]
-    top = max(shares["wrong"] + shares["right"] + [0.0])
-
-    def rate(measure):
-        loc = summary["localization"][measure]["wrong"]
-        return "n/a" if loc["ratio"] is None else (f"{loc['top_kl_in_first_wrong_step']:.1%} vs chance "
-                                                   f"{loc['chance']:.1%} (ratio {loc['ratio']:.2f}, n={loc['n']})")
-    lab = summary["localization"] is not None
-    located = (f"<p>Token with the highest token KL reward inside the first wrong step: {rate('token_kl_reward')};\n"
-               f"highest-divergence token: {rate('divergence')}.</p>") if lab else ""
-    underline = "On lab problems the first wrong step of a wrong answer is underlined;\n" if lab else ""
-    charts = _chart("wrong answers (r = 0)", shares["wrong"], top) + _chart("right answers (r = 1)",
-                                                                           shares["right"], top)
-    sections = []
-    for name, wanted in (("Wrong answers (r = 0)", False), ("Right answers (r = 1)", True)):
-        blocks = [_response(i, row_id, s, span, scale) for i, (row_id, s, span) in enumerate(entries)
-                  if (s.reward >= 1.0) == wanted]
-        sections.append(f"<h2>{name}: {len(blocks)}</h2>" + ("".join(blocks) or "<p>none</p>"))
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>SD-Zero token signal</title><style>{_STYLE}</style></head>
-<body>
-<h1>Teacher-student divergence per token</h1>
-<p>Student <code>{html.escape(summary['student'])}</code>, teacher <code>{html.escape(summary['teacher'])}</code>,
-{html.escape(str(summary['divergence']))} divergence on the teacher's top-{html.escape(str(summary['top_k']))} tokens.
-Each token is coloured by its Phase 2 loss term; hover for the numbers (divergence, and the token KL
-reward log p_S(y_t) - log p_T(y_t)). {underline}each response's highest token KL reward is outlined, its
-highest divergence dashed underneath. A response cut by the token cap is marked so; it has no end token.</p>
-<p>Colour by: <label><input type="radio" name="mode" id="mode-d" checked> divergence</label>
-<label><input type="radio" name="mode" id="mode-r"> token KL reward (red: the student likes the token more
-than the teacher; blue: less)</label> · <span id="status"></span></p>
-<p class="legend">divergence: {legend} (and above)</p>
-<h2>How concentrated is the divergence?</h2>
-<p>Tokens sorted by divergence and cut into {len(shares['wrong'] or shares['right'])} equal-count buckets;
-each bar is a bucket's share of the total divergence.</p>
-<div class="charts">{charts}</div>
-{located}
-{"".join(sections)}
-<script>{_SCRIPT}</script>
-</body></html>
-"""
