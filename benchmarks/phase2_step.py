@@ -171,9 +171,10 @@ def synthetic_batch(tokenizer, size: int, response_tokens: int, seed: int) -> Ba
 
 def sft_step(accelerator, model, optimizer, tokenizer, batch: Batch) -> Callable[[], object]:
     """SRT's optimiser step (`srt.srt_step`) on prompt + response of the batch's answers, labels on the response:
-    the same tokens the Phase 2 student reads."""
+    the tokens the Phase 2 student reads (Phase 2 cuts an answer only past the teacher's context limit)."""
     examples = [(generator_prompt_ids(tokenizer, row["problem"]), list(answer.ids))
                 for row, answer in zip(batch.rows, batch.answers)]
+    model.train()  # as train_srt does before its steps
     return partial(srt_step, accelerator, model, optimizer, [examples], tokenizer.pad_token_id, SRTConfig().grad_clip)
 
 
