@@ -187,7 +187,9 @@ def test_the_smollm2_preset_is_the_study_setting_at_a_demo_size():
     assert cfg.task == study.task == "reasoning-gym"
     # the demo runs the study's task, answer rule and sampling, so its figures speak of the same setting
     assert cfg.data == study.data and cfg.sampling == study.sampling and cfg.collect == study.collect
-    assert (cfg.srt.lr, cfg.distill.lr) == (study.srt.lr, study.distill.lr)
+    assert cfg.srt.lr == study.srt.lr
+    # Phase 2's rate may only be lower in the study: its 40 steps at the demo's 1e-5 collapsed (docs/real.md)
+    assert study.distill.lr <= cfg.distill.lr
     assert cfg.n_phase1 < study.n_phase1 and cfg.distill.max_steps < study.distill.max_steps
     # every field the file sets has a comment saying why (the line itself or the one above it)
     lines = (ROOT / "src" / "sdzero" / "presets" / "smollm2-135m-instruct.yaml").read_text().splitlines()
