@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdzero.errors import MissingFile, Refusal
-from sdzero.splits import (EVAL_SHUFFLE_SEED, SET_SIZE_HINT, SPLIT_RULE, ProblemSets, record_split, shuffled,
-                           split_problems)
+from sdzero.splits import (SET_SIZE_HINT, SPLIT_RULE, ProblemSets, record_split, split_problems,
+                           split_with_eval_set)
 from sdzero.tasks import code_rows, codesuites, reasoning_gym
 from sdzero.tasks.code_rows import CODE_INSTRUCTION
 from sdzero.tasks.math import MATH_INSTRUCTION, gold_answer
@@ -442,16 +442,7 @@ def load_problem_sets(
             if n_eval > len(evals):
                 raise Refusal(f"{held_source['path']}: the evaluation set has {len(evals)} problems; "
                                  f"requested n_eval={n_eval}; {SET_SIZE_HINT}")  # fmt: skip
-            # A training problem with the same text as an evaluation problem would leak it: leave it out.
-            eval_texts = {json.dumps(p["problem"]) for p in evals}  # json: a conversation is a list
-            leaked = [p["id"] for p in pool if json.dumps(p["problem"]) in eval_texts]
-            if leaked:
-                skipped["count"] += len(leaked)
-                skipped["reasons"]["same text as an evaluation problem"] = len(leaked)
-                skipped["rows"] = (skipped["rows"] + [f"id {i}" for i in leaked])[:5]
-                pool = [p for p in pool if json.dumps(p["problem"]) not in eval_texts]
-            sets = split_problems(pool, n_phase1, n_phase2, 0, seed, n_validation)
-            sets.held_out = shuffled(evals, EVAL_SHUFFLE_SEED)[:n_eval]
+            sets = split_with_eval_set(pool, evals, skipped, n_phase1, n_phase2, n_eval, seed, n_validation)
             sets.skipped = {"train": skipped, "eval": eval_skipped}
     if record_dir is not None:
         record_split(record_dir, {"task": task, "source": source, "eval_source": held_source, "seed": seed,

@@ -1,8 +1,9 @@
 """A run's problem sets: the pool split into disjoint N1 (Phase 1), N2 (Phase 2), validation and held-out sets,
 and split.json, the record that keeps them the same for every later command of the run.
 
-sdzero.data reads the pool and calls `split_problems`; a reasoning-gym source and the lab task draw their sets by
-their own rules into the same `ProblemSets`.
+sdzero.data reads the pool and calls `split_problems` (`split_with_eval_set` when the held-out problems come from an
+evaluation set of their own); a reasoning-gym source and the lab task draw their sets by their own rules into the
+same `ProblemSets`.
 """
 
 from __future__ import annotations
@@ -70,6 +71,23 @@ def split_problems(
     fixed_ids = {p["id"] for p in held_out + validation}
     train = shuffled([p for p in problems if p["id"] not in fixed_ids], seed)
     return ProblemSets(train[:n_phase1], train[n_phase1 : n_phase1 + n_phase2], held_out, validation)
+
+
+def split_with_eval_set(pool: list[dict], evals: list[dict], skipped: dict, n_phase1: int, n_phase2: int,
+                        n_eval: int, seed: int, n_validation: int = 0) -> ProblemSets:
+    """N1, N2 and validation problems from `pool`, held-out ones from an evaluation set of its own, by SPLIT_RULE.
+    Pool problems with an evaluation problem's text are left out, and counted in `skipped` (the pool's summary)."""
+    # A training problem with the same text as an evaluation problem would leak it: leave it out.
+    eval_texts = {json.dumps(p["problem"]) for p in evals}  # json: a conversation is a list
+    leaked = [p["id"] for p in pool if json.dumps(p["problem"]) in eval_texts]
+    if leaked:
+        skipped["count"] += len(leaked)
+        skipped["reasons"]["same text as an evaluation problem"] = len(leaked)
+        skipped["rows"] = (skipped["rows"] + [f"id {i}" for i in leaked])[:5]
+        pool = [p for p in pool if json.dumps(p["problem"]) not in eval_texts]
+    sets = split_problems(pool, n_phase1, n_phase2, 0, seed, n_validation)
+    sets.held_out = shuffled(evals, EVAL_SHUFFLE_SEED)[:n_eval]
+    return sets
 
 
 def record_split(record_dir: str | Path, identity: dict, sets: ProblemSets) -> None:
