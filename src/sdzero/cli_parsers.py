@@ -20,13 +20,18 @@ RESUME_HELP = ("continue a killed run: the stages and evaluations it finished ar
                "Phase 2 go on from their files and checkpoints")
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path,
-                        help="YAML run configuration (default: chosen by --model: the lab demo's for the lab models "
-                             "and without --model, a real model's preset, a run's own for its stage folders, "
-                             "otherwise the paper's defaults; the command prints which)")
+def _config_options(parser: argparse.ArgumentParser, config_help: str, set_help: str) -> None:
+    """--config and --set, the run configuration and overrides of its fields (`sdzero.config` reads both)."""
+    parser.add_argument("--config", type=Path, help=config_help)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="override one configuration field, e.g. --set distill.lr=1e-4 (repeatable)")
+                        help=set_help)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    _config_options(parser, "YAML run configuration (default: chosen by --model: the lab demo's for the lab models "
+                            "and without --model, a real model's preset, a run's own for its stage folders, "
+                            "otherwise the paper's defaults; the command prints which)",
+                    "override one configuration field, e.g. --set distill.lr=1e-4 (repeatable)")
     parser.add_argument("--seed", type=int, help="run seed (problem split, sampling, training order)")
     parser.add_argument("--model", help='base model: "lab" (or "lab-v2", "lab-control"), "smollm2-135m-instruct", a '
                                         'save_pretrained folder, a .gguf file, or a hub id (see sdzero models)')
@@ -45,7 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="sdzero", description=(
         "SD-Zero: self-revision turns a verifier's binary reward into dense token-level supervision."))
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _stage_parsers(commands)
+    _eval_parser(commands)
+    _inspect_parser(commands)
+    _compare_parser(commands)
+    _check_parser(commands)
+    _models_parser(commands)
+    _lab_parser(commands)
+    return parser
 
+
+# The whole method (demo, run) and its stages one at a time (collect, srt, distill).
+def _stage_parsers(commands) -> None:
     demo = commands.add_parser("demo", help="the whole method on the built-in lab task (CPU, minutes)",
                                description="Base model -> Phase 1 (collect, SRT) -> Phase 2 (self-distillation) -> "
                                            "avg@k of base, SRT and SD-Zero on held-out lab problems.")
@@ -83,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--resume", action="store_true", help="continue from OUT/sdzero/checkpoint")
     _common(distill)
 
+
+# sdzero eval: avg@k and pass@k on the held-out problems.
+def _eval_parser(commands) -> None:
     evaluate = commands.add_parser("eval", help="avg@k and pass@k of a model on the held-out problems",
                                    description="In a run directory, the run's recorded held-out problems (--n: the "
                                                "first N); outside one, the config's (the same for every seed).")
@@ -99,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "(settings: eval.revise_k, eval.revise_feedback)")
     _common(evaluate)
 
+
+# sdzero inspect: the per-token teacher-student signal of a run.
+def _inspect_parser(commands) -> None:
     inspect = commands.add_parser("inspect", help="per-token teacher-student signal of a run, as HTML and text",
                                   description="Writes OUT/index.html, OUT/signals.jsonl and, on the lab task, "
                                               "OUT/localization.json.")
@@ -113,33 +135,6 @@ def build_parser() -> argparse.ArgumentParser:
                          help="teacher stage: base, or a stage folder of the run (default: %(default)s)")
     inspect.add_argument("--quiet", action="store_true")
 
-    _compare_parser(commands)
-    _check_parser(commands)
-    _models_parser(commands)
-
-    lab = commands.add_parser("lab", help="the built-in lab task and base model")
-    lab_commands = lab.add_subparsers(dest="lab_command", required=True, metavar="LAB_COMMAND")
-    from sdzero.lab import LAB_MODELS, PRETRAIN_CPU_MINUTES
-
-    pretrain_help = f"train the lab base model from scratch (~{PRETRAIN_CPU_MINUTES} CPU minutes)"
-    pretrain = lab_commands.add_parser("pretrain", help=pretrain_help)
-    pretrain.add_argument("--out", type=Path, required=True, help="folder for the model and tokenizer")
-    pretrain.add_argument("--preset", choices=[preset for _, preset in LAB_MODELS.values()], default="v1",
-                          help="the corpus recipe: v1 (the shipped lab model), v2 (revisions re-read the problem "
-                               "and slip less) or control (v2's corpus with no revision advantage)")
-    pretrain.add_argument("--seed", type=int, default=0)
-    pretrain.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
-    pretrain.add_argument("--quiet", action="store_true")
-    show = lab_commands.add_parser("problems", help="print lab problems with their worked solutions")
-    show.add_argument("--n", type=int, default=5)
-    show.add_argument("--split", choices=["train", "eval"], default="eval")
-    errors = lab_commands.add_parser("errors", help="what the first error of each wrong lab answer is",
-                                     description="For the wrong answers (reward 0) in evaluation samples (JSONL rows "
-                                                 "with id, response, reward, e.g. RUN/eval/sdzero.jsonl), counts the "
-                                                 "kind of the first error in the first attempt.")
-    errors.add_argument("files", nargs="+", type=Path, metavar="FILE")
-    return parser
-
 
 # sdzero compare: SD-Zero vs RFT / GRPO / SDFT at a matched sample budget.
 def _compare_parser(commands) -> None:
@@ -148,10 +143,8 @@ def _compare_parser(commands) -> None:
                                               "matched generations, evaluates all with the same avg@k, and writes "
                                               "OUT/report.json, OUT/report.md and OUT/sample_efficiency.png.")
     compare.add_argument("--out", type=Path, required=True, help="run directory (a re-run resumes it)")
-    compare.add_argument("--config", type=Path,
-                         help="YAML run configuration with an optional compare: section (default: the lab demo's)")
-    compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                         help="override one field, e.g. --set compare.grpo.lr=1e-5 (repeatable)")
+    _config_options(compare, "YAML run configuration with an optional compare: section (default: the lab demo's)",
+                    "override one field, e.g. --set compare.grpo.lr=1e-5 (repeatable)")
     compare.add_argument("--methods", help="comma-separated subset of sdzero,rft,grpo,sdft,phase2 (phase2: Phase 2 "
                                            "alone from the base model)")
     compare.add_argument("--seeds", type=int, help="number of seeds")
@@ -188,8 +181,32 @@ def _check_parser(commands) -> None:
                             '"none" scores a non-answer (an empty response for code, the problem text otherwise)')
     check.add_argument("--out", type=Path, help="write OUT/failures.jsonl (failing and erroring rows, with the "
                                                 "reason) and OUT/check.json (the counts)")
-    check.add_argument("--config", type=Path, help="YAML run configuration (its data: and task: settings)")
-    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                       help="override one configuration field, e.g. --set data.tests_field=cases (repeatable)")
+    _config_options(check, "YAML run configuration (its data: and task: settings)",
+                    "override one configuration field, e.g. --set data.tests_field=cases (repeatable)")
     check.add_argument("--limit", type=int, help="check only the first N rows")
     check.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+# sdzero lab: the built-in lab task and base model.
+def _lab_parser(commands) -> None:
+    lab = commands.add_parser("lab", help="the built-in lab task and base model")
+    lab_commands = lab.add_subparsers(dest="lab_command", required=True, metavar="LAB_COMMAND")
+    from sdzero.lab import LAB_MODELS, PRETRAIN_CPU_MINUTES
+
+    pretrain_help = f"train the lab base model from scratch (~{PRETRAIN_CPU_MINUTES} CPU minutes)"
+    pretrain = lab_commands.add_parser("pretrain", help=pretrain_help)
+    pretrain.add_argument("--out", type=Path, required=True, help="folder for the model and tokenizer")
+    pretrain.add_argument("--preset", choices=[preset for _, preset in LAB_MODELS.values()], default="v1",
+                          help="the corpus recipe: v1 (the shipped lab model), v2 (revisions re-read the problem "
+                               "and slip less) or control (v2's corpus with no revision advantage)")
+    pretrain.add_argument("--seed", type=int, default=0)
+    pretrain.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
+    pretrain.add_argument("--quiet", action="store_true")
+    show = lab_commands.add_parser("problems", help="print lab problems with their worked solutions")
+    show.add_argument("--n", type=int, default=5)
+    show.add_argument("--split", choices=["train", "eval"], default="eval")
+    errors = lab_commands.add_parser("errors", help="what the first error of each wrong lab answer is",
+                                     description="For the wrong answers (reward 0) in evaluation samples (JSONL rows "
+                                                 "with id, response, reward, e.g. RUN/eval/sdzero.jsonl), counts the "
+                                                 "kind of the first error in the first attempt.")
+    errors.add_argument("files", nargs="+", type=Path, metavar="FILE")
