@@ -114,11 +114,6 @@ def train_srt(model, tokenizer, rows: list[dict], phrases: ControlPhrases, cfg: 
     if not rows:
         raise Refusal("SRT needs at least one kept revision tuple; collection kept none")
     examples = [revision_example(tokenizer, row, phrases, system_prompt) for row in rows]
-    if cfg.schedule == "joint":
-        stages = [("joint", examples)]
-    else:
-        stages = [("generation", [e for e, row in zip(examples, rows) if row["init_reward"] < 1.0]),
-                  ("revision", examples)]
     checkpoint_dir = Path(out_dir) / "checkpoint" if out_dir else None
     pad_id = tokenizer.pad_token_id
     # A resumed run starts in the stage its checkpoint was written in: the stages before it are finished (the
@@ -126,70 +121,112 @@ def train_srt(model, tokenizer, rows: list[dict], phrases: ControlPhrases, cfg: 
     # checkpoint's optimiser and schedule go into that stage's own objects.
     resume_stage = checkpoint_stage(checkpoint_dir) if resume and checkpoint_dir else None
     start, step, trained_tokens, first = time.time(), 0, 0, True
-    for stage_index, (stage, stage_examples) in enumerate(stages):
+    for stage_index, (stage, stage_examples) in enumerate(_stages(cfg.schedule, rows, examples)):
         if not stage_examples or (resume_stage is not None and stage_index < resume_stage):
             continue
-        # A fresh runtime per stage: each stage has its own optimiser and schedule (two_stage).
-        accelerator = make_accelerator(out_dir, log_config)
-        rank, world = accelerator.process_index, accelerator.num_processes
-        log = MetricsLog(Path(out_dir) / "metrics.jsonl", accelerator) if out_dir else None
-        steps_per_epoch = -(-len(stage_examples) // cfg.batch_size)
-        total = steps_per_epoch * cfg.epochs
-        optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-        schedule = make_schedule(optimizer, warmup_steps=max(1, int(cfg.warmup_ratio * total)), total_steps=total)
-        wrapped, optimizer = prepare(accelerator, model, optimizer)
-        accelerator.register_for_checkpointing(schedule)
+        accelerator, log, wrapped, optimizer, schedule, total = _stage_runtime(model, cfg, len(stage_examples),
+                                                                               out_dir, log_config)
         stage_step = 0
         if first:  # the first stage this call trains: continue from the checkpoint, or start a fresh log
             first = False
-            if resume_stage is not None:
-                state = load_checkpoint(accelerator, checkpoint_dir, wrapped, optimizer)
-                step, stage_step = state["step"], state["stage_step"]
-                trained_tokens = state.get("trained_tokens", 0)  # the budget so far, counted once
-            elif resume and checkpoint_dir:
-                accelerator.print(f"no checkpoint in {checkpoint_dir}: SRT starts from step 0")
-            if log and resume:
-                log.drop_after(step)  # the steps after the checkpoint are redone
-            elif log and log.main and log.path.exists():
-                log.path.unlink()  # a fresh run starts a fresh log
-        # The data order is replayed from the seed, so a resumed run sees the batches it would have seen.
-        rng = random.Random(seed + stage_index)
+            step, stage_step, trained_tokens = _first_stage_start(accelerator, log, checkpoint_dir, wrapped,
+                                                                  optimizer, resume, resume_stage)
         wrapped.train()
         bar = tqdm(total=total, initial=stage_step, desc=f"srt ({stage})",
                    disable=not progress or not accelerator.is_main_process)
-        for epoch in range(cfg.epochs):
-            order = list(range(len(stage_examples)))
-            rng.shuffle(order)
-            for i in range(0, len(order), cfg.batch_size):
-                if epoch * steps_per_epoch + i // cfg.batch_size < stage_step:
-                    continue
-                # This process's slice of the batch (a process left without one repeats the batch's first).
-                indices = order[i:i + cfg.batch_size][rank::world] or order[i:i + 1]
-                batch = [stage_examples[j] for j in indices]
-                # Budget: tokens of the whole batch (all processes) that go through forward and backward.
-                for j in order[i:i + cfg.batch_size]:
-                    rev, gen = stage_examples[j]
-                    used = (rev, gen) if stage == "joint" else (gen,) if stage == "generation" else (rev,)
-                    trained_tokens += sum(len(c) + len(t) for c, t in used)
-                revision, generation = [b[0] for b in batch], [b[1] for b in batch]
-                groups = {"joint": [revision, generation], "generation": [generation], "revision": [revision]}[stage]
-                loss = srt_step(accelerator, wrapped, optimizer, groups, pad_id, cfg.grad_clip)
-                schedule.step()
-                step, stage_step = step + 1, stage_step + 1
-                if log:
-                    log.write({"stage": f"srt/{stage}", "step": step, "epoch": epoch,
-                               "loss": accelerator.reduce(loss.detach(), "mean").item(),
-                               "lr": schedule.get_last_lr()[0], "seconds": time.time() - start,
-                               "budget/trained_tokens": trained_tokens})
-                if checkpoint_dir and cfg.save_every and step % cfg.save_every == 0:
-                    save_checkpoint(accelerator, checkpoint_dir,
-                                    {"stage_index": stage_index, "step": step, "stage_step": stage_step,
-                                     "trained_tokens": trained_tokens}, model=wrapped, optimizer=optimizer)
-                reached(f"srt-step-{step}")
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+        rank, world = accelerator.process_index, accelerator.num_processes
+        for epoch, mine, whole in _batches(len(stage_examples), cfg, seed + stage_index, stage_step, rank, world):
+            trained_tokens += _trained_tokens(stage, [stage_examples[j] for j in whole])
+            groups = _loss_groups(stage, [stage_examples[j] for j in mine])
+            loss = srt_step(accelerator, wrapped, optimizer, groups, pad_id, cfg.grad_clip)
+            schedule.step()
+            step, stage_step = step + 1, stage_step + 1
+            if log:
+                log.write({"stage": f"srt/{stage}", "step": step, "epoch": epoch,
+                           "loss": accelerator.reduce(loss.detach(), "mean").item(),
+                           "lr": schedule.get_last_lr()[0], "seconds": time.time() - start,
+                           "budget/trained_tokens": trained_tokens})
+            if checkpoint_dir and cfg.save_every and step % cfg.save_every == 0:
+                save_checkpoint(accelerator, checkpoint_dir,
+                                {"stage_index": stage_index, "step": step, "stage_step": stage_step,
+                                 "trained_tokens": trained_tokens}, model=wrapped, optimizer=optimizer)
+            reached(f"srt-step-{step}")
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
         bar.close()
         finish_trackers(accelerator)
     model.eval()
     check_finite(model, "srt")
     return {"tuples": len(rows), "steps": step, "seconds": time.time() - start, "trained_tokens": trained_tokens}
+
+
+def _stages(schedule: str, rows: list[dict], examples: list) -> list[tuple[str, list]]:
+    """(stage, its examples) in training order: "joint" on every tuple, or "generation" on the tuples whose first
+    answer was wrong, then "revision" on every tuple (two_stage)."""
+    if schedule == "joint":
+        return [("joint", examples)]
+    return [("generation", [e for e, row in zip(examples, rows) if row["init_reward"] < 1.0]),
+            ("revision", examples)]
+
+
+def _stage_runtime(model, cfg: SRTConfig, n_examples: int, out_dir, log_config):
+    """A fresh runtime per stage: each stage has its own optimiser and schedule (two_stage). Returns the
+    accelerator, the metrics log (None without out_dir), the prepared model and optimiser, the schedule and the
+    stage's total steps."""
+    accelerator = make_accelerator(out_dir, log_config)
+    log = MetricsLog(Path(out_dir) / "metrics.jsonl", accelerator) if out_dir else None
+    total = -(-n_examples // cfg.batch_size) * cfg.epochs
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    schedule = make_schedule(optimizer, warmup_steps=max(1, int(cfg.warmup_ratio * total)), total_steps=total)
+    wrapped, optimizer = prepare(accelerator, model, optimizer)
+    accelerator.register_for_checkpointing(schedule)
+    return accelerator, log, wrapped, optimizer, schedule, total
+
+
+def _first_stage_start(accelerator, log, checkpoint_dir: Path | None, wrapped, optimizer, resume: bool,
+                       resume_stage: int | None) -> tuple[int, int, int]:
+    """(step, stage_step, trained_tokens) where the first stage this call trains starts: the checkpoint's when
+    there is one to resume from, else 0. The log keeps the steps up to there, or a fresh run starts a fresh log."""
+    step = stage_step = trained_tokens = 0
+    if resume_stage is not None:
+        state = load_checkpoint(accelerator, checkpoint_dir, wrapped, optimizer)
+        step, stage_step = state["step"], state["stage_step"]
+        trained_tokens = state.get("trained_tokens", 0)  # the budget so far, counted once
+    elif resume and checkpoint_dir:
+        accelerator.print(f"no checkpoint in {checkpoint_dir}: SRT starts from step 0")
+    if log and resume:
+        log.drop_after(step)  # the steps after the checkpoint are redone
+    elif log and log.main and log.path.exists():
+        log.path.unlink()  # a fresh run starts a fresh log
+    return step, stage_step, trained_tokens
+
+
+def _batches(n_examples: int, cfg: SRTConfig, seed: int, stage_step: int, rank: int, world: int):
+    """(epoch, the indices of this process's examples, those of the whole batch) of each step of a stage from
+    `stage_step` on. The data order is replayed from the seed (the epochs of skipped steps are shuffled too), so a
+    resumed run sees the batches it would have seen."""
+    rng = random.Random(seed)
+    steps_per_epoch = -(-n_examples // cfg.batch_size)
+    for epoch in range(cfg.epochs):
+        order = list(range(n_examples))
+        rng.shuffle(order)
+        for i in range(0, len(order), cfg.batch_size):
+            if epoch * steps_per_epoch + i // cfg.batch_size < stage_step:
+                continue
+            # This process's slice of the batch (a process left without one repeats the batch's first).
+            yield epoch, order[i:i + cfg.batch_size][rank::world] or order[i:i + 1], order[i:i + cfg.batch_size]
+
+
+def _trained_tokens(stage: str, batch: list) -> int:
+    """Budget: tokens of the whole batch (all processes) that go through forward and backward."""
+    tokens = 0
+    for rev, gen in batch:
+        used = (rev, gen) if stage == "joint" else (gen,) if stage == "generation" else (rev,)
+        tokens += sum(len(c) + len(t) for c, t in used)
+    return tokens
+
+
+def _loss_groups(stage: str, batch: list) -> list[list[tuple[list[int], list[int]]]]:
+    """The (context, target) groups whose mean NLLs the stage's loss sums: L_revision, L_generation or both."""
+    revision, generation = [b[0] for b in batch], [b[1] for b in batch]
+    return {"joint": [revision, generation], "generation": [generation], "revision": [revision]}[stage]
