@@ -12,10 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from transformers import PrinterCallback
-
 from sdzero.baselines.trl_common import (BudgetCallback, TRLBaselineConfig, question_dataset, sdzero_completions,
-                                         trl_arguments)
+                                         train_and_measure, trl_arguments)
 from sdzero.budget import Budget, LearningCurve
 from sdzero.errors import Refusal
 from sdzero.generation import Sample, SamplingConfig
@@ -79,12 +77,8 @@ def train_grpo(model, tokenizer, questions: list[dict], verifier: Verifier, samp
     trainer = SampledGRPOTrainer(model=model, reward_funcs=verifier_reward, args=args,
                           train_dataset=question_dataset(questions, system_prompt), processing_class=tokenizer,
                           callbacks=[callback])
-    if not progress:
-        trainer.remove_callback(PrinterCallback)  # it prints every log line when the progress bar is off
-    trainer.train()
-    model.eval()
-    curve.point(model, step=trainer.state.global_step)
-    return {"steps": trainer.state.global_step, "curve": curve.points,
+    steps = train_and_measure(trainer, model, curve, progress)
+    return {"steps": steps, "curve": curve.points,
             "settings": {"trl_loss_type": cfg.loss_type, "beta": cfg.beta, "epsilon": cfg.epsilon,
                          "epsilon_high": cfg.epsilon_high, "scale_rewards": cfg.scale_rewards,
                          "num_generations": cfg.num_generations, "lr": cfg.lr}}

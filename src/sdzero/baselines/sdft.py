@@ -16,10 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from transformers import PrinterCallback
-
 from sdzero.baselines.trl_common import (BudgetCallback, TRLBaselineConfig, question_dataset, sdzero_completions,
-                                         trl_arguments)
+                                         train_and_measure, trl_arguments)
 from sdzero.budget import Budget, LearningCurve
 from sdzero.errors import Refusal
 from sdzero.generation import SamplingConfig
@@ -84,12 +82,8 @@ def train_sdft(model, tokenizer, questions: list[dict], sampling: SamplingConfig
     dataset = question_dataset(questions, system_prompt, privileged_context=demonstration)
     trainer = CountingSDFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                                   callbacks=[callback])
-    if not progress:
-        trainer.remove_callback(PrinterCallback)  # it prints every log line when the progress bar is off
-    trainer.train()
-    model.eval()
-    curve.point(model, step=trainer.state.global_step)
-    return {"steps": trainer.state.global_step, "curve": curve.points,
+    steps = train_and_measure(trainer, model, curve, progress)
+    return {"steps": steps, "curve": curve.points,
             "settings": {"teacher": cfg.teacher, "top_k": cfg.top_k, "alpha": cfg.alpha,
                          "num_generations": cfg.num_generations, "lr": cfg.lr,
                          "demonstration": cfg.demonstration}}

@@ -1,6 +1,6 @@
 """What the TRL-based baselines share: our questions as a TRL dataset, TRL arguments carrying our
-sampling settings, sampling with our `Generator`, and a callback that logs the budget and measures the
-learning curve."""
+sampling settings, sampling with our `Generator`, a callback that logs the budget and measures the
+learning curve, and the training pass with the curve's last point."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from datasets import Dataset
-from transformers import TrainerCallback
+from transformers import PrinterCallback, TrainerCallback
 
 from sdzero.budget import Budget, LearningCurve
 from sdzero.errors import Refusal
@@ -89,3 +89,13 @@ class BudgetCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.eval_every and state.global_step % self.eval_every == 0:
             self.curve.point(model, step=state.global_step)
+
+
+def train_and_measure(trainer, model, curve: LearningCurve, progress: bool) -> int:
+    """Run the trainer's pass, then measure the learning curve on the trained model; returns the optimiser steps."""
+    if not progress:
+        trainer.remove_callback(PrinterCallback)  # it prints every log line when the progress bar is off
+    trainer.train()
+    model.eval()
+    curve.point(model, step=trainer.state.global_step)
+    return trainer.state.global_step
