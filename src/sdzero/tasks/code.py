@@ -166,6 +166,11 @@ def code_reward(
         got = result.stdout.decode("utf-8", errors="replace")
         return result.ok and normalize_output(got) == normalize_output(str(test["output"]))
 
+    return 1.0 if _all_pass(passes, tests, max_workers) else 0.0
+
+
+def _all_pass(passes, tests: list[dict], max_workers: int | None) -> bool:
+    """Whether `passes(test)` holds for every test, the tests run on a few threads at once."""
     workers = max_workers or min(len(tests), os.cpu_count() or 1, 4)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = [pool.submit(passes, t) for t in tests]
@@ -173,8 +178,8 @@ def code_reward(
             if not future.result():
                 for f in futures:  # one failure decides: skip the tests not started yet
                     f.cancel()
-                return 0.0
-    return 1.0
+                return False
+    return True
 
 
 def _passes_call(test: dict, source: bytes, limits: sandbox.Limits, allow_unsafe: bool) -> bool:
