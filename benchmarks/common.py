@@ -86,6 +86,16 @@ def report_machine() -> None:
     report("load_average_1m", f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a")
 
 
+def begin(args: argparse.Namespace) -> float:
+    """The start of a benchmark with sized runs: torch's threads (--threads), then the machine and --quick
+    reported; returns the clock its total_runtime_s counts from."""
+    torch.set_num_threads(args.threads)
+    began = time.perf_counter()
+    report_machine()
+    report("quick", args.quick)
+    return began
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Options
 
@@ -97,6 +107,17 @@ def add_sized_options(parser: argparse.ArgumentParser, full: dict, quick: dict, 
     for key, text in helps.items():
         parser.add_argument("--" + key.replace("_", "-"), type=int, default=None,
                             help=f"{text} (full run: {full[key]}, --quick: {quick[key]})")
+
+
+def sized_parser(doc: str, full: dict, quick: dict, helps: dict[str, str]) -> argparse.ArgumentParser:
+    """The parser of a benchmark with sized runs: the first paragraph of its docstring `doc`, --quick and its size
+    options (`add_sized_options`) and the task options; the script adds its own."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                     epilog="Output: one 'name: value' line per figure; benchmarks/README.md "
+                                            "explains each.")
+    add_sized_options(parser, full, quick, helps)
+    add_task_options(parser)
+    return parser
 
 
 def apply_sizes(args: argparse.Namespace, full: dict, quick: dict) -> None:

@@ -18,8 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import (add_sized_options, add_task_options, apply_sizes, build, median, model_spec, problems, report,
-                    report_machine, reward_function)  # first: it sets the environment torch reads when it loads
+from common import (apply_sizes, begin, build, median, model_spec, problems, report, reward_function,
+                    sized_parser)  # first: it sets the environment torch reads when it loads
 import torch
 
 from sdzero.distill import DistillConfig, distill
@@ -43,10 +43,7 @@ SIZES = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog="Output: one 'name: value' line per figure; benchmarks/README.md explains each.")
-    add_sized_options(p, FULL, QUICK, SIZES)
-    add_task_options(p)
+    p = sized_parser(__doc__, FULL, QUICK, SIZES)
     p.add_argument("--grpo-beta", type=float, default=0.0,
                    help="GRPO KL coefficient; > 0 adds TRL's reference-model forward (default: %(default)s, "
                         "TRL's default)")
@@ -237,10 +234,7 @@ def report_settings(args) -> str | None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    began = time.perf_counter()
-    report_machine()
-    report("quick", args.quick)
+    began = begin(args)
     trl_missing = report_settings(args)
     # Rounds alternate between the trainers, so a change in machine load hits both, and each round samples
     # with another seed, so neither trainer keeps a lucky set of short rollouts.

@@ -31,8 +31,8 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import Callable
 
-from common import (MB, ForwardClock, ModelSpec, add_sized_options, add_task_options, apply_sizes, build,
-                    interleaved, median, model_spec, n_params, problems, report, report_machine, reward_function,
+from common import (MB, ForwardClock, ModelSpec, apply_sizes, begin, build, interleaved, median, model_spec,
+                    n_params, problems, report, reward_function, sized_parser,
                     spaced)  # first: it sets the environment torch reads when it loads
 import torch
 from memory import in_child, measure, methods, warm_up_runtime
@@ -63,10 +63,7 @@ SIZES = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog="Output: one 'name: value' line per figure; benchmarks/README.md explains each.")
-    add_sized_options(p, FULL, QUICK, SIZES)
-    add_task_options(p)
+    p = sized_parser(__doc__, FULL, QUICK, SIZES)
     p.add_argument("--long-hidden", type=int, default=256, help="hidden size of the larger random lab model "
                                                                 "(default: %(default)s)")
     p.add_argument("--long-layers", type=int, default=6, help="its layers (default: %(default)s)")
@@ -346,10 +343,7 @@ def peak_memory(spec: ModelSpec, batch: Batch, args, prefix: str) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    began = time.perf_counter()
-    report_machine()
-    report("quick", args.quick)
+    began = begin(args)
     report("reps", args.reps)
     report("top_k", args.top_k or "full vocabulary")
 
