@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from sdzero.config import load_config
 from sdzero.distill import DistillConfig, distill
@@ -23,7 +22,7 @@ from sdzero.modeling import load_model
 from sdzero.pipeline import run_pipeline
 from sdzero.prompts import ControlPhrases
 from sdzero.rundir import hold_run, release_run
-from tiny import build_tiny_model, even_length, refused, sdzero, write_problems
+from tiny import even_length, refused, sdzero, tiny_home
 
 TESTS = Path(__file__).parent
 QUIET = lambda *_: None  # noqa: E731
@@ -32,20 +31,14 @@ QUIET = lambda *_: None  # noqa: E731
 @pytest.fixture(scope="module")
 def home(tmp_path_factory) -> Path:
     """A tiny model, 40 problems, and a run config for them."""
-    home = tmp_path_factory.mktemp("identity")
-    build_tiny_model(home / "tiny")
-    write_problems(home / "problems.jsonl", 40)
-    settings = {
-        "model": str(home / "tiny"), "task": "tiny:even_length", "data": {"path": str(home / "problems.jsonl")},
+    return tiny_home(tmp_path_factory.mktemp("identity"), 40, {
         "n_phase1": 8, "n_phase2": 8, "sampling": {"max_new_tokens": 10},
         "collect": {"chunk_size": 4},
         "srt": {"epochs": 2, "batch_size": 2, "lr": 1e-3, "save_every": 1},
         "distill": {"prompts_per_step": 4, "micro_batch_size": 2, "max_steps": 3, "lr": 1e-3, "warmup_steps": 1,
                     "keep_best": False, "save_every": 1},
         "eval": {"k": 1, "n_problems": 4, "curve_problems": 2, "curve_k": 2, "revise_problems": 0},
-    }
-    (home / "run.yaml").write_text(yaml.safe_dump(settings))
-    return home
+    })
 
 
 def snapshot(folder: Path) -> dict:

@@ -15,7 +15,7 @@ import yaml
 from sdzero.modeling import load_tokenizer
 from sdzero.rundir import begin_stage, model_fingerprint
 from sdzero.srt import check_tuples
-from tiny import build_tiny_model, hold_at, refused, sdzero, stop_at, write_problems
+from tiny import build_tiny_model, hold_at, refused, sdzero, stop_at, tiny_home
 
 TESTS = Path(__file__).parent
 
@@ -23,19 +23,14 @@ TESTS = Path(__file__).parent
 @pytest.fixture(scope="module")
 def home(tmp_path_factory) -> Path:
     """Two tiny models with different tokenizers, 60 problems, and a config for them."""
-    home = tmp_path_factory.mktemp("rundir")
-    build_tiny_model(home / "tiny")
-    build_tiny_model(home / "other", vocab_size=280)
-    write_problems(home / "problems.jsonl", 60)
-    settings = {
-        "model": str(home / "tiny"), "task": "tiny:even_length", "data": {"path": str(home / "problems.jsonl")},
+    home = tiny_home(tmp_path_factory.mktemp("rundir"), 60, {
         "n_phase1": 12, "n_phase2": 12, "sampling": {"max_new_tokens": 12},
         "srt": {"epochs": 1, "batch_size": 4, "lr": 1e-3},
         "distill": {"prompts_per_step": 4, "micro_batch_size": 2, "max_steps": 2, "lr": 1e-3, "warmup_steps": 1,
                     "save_every": 1},
         "eval": {"k": 2, "n_problems": 10, "curve_problems": 2, "curve_k": 1},
-    }
-    (home / "run.yaml").write_text(yaml.safe_dump(settings))
+    })
+    build_tiny_model(home / "other", vocab_size=280)
     return home
 
 

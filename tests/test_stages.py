@@ -5,30 +5,23 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
 from sdzero.config import load_config
 from sdzero.generation import make_generator
 from sdzero.stages import (Stages, begin_collect, load_run_model, open_stages, phase2_prompt_ids, problem_sets,
                            run_collect, run_phase2, run_srt)
-from tiny import build_tiny_model, write_problems
+from tiny import tiny_home
 
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory) -> Path:
-    home = tmp_path_factory.mktemp("stages")
-    build_tiny_model(home / "tiny")
-    write_problems(home / "problems.jsonl", 40)
-    settings = {
-        "model": str(home / "tiny"), "task": "tiny:even_length", "data": {"path": str(home / "problems.jsonl")},
+    return tiny_home(tmp_path_factory.mktemp("stages"), 40, {
         "n_phase1": 8, "n_phase2": 5, "sampling": {"max_new_tokens": 12},
         "srt": {"epochs": 1, "batch_size": 4, "lr": 1e-3},
         "distill": {"prompts_per_step": 4, "micro_batch_size": 2, "max_steps": 3, "lr": 1e-3, "warmup_steps": 1,
                     "rollouts_every": 1, "eval_every": None},
         "eval": {"k": 1, "n_problems": 4, "curve_problems": 2, "curve_k": 1},
-    }
-    (home / "run.yaml").write_text(yaml.safe_dump(settings))
-    return home
+    })
 
 
 def quiet(*_):

@@ -62,6 +62,19 @@ def write_problems(path: Path, n: int) -> Path:
     return path
 
 
+def tiny_home(home: Path, n_problems: int, settings: dict) -> Path:
+    """HOME with the tiny model (HOME/tiny), `n_problems` problems (HOME/problems.jsonl) and HOME/run.yaml: a run
+    config for them, judged by tiny:even_length, with `settings` on top."""
+    import yaml
+
+    build_tiny_model(home / "tiny")
+    write_problems(home / "problems.jsonl", n_problems)
+    config = {"model": str(home / "tiny"), "task": "tiny:even_length",
+              "data": {"path": str(home / "problems.jsonl")}, **settings}
+    (home / "run.yaml").write_text(yaml.safe_dump(config))
+    return home
+
+
 def even_length(completion: str, row: dict) -> float:
     return 1.0 if len(completion) % 2 == 0 else 0.0
 
