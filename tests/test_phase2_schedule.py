@@ -246,3 +246,18 @@ def test_rollouts_of_a_resumed_run_are_those_of_an_uninterrupted_one(tmp_path, l
         == {1, 2, 3}
     run(copy.deepcopy(lab_model_and_tokenizer[0]), tokenizer, cfg, None, out_dir=tmp_path / "cut", resume=True)
     assert (tmp_path / "cut" / "rollouts.jsonl").read_bytes() == (tmp_path / "whole" / "rollouts.jsonl").read_bytes()
+
+
+def test_first_copy_keeps_end_reaches_the_teachers_context(tmp_path, lab_model_and_tokenizer):
+    """The same rollouts (same seed) scored by a teacher that reads y with and without its end token: the
+    layout option of DistillConfig is the one Phase 2's step uses, so the divergence changes and nothing else."""
+    rows = {}
+    for keeps_end in (False, True):
+        student, tokenizer = copy.deepcopy(lab_model_and_tokenizer[0]), lab_model_and_tokenizer[1]
+        cfg = DistillConfig(prompts_per_step=8, micro_batch_size=8, max_steps=1, lr=1e-4, warmup_steps=1,
+                            first_copy_keeps_end=keeps_end)
+        run(student, tokenizer, cfg, None, out_dir=tmp_path / str(keeps_end))
+        rows[keeps_end] = json.loads((tmp_path / str(keeps_end) / "metrics.jsonl").read_text().splitlines()[0])
+    assert rows[False]["sdzero/response_len"] == rows[True]["sdzero/response_len"]
+    assert rows[False]["sdzero/reward"] == rows[True]["sdzero/reward"]
+    assert rows[False]["sdzero/kl"] != pytest.approx(rows[True]["sdzero/kl"], rel=1e-3)

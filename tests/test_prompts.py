@@ -42,25 +42,31 @@ def test_reviser_context_continues_the_same_assistant_turn(lab_tokenizer):
 @pytest.mark.parametrize("length", [1, 2, 5, 17])
 @pytest.mark.parametrize("with_eos", [True, False])
 @pytest.mark.parametrize("reward", [0.0, 1.0])
-def test_student_and_teacher_predict_the_same_token_at_every_position(lab_tokenizer, length, with_eos, reward):
+@pytest.mark.parametrize("keeps_end", [False, True])
+def test_student_and_teacher_predict_the_same_token_at_every_position(lab_tokenizer, length, with_eos, reward,
+                                                                      keeps_end):
     tok = lab_tokenizer
     eot = end_of_turn_ids(tok)
     prompt = generator_prompt_ids(tok, "Running sum mod 10 of 4 4 4 4")
     body = tok.encode("4+4=8, 8+4=2, 2+4=6. Answer: 6 and some more words", add_special_tokens=False)[:length]
-    response = body + ([tok.eos_token_id] if with_eos else [])
+    end = [tok.eos_token_id] if with_eos else []
+    response = body + end
     bridge = bridge_ids(tok, ControlPhrases(), reward)
-    layout = distill_layout(prompt, response, bridge, eot)
+    layout = distill_layout(prompt, response, bridge, eot, first_copy_keeps_end=keeps_end)
     assert layout.n_targets == len(response)
     for t in range(len(response)):
         # logits at position p predict token p + 1 of the same sequence
         assert layout.student_ids[layout.student_positions[t] + 1] == response[t]
         assert layout.teacher_ids[layout.teacher_positions[t] + 1] == response[t]
-    # the first copy has no end-of-turn token; the second copy keeps the response exactly
-    first_copy_end = len(prompt) + len(body)
-    assert layout.teacher_ids[:first_copy_end] == prompt + body
+    # the first copy has no end-of-turn token unless asked to keep the one the response ended with; the second
+    # copy keeps the response exactly
+    first_copy = body + (end if keeps_end else [])
+    first_copy_end = len(prompt) + len(first_copy)
+    assert layout.teacher_ids[:first_copy_end] == prompt + first_copy
     assert layout.teacher_ids[first_copy_end:first_copy_end + len(bridge)] == bridge
     assert layout.teacher_ids[first_copy_end + len(bridge):] == response
-    assert sum(t in eot for t in layout.teacher_ids[len(prompt):first_copy_end + len(bridge)]) == 0
+    ends_in_context = sum(t in eot for t in layout.teacher_ids[len(prompt):first_copy_end + len(bridge)])
+    assert ends_in_context == (1 if keeps_end and with_eos else 0)
 
 
 def test_layout_matches_a_real_forward_pass(lab_model_and_tokenizer):

@@ -73,7 +73,7 @@ class TokenSignal:
 def token_signal(student, teacher, tokenizer, items, phrases: ControlPhrases, *, divergence: str = "reverse",
                  top_k: int | None = 64, batch_size: int = 32, mixed_weight: float = 0.5,
                  tail_bucket: bool = False, system_prompt: str | None = None, max_length: int | None = None,
-                 progress: bool = False) -> list[TokenSignal]:
+                 first_copy_keeps_end: bool = False, progress: bool = False) -> list[TokenSignal]:
     """Per-token divergence and token KL reward for each (prompt_text, response_ids, reward) item.
 
     `response_ids` are the response tokens as sampled: ending with the end-of-turn token when the
@@ -88,7 +88,8 @@ def token_signal(student, teacher, tokenizer, items, phrases: ControlPhrases, *,
     rows = []
     for prompt, response, reward in items:
         prompt_ids = generator_prompt_ids(tokenizer, prompt, system_prompt)
-        layout = distill_layout(prompt_ids, list(response), bridge_ids(tokenizer, phrases, reward), eot, max_length)
+        layout = distill_layout(prompt_ids, list(response), bridge_ids(tokenizer, phrases, reward), eot, max_length,
+                                first_copy_keeps_end=first_copy_keeps_end)
         kept = list(response)[:layout.n_targets] if layout is not None else []
         rows.append((prompt, kept, float(reward), layout))
     values: list[tuple[list[float], list[float]]] = [([], []) for _ in rows]
@@ -344,7 +345,8 @@ def inspect_run(run_dir: str | Path, out_dir: str | Path, *, n: int = 200, stude
     signals = token_signal(student_model, teacher_model, tokenizer, items, cfg.phrases(), divergence=d.divergence,
                            top_k=d.top_k, mixed_weight=d.mixed_weight, tail_bucket=d.tail_bucket,
                            max_length=teacher_context_limit(d.teacher_max_length, max_positions(teacher_model)),
-                           system_prompt=cfg.system_prompt, progress=progress)
+                           system_prompt=cfg.system_prompt, first_copy_keeps_end=d.first_copy_keeps_end,
+                           progress=progress)
 
     wrong = [s for s in signals if s.reward < 1.0]
     right = [s for s in signals if s.reward >= 1.0]

@@ -7,13 +7,13 @@ Each step, for a batch of prompts x from N2:
      the teacher's distribution for the same token of the second copy (given x, y, P_r, y_<t):
      L = mean over tokens of D(student || teacher) on the teacher's top-k support.
 Right and wrong answers are both trained on; only P_r differs. An answer no reward function could judge
-(reward None) is left out of the step and counted (sdzero/no_reward).
+(reward None) is left out of the step and counted (sdzero/no_reward). The teacher reads the whole first
+copy of y, always: the context the reviser was trained on in Phase 1.
 
-The teacher reads the whole first copy of y, always: that is the context the reviser was trained on
-in Phase 1. Around the step, the loop holds only the schedule (its rules: `sdzero.phase2_rules`): the
-held-out curve every `eval_every` steps, keep-best (the result is the student of the best tracked evaluation),
-teacher refreshes (every N steps, on a plateau, or gated: only after a consolidated gain with no runaway
-lengths), checkpoints to resume from, and every `rollouts_every` steps the step's rollouts in rollouts.jsonl.
+Around the step, the loop holds only the schedule (its rules: `sdzero.phase2_rules`): the held-out curve
+every `eval_every` steps, keep-best (the result is the student of the best tracked evaluation), teacher
+refreshes (every N steps, on a plateau, or gated: after a consolidated gain with no runaway lengths),
+checkpoints to resume from, and every `rollouts_every` steps the step's rollouts in rollouts.jsonl.
 """
 
 from __future__ import annotations
@@ -45,8 +45,7 @@ from sdzero.rewards import Verifier
 
 Diagnostics = Callable[[object, Sample, dict], list[tuple[int, int]]]
 """diagnostics(tokenizer, sample, problem) -> [(index in y, right token id)] where the task knows the right token
-(the lab: `sdzero.lab.diagnostics.gold_digit_tokens`); each step reports how often the teacher's most likely
-token there is it (sdzero/teacher_gold_agreement)."""
+(lab: `lab.diagnostics.gold_digit_tokens`); each step reports how often it is the teacher's top token there."""
 
 
 @dataclass
@@ -79,6 +78,9 @@ class DistillConfig:
     overflow: str = "truncate"
     """A sample longer than teacher_max_length: "truncate" trains on the prefix of y that fits in the
     second copy, "mask" leaves the sample out. Either way it is counted (sdzero/truncated, sdzero/masked_out)."""
+    first_copy_keeps_end: bool = False
+    """Keep y's end-of-turn token in the teacher's first copy (official code; off: the paper's layout, as SRT's
+    reviser reads y). Without it a copying teacher predicts the bridge where y ends (docs/real.md, SmolLM2)."""
     eval_every: int | None = None
     """Evaluate the student every N steps and after the last one (learning curve, keep-best, refresh rules)."""
     keep_best: bool = True
@@ -138,8 +140,8 @@ def distill(student, tokenizer, problems: list[dict], verifier: Verifier, phrase
     evaluation. With `out_dir`, metrics go to out_dir/metrics.jsonl and a checkpoint to out_dir/checkpoint every
     `cfg.save_every` steps; `resume=True` continues from that checkpoint. `generator` (default: one made from
     `sampling`) draws the rollouts; it is refreshed with the student's weights after every optimiser step.
-    `diagnostics` (see `Diagnostics`) adds the task's own check of the teacher's targets. Returns a summary with the
-    evaluation history, the best step and the steps at which the teacher was refreshed.
+    `diagnostics` adds the task's own check of the teacher's targets. Returns a summary with the evaluation
+    history, the best step and the steps at which the teacher was refreshed.
     """
     cfg.validate()
     if not problems:
@@ -192,8 +194,7 @@ class Phase2:
     cfg: DistillConfig
     accelerator: object
     student: object
-    model: object
-    """The student, or its distributed wrapper."""
+    model: object  # the student, or its distributed wrapper
     optimizer: object
     schedule: object
     teacher: Teacher
@@ -314,8 +315,7 @@ class Rollouts:
     gold: list[list[tuple[int, int]]]
     """(target index, token id) of the tokens `diagnostics` knows to be right, per answer ([] without it)."""
     divergence: list[dict | None] = field(default_factory=list)
-    """Filled by `train_step(summarise=True)`: per rollout, `divergence_summary` of its per-token loss
-    terms (None where the sample was not trained on)."""
+    """Per rollout, `divergence_summary` of its loss terms (None: not trained on); `train_step(summarise=True)`."""
 
 
 def sample_rollouts(run: Phase2, problems: list[dict]) -> Rollouts:
@@ -325,7 +325,8 @@ def sample_rollouts(run: Phase2, problems: list[dict]) -> Rollouts:
     prompts = [generator_prompt_ids(tokenizer, p["problem"], run.system_prompt) for p in problems]
     samples = [answers[0] for answers in run.generator.sample(prompts, 1, progress=False)]
     rewards = run.verifier.score(samples, problems, run.generator.sampling)
-    layouts = [distill_layout(prompt, y.ids, run.bridges[r], run.eot, cfg.teacher_max_length, cfg.overflow)
+    layouts = [distill_layout(prompt, y.ids, run.bridges[r], run.eot, cfg.teacher_max_length, cfg.overflow,
+                              cfg.first_copy_keeps_end)
                if r is not None else None for prompt, y, r in zip(prompts, samples, rewards)]
     gold = [run.diagnostics(tokenizer, y, p) if run.diagnostics and layout else []
             for y, p, layout in zip(samples, problems, layouts)]

@@ -173,7 +173,8 @@ def reviser_context_ids(prompt_ids: list[int], response_ids: list[int], bridge: 
 class DistillLayout:
     """Token layout of one Phase 2 sample.
 
-    `student_ids` = prompt + y; `teacher_ids` = prompt + y - eot + bridge + y. The student's logits at
+    `student_ids` = prompt + y; `teacher_ids` = prompt + y - eot + bridge + y (or prompt + y + bridge + y,
+    see `distill_layout`). The student's logits at
     `student_positions[t]` and the teacher's at `teacher_positions[t]` both predict y[t].
     """
 
@@ -192,8 +193,12 @@ OVERFLOW = ("truncate", "mask")
 
 
 def distill_layout(prompt_ids: list[int], response_ids: list[int], bridge: list[int], eot_ids: set[int],
-                   max_length: int | None = None, overflow: str = "truncate") -> DistillLayout | None:
+                   max_length: int | None = None, overflow: str = "truncate",
+                   first_copy_keeps_end: bool = False) -> DistillLayout | None:
     """Layout of one Phase 2 sample, or None when the sample is masked out.
+
+    The first copy of y ends without its end-of-turn token, as in the reviser's context of Phase 1 and
+    SRT; with `first_copy_keeps_end` it keeps it (a response cut by the token cap has none to keep).
 
     The first copy of y is never cut: the teacher must read the whole answer, as the reviser did in
     Phase 1 (collection and SRT always show it the whole y_init). When prompt + y + bridge + y exceeds
@@ -204,6 +209,8 @@ def distill_layout(prompt_ids: list[int], response_ids: list[int], bridge: list[
     if overflow not in OVERFLOW:
         raise Refusal(f"unknown overflow rule {overflow!r}; choose one of {', '.join(OVERFLOW)}")
     first_copy = strip_end_of_turn(response_ids, eot_ids)
+    if first_copy_keeps_end and len(first_copy) < len(response_ids):
+        first_copy.append(response_ids[len(first_copy)])
     context = list(prompt_ids) + first_copy + list(bridge)
     response = list(response_ids)
     truncated = False
