@@ -209,8 +209,8 @@ def distill_layout(prompt_ids: list[int], response_ids: list[int], bridge: list[
     if overflow not in OVERFLOW:
         raise Refusal(f"unknown overflow rule {overflow!r}; choose one of {', '.join(OVERFLOW)}")
     first_copy = strip_end_of_turn(response_ids, eot_ids)
-    if first_copy_keeps_end and len(first_copy) < len(response_ids):
-        first_copy.append(response_ids[len(first_copy)])
+    if first_copy_keeps_end:
+        first_copy = list(response_ids[:len(first_copy) + 1])  # up to its end-of-turn token, if it has one
     context = list(prompt_ids) + first_copy + list(bridge)
     response = list(response_ids)
     truncated = False

@@ -219,11 +219,7 @@ def _batches(n_examples: int, cfg: SRTConfig, seed: int, stage_step: int, rank: 
 
 def _trained_tokens(stage: str, batch: list) -> int:
     """Budget: tokens of the whole batch (all processes) that go through forward and backward."""
-    tokens = 0
-    for rev, gen in batch:
-        used = (rev, gen) if stage == "joint" else (gen,) if stage == "generation" else (rev,)
-        tokens += sum(len(c) + len(t) for c, t in used)
-    return tokens
+    return sum(len(context) + len(target) for group in _loss_groups(stage, batch) for context, target in group)
 
 
 def _loss_groups(stage: str, batch: list) -> list[list[tuple[list[int], list[int]]]]:
