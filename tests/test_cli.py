@@ -219,24 +219,36 @@ def test_a_prompt_past_the_models_positions_is_refused_in_collection_phase2_and_
 
 
 # ------------------------------------------------------------------------------------------
-# Error paths: exit 2, one line, no traceback
+# Error paths: exit 2, one line, no traceback. A few go through the console script; the rest go through
+# main() in this process (the script calls nothing else), which spares a Python start-up per case.
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["srt", "--out", "runs/new"], "runs/new/phase1/revisions.jsonl not found; run `sdzero collect --out runs/new`"),
+    # a hub id with no network and no cache (HF_HUB_OFFLINE is read when huggingface_hub is imported)
+    (["eval", "--model", "nobody/nothing"], "neither a local folder nor in the hub cache"),
+    (["demo", "--set", "srt.lr=fast"], "--set srt.lr=fast: srt.lr: expected float"),
+])
+def test_the_script_refuses_in_one_line(tmp_path, args, message):
+    (tmp_path / "runs").mkdir()  # so runs/... reads as a local path, not as a hub id "owner/name"
+    done = sdzero(*args, cwd=tmp_path, expect=2)
+    assert message in done.stderr
+    assert not (tmp_path / "runs" / "new").exists(), "a refused command must not start the run directory"
+
+
+@pytest.mark.parametrize("args, message", [
     (["demo", "--frobnicate"], "unrecognized arguments: --frobnicate"),
     (["demo", "--seed", "one"], "invalid int value: 'one'"),
     (["lab", "pretrain", "--out", "p", "--steps", "0"], "--steps must be >= 1"),
     # stages out of order, in a relative run directory (what --out gives)
-    (["srt", "--out", "runs/new"], "runs/new/phase1/revisions.jsonl not found; run `sdzero collect --out runs/new`"),
     (["distill", "--out", "runs/new"], "runs/new/srt holds no SRT model; run `sdzero srt --out runs/new` first"),
     (["inspect", "--run", "runs/new"], "run folder not found: runs/new"),
-    # missing model folders, relative and absolute, and a hub id with no network and no cache
+    # missing model folders, relative and absolute
     (["eval", "--model", "runs/nothere"], "model folder not found: runs/nothere"),
     (["eval", "--model", "/nonexistent/folder"], "model folder not found: /nonexistent/folder"),
     (["eval", "--model", "runs/new/srt"], "run `sdzero srt --out runs/new` first"),
-    (["eval", "--model", "nobody/nothing"], "neither a local folder nor in the hub cache"),
     # bad values, refused when the config is read
     (["demo", "--set", "srt.grad_clip=-1"], "srt.grad_clip must be > 0"),
     (["demo", "--set", "distill.grad_clip=0"], "distill.grad_clip must be > 0"),
@@ -250,7 +262,6 @@ def test_a_prompt_past_the_models_positions_is_refused_in_collection_phase2_and_
     (["demo", "--set", "dtype=float16"], "dtype float16 cannot train all weights"),
     (["demo", "--set", "sampling.backend=vllm"], "sampling.backend='vllm' needs vLLM"),
     (["demo", "--set", "data.eval_path=held_out.jsonl"], "data.eval_path and data.eval_split need data.path"),
-    (["demo", "--set", "srt.lr=fast"], "--set srt.lr=fast: srt.lr: expected float"),
     (["demo", "--limit", "0"], "--limit must be >= 1"),
     # a teacher context past the model's positions (lab: 512)
     (["demo", "--out", "runs/new", "--model", "lab", "--set", "distill.teacher_max_length=1024"],
@@ -261,10 +272,17 @@ def test_a_prompt_past_the_models_positions_is_refused_in_collection_phase2_and_
     (["collect", "--out", "runs/new", "--data", "nothere.jsonl", "--task", "math"], "data file not found: nothere"),
     (["compare", "--out", "runs/cmp", "--methods", "sdzero,ppo"], "unknown method(s) ppo"),
 ])
-def test_refused_in_one_line(tmp_path, args, message):
-    (tmp_path / "runs").mkdir()  # so runs/... reads as a local path, not as a hub id "owner/name"
-    done = sdzero(*args, cwd=tmp_path, expect=2)
-    assert message in done.stderr
+def test_refused_in_one_line(tmp_path, monkeypatch, capsys, args, message):
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SDZERO_DEBUG", raising=False)
+    try:
+        code, err = main_in_process(args, capsys)
+    except SystemExit as exit:  # argparse's own errors leave through sys.exit, as in the script
+        code, err = exit.code, capsys.readouterr().err
+    assert code == USAGE_ERROR, err
+    assert message in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.strip()]) == 1, err
     assert not (tmp_path / "runs" / "new").exists(), "a refused command must not start the run directory"
 
 
