@@ -39,10 +39,14 @@ def sdzero(*args, cwd: Path, expect: int = 0, env: dict | None = None) -> subpro
     command = " ".join(map(str, args))
     assert done.returncode == expect, f"sdzero {command}: exit {done.returncode}\n{done.stderr[-3000:]}"
     if expect:
-        assert "Traceback" not in done.stderr, done.stderr
-        lines = [line for line in done.stderr.splitlines() if line.strip()]
-        assert len(lines) == 1, done.stderr
+        assert_one_line(done.stderr)
     return done
+
+
+def assert_one_line(stderr: str) -> None:
+    """What an error exit prints: one line, no traceback."""
+    assert "Traceback" not in stderr, stderr
+    assert len([line for line in stderr.splitlines() if line.strip()]) == 1, stderr
 
 
 @pytest.fixture(scope="module")
@@ -281,8 +285,8 @@ def test_refused_in_one_line(tmp_path, monkeypatch, capsys, args, message):
     except SystemExit as exit:  # argparse's own errors leave through sys.exit, as in the script
         code, err = exit.code, capsys.readouterr().err
     assert code == USAGE_ERROR, err
-    assert message in err and "Traceback" not in err
-    assert len([line for line in err.splitlines() if line.strip()]) == 1, err
+    assert message in err
+    assert_one_line(err)
     assert not (tmp_path / "runs" / "new").exists(), "a refused command must not start the run directory"
 
 
